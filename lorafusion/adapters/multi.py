@@ -1,0 +1,111 @@
+"""Many jobs' adapters on one frozen megatron linear layer.
+
+A packed microbatch orders its tokens by job: job j owns rows [start_j, end_j). The layer runs one
+base GEMM over all rows, then adds each job's low-rank update to its own rows only. A job that adapts
+several HF modules fused into one megatron layer (q/k/v → linear_qkv, gate/up → linear_fc1) gets one
+low-rank product: A_eff stacks the A's, B_eff places each B into that module's output rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafusion.adapters.base import AdapterLayer
+
+__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key"]
+
+
+def job_key(name: str) -> str:
+    """Module-dict key for a job name ('.' is not allowed in module names; '%' is not in job names)."""
+    return name.replace(".", "%2E")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Token rows [start, end) of the current microbatch that belong to job `job`."""
+
+    job: str
+    start: int
+    end: int
+
+
+@dataclass
+class AdapterBatch:
+    """What every adapted layer needs to know about the microbatch being run (shared by reference)."""
+
+    segments: list[Segment] = field(default_factory=list)
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    """Per-job dropout generators, so a job's dropout masks never depend on other jobs."""
+
+
+class MultiAdapterLinear(nn.Module):
+    """Wraps a megatron Column/RowParallelLinear; keeps its `(output, bias)` return convention."""
+
+    def __init__(self, base: nn.Module, out_rows: dict[str, torch.Tensor], batch: AdapterBatch) -> None:
+        super().__init__()
+        self.base = base
+        self.out_rows = out_rows  # HF target name -> its rows in the base output
+        self.batch = batch
+        self.adapters = nn.ModuleDict()  # job key -> ModuleDict(target -> AdapterLayer)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add_adapter(self, job: str, target: str, layer: AdapterLayer) -> None:
+        key = job_key(job)
+        if key not in self.adapters:
+            self.adapters[key] = nn.ModuleDict()
+        self.adapters[key][target] = layer
+
+    def remove_adapter(self, job: str) -> None:
+        self.adapters.pop(job_key(job), None)
+
+    def job_factors(self, job: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p) of one job on this layer."""
+        layers = self.adapters[job_key(job)]
+        n_out = self.base.weight.shape[0]
+        a_parts, b_blocks, p = [], [], 0.0
+        col = 0
+        for target, layer in layers.items():
+            a, b, scale = layer.effective_factors()
+            a_parts.append(a.to(dtype))
+            b_blocks.append((self.out_rows[target], col, (scale * b).to(dtype)))
+            col += a.shape[0]
+            p = layer.dropout_p
+        a_eff = torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0]
+        if len(b_blocks) == 1 and len(b_blocks[0][0]) == n_out:
+            return a_eff, b_blocks[0][2], p
+        b_eff = a_eff.new_zeros(n_out, col)
+        for rows, start, b in b_blocks:
+            b_eff = b_eff.index_put((rows.unsqueeze(1), torch.arange(start, start + b.shape[1]).unsqueeze(0)), b)
+        return a_eff, b_eff, p
+
+    def _delta(self, x: torch.Tensor, job: str) -> torch.Tensor:
+        # x: [tokens, K] -> [tokens, N]
+        a_eff, b_eff, p = self.job_factors(job, x.dtype)
+        if p > 0.0 and self.training:
+            keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=self.batch.generators[job])
+            x = x * keep / (1.0 - p)
+        return F.linear(F.linear(x, a_eff), b_eff)  # [tokens, R] -> [tokens, N]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        segments = [s for s in self.batch.segments if job_key(s.job) in self.adapters]
+        if not segments:
+            return out, bias
+        # x: [tokens, 1, K] (packed row, sequence-first) -> per-job row slices
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        pieces, cursor = [], 0
+        for seg in segments:
+            if seg.start > cursor:
+                pieces.append(flat_out[cursor:seg.start])
+            pieces.append(flat_out[seg.start:seg.end] + self._delta(flat_x[seg.start:seg.end], seg.job))
+            cursor = seg.end
+        if cursor < flat_out.shape[0]:
+            pieces.append(flat_out[cursor:])
+        return torch.cat(pieces).reshape(out.shape), bias

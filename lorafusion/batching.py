@@ -1,0 +1,85 @@
+"""Packed microbatches: several jobs' samples in one row, and the per-token loss over them.
+
+Tokens are ordered by job (each job's samples contiguous) so every adapted layer sees one segment per
+job; samples are separated by `cu_seqlens` so attention and RoPE positions restart per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from lorafusion.adapters.multi import Segment
+from lorafusion.data import IGNORE_INDEX, Sample
+
+__all__ = ["Microbatch", "build_microbatch", "token_losses"]
+
+
+@dataclass
+class Microbatch:
+    """One packed row of samples, ready for the model."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T], restarting at 0 for every sample
+    labels: torch.Tensor  # [1, T], IGNORE_INDEX where no loss
+    cu_seqlens: torch.Tensor  # [samples + 1] int32
+    max_seqlen: int
+    segments: list[Segment]
+    """Token rows of each job, in order."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def packed_seq_params(self) -> PackedSeqParams:
+        return PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen,
+        )
+
+    def loss_tokens(self, job: str) -> int:
+        """Loss tokens of `job` in this microbatch."""
+        return sum(int((self.labels[0, s.start:s.end] != IGNORE_INDEX).sum()) for s in self.segments if s.job == job)
+
+    def to(self, device: torch.device) -> "Microbatch":
+        return Microbatch(
+            self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device),
+            self.cu_seqlens.to(device), self.max_seqlen, self.segments,
+        )
+
+
+def build_microbatch(items: list[tuple[str, Sample]]) -> Microbatch:
+    """Pack (job name, sample) pairs into one row, grouping each job's samples together (stable)."""
+    if not items:
+        raise ValueError("build_microbatch needs at least one sample")
+    order: dict[str, list[Sample]] = {}
+    for job, sample in items:
+        order.setdefault(job, []).append(sample)
+    ids, pos, labels, bounds, segments = [], [], [], [0], []
+    for job, samples in order.items():
+        start = bounds[-1]
+        for sample in samples:
+            ids.extend(sample.input_ids)
+            labels.extend(sample.labels)
+            pos.extend(range(len(sample)))
+            bounds.append(bounds[-1] + len(sample))
+        segments.append(Segment(job, start, bounds[-1]))
+    return Microbatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([pos], dtype=torch.long),
+        labels=torch.tensor([labels], dtype=torch.long),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
+        segments=segments,
+    )
+
+
+def token_losses(model: torch.nn.Module, mb: Microbatch) -> torch.Tensor:
+    """Cross-entropy of every token of `mb` ([T], fp32, zero where the label is ignored)."""
+    mask = mb.labels != IGNORE_INDEX
+    targets = torch.where(mask, mb.labels, torch.zeros_like(mb.labels))
+    # megatron's GPTModel returns per-token loss [b, s] when given labels.
+    losses = model(mb.input_ids, mb.position_ids, None, labels=targets, packed_seq_params=mb.packed_seq_params())
+    return (losses.float() * mask)[0]

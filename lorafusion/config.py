@@ -1,0 +1,277 @@
+"""Job specs and run configuration: kw-only dataclasses validated on construction; YAML is a view of them.
+
+```yaml
+run: {base_model: path/to/hf_dir, output_dir: runs/demo, max_tokens_per_microbatch: 4096}
+jobs:
+  - {name: sql, dataset: data/sql.jsonl, adapter: {type: lora, rank: 16, alpha: 32}, global_batch_size: 8}
+```
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict
+
+__all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+OVERFLOW_POLICIES = ("reject", "truncate")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(owner: str, name: str, value: Any, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{owner}.{name}={value!r} must be a positive integer, e.g. {name}: {example}")
+
+
+def _non_negative(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{owner}.{name}={value!r} must be a number ≥ 0")
+
+
+@dataclass(kw_only=True)
+class JobSpec:
+    """One fine-tuning job: a dataset, an adapter and its optimisation settings."""
+
+    name: str
+    """Unique job name, [A-Za-z0-9_.-]; the output folder is <output_dir>/<name>."""
+    dataset: str
+    """JSONL file: rows {prompt, completion}, {messages}, or {text}."""
+    adapter: AdapterConfig = field(default_factory=LoRAConfig)
+    """Adapter variant config, e.g. LoRAConfig(rank=16); in YAML {type: lora, rank: 16}."""
+    global_batch_size: int = 8
+    """Samples per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    max_steps: int | None = None
+    """Optimizer steps to run; exactly one of max_steps and num_epochs (default: 1 epoch)."""
+    num_epochs: float | None = None
+    """Passes over the dataset (may be fractional); the step count is ceil(epochs·samples/batch)."""
+    seed: int = 0
+    """Seeds the adapter init, the data order and the dropout stream of this job alone."""
+    lr_schedule: str = "constant"
+    """'constant', 'linear' (to min_lr_ratio·lr) or 'cosine' (to min_lr_ratio·lr), after warmup."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to learning_rate."""
+    min_lr_ratio: float = 0.0
+    """Final LR of the linear/cosine decay as a fraction of learning_rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip this job's gradient to this global L2 norm; None disables clipping."""
+    max_seq_len: int | None = None
+    """Longest sample in tokens; defaults to run.max_tokens_per_microbatch."""
+    overflow: str = "reject"
+    """What to do with a sample longer than max_seq_len: 'reject' (error) or 'truncate'."""
+    eval_dataset: str | None = None
+    """Optional JSONL evaluated every eval_every_steps and at the end (into metrics.jsonl)."""
+    eval_every_steps: int | None = None
+    """Evaluation period in optimizer steps (only with eval_dataset); None = only at the end."""
+
+    def __post_init__(self) -> None:
+        owner = f"job '{self.name}'"
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(f"job name {self.name!r} is invalid; use letters, digits, '_', '.', '-' (e.g. name: sql)")
+        if not isinstance(self.dataset, (str, Path)) or not str(self.dataset):
+            raise ValueError(f"{owner}: dataset={self.dataset!r} must be the path of a JSONL file")
+        self.dataset = str(self.dataset)
+        if isinstance(self.adapter, dict):
+            self.adapter = adapter_config_from_dict(self.adapter, where=f"{owner}: adapter")
+        if not isinstance(self.adapter, AdapterConfig):
+            raise ValueError(f"{owner}: adapter={self.adapter!r} must be an adapter config such as lf.LoRAConfig(...)")
+        _positive_int(owner, "global_batch_size", self.global_batch_size, "8")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"{owner}: seed={self.seed!r} must be an integer ≥ 0, e.g. seed: 0")
+        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
+            raise ValueError(f"{owner}: learning_rate={self.learning_rate!r} must be > 0, e.g. 2e-4")
+        self._check_length()
+        self._check_schedule()
+        self._check_data_options()
+
+    def _check_length(self) -> None:
+        owner = f"job '{self.name}'"
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise ValueError(f"{owner}: give max_steps or num_epochs, not both")
+        if self.max_steps is not None:
+            _positive_int(owner, "max_steps", self.max_steps, "100")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0):
+            raise ValueError(f"{owner}: num_epochs={self.num_epochs!r} must be > 0, e.g. num_epochs: 1")
+
+    def _check_schedule(self) -> None:
+        owner = f"job '{self.name}'"
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{owner}: lr_schedule={self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"{owner}: warmup_steps={self.warmup_steps!r} must be an integer ≥ 0")
+        if not isinstance(self.min_lr_ratio, (int, float)) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{owner}: min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        _non_negative(owner, "weight_decay", self.weight_decay)
+        self.adam_betas = tuple(self.adam_betas)
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"{owner}: adam_betas={self.adam_betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if not isinstance(self.adam_eps, (int, float)) or self.adam_eps <= 0:
+            raise ValueError(f"{owner}: adam_eps={self.adam_eps!r} must be > 0")
+        if self.max_grad_norm is not None and (not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm <= 0):
+            raise ValueError(f"{owner}: max_grad_norm={self.max_grad_norm!r} must be > 0, or null to disable clipping")
+
+    def _check_data_options(self) -> None:
+        owner = f"job '{self.name}'"
+        if self.max_seq_len is not None:
+            _positive_int(owner, "max_seq_len", self.max_seq_len, "2048")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"{owner}: overflow={self.overflow!r}; choose one of {list(OVERFLOW_POLICIES)}")
+        if self.eval_dataset is not None:
+            self.eval_dataset = str(self.eval_dataset)
+        if self.eval_every_steps is not None:
+            _positive_int(owner, "eval_every_steps", self.eval_every_steps, "50")
+            if self.eval_dataset is None:
+                raise ValueError(f"{owner}: eval_every_steps is set but eval_dataset is not; add eval_dataset")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapter"] = self.adapter.to_dict()
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Settings shared by every job of one fit."""
+
+    base_model: str
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json)."""
+    output_dir: str
+    """Where adapters, metrics and checkpoints go: <output_dir>/<job>/adapter, ..."""
+    max_tokens_per_microbatch: int = 4096
+    """Capacity of one packed microbatch, in tokens."""
+    pipeline_stages: int = 1
+    """Pipeline-parallel stages (model chunks)."""
+    data_parallel: int = 1
+    """Data-parallel replicas."""
+    dtype: str = "float32"
+    """Base-model compute dtype: 'float32', 'bfloat16' or 'float16' (adapters keep fp32 master weights)."""
+    log_every_steps: int = 1
+    """Print each job's progress every this many of its optimizer steps."""
+    progress: bool = True
+    """Print progress lines on the driver."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a run (its files are replaced)."""
+
+    def __post_init__(self) -> None:
+        for name in ("base_model", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise ValueError(f"run.{name}={value!r} must be a path")
+            setattr(self, name, str(value))
+        _positive_int("run", "max_tokens_per_microbatch", self.max_tokens_per_microbatch, "4096")
+        _positive_int("run", "pipeline_stages", self.pipeline_stages, "1")
+        _positive_int("run", "data_parallel", self.data_parallel, "1")
+        _positive_int("run", "log_every_steps", self.log_every_steps, "10")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"run.dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_jobs(jobs: list[JobSpec]) -> None:
+    """Checks across jobs: at least one, all JobSpec, unique names."""
+    if not jobs:
+        raise ValueError("no jobs given; pass at least one lf.JobSpec (or a `jobs:` list in the YAML)")
+    seen: set[str] = set()
+    for job in jobs:
+        if not isinstance(job, JobSpec):
+            raise ValueError(f"jobs must be lf.JobSpec objects, got {type(job).__name__}")
+        if job.name in seen:
+            raise ValueError(f"duplicate job name '{job.name}'; every job needs its own name")
+        seen.add(job.name)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set run.pipeline_stages=2` / `--set jobs.sql.learning_rate=1e-4` style overrides."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} must look like section.field=value, e.g. run.pipeline_stages=2")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if keys[0] == "run" and len(keys) == 2:
+            data.setdefault("run", {})[keys[1]] = _parse_value(raw)
+        elif keys[0] == "jobs" and len(keys) >= 3:
+            job_name, field_path = ".".join(keys[1:-1]), keys[-1]
+            _set_job_field(data, job_name, field_path, _parse_value(raw), item)
+        else:
+            raise ValueError(f"--set {item!r}: use run.<field>=value or jobs.<job name>.<field>=value")
+    return data
+
+
+def _set_job_field(data: dict, job_name: str, field_name: str, value: Any, item: str) -> None:
+    for job in data.get("jobs") or []:
+        if isinstance(job, dict) and job.get("name") == job_name:
+            job[field_name] = value
+            return
+    if "." in job_name:  # jobs.<job>.adapter.<field>
+        head, sub = job_name.rsplit(".", 1)
+        for job in data.get("jobs") or []:
+            if isinstance(job, dict) and job.get("name") == head and sub == "adapter":
+                job.setdefault("adapter", {})[field_name] = value
+                return
+    raise ValueError(f"--set {item!r}: no job named '{job_name}' in the config")
+
+
+def _known(cls: type, data: dict, where: str) -> None:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[list[JobSpec], RunConfig]:
+    """Read `{run: {...}, jobs: [...]}` from YAML; relative paths are taken from the YAML's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file '{path}' does not exist; pass the path of a jobs YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict) or set(data) - {"run", "jobs"}:
+        raise ValueError(f"{path}: the top level must be a mapping with keys 'run' and 'jobs'")
+    data = apply_overrides(data, overrides or [])
+    run_data, job_list = data.get("run") or {}, data.get("jobs") or []
+    if not isinstance(run_data, dict):
+        raise ValueError(f"{path}: 'run' must be a mapping of RunConfig fields")
+    if not isinstance(job_list, list):
+        raise ValueError(f"{path}: 'jobs' must be a list of job mappings")
+    _known(RunConfig, run_data, f"{path}: run")
+    base = path.parent
+    for key in ("base_model", "output_dir"):
+        if key in run_data and isinstance(run_data[key], str) and not Path(run_data[key]).is_absolute():
+            run_data[key] = str(base / run_data[key])
+    run = RunConfig(**run_data)
+    jobs = []
+    for i, job in enumerate(job_list):
+        if not isinstance(job, dict):
+            raise ValueError(f"{path}: jobs[{i}] must be a mapping of JobSpec fields")
+        _known(JobSpec, job, f"{path}: jobs[{i}]")
+        job = dict(job)
+        for key in ("dataset", "eval_dataset"):
+            if isinstance(job.get(key), str) and not Path(job[key]).is_absolute():
+                job[key] = str(base / job[key])
+        jobs.append(JobSpec(**job))
+    check_jobs(jobs)
+    return jobs, run

@@ -1,0 +1,160 @@
+"""Build a megatron-core `GPTModel` (or one pipeline chunk of it) from an HF checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lorafusion.models.attention import PackedCoreAttention
+from lorafusion.models.hf import Architecture, HFWeights, read_architecture
+from lorafusion.models.megatron_compat import ensure_model_parallel
+
+__all__ = ["transformer_config", "layer_spec", "build_model", "load_hf_weights", "qkv_rows", "fc1_rows"]
+
+
+def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """megatron's config for `arch`, with every CUDA-only fusion off so CPU and GPU run one path."""
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # every weight is overwritten from the checkpoint
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        pipeline_dtype=dtype,
+    )
+
+
+def layer_spec() -> ModuleSpec:
+    """megatron's local layer spec with our packed-sequence core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    return spec
+
+
+def qkv_rows(arch: Architecture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row of HF q_proj, k_proj, v_proj: its row in megatron's fused `linear_qkv`.
+
+    megatron groups the fused rows per query group g: [g's q heads, g's k head, g's v head].
+    """
+    d, per_group = arch.head_dim, arch.num_heads // arch.num_kv_heads
+    group_rows = (per_group + 2) * d
+    q, k, v = [], [], []
+    for g in range(arch.num_kv_heads):
+        base = g * group_rows
+        q.append(torch.arange(base, base + per_group * d))
+        k.append(torch.arange(base + per_group * d, base + (per_group + 1) * d))
+        v.append(torch.arange(base + (per_group + 1) * d, base + group_rows))
+    return torch.cat(q), torch.cat(k), torch.cat(v)
+
+
+def fc1_rows(arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of HF gate_proj and up_proj in megatron's `linear_fc1` ([gate; up])."""
+    f = arch.intermediate_size
+    return torch.arange(f), torch.arange(f, 2 * f)
+
+
+def _fused_qkv(arch: Architecture, weights: HFWeights, prefix: str, suffix: str) -> torch.Tensor:
+    q_idx, k_idx, v_idx = qkv_rows(arch)
+    parts = [weights.get(f"{prefix}.self_attn.{p}_proj.{suffix}") for p in "qkv"]
+    out = torch.empty((len(q_idx) + len(k_idx) + len(v_idx),) + parts[0].shape[1:], dtype=parts[0].dtype)
+    for idx, part in zip((q_idx, k_idx, v_idx), parts):
+        out[idx] = part
+    return out
+
+
+def _layer_tensors(arch: Architecture, weights: HFWeights, hf_index: int) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{hf_index}"
+    tensors = {
+        "input_layernorm.weight": weights.get(f"{prefix}.input_layernorm.weight"),
+        "self_attention.linear_qkv.weight": _fused_qkv(arch, weights, prefix, "weight"),
+        "self_attention.linear_proj.weight": weights.get(f"{prefix}.self_attn.o_proj.weight"),
+        "pre_mlp_layernorm.weight": weights.get(f"{prefix}.post_attention_layernorm.weight"),
+        "mlp.linear_fc1.weight": torch.cat(
+            [weights.get(f"{prefix}.mlp.gate_proj.weight"), weights.get(f"{prefix}.mlp.up_proj.weight")]
+        ),
+        "mlp.linear_fc2.weight": weights.get(f"{prefix}.mlp.down_proj.weight"),
+    }
+    if arch.qkv_bias:
+        tensors["self_attention.linear_qkv.bias"] = _fused_qkv(arch, weights, prefix, "bias")
+    return tensors
+
+
+def _copy_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    params = dict(module.named_parameters())
+    for name, value in tensors.items():
+        target = params.get(name)
+        if target is None:
+            raise ValueError(f"model has no parameter '{where}.{name}' for the checkpoint tensor")
+        if target.shape != value.shape:
+            raise ValueError(
+                f"checkpoint tensor for '{where}.{name}' has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)}; the weights do not match config.json"
+            )
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+
+def load_hf_weights(model: GPTModel, arch: Architecture, weights: HFWeights) -> None:
+    """Copy the checkpoint into `model`, which may be any pipeline chunk (layers by global number)."""
+    if model.pre_process:
+        _copy_into(model.embedding, {"word_embeddings.weight": weights.get("model.embed_tokens.weight")}, "embedding")
+    for layer in model.decoder.layers:
+        _copy_into(layer, _layer_tensors(arch, weights, layer.layer_number - 1), f"layer {layer.layer_number - 1}")
+    if model.post_process:
+        _copy_into(model.decoder, {"final_layernorm.weight": weights.get("model.norm.weight")}, "decoder")
+        head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+        if not arch.tie_word_embeddings or not model.pre_process:
+            _copy_into(model, {"output_layer.weight": weights.get(head)}, "model")
+
+
+def build_model(
+    checkpoint_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> tuple[GPTModel, Architecture]:
+    """The frozen base model (or the pipeline chunk this rank holds) with the checkpoint's weights."""
+    arch = read_architecture(checkpoint_dir)
+    weights = HFWeights(checkpoint_dir)
+    ensure_model_parallel()
+    model = GPTModel(
+        transformer_config(arch, dtype=dtype),
+        layer_spec(),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+    )
+    load_hf_weights(model, arch, weights)
+    model.requires_grad_(False)
+    return model, arch
