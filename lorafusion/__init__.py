@@ -1,0 +1,26 @@
+"""LoRAFusion: many LoRA fine-tuning jobs on one shared frozen base model."""
+
+from lorafusion.adapters import LoRAConfig, RsLoRAConfig
+from lorafusion.config import JobSpec, RunConfig, load_config
+from lorafusion.evaluate import EvalResult, evaluate
+from lorafusion.result import FitResult, JobResult
+
+__all__ = [
+    "EvalResult",
+    "FitResult",
+    "JobResult",
+    "JobSpec",
+    "LoRAConfig",
+    "RsLoRAConfig",
+    "RunConfig",
+    "evaluate",
+    "fit",
+    "load_config",
+]
+
+
+def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
+    """Train every job together on one copy of `run.base_model`; write each job's PEFT adapter."""
+    from runtime.fit import fit as _fit
+
+    return _fit(jobs, run)

@@ -1,0 +1,90 @@
+"""Adapters on disk in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Writes are atomic: files go to a temporary sibling folder that replaces the target in one rename, so a
+crash never leaves a half-written adapter where a complete one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafusion.adapters import AdapterConfig, get_variant
+from lorafusion.adapters.lora import LoRAConfig, RsLoRAConfig
+
+__all__ = ["write_peft_adapter", "read_peft_adapter", "atomic_directory"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def atomic_directory(target: Path, fill) -> Path:
+    """Call `fill(tmp_dir)` then move tmp_dir to `target`, replacing any previous content."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fill(tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def write_peft_adapter(
+    directory: str | Path, tensors: dict[str, torch.Tensor], config: AdapterConfig, *, base_model: str
+) -> Path:
+    """Write one job's adapter so `PeftModel.from_pretrained(base, directory)` loads it."""
+    peft_fields = get_variant(config.type).peft_config(config)
+    payload = {
+        **peft_fields,
+        "base_model_name_or_path": str(base_model),
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "lorafusion_adapter": config.to_dict(),
+    }
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2))
+
+    return atomic_directory(Path(directory), fill)
+
+
+def _config_from_peft(data: dict, path: Path) -> AdapterConfig:
+    if "lorafusion_adapter" in data:
+        from lorafusion.adapters import adapter_config_from_dict
+
+        return adapter_config_from_dict(data["lorafusion_adapter"], where=str(path))
+    if data.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type={data.get('peft_type')!r} is not supported; only LORA adapters load")
+    targets = data.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"{path}: target_modules={targets!r} must be a list of module names (regex is not supported)")
+    cls = RsLoRAConfig if data.get("use_rslora") else LoRAConfig
+    return cls(rank=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0.0)),
+               target_modules=targets)
+
+
+def read_peft_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors (keys without PEFT's adapter-name infix)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ValueError(f"adapter '{directory}' has no {path.name}; point at a folder written by lorafusion or PEFT")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    config = _config_from_peft(data, config_path)
+    tensors = {key.replace(".default.", "."): value for key, value in load_file(str(weights_path)).items()}
+    return config, tensors

@@ -1,0 +1,89 @@
+"""Mean loss of a base model (optionally with one PEFT adapter) over a JSONL dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafusion.batching import build_microbatch, token_losses
+from lorafusion.data import IGNORE_INDEX, Sample, load_jsonl_dataset, load_tokenizer
+
+__all__ = ["EvalResult", "evaluate", "evaluate_samples", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    """Mean cross-entropy over the loss tokens (completion / assistant tokens where the data has them)."""
+    tokens: int
+    """Number of loss tokens."""
+
+
+def _chunks(samples: list[Sample], capacity: int) -> list[list[Sample]]:
+    """Consecutive samples, each chunk at most `capacity` tokens (a longer sample goes alone)."""
+    chunks, current, used = [], [], 0
+    for sample in samples:
+        if current and used + len(sample) > capacity:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(sample)
+        used += len(sample)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+@torch.no_grad()
+def evaluate_samples(
+    model: torch.nn.Module, samples: list[Sample], *, job: str | None, batch=None, capacity: int = 4096
+) -> EvalResult:
+    """Evaluate with `job`'s adapter (its segments set on the shared `batch`) or the bare model (job None)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for chunk in _chunks(samples, capacity):
+            mb = build_microbatch([(job or "", s) for s in chunk]).to(device)
+            if batch is not None:
+                batch.segments = mb.segments if job is not None else []
+            total += float(token_losses(model, mb).double().sum())
+            count += int((mb.labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+        if batch is not None:
+            batch.segments = []
+    return EvalResult(loss=total / max(count, 1), tokens=count)
+
+
+def evaluate(
+    base_model: str | Path,
+    adapter: str | Path | None,
+    dataset: str | Path,
+    *,
+    max_seq_len: int = 4096,
+    overflow: str = "reject",
+    max_tokens_per_microbatch: int = 4096,
+    dtype: str = "float32",
+) -> EvalResult:
+    """Loss of `base_model` + `adapter` (a PEFT adapter folder, or None for the base model) on `dataset`."""
+    from lorafusion.adapters.attach import ModelAdapters
+    from lorafusion.checkpoint import read_peft_adapter
+    from lorafusion.models import build_model, read_architecture
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of {list(DTYPES)}")
+    read_architecture(base_model)
+    samples = load_jsonl_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow)
+    loaded = read_peft_adapter(adapter) if adapter is not None else None
+    model, arch = build_model(base_model, dtype=DTYPES[dtype])
+    if loaded is None:
+        return evaluate_samples(model, samples, job=None, capacity=max_tokens_per_microbatch)
+    adapters = ModelAdapters(model, arch)
+    adapters.add_job("eval", loaded[0], seed=0)
+    adapters.load_peft_state_dict("eval", loaded[1], where=str(adapter))
+    return evaluate_samples(model, samples, job="eval", batch=adapters.batch, capacity=max_tokens_per_microbatch)

@@ -1,0 +1,5 @@
+"""Execution: the stage worker's training loop and the fit driver."""
+
+from runtime.fit import fit
+
+__all__ = ["fit"]

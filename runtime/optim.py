@@ -1,0 +1,57 @@
+"""Per-job optimisation: AdamW on the job's own parameters, its LR schedule and gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorafusion.config import JobSpec
+
+__all__ = ["lr_at", "JobOptimizer"]
+
+
+def lr_at(spec: JobSpec, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based) out of `total_steps`."""
+    peak = spec.learning_rate
+    if step < spec.warmup_steps:
+        return peak * (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "constant":
+        return peak
+    decay_steps = max(total_steps - spec.warmup_steps - 1, 1)
+    progress = min((step - spec.warmup_steps) / decay_steps, 1.0)
+    floor = spec.min_lr_ratio
+    if spec.lr_schedule == "linear":
+        return peak * (1.0 - (1.0 - floor) * progress)
+    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class JobOptimizer:
+    """AdamW for one job; the gradient norm is the job's own (never mixed with other jobs')."""
+
+    def __init__(self, spec: JobSpec, params: list[torch.nn.Parameter], total_steps: int) -> None:
+        self.spec, self.params, self.total_steps = spec, params, total_steps
+        self.step_count = 0
+        self.optimizer = torch.optim.AdamW(
+            params, lr=spec.learning_rate, betas=spec.adam_betas, eps=spec.adam_eps,
+            weight_decay=spec.weight_decay, foreach=False,
+        )
+
+    def grad_norm_sq(self) -> float:
+        """Squared L2 norm of this job's gradients held here (summed across stages by the caller)."""
+        return float(sum(p.grad.double().pow(2).sum() for p in self.params if p.grad is not None))
+
+    def step(self, total_norm: float) -> float:
+        """Clip to max_grad_norm using `total_norm`, apply one AdamW step, zero the gradients; returns the LR."""
+        lr = lr_at(self.spec, self.step_count, self.total_steps)
+        if self.spec.max_grad_norm is not None and total_norm > self.spec.max_grad_norm:
+            factor = self.spec.max_grad_norm / (total_norm + 1e-6)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return lr

@@ -1,0 +1,54 @@
+"""Per-job metrics files and the driver's progress lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["MetricsWriter", "Progress"]
+
+
+class MetricsWriter:
+    """Appends JSON lines to <output_dir>/<job>/metrics.jsonl."""
+
+    def __init__(self, output_dir: str, job: str) -> None:
+        self.path = Path(output_dir) / job / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """One line per job every `every` steps: step/total, loss, lr, throughput."""
+
+    def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO = sys.stdout) -> None:
+        self.totals, self.every, self.enabled, self.stream = totals, every, enabled, stream
+        self.width = max((len(n) for n in totals), default=4)
+        self.start = time.perf_counter()
+
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def step(self, job: str, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        total = self.totals[job]
+        if step % self.every and step != total:
+            return
+        bar_len = 20
+        done = math.floor(bar_len * step / total)
+        bar = "█" * done + "·" * (bar_len - done)
+        self._say(f"  {job:<{self.width}} {bar} {step:>5}/{total:<5} loss {loss:8.4f}  lr {lr:.2e}  "
+                  f"{tokens_per_s:8.0f} tok/s")
+
+    def eval(self, job: str, step: int, loss: float) -> None:
+        self._say(f"  {job:<{self.width}} eval @ step {step}: loss {loss:.4f}")
+
+    def note(self, text: str) -> None:
+        self._say(text)
