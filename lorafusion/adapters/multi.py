@@ -20,8 +20,12 @@ __all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key"]
 
 
 def job_key(name: str) -> str:
-    """Module-dict key for a job name ('.' is not allowed in module names; '%' is not in job names)."""
-    return name.replace(".", "%2E")
+    """Module-dict key for a job name.
+
+    The prefix keeps names like 'eval' or 'train' from clashing with nn.Module attributes; '.' is not
+    allowed in module names and '%' never occurs in job names, so the mapping is one-to-one.
+    """
+    return "job_" + name.replace(".", "%2E")
 
 
 @dataclass(frozen=True)
