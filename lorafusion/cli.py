@@ -35,6 +35,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny(args: argparse.Namespace) -> int:
+    from lorafusion.demo import demo_checkpoint_at
+
+    print(demo_checkpoint_at(args.directory))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafusion", description="Many LoRA fine-tuning jobs on one base model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default: the demo's own)")
     demo.add_argument("--cache-dir", default=None, help="where the tiny checkpoint is made once (default ~/.cache/lorafusion)")
     demo.set_defaults(func=_demo)
+
+    tiny = sub.add_parser("tiny-checkpoint", help="write the demo's tiny random Llama checkpoint to a directory")
+    tiny.add_argument("directory")
+    tiny.set_defaults(func=_tiny)
     return parser
 
 
