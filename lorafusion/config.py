@@ -9,14 +9,15 @@ jobs:
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict
+from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
 
 __all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
 
@@ -31,9 +32,14 @@ def _positive_int(owner: str, name: str, value: Any, example: str) -> None:
         raise ValueError(f"{owner}.{name}={value!r} must be a positive integer, e.g. {name}: {example}")
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _non_negative(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{owner}.{name}={value!r} must be a number ≥ 0")
+    if not is_number(value) or value < 0:
+        raise ValueError(f"{owner}.{name}={value!r} must be a finite number ≥ 0")
 
 
 @dataclass(kw_only=True)
@@ -81,7 +87,7 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         owner = f"job '{self.name}'"
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name) or set(self.name) == {"."}:
             raise ValueError(f"job name {self.name!r} is invalid; use letters, digits, '_', '.', '-' (e.g. name: sql)")
         if not isinstance(self.dataset, (str, Path)) or not str(self.dataset):
             raise ValueError(f"{owner}: dataset={self.dataset!r} must be the path of a JSONL file")
@@ -93,7 +99,7 @@ class JobSpec:
         _positive_int(owner, "global_batch_size", self.global_batch_size, "8")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"{owner}: seed={self.seed!r} must be an integer ≥ 0, e.g. seed: 0")
-        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
+        if not is_number(self.learning_rate) or self.learning_rate <= 0:
             raise ValueError(f"{owner}: learning_rate={self.learning_rate!r} must be > 0, e.g. 2e-4")
         self._check_length()
         self._check_schedule()
@@ -105,7 +111,7 @@ class JobSpec:
             raise ValueError(f"{owner}: give max_steps or num_epochs, not both")
         if self.max_steps is not None:
             _positive_int(owner, "max_steps", self.max_steps, "100")
-        if self.num_epochs is not None and (not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0):
+        if self.num_epochs is not None and (not is_number(self.num_epochs) or self.num_epochs <= 0):
             raise ValueError(f"{owner}: num_epochs={self.num_epochs!r} must be > 0, e.g. num_epochs: 1")
 
     def _check_schedule(self) -> None:
@@ -114,15 +120,15 @@ class JobSpec:
             raise ValueError(f"{owner}: lr_schedule={self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"{owner}: warmup_steps={self.warmup_steps!r} must be an integer ≥ 0")
-        if not isinstance(self.min_lr_ratio, (int, float)) or not 0 <= self.min_lr_ratio <= 1:
+        if not is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{owner}: min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         _non_negative(owner, "weight_decay", self.weight_decay)
         self.adam_betas = tuple(self.adam_betas)
-        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
+        if len(self.adam_betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"{owner}: adam_betas={self.adam_betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-        if not isinstance(self.adam_eps, (int, float)) or self.adam_eps <= 0:
+        if not is_number(self.adam_eps) or self.adam_eps <= 0:
             raise ValueError(f"{owner}: adam_eps={self.adam_eps!r} must be > 0")
-        if self.max_grad_norm is not None and (not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm <= 0):
+        if self.max_grad_norm is not None and (not is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
             raise ValueError(f"{owner}: max_grad_norm={self.max_grad_norm!r} must be > 0, or null to disable clipping")
 
     def _check_data_options(self) -> None:
@@ -193,13 +199,31 @@ def check_jobs(jobs: list[JobSpec]) -> None:
     for job in jobs:
         if not isinstance(job, JobSpec):
             raise ValueError(f"jobs must be lf.JobSpec objects, got {type(job).__name__}")
+        # Configs are mutable: build validated copies so a field changed after construction is caught.
+        replace(job, adapter=replace(job.adapter))
+        get_variant(job.adapter.type)
         if job.name in seen:
             raise ValueError(f"duplicate job name '{job.name}'; every job needs its own name")
         seen.add(job.name)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; numbers users write as learning rates must be floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return _yaml(text) if text != "" else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -210,7 +234,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
         if keys[0] == "run" and len(keys) == 2:
-            data.setdefault("run", {})[keys[1]] = _parse_value(raw)
+            if not isinstance(data.get("run"), dict):
+                data["run"] = {}
+            data["run"][keys[1]] = _parse_value(raw)
         elif keys[0] == "jobs" and len(keys) >= 3:
             job_name, field_path = ".".join(keys[1:-1]), keys[-1]
             _set_job_field(data, job_name, field_path, _parse_value(raw), item)
@@ -238,6 +264,10 @@ def _known(cls: type, data: dict, where: str) -> None:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{where}: missing required field(s) {missing}; add them")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[list[JobSpec], RunConfig]:
@@ -246,11 +276,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[l
     if not path.is_file():
         raise ValueError(f"config file '{path}' does not exist; pass the path of a jobs YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict) or set(data) - {"run", "jobs"}:
+    if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping with keys 'run' and 'jobs'")
+    extra = sorted(set(data) - {"run", "jobs"})
+    if extra:
+        raise ValueError(f"{path}: unknown top-level key(s) {extra}; the top level has only 'run' and 'jobs'")
     data = apply_overrides(data, overrides or [])
     run_data, job_list = data.get("run") or {}, data.get("jobs") or []
     if not isinstance(run_data, dict):

@@ -63,11 +63,25 @@ def _prepare_job(job: JobSpec, run: RunConfig, tokenizer: TextTokenizer) -> Prep
     return PreparedJob(spec=job, samples=samples, stream=stream, total_steps=total, eval_samples=eval_samples)
 
 
-def check_output_dir(run: RunConfig) -> None:
-    """Refuse an output_dir that holds anything (another run, or unrelated files) unless run.overwrite."""
+def _inside(path: str | Path, directory: Path) -> bool:
+    resolved = Path(path).resolve()
+    return resolved == directory or directory in resolved.parents
+
+
+def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
+    """Refuse an output_dir that holds anything (another run, or unrelated files) unless run.overwrite,
+    and always refuse one that holds this run's own inputs (overwrite would delete them)."""
     out = Path(run.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"run.output_dir '{out}' is a file; choose a directory path")
+    inputs = [("base_model", run.base_model)] + [
+        (f"job '{j.name}' dataset", p) for j in jobs for p in (j.dataset, j.eval_dataset) if p is not None
+    ]
+    for what, path in inputs:
+        if _inside(path, out.resolve()):
+            raise ValueError(
+                f"run.output_dir '{out}' contains this run's {what} '{path}'; choose an output_dir outside the inputs"
+            )
     if run.overwrite or not out.exists() or not any(out.iterdir()):
         return
     what = "another run (run.json)" if (out / RUN_MANIFEST).exists() else "files"
@@ -89,5 +103,5 @@ def prepare_run(jobs: list[JobSpec], run: RunConfig) -> PreparedRun:
             f"{arch.vocab_size}; the tokenizer does not belong to this checkpoint"
         )
     prepared = [_prepare_job(job, run, tokenizer) for job in jobs]
-    check_output_dir(run)
+    check_output_dir(run, jobs)
     return PreparedRun(run=run, arch=arch, tokenizer=tokenizer, jobs=prepared)

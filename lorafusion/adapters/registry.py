@@ -41,7 +41,7 @@ def registered_names() -> list[str]:
 
 
 def get_variant(name: str) -> AdapterVariant:
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown adapter type '{name}'; known types: {registered_names()}")
     return _REGISTRY[name]
 
@@ -52,7 +52,10 @@ def adapter_config_from_dict(data: dict[str, Any], where: str = "adapter") -> Ad
         raise ValueError(f"{where} must be a mapping like {{type: lora, rank: 16}}, got {data!r}")
     data = dict(data)
     kind = data.pop("type", "lora")
-    variant = get_variant(kind)
+    try:
+        variant = get_variant(kind)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     known = {f.name for f in fields(variant.config_cls)}
     unknown = sorted(set(data) - known)
     if unknown:

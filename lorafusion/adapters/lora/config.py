@@ -11,6 +11,10 @@ from lorafusion.adapters.base import AdapterConfig
 __all__ = ["LoRAConfig", "RsLoRAConfig"]
 
 
+def _finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 @dataclass(kw_only=True)
 class LoRAConfig(AdapterConfig):
     """ΔW = (alpha / rank) · B A, A [rank, in] Kaiming-uniform, B [out, rank] zero (PEFT's init)."""
@@ -27,9 +31,9 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"adapter.rank={self.rank!r} must be a positive integer, e.g. rank: 16")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if not _finite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"adapter.alpha={self.alpha!r} must be a positive number, e.g. alpha: 32")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not _finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1), e.g. dropout: 0.05")
 
     @property
