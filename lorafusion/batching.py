@@ -50,22 +50,23 @@ class Microbatch:
         )
 
 
-def build_microbatch(items: list[tuple[str, Sample]]) -> Microbatch:
-    """Pack (job name, sample) pairs into one row, grouping each job's samples together (stable)."""
+def build_microbatch(items: list[tuple]) -> Microbatch:
+    """Pack (job name, sample[, dropout seed]) items into one row, each job's samples together (stable)."""
     if not items:
         raise ValueError("build_microbatch needs at least one sample")
-    order: dict[str, list[Sample]] = {}
-    for job, sample in items:
-        order.setdefault(job, []).append(sample)
+    order: dict[str, list[tuple[Sample, int]]] = {}
+    for job, sample, *seed in items:
+        order.setdefault(job, []).append((sample, seed[0] if seed else 0))
     ids, pos, labels, bounds, segments = [], [], [], [0], []
     for job, samples in order.items():
-        start = bounds[-1]
-        for sample in samples:
+        start, spans = bounds[-1], []
+        for sample, seed in samples:
             ids.extend(sample.input_ids)
             labels.extend(sample.labels)
             pos.extend(range(len(sample)))
+            spans.append((bounds[-1], bounds[-1] + len(sample), seed))
             bounds.append(bounds[-1] + len(sample))
-        segments.append(Segment(job, start, bounds[-1]))
+        segments.append(Segment(job, start, bounds[-1], tuple(spans)))
     return Microbatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([pos], dtype=torch.long),

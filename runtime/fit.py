@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from lorafusion.adapters.multi import mix_seed
 from lorafusion.batching import build_microbatch
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
@@ -24,10 +25,18 @@ from scheduler import first_fit_decreasing
 __all__ = ["fit", "plan_round"]
 
 
-def plan_round(batches: dict[str, list[Sample]], capacity: int) -> list[list[tuple[str, Sample]]]:
-    """Pack the round's samples (every job's current global batch) into microbatches of ≤ capacity tokens."""
-    items = [(job, s) for job, samples in batches.items() for s in samples]
-    bins = first_fit_decreasing([len(s) for _, s in items], capacity)
+def plan_round(
+    batches: dict[str, list[Sample]], capacity: int, seeds: dict[str, list[int]] | None = None
+) -> list[list[tuple[str, Sample, int]]]:
+    """Pack the round's samples (every job's current global batch) into microbatches of ≤ capacity tokens.
+
+    Items are (job, sample, dropout seed); `seeds[job][i]` is the seed of the job's i-th sample
+    (default: i), so masks follow the sample, not the microbatch it lands in.
+    """
+    seeds = seeds or {}
+    items = [(job, s, seeds[job][i] if job in seeds else i) for job, samples in batches.items()
+             for i, s in enumerate(samples)]
+    bins = first_fit_decreasing([len(item[1]) for item in items], capacity)
     return [[items[i] for i in b] for b in bins]
 
 
@@ -75,8 +84,10 @@ class _Trainer:
     def _round(self, states: list[_JobState]) -> None:
         batches = {s.job.name: s.job.global_batch(s.step) for s in states}
         weights = {name: 1.0 / max(StageWorker.loss_tokens(samples), 1) for name, samples in batches.items()}
-        plan = plan_round(batches, self.prepared.run.max_tokens_per_microbatch)
-        last_bin = {name: max(i for i, b in enumerate(plan) if any(j == name for j, _ in b)) for name in batches}
+        seeds = {s.job.name: [mix_seed(s.job.spec.seed, s.step, i) for i in range(len(batches[s.job.name]))]
+                 for s in states}
+        plan = plan_round(batches, self.prepared.run.max_tokens_per_microbatch, seeds)
+        last_bin = {name: max(i for i, b in enumerate(plan) if any(item[0] == name for item in b)) for name in batches}
         loss_sums = dict.fromkeys(batches, 0.0)
         for i, items in enumerate(plan):
             for job, total in self.worker.forward_backward(build_microbatch(items), weights).items():

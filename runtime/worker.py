@@ -32,7 +32,6 @@ class StageWorker:
         self.optimizers: dict[str, JobOptimizer] = {}
         for job in prepared.jobs:
             self.adapters.add_job(job.name, job.spec.adapter, seed=job.spec.seed)
-            self.adapters.batch.generators[job.name] = torch.Generator(self.device).manual_seed(job.spec.seed)
             self.optimizers[job.name] = JobOptimizer(job.spec, self.adapters.parameters(job.name), job.total_steps)
 
     def forward_backward(self, mb: Microbatch, loss_weight: dict[str, float]) -> dict[str, float]:

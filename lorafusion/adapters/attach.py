@@ -53,11 +53,13 @@ class ModelAdapters:
         self.configs: dict[str, AdapterConfig] = {}
         rows = _out_rows(arch)
         self.layers: dict[int, dict[str, MultiAdapterLinear]] = {}  # global layer index -> site -> wrapper
+        site_names = sorted({(s[0], s[1]) for s in SITES.values()})
         for layer in model.decoder.layers:
             sites = {}
-            for parent_name, attr in {(s[0], s[1]) for s in SITES.values()}:
+            for number, (parent_name, attr) in enumerate(site_names):
                 parent = getattr(layer, parent_name)
-                wrapper = MultiAdapterLinear(getattr(parent, attr), rows[attr], self.batch)
+                site_id = (layer.layer_number - 1) * len(site_names) + number
+                wrapper = MultiAdapterLinear(getattr(parent, attr), rows[attr], self.batch, site_id=site_id)
                 setattr(parent, attr, wrapper)
                 sites[attr] = wrapper
             self.layers[layer.layer_number - 1] = sites
@@ -82,7 +84,6 @@ class ModelAdapters:
             for wrapper in sites.values():
                 wrapper.remove_adapter(name)
         self.configs.pop(name, None)
-        self.batch.generators.pop(name, None)
 
     def _job_layers(self, name: str):
         key = job_key(name)

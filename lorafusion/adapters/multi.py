@@ -16,7 +16,7 @@ from torch import nn
 
 from lorafusion.adapters.base import AdapterLayer
 
-__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key"]
+__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key", "mix_seed"]
 
 
 def job_key(name: str) -> str:
@@ -28,6 +28,15 @@ def job_key(name: str) -> str:
     return "job_" + name.replace(".", "%2E")
 
 
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), stable across processes and runs."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return state >> 1
+
+
 @dataclass(frozen=True)
 class Segment:
     """Token rows [start, end) of the current microbatch that belong to job `job`."""
@@ -35,6 +44,8 @@ class Segment:
     job: str
     start: int
     end: int
+    samples: tuple[tuple[int, int, int], ...] = ()
+    """(start, end, dropout seed) of each sample in the segment; empty = one sample, seed 0."""
 
 
 @dataclass
@@ -42,16 +53,15 @@ class AdapterBatch:
     """What every adapted layer needs to know about the microbatch being run (shared by reference)."""
 
     segments: list[Segment] = field(default_factory=list)
-    generators: dict[str, torch.Generator] = field(default_factory=dict)
-    """Per-job dropout generators, so a job's dropout masks never depend on other jobs."""
 
 
 class MultiAdapterLinear(nn.Module):
     """Wraps a megatron Column/RowParallelLinear; keeps its `(output, bias)` return convention."""
 
-    def __init__(self, base: nn.Module, out_rows: dict[str, torch.Tensor], batch: AdapterBatch) -> None:
+    def __init__(self, base: nn.Module, out_rows: dict[str, torch.Tensor], batch: AdapterBatch, site_id: int = 0) -> None:
         super().__init__()
         self.base = base
+        self.site_id = site_id  # distinct per wrapped layer, so dropout masks differ between layers
         self.out_rows = out_rows  # HF target name -> its rows in the base output
         self.batch = batch
         self.adapters = nn.ModuleDict()  # job key -> ModuleDict(target -> AdapterLayer)
@@ -67,7 +77,9 @@ class MultiAdapterLinear(nn.Module):
         self.adapters[key][target] = layer
 
     def remove_adapter(self, job: str) -> None:
-        self.adapters.pop(job_key(job), None)
+        key = job_key(job)
+        if key in self.adapters:
+            del self.adapters[key]
 
     def job_factors(self, job: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p) of one job on this layer."""
@@ -89,12 +101,26 @@ class MultiAdapterLinear(nn.Module):
             b_eff = b_eff.index_put((rows.unsqueeze(1), torch.arange(start, start + b.shape[1]).unsqueeze(0)), b)
         return a_eff, b_eff, p
 
-    def _delta(self, x: torch.Tensor, job: str) -> torch.Tensor:
+    def _dropout_mask(self, x: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
+        """Keep-mask / (1-p) for the segment's rows [tokens, K].
+
+        Each sample's mask comes from its own seed (set by the driver from the job's seed, step and the
+        sample's place in its global batch) and this layer's id, so it does not depend on which other
+        samples or jobs share the microbatch, nor on how the job's batch was split into microbatches.
+        """
+        samples = seg.samples or ((seg.start, seg.end, 0),)
+        parts = []
+        for start, end, seed in samples:
+            generator = torch.Generator(device=x.device).manual_seed(mix_seed(seed, self.site_id))
+            parts.append(torch.empty((end - start, x.shape[1]), dtype=x.dtype, device=x.device)
+                         .bernoulli_(1.0 - p, generator=generator))
+        return torch.cat(parts) / (1.0 - p)
+
+    def _delta(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
         # x: [tokens, K] -> [tokens, N]
-        a_eff, b_eff, p = self.job_factors(job, x.dtype)
+        a_eff, b_eff, p = self.job_factors(seg.job, x.dtype)
         if p > 0.0 and self.training:
-            keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=self.batch.generators[job])
-            x = x * keep / (1.0 - p)
+            x = x * self._dropout_mask(x, seg, p)
         return F.linear(F.linear(x, a_eff), b_eff)  # [tokens, R] -> [tokens, N]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -108,7 +134,7 @@ class MultiAdapterLinear(nn.Module):
         for seg in segments:
             if seg.start > cursor:
                 pieces.append(flat_out[cursor:seg.start])
-            pieces.append(flat_out[seg.start:seg.end] + self._delta(flat_x[seg.start:seg.end], seg.job))
+            pieces.append(flat_out[seg.start:seg.end] + self._delta(flat_x[seg.start:seg.end], seg))
             cursor = seg.end
         if cursor < flat_out.shape[0]:
             pieces.append(flat_out[cursor:])
