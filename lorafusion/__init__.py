@@ -1,5 +1,11 @@
 """LoRAFusion: many LoRA fine-tuning jobs on one shared frozen base model."""
 
+import warnings
+
+# megatron-core warns at import that Transformer Engine / Apex are absent; we use its local modules
+# on purpose (CPU path and our own kernels), so the warning is noise for our users.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*", category=UserWarning)
+
 from lorafusion.adapters import LoRAConfig, RsLoRAConfig
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate

@@ -10,6 +10,7 @@ jobs:
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -294,7 +295,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[l
     base = path.parent
     for key in ("base_model", "output_dir"):
         if key in run_data and isinstance(run_data[key], str) and not Path(run_data[key]).is_absolute():
-            run_data[key] = str(base / run_data[key])
+            run_data[key] = os.path.normpath(base / run_data[key])
     run = RunConfig(**run_data)
     jobs = []
     for i, job in enumerate(job_list):
@@ -304,7 +305,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[l
         job = dict(job)
         for key in ("dataset", "eval_dataset"):
             if isinstance(job.get(key), str) and not Path(job[key]).is_absolute():
-                job[key] = str(base / job[key])
+                job[key] = os.path.normpath(base / job[key])
         jobs.append(JobSpec(**job))
     check_jobs(jobs)
     return jobs, run

@@ -18,7 +18,8 @@ def lr_at(spec: JobSpec, step: int, total_steps: int) -> float:
         return peak * (step + 1) / spec.warmup_steps
     if spec.lr_schedule == "constant":
         return peak
-    decay_steps = max(total_steps - spec.warmup_steps - 1, 1)
+    # Decay reaches min_lr_ratio·peak after the last step, so the last step still learns.
+    decay_steps = max(total_steps - spec.warmup_steps, 1)
     progress = min((step - spec.warmup_steps) / decay_steps, 1.0)
     floor = spec.min_lr_ratio
     if spec.lr_schedule == "linear":

@@ -16,16 +16,18 @@ def spec(**kwargs) -> lf.JobSpec:
 
 
 # Convention (see lr_at): warmup step i (0-based) has peak·(i+1)/warmup, so the last warmup step is at
-# the peak; the decay runs from the first post-warmup step (peak) to the last step, total_steps - 1
-# (floor = min_lr_ratio·peak), and stays at the floor after it.
+# the peak; the decay runs from the first post-warmup step (progress 0, the peak) and reaches the floor
+# (min_lr_ratio·peak) at step total_steps, one past the last step, so the last step still learns.
+C1, C2, C3 = (0.5 * (1 + math.cos(math.pi * 0.25))), (0.5 * (1 + math.cos(math.pi * 0.5))), (0.5 * (1 + math.cos(math.pi * 0.75)))
+
+
 @pytest.mark.parametrize("schedule, min_ratio, expected", [
-    # peak 0.1, warmup 2, total 6 -> decay steps 2..5, progress 0, 1/3, 2/3, 1
+    # peak 0.1, warmup 2, total 6 -> steps 2..5 have progress 0, 1/4, 2/4, 3/4; step 6 is at the floor
     ("constant", 0.0, [0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]),
-    ("linear", 0.0, [0.05, 0.1, 0.1, 0.1 * 2 / 3, 0.1 / 3, 0.0, 0.0]),
-    ("linear", 0.1, [0.05, 0.1, 0.1, 0.07, 0.04, 0.01, 0.01]),
-    # cosine: 0.5·(1 + cos(π/3)) = 0.75, 0.5·(1 + cos(2π/3)) = 0.25
-    ("cosine", 0.0, [0.05, 0.1, 0.1, 0.075, 0.025, 0.0, 0.0]),
-    ("cosine", 0.2, [0.05, 0.1, 0.1, 0.1 * (0.2 + 0.8 * 0.75), 0.1 * (0.2 + 0.8 * 0.25), 0.02, 0.02]),
+    ("linear", 0.0, [0.05, 0.1, 0.1, 0.075, 0.05, 0.025, 0.0]),
+    ("linear", 0.1, [0.05, 0.1, 0.1, 0.0775, 0.055, 0.0325, 0.01]),
+    ("cosine", 0.0, [0.05, 0.1, 0.1, 0.1 * C1, 0.1 * C2, 0.1 * C3, 0.0]),
+    ("cosine", 0.2, [0.05, 0.1, 0.1, 0.1 * (0.2 + 0.8 * C1), 0.1 * (0.2 + 0.8 * C2), 0.1 * (0.2 + 0.8 * C3), 0.02]),
 ])
 def test_lr_schedule_with_warmup(schedule, min_ratio, expected):
     job = spec(learning_rate=0.1, warmup_steps=2, lr_schedule=schedule, min_lr_ratio=min_ratio)
@@ -40,9 +42,10 @@ def test_lr_without_warmup_starts_at_the_peak(schedule):
 
 
 def test_cosine_midpoint_is_half_the_peak():
-    job = spec(learning_rate=1.0, lr_schedule="cosine")  # decay over steps 0..10
-    assert lr_at(job, 5, total_steps=11) == pytest.approx(0.5)
-    values = [lr_at(job, s, total_steps=11) for s in range(11)]
+    job = spec(learning_rate=1.0, lr_schedule="cosine")  # decay over steps 0..9, floor at step 10
+    assert lr_at(job, 5, total_steps=10) == pytest.approx(0.5)
+    values = [lr_at(job, s, total_steps=10) for s in range(10)]
+    assert values[-1] > 0.0
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
