@@ -95,7 +95,7 @@ def prepare_run(jobs: list[JobSpec], run: RunConfig) -> PreparedRun:
     """Validate the whole run and tokenise every dataset; raises ValueError before anything is written."""
     check_jobs(jobs)
     arch = read_architecture(run.base_model)
-    HFWeights(run.base_model)  # fails now on a checkpoint without readable safetensors
+    HFWeights(run.base_model).check(arch)  # missing or misshapen tensors fail now, not after writing
     tokenizer = load_tokenizer(run.base_model)
     if tokenizer.vocab_size > arch.vocab_size:
         raise ValueError(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-__all__ = ["Architecture", "read_architecture", "HFWeights", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["Architecture", "read_architecture", "HFWeights", "SUPPORTED_ARCHITECTURES", "expected_shapes"]
 
 # HF `architectures[0]` -> family name; q/k/v bias is the only structural difference among them.
 SUPPORTED_ARCHITECTURES = {
@@ -123,6 +123,27 @@ def read_architecture(checkpoint_dir: str | Path) -> Architecture:
     )
 
 
+def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for a Llama-style checkpoint of this architecture."""
+    h, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (q, h), f"{p}.self_attn.k_proj.weight": (kv, h),
+            f"{p}.self_attn.v_proj.weight": (kv, h), f"{p}.self_attn.o_proj.weight": (h, q),
+            f"{p}.mlp.gate_proj.weight": (f, h), f"{p}.mlp.up_proj.weight": (f, h), f"{p}.mlp.down_proj.weight": (h, f),
+        }
+        if arch.qkv_bias:
+            shapes |= {f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
+                       f"{p}.self_attn.v_proj.bias": (kv,)}
+    return shapes
+
+
 class HFWeights:
     """Lazy access to the tensors of a checkpoint's safetensors files, by HF name."""
 
@@ -145,6 +166,24 @@ class HFWeights:
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of tensor `name` from the file header (nothing is loaded), or None if it is absent."""
+        if name not in self._where:
+            return None
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def check(self, arch: Architecture) -> None:
+        """Every tensor the architecture needs is present with its shape; ValueError naming the first that is not."""
+        for name, expected in expected_shapes(arch).items():
+            found = self.shape(name)
+            if found != expected:
+                what = "is missing" if found is None else f"has shape {found}"
+                raise ValueError(
+                    f"checkpoint '{self.directory}': tensor '{name}' {what}, config.json implies {expected}; "
+                    "the weights do not match config.json"
+                )
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor called `name`; ValueError naming the file set when it is missing."""

@@ -286,3 +286,19 @@ def test_finished_run_outputs_and_rerun_needs_overwrite(ckpt, tmp_path):
     assert all(j.status == "finished" for j in again.jobs.values())
     assert not (out / "stale.txt").exists()
     assert (out / "a" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change", ["drop", "reshape"])
+def test_checkpoint_weights_not_matching_config(ckpt, tmp_path, change):
+    from safetensors.torch import load_file, save_file
+
+    bad = Path(shutil.copytree(ckpt, tmp_path / "bad_ckpt"))
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.1.self_attn.k_proj.weight"
+    if change == "drop":
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, str(bad / "model.safetensors"))
+    out = tmp_path / "out"
+    _fails_cleanly(lambda: lf.fit([_job()], _run(bad, out)), [tmp_path], out, name, "config.json")
