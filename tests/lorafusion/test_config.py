@@ -430,12 +430,21 @@ def test_missing_required_field_is_a_value_error(yaml_dir: Path, section, missin
     _assert_names(err, missing)
 
 
-def test_yaml_errors(tmp_path: Path):
+def test_missing_yaml_file(tmp_path: Path):
     with pytest.raises(ValueError, match="does not exist"):
         lf.load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("run: {base_model: [unclosed\n", "not valid YAML"),
+    ("- just\n- a list\n", "top level"),
+    ("run: {base_model: m, output_dir: o}\njobs: {name: a}\n", "list"),
+    ("run: {base_model: m, output_dir: o}\njobs: []\n", "at least one"),
+])
+def test_yaml_errors(tmp_path: Path, text, words):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("run: {base_model: [unclosed\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=words):
         lf.load_config(bad)
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="top level"):
