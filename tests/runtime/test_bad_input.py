@@ -302,3 +302,11 @@ def test_checkpoint_weights_not_matching_config(ckpt, tmp_path, change):
     save_file(tensors, str(bad / "model.safetensors"))
     out = tmp_path / "out"
     _fails_cleanly(lambda: lf.fit([_job()], _run(bad, out)), [tmp_path], out, name, "config.json")
+
+
+@pytest.mark.parametrize("field", ["pipeline_stages", "data_parallel"])
+def test_parallelism_not_yet_available_is_refused(ckpt, tmp_path, field):
+    out = tmp_path / "out"
+    run = _run(ckpt, out)
+    setattr(run, field, 2)
+    _fails_cleanly(lambda: lf.fit([_job()], run), [tmp_path], out, f"run.{field}=2", f"run.{field}=1")
