@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["first_fit_decreasing"]
+from collections import defaultdict
+
+from scheduler.problem import PackingProblem
+
+__all__ = [
+    "first_fit_decreasing",
+    "first_fit_decreasing_padded",
+    "bin_blocks",
+    "packing_cost",
+    "canonical_bins",
+    "is_provably_optimal",
+    "lower_bounds",
+]
 
 
 def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -27,3 +39,94 @@ def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
             bins.append([index])
             room.append(capacity - sizes[index])
     return [sorted(b) for b in bins]
+
+
+def bin_blocks(problem: PackingProblem, bin_items: list[int]) -> int:
+    """Padded size of one bin in blocks of pad_multiple tokens (each job's tokens padded separately)."""
+    tokens: dict[str, int] = defaultdict(int)
+    for i in bin_items:
+        tokens[problem.items[i].job] += problem.items[i].length
+    return sum(-(-t // problem.pad_multiple) for t in tokens.values())
+
+
+def packing_cost(problem: PackingProblem, bins: list[list[int]]) -> tuple[int, int, int]:
+    """(bins, blocks of the smallest bin, padded blocks): compared lexicographically, smaller is better.
+
+    The second term is the "small remainder": all bins but one full, so the one left over can be merged
+    with another group's remainder when the microbatches are ordered. Padding breaks the remaining ties.
+    """
+    loads = [bin_blocks(problem, b) for b in bins]
+    return (len(bins), min(loads, default=0), sum(loads))
+
+
+def first_fit_decreasing_padded(problem: PackingProblem) -> list[list[int]]:
+    """First-fit decreasing where an item's cost in a bin is the growth of its job's padded tokens there.
+
+    Returns canonical bins (see `canonical_bins`), so it can be used directly as a CP-SAT hint.
+    """
+    items, pad = problem.items, problem.pad_multiple
+    capacity = problem.capacity_blocks
+    bins: list[list[int]] = []
+    tokens: list[dict[str, int]] = []  # per bin: job -> tokens
+    loads: list[int] = []  # per bin: padded blocks
+    for index in sorted(range(len(items)), key=lambda i: (-items[i].length, i)):
+        item = items[index]
+        for b in range(len(bins)):
+            before = tokens[b].get(item.job, 0)
+            growth = -(-(before + item.length) // pad) - -(-before // pad)
+            if loads[b] + growth <= capacity:
+                break
+        else:
+            b, growth = len(bins), -(-item.length // pad)
+            bins.append([])
+            tokens.append({})
+            loads.append(0)
+        if loads[b] + growth > capacity:
+            raise ValueError(f"item {index} has size {item.length} > capacity {problem.capacity_tokens}")
+        bins[b].append(index)
+        tokens[b][item.job] = tokens[b].get(item.job, 0) + item.length
+        loads[b] += growth
+    return canonical_bins(problem, bins)
+
+
+def canonical_bins(problem: PackingProblem, bins: list[list[int]]) -> list[list[int]]:
+    """The same packing in the form the CP-SAT model's symmetry breaking expects.
+
+    Bins by padded size, largest first (ties: smallest item index first); among interchangeable items
+    (same job, same length) the lower index sits in the earlier bin; each bin's items ascending.
+    """
+    ordered = sorted((sorted(b) for b in bins if b), key=lambda b: (-bin_blocks(problem, b), b[0]))
+    where = {i: position for position, b in enumerate(ordered) for i in b}
+    classes: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, item in enumerate(problem.items):
+        classes[(item.job, item.length)].append(i)
+    for members in classes.values():
+        for i, position in zip(members, sorted(where[i] for i in members)):
+            where[i] = position
+    result: list[list[int]] = [[] for _ in ordered]
+    for i in sorted(where):
+        result[where[i]].append(i)
+    return result
+
+
+def lower_bounds(problem: PackingProblem) -> tuple[int, int, int]:
+    """Lower bounds on the three terms of `packing_cost`, each valid on its own.
+
+    blocks ≥ Σ_jobs ceil(tokens/P) (splitting a job only adds padding); bins ≥ ceil(blocks/C) and ≥ the
+    number of items longer than half a bin (no two of them share one); smallest bin ≥ what is left
+    after the other bins are full, and ≥ the smallest item.
+    """
+    tokens: dict[str, int] = defaultdict(int)
+    for item in problem.items:
+        tokens[item.job] += item.length
+    capacity = problem.capacity_blocks
+    blocks = sum(-(-t // problem.pad_multiple) for t in tokens.values())
+    half_full = sum(2 * item.length > capacity * problem.pad_multiple for item in problem.items)
+    num_bins = max(-(-blocks // capacity), half_full)
+    smallest_item = min((-(-item.length // problem.pad_multiple) for item in problem.items), default=0)
+    return num_bins, max(blocks - (num_bins - 1) * capacity, smallest_item), blocks
+
+
+def is_provably_optimal(problem: PackingProblem, bins: list[list[int]]) -> bool:
+    """True when `bins` meets every bound of `lower_bounds`, so no solver can do better."""
+    return packing_cost(problem, bins) == lower_bounds(problem)

@@ -1,0 +1,238 @@
+"""Problem and plan dataclasses of the scheduler, in integer units (tokens, microbatch positions).
+
+A job is the token lengths of the samples of its global batches. A plan is an ordered stream of
+microbatches; a microbatch holds samples of several jobs, at most one global batch of each. Inside a
+microbatch each job's tokens are padded up to a multiple of `pad_multiple` (kernel tile rows: one
+tile never mixes two adapters), and the padded sum must fit `capacity_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Job",
+    "Microbatch",
+    "Plan",
+    "PlanStats",
+    "SampleRef",
+    "Item",
+    "PackingProblem",
+    "SolverParams",
+    "Packing",
+    "pad_up",
+    "padded_size",
+    "waste_fraction",
+    "validate_problem",
+    "packing_problem",
+]
+
+SampleRef = tuple[str, int, int]
+"""(job name, global batch index, sample index within that global batch)."""
+
+
+def pad_up(tokens: int, pad_multiple: int) -> int:
+    """`tokens` rounded up to a multiple of `pad_multiple`."""
+    return -(-tokens // pad_multiple) * pad_multiple
+
+
+def waste_fraction(real_tokens: int, num_microbatches: int, capacity_tokens: int) -> float:
+    """Share of the stream's capacity (no-ops included) not holding real tokens."""
+    return 1.0 - real_tokens / (num_microbatches * capacity_tokens) if num_microbatches else 0.0
+
+
+def padded_size(tokens_per_job: dict[str, int], pad_multiple: int) -> int:
+    """Padded tokens of one microbatch: each job's tokens padded separately, then summed."""
+    return sum(pad_up(t, pad_multiple) for t in tokens_per_job.values())
+
+
+@dataclass
+class Job:
+    """One fine-tuning job as the scheduler sees it."""
+
+    name: str
+    """Unique job name."""
+    global_batches: list[list[int]]
+    """global_batches[g][i]: token length of sample i of global batch g (one optimizer step per batch)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the job, global batch and sample of a malformed entry."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Job name {self.name!r} must be a non-empty string")
+        if not self.global_batches:
+            raise ValueError(f"job {self.name!r} has no global batches; give it at least one or leave it out")
+        for g, batch in enumerate(self.global_batches):
+            if not batch:
+                raise ValueError(f"job {self.name!r} global batch {g} is empty; every global batch needs a sample")
+            for i, length in enumerate(batch):
+                if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+                    raise ValueError(
+                        f"job {self.name!r} global batch {g} sample {i} has length {length!r}; "
+                        "lengths are positive integer token counts"
+                    )
+
+
+@dataclass
+class Microbatch:
+    """One pipeline slot: the samples it runs, or a no-op that only keeps a job's steps apart."""
+
+    samples: list[SampleRef]
+    """(job, global batch, sample) of each sample, grouped by job."""
+    is_noop: bool = False
+    """True for an empty slot inserted so a job's next global batch starts after its optimizer step."""
+
+
+@dataclass
+class PlanStats:
+    """Summary of a plan; tokens are per microbatch, summed over the plan."""
+
+    num_microbatches: int
+    """Microbatches in the stream, no-ops included."""
+    num_noops: int
+    """No-op microbatches among them."""
+    real_tokens: int
+    """Sum of all sample lengths."""
+    padded_tokens: int
+    """Sum over microbatches of the padded size (each job's tokens rounded up to pad_multiple)."""
+    waste_fraction: float
+    """1 - real_tokens / (num_microbatches * capacity_tokens): capacity left unused by padding, slack and no-ops."""
+    groups: list[list[str]]
+    """Job names of each group; a group's global batches are packed together."""
+    solve_times_s: list[float] = field(default_factory=list)
+    """Wall time of each (global batch, group) packing, greedy and CP-SAT together."""
+    solver_statuses: list[str] = field(default_factory=list)
+    """Outcome of each packing: a CP-SAT status name, or GREEDY_OPTIMAL when greedy met the lower bound."""
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        """How many packings ended with each status."""
+        return dict(Counter(self.solver_statuses))
+
+
+@dataclass
+class Plan:
+    """The microbatch stream, in execution order, and its statistics."""
+
+    microbatches: list[Microbatch]
+    stats: PlanStats
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample inside a packing problem."""
+
+    job: str
+    global_batch: int
+    sample: int
+    length: int
+    """Tokens."""
+
+    @property
+    def ref(self) -> SampleRef:
+        return (self.job, self.global_batch, self.sample)
+
+
+@dataclass(frozen=True)
+class PackingProblem:
+    """Pack `items` into as few bins as possible; each job's tokens in a bin are padded to pad_multiple."""
+
+    items: tuple[Item, ...]
+    capacity_tokens: int
+    pad_multiple: int
+
+    @property
+    def jobs(self) -> list[str]:
+        """Job names in order of first appearance."""
+        return list(dict.fromkeys(item.job for item in self.items))
+
+    @property
+    def capacity_blocks(self) -> int:
+        """Capacity in padded blocks of pad_multiple tokens."""
+        return self.capacity_tokens // self.pad_multiple
+
+
+@dataclass(frozen=True)
+class SolverParams:
+    """CP-SAT limits; the same params and input give the same plan."""
+
+    time_limit_s: float = 1.0
+    """Per (global batch, group) solve; CP-SAT deterministic time when `deterministic`, else wall time."""
+    num_workers: int = 2
+    """CP-SAT search threads."""
+    seed: int = 0
+    """CP-SAT random seed."""
+    deterministic: bool = True
+    """Same input, same plan (interleaved search, deterministic time limit); False: wall-clock limit,
+    free-running portfolio, usually better packings per second but not reproducible."""
+
+    def __post_init__(self) -> None:
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s={self.time_limit_s!r} must be > 0 seconds, e.g. 1.0")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers={self.num_workers!r} must be a positive integer, e.g. 2")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+
+
+@dataclass
+class Packing:
+    """A solution of a PackingProblem: bins of item indices, and how it was found."""
+
+    bins: list[list[int]]
+    status: str
+    solve_time_s: float
+
+
+def _positive_int(name: str, value: object, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {example}")
+
+
+def validate_problem(jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int) -> None:
+    """Raise ValueError naming the bad parameter, job or sample before any planning starts."""
+    _positive_int("capacity_tokens", capacity_tokens, "4096")
+    _positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
+    _positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
+    if pad_multiple > capacity_tokens:
+        raise ValueError(
+            f"pad_multiple={pad_multiple} > capacity_tokens={capacity_tokens}; no sample would fit, "
+            "lower pad_multiple or raise capacity_tokens"
+        )
+    if not jobs:
+        raise ValueError("no jobs to plan; give at least one Job")
+    seen: set[str] = set()
+    for job in jobs:
+        if not isinstance(job, Job):
+            raise ValueError(f"{job!r} is not a scheduler.Job; build jobs with Job(name=..., global_batches=...)")
+        if job.name in seen:
+            raise ValueError(f"duplicate job name {job.name!r}; job names must be unique")
+        seen.add(job.name)
+        job.validate()
+        _check_lengths(job, capacity_tokens, pad_multiple)
+
+
+def _check_lengths(job: Job, capacity_tokens: int, pad_multiple: int) -> None:
+    for g, batch in enumerate(job.global_batches):
+        for i, length in enumerate(batch):
+            padded = pad_up(length, pad_multiple)
+            if padded > capacity_tokens:
+                raise ValueError(
+                    f"job {job.name!r} global batch {g} sample {i} has {length} tokens ({padded} after padding "
+                    f"to a multiple of pad_multiple={pad_multiple}) > capacity_tokens={capacity_tokens}; "
+                    f"raise capacity_tokens to at least {padded} or truncate the sample"
+                )
+
+
+def packing_problem(jobs: list[Job], global_batch: int, capacity_tokens: int, pad_multiple: int) -> PackingProblem:
+    """The samples of global batch `global_batch` of each of `jobs` that has one, as one packing problem."""
+    items = tuple(
+        Item(job.name, global_batch, i, length)
+        for job in jobs
+        if global_batch < len(job.global_batches)
+        for i, length in enumerate(job.global_batches[global_batch])
+    )
+    return PackingProblem(items, capacity_tokens, pad_multiple)
