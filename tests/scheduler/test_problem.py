@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import scheduler
@@ -32,6 +33,7 @@ def _assert_names(err: pytest.ExceptionInfo, *words: str) -> None:
         ([[3], [-2]], ["global batch 1 sample 0", "length -2"]),
         ([[2.5]], ["sample 0", "2.5"]),
         ([[True]], ["sample 0", "True"]),
+        ([5], ["global batch 0 is 5", "not a list of sample lengths"]),
     ],
 )
 def test_malformed_job(global_batches, words):
@@ -108,6 +110,11 @@ def test_job_mutated_after_construction_is_checked_again():
     with pytest.raises(ValueError) as err:
         plan([job], **PLAN_ARGS)
     _assert_names(err, "'a'", "global batch 1 is empty")
+
+
+def test_lengths_may_be_numpy_integers():
+    job = Job("a", [np.array([3, 4], dtype=np.int64)])
+    assert job.global_batches == [[3, 4]] and type(job.global_batches[0][0]) is int
 
 
 def test_solver_params_defaults_are_valid():
