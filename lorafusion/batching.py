@@ -29,19 +29,11 @@ class Microbatch:
     segments: list[Segment]
     """Token rows of each job, in order."""
 
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
-
     def packed_seq_params(self) -> PackedSeqParams:
         return PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
             max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen,
         )
-
-    def loss_tokens(self, job: str) -> int:
-        """Loss tokens of `job` in this microbatch."""
-        return sum(int((self.labels[0, s.start:s.end] != IGNORE_INDEX).sum()) for s in self.segments if s.job == job)
 
     def to(self, device: torch.device) -> "Microbatch":
         return Microbatch(

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from lorafusion.config import DTYPES
+
 __all__ = ["main"]
 
 
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
     ev.add_argument("--max-seq-len", type=int, default=4096)
     ev.add_argument("--overflow", default="reject", choices=["reject", "truncate"])
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="train 4 small jobs together on a tiny built-in model (CPU, ~2 min)")

@@ -9,7 +9,6 @@ jobs:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -18,24 +17,22 @@ from typing import Any
 
 import yaml
 
+import torch
+
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
+from lorafusion.validation import is_number
 
 __all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OVERFLOW_POLICIES = ("reject", "truncate")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _positive_int(owner: str, name: str, value: Any, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{owner}.{name}={value!r} must be a positive integer, e.g. {name}: {example}")
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _non_negative(owner: str, name: str, value: Any) -> None:

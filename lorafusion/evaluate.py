@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 
 from lorafusion.batching import build_microbatch, token_losses
+from lorafusion.config import DTYPES
 from lorafusion.data import IGNORE_INDEX, Sample, load_jsonl_dataset, load_tokenizer
 
-__all__ = ["EvalResult", "evaluate", "evaluate_samples", "DTYPES"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["EvalResult", "evaluate", "evaluate_samples"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,8 @@ def evaluate_samples(
     try:
         for chunk in _chunks(samples, capacity):
             mb = build_microbatch([(job or "", s) for s in chunk]).to(device)
-            if batch is not None:
-                batch.segments = mb.segments if job is not None else []
+            if batch is not None and job is not None:
+                batch.segments = mb.segments
             total += float(token_losses(model, mb).double().sum())
             count += int((mb.labels != IGNORE_INDEX).sum())
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafusion.adapters.multi import mix_seed
 from lorafusion.config import JobSpec, RunConfig, check_jobs
 from lorafusion.data import Sample, SampleStream, TextTokenizer, load_jsonl_dataset, load_tokenizer
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture
@@ -28,6 +29,10 @@ class PreparedJob:
 
     def global_batch(self, step: int) -> list[Sample]:
         return [self.samples[i] for i in self.stream.batch(step)]
+
+    def dropout_seeds(self, step: int) -> list[int]:
+        """Dropout seed of each sample of global batch `step`, from the job's seed and the sample's place."""
+        return [mix_seed(self.spec.seed, step, i) for i in range(self.spec.global_batch_size)]
 
 
 @dataclass

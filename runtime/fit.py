@@ -12,7 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-from lorafusion.adapters.multi import mix_seed
 from lorafusion.batching import build_microbatch
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
@@ -26,16 +25,14 @@ __all__ = ["fit", "plan_round"]
 
 
 def plan_round(
-    batches: dict[str, list[Sample]], capacity: int, seeds: dict[str, list[int]] | None = None
+    batches: dict[str, list[Sample]], capacity: int, seeds: dict[str, list[int]]
 ) -> list[list[tuple[str, Sample, int]]]:
     """Pack the round's samples (every job's current global batch) into microbatches of ≤ capacity tokens.
 
-    Items are (job, sample, dropout seed); `seeds[job][i]` is the seed of the job's i-th sample
-    (default: i), so masks follow the sample, not the microbatch it lands in.
+    Items are (job, sample, dropout seed); `seeds[job][i]` is the seed of the job's i-th sample, so
+    masks follow the sample, not the microbatch it lands in.
     """
-    seeds = seeds or {}
-    items = [(job, s, seeds[job][i] if job in seeds else i) for job, samples in batches.items()
-             for i, s in enumerate(samples)]
+    items = [(job, s, seed) for job, samples in batches.items() for s, seed in zip(samples, seeds[job])]
     bins = first_fit_decreasing([len(item[1]) for item in items], capacity)
     return [[items[i] for i in b] for b in bins]
 
@@ -83,11 +80,10 @@ class _Trainer:
 
     def _round(self, states: list[_JobState]) -> None:
         batches = {s.job.name: s.job.global_batch(s.step) for s in states}
-        weights = {name: 1.0 / max(StageWorker.loss_tokens(samples), 1) for name, samples in batches.items()}
-        seeds = {s.job.name: [mix_seed(s.job.spec.seed, s.step, i) for i in range(len(batches[s.job.name]))]
-                 for s in states}
+        weights = {name: 1.0 / max(sum(s.num_loss_tokens for s in samples), 1) for name, samples in batches.items()}
+        seeds = {s.job.name: s.job.dropout_seeds(s.step) for s in states}
         plan = plan_round(batches, self.prepared.run.max_tokens_per_microbatch, seeds)
-        last_bin = {name: max(i for i, b in enumerate(plan) if any(item[0] == name for item in b)) for name in batches}
+        last_bin = {item[0]: i for i, items in enumerate(plan) for item in items}  # later bins overwrite
         loss_sums = dict.fromkeys(batches, 0.0)
         for i, items in enumerate(plan):
             for job, total in self.worker.forward_backward(build_microbatch(items), weights).items():

@@ -11,8 +11,9 @@ import torch
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import Microbatch, token_losses
 from lorafusion.checkpoint import write_peft_adapter
-from lorafusion.data import IGNORE_INDEX, Sample
-from lorafusion.evaluate import DTYPES, EvalResult, evaluate_samples
+from lorafusion.config import DTYPES
+from lorafusion.data import Sample
+from lorafusion.evaluate import EvalResult, evaluate_samples
 from lorafusion.models import build_model
 from lorafusion.prepare import PreparedRun
 from runtime.optim import JobOptimizer
@@ -43,13 +44,13 @@ class StageWorker:
         self.adapters.batch.segments = mb.segments
         losses = token_losses(self.model, mb)  # [T]
         weights = torch.zeros_like(losses)
-        sums = {}
         for seg in mb.segments:
             weights[seg.start:seg.end] = loss_weight[seg.job]
-            sums[seg.job] = float(losses[seg.start:seg.end].detach().double().sum())
         (losses * weights).sum().backward()
         self.adapters.batch.segments = []
-        return sums
+        # One host transfer for all jobs' sums (build_microbatch gives each job one segment).
+        sums = torch.stack([losses[s.start:s.end].detach().double().sum() for s in mb.segments]).tolist()
+        return {seg.job: total for seg, total in zip(mb.segments, sums)}
 
     def step(self, job: str) -> tuple[float, float]:
         """One optimizer step of `job`; returns (gradient norm before clipping, learning rate)."""
@@ -72,7 +73,3 @@ class StageWorker:
     def remove_job(self, job: str) -> None:
         self.adapters.remove_job(job)
         self.optimizers.pop(job, None)
-
-    @staticmethod
-    def loss_tokens(samples: list[Sample]) -> int:
-        return sum(sum(1 for label in s.labels if label != IGNORE_INDEX) for s in samples)

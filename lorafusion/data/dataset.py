@@ -47,6 +47,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lorafusion.data.tokenizer import TextTokenizer
+from lorafusion.validation import is_number
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -402,8 +403,7 @@ class SampleStream:
 
     def steps_for_epochs(self, num_epochs: float) -> int:
         """Global batches needed to cover `num_epochs` passes (fractions allowed)."""
-        is_number = isinstance(num_epochs, (int, float)) and not isinstance(num_epochs, bool)
-        if not (is_number and math.isfinite(num_epochs) and num_epochs > 0):
+        if not (is_number(num_epochs) and num_epochs > 0):
             raise ValueError(
                 f"SampleStream.steps_for_epochs: num_epochs={num_epochs!r} must be a positive "
                 "finite number; pass e.g. 1 or 2.5"

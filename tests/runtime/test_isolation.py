@@ -121,8 +121,8 @@ def first_round(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capa
     for spec in jobs:
         randomize(worker.adapters, spec.name, seed=100 + spec.seed)
     batches = {j.name: j.global_batch(0) for j in prepared.jobs}
-    weights = {name: 1.0 / StageWorker.loss_tokens(samples) for name, samples in batches.items()}
-    plan = plan_round(batches, capacity)
+    weights = {name: 1.0 / sum(s.num_loss_tokens for s in samples) for name, samples in batches.items()}
+    plan = plan_round(batches, capacity, {j.name: j.dropout_seeds(0) for j in prepared.jobs})
     for items in plan:
         worker.forward_backward(build_microbatch(items), weights)
     grads = {
@@ -185,7 +185,8 @@ def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, exampl
 
     batch, other_batch = second_batch(target), second_batch(other)
     spread = sum(any(item[0] == "arith" for item in items)
-                 for items in plan_round({"arith": batch, "greet": other_batch}, capacity))
+                 for items in plan_round({"arith": batch, "greet": other_batch}, capacity,
+                                         {"arith": range(len(batch)), "greet": range(len(other_batch))}))
     assert spread >= 2, "the job's global batch should span several microbatches"
     loss_tokens = sum(s.num_loss_tokens for s in batch)
     assert loss_tokens < sum(len(s) for s in batch), "prompt tokens must carry no loss"

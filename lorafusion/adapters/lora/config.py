@@ -7,12 +7,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
+from lorafusion.validation import is_number
 
 __all__ = ["LoRAConfig", "RsLoRAConfig"]
-
-
-def _finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass(kw_only=True)
@@ -31,9 +28,9 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"adapter.rank={self.rank!r} must be a positive integer, e.g. rank: 16")
-        if not _finite(self.alpha) or self.alpha <= 0:
+        if not is_number(self.alpha) or self.alpha <= 0:
             raise ValueError(f"adapter.alpha={self.alpha!r} must be a positive number, e.g. alpha: 32")
-        if not _finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1), e.g. dropout: 0.05")
 
     @property
