@@ -25,23 +25,17 @@ SITES = {
 }
 
 
-def _out_rows(arch: Architecture) -> dict[str, dict[str, torch.Tensor]]:
+def _out_rows(arch: Architecture, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Rows of each HF target in its megatron layer's output, on the model's device (indexed every forward)."""
     q, k, v = qkv_rows(arch)
     gate, up = fc1_rows(arch)
-    return {
+    rows = {
         "linear_qkv": {"q_proj": q, "k_proj": k, "v_proj": v},
         "linear_proj": {"o_proj": torch.arange(arch.hidden_size)},
         "linear_fc1": {"gate_proj": gate, "up_proj": up},
         "linear_fc2": {"down_proj": torch.arange(arch.hidden_size)},
     }
-
-
-def _in_features(arch: Architecture, target: str) -> int:
-    if target == "o_proj":
-        return arch.num_heads * arch.head_dim
-    if target == "down_proj":
-        return arch.intermediate_size
-    return arch.hidden_size
+    return {site: {t: r.to(device) for t, r in targets.items()} for site, targets in rows.items()}
 
 
 class ModelAdapters:
@@ -51,7 +45,7 @@ class ModelAdapters:
         self.model, self.arch = model, arch
         self.batch = AdapterBatch()
         self.configs: dict[str, AdapterConfig] = {}
-        rows = _out_rows(arch)
+        rows = _out_rows(arch, next(model.parameters()).device)
         self.layers: dict[int, dict[str, MultiAdapterLinear]] = {}  # global layer index -> site -> wrapper
         site_names = sorted({(s[0], s[1]) for s in SITES.values()})
         for layer in model.decoder.layers:
@@ -74,8 +68,8 @@ class ModelAdapters:
             for target in config.target_modules:
                 _, attr, _ = SITES[target]
                 n_out = len(sites[attr].out_rows[target])
-                layer = variant.layer_cls(config, _in_features(self.arch, target), n_out,
-                                          generator=layer_generator(seed, index, target))
+                in_features = sites[attr].weight.shape[1]
+                layer = variant.layer_cls(config, in_features, n_out, generator=layer_generator(seed, index, target))
                 sites[attr].add_adapter(name, target, layer.to(device))
         self.configs[name] = config
 

@@ -96,9 +96,9 @@ class MultiAdapterLinear(nn.Module):
         a_eff = torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0]
         if len(b_blocks) == 1 and len(b_blocks[0][0]) == n_out:
             return a_eff, b_blocks[0][2], p
-        b_eff = a_eff.new_zeros(n_out, col)
+        b_eff = a_eff.new_zeros(n_out, col)  # [N, R]: each target's B in its rows and its own columns
         for rows, start, b in b_blocks:
-            b_eff = b_eff.index_put((rows.unsqueeze(1), torch.arange(start, start + b.shape[1]).unsqueeze(0)), b)
+            b_eff[rows, start:start + b.shape[1]] = b
         return a_eff, b_eff, p
 
     def _dropout_mask(self, x: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:

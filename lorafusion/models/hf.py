@@ -156,28 +156,20 @@ class HFWeights:
                 "safetensors (e.g. save_pretrained(..., safe_serialization=True))"
             )
         self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # read from the headers once, nothing loaded
         for file in files:
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     for name in handle.keys():
                         self._where[name] = file
+                        self._shapes[name] = tuple(handle.get_slice(name).get_shape())
             except Exception as err:  # safetensors raises its own error types for corrupt headers
                 raise ValueError(f"{file}: unreadable safetensors file ({err}); re-download or re-save it") from err
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        """Shape of tensor `name` from the file header (nothing is loaded), or None if it is absent."""
-        if name not in self._where:
-            return None
-        with safe_open(str(self._where[name]), framework="pt") as handle:
-            return tuple(handle.get_slice(name).get_shape())
 
     def check(self, arch: Architecture) -> None:
         """Every tensor the architecture needs is present with its shape; ValueError naming the first that is not."""
         for name, expected in expected_shapes(arch).items():
-            found = self.shape(name)
+            found = self._shapes.get(name)
             if found != expected:
                 what = "is missing" if found is None else f"has shape {found}"
                 raise ValueError(

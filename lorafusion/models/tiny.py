@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lorafusion.models.hf import Architecture, expected_shapes, read_architecture
+
 __all__ = ["make_tiny_checkpoint"]
 
 _FAMILIES = {
@@ -50,40 +52,15 @@ def _config(family: str, *, vocab_size: int, hidden_size: int, intermediate_size
     return cfg
 
 
-def _weights(cfg: dict, generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
-    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = cfg["head_dim"]
-    q_rows, kv_rows = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * std
-
-    def norm() -> torch.Tensor:
-        # Not all-ones, so a norm weight that is loaded wrongly shows up in the parity tests.
-        return 1.0 + 0.1 * torch.randn(h, generator=generator)
-
-    tensors = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": norm()}
-    if not cfg["tie_word_embeddings"]:
-        tensors["lm_head.weight"] = rand(v, h)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        tensors |= {
-            f"{p}.input_layernorm.weight": norm(),
-            f"{p}.post_attention_layernorm.weight": norm(),
-            f"{p}.self_attn.q_proj.weight": rand(q_rows, h),
-            f"{p}.self_attn.k_proj.weight": rand(kv_rows, h),
-            f"{p}.self_attn.v_proj.weight": rand(kv_rows, h),
-            f"{p}.self_attn.o_proj.weight": rand(h, q_rows),
-            f"{p}.mlp.gate_proj.weight": rand(f, h),
-            f"{p}.mlp.up_proj.weight": rand(f, h),
-            f"{p}.mlp.down_proj.weight": rand(h, f),
-        }
-        if cfg["model_type"] == "qwen2":
-            tensors |= {
-                f"{p}.self_attn.q_proj.bias": rand(q_rows),
-                f"{p}.self_attn.k_proj.bias": rand(kv_rows),
-                f"{p}.self_attn.v_proj.bias": rand(kv_rows),
-            }
+def _weights(arch: Architecture, generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
+    """Random tensors for every name and shape the loader expects (one source of truth: expected_shapes)."""
+    tensors = {}
+    for name, shape in expected_shapes(arch).items():
+        if name.endswith("norm.weight"):
+            # Not all-ones, so a norm weight that is loaded wrongly shows up in the parity tests.
+            tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensors[name] = torch.randn(shape, generator=generator) * std
     return tensors
 
 
@@ -117,8 +94,9 @@ def make_tiny_checkpoint(
         max_positions=max_position_embeddings,
         bos_id=tokenizer.token_to_id("<|bos|>"), eos_id=tokenizer.token_to_id("<|eos|>"),
     )
-    generator = torch.Generator().manual_seed(seed)
-    save_file(_weights(cfg, generator, init_std), str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    generator = torch.Generator().manual_seed(seed)
+    weights = _weights(read_architecture(directory), generator, init_std)
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     save_tokenizer(directory, tokenizer)
     return directory
