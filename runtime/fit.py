@@ -95,7 +95,7 @@ class _Trainer:
         name = state.job.name
         if not math.isfinite(loss):
             state.error = f"loss became {loss} at step {state.step + 1}; the job was stopped"
-            self.worker.discard_grads(name)
+            self.worker.remove_job(name)  # its adapter and optimizer go; the other jobs carry on
             self.progress.note(f"  {name}: FAILED — {state.error}")
             return
         grad_norm, lr = self.worker.step(name)

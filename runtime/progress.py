@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +30,6 @@ class Progress:
     def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO = sys.stdout) -> None:
         self.totals, self.every, self.enabled, self.stream = totals, every, enabled, stream
         self.width = max((len(n) for n in totals), default=4)
-        self.start = time.perf_counter()
 
     def _say(self, text: str) -> None:
         if self.enabled:

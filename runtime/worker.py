@@ -58,9 +58,6 @@ class StageWorker:
         norm = opt.grad_norm_sq() ** 0.5
         return norm, opt.step(norm)
 
-    def discard_grads(self, job: str) -> None:
-        self.optimizers[job].optimizer.zero_grad(set_to_none=True)
-
     def evaluate(self, job: str, samples: list[Sample]) -> EvalResult:
         return evaluate_samples(self.model, samples, job=job, batch=self.adapters.batch,
                                 capacity=self.run.max_tokens_per_microbatch)
