@@ -1,0 +1,1 @@
+"""Reproducible performance numbers; each `bench_<thing>.py` appends rows to `results/<thing>.csv`."""
