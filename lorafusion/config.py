@@ -163,6 +163,10 @@ class RunConfig:
     """Pipeline-parallel stages (model chunks)."""
     data_parallel: int = 1
     """Data-parallel replicas."""
+    stage_layers: list[int] | None = None
+    """Decoder layers of each pipeline stage, e.g. [3, 5]; default: balanced by count."""
+    plan_time_limit_s: float = 0.5
+    """CP-SAT time limit per packing solve (one global batch of one job group); greedy packing is the floor."""
     dtype: str = "float32"
     """Base-model compute dtype: 'float32', 'bfloat16' or 'float16' (adapters keep fp32 master weights)."""
     log_every_steps: int = 1
@@ -181,6 +185,16 @@ class RunConfig:
         _positive_int("run", "max_tokens_per_microbatch", self.max_tokens_per_microbatch, "4096")
         _positive_int("run", "pipeline_stages", self.pipeline_stages, "1")
         _positive_int("run", "data_parallel", self.data_parallel, "1")
+        if not is_number(self.plan_time_limit_s) or self.plan_time_limit_s <= 0:
+            raise ValueError(f"run.plan_time_limit_s={self.plan_time_limit_s!r} must be a number of seconds > 0, e.g. 0.5")
+        if self.stage_layers is not None:
+            if not isinstance(self.stage_layers, list) or len(self.stage_layers) != self.pipeline_stages:
+                raise ValueError(
+                    f"run.stage_layers={self.stage_layers!r} must be a list of {self.pipeline_stages} layer counts "
+                    "(one per pipeline stage), or null for a balanced split"
+                )
+            for count in self.stage_layers:
+                _positive_int("run", "stage_layers", count, "[4, 4]")
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in DTYPES:
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {list(DTYPES)}")

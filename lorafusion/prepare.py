@@ -96,21 +96,9 @@ def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
     )
 
 
-def _check_parallelism(run: RunConfig) -> None:
-    # The engine runs one stage holding the whole model; the Ray runtime adds stages and replicas.
-    for name in ("pipeline_stages", "data_parallel"):
-        value = getattr(run, name)
-        if value != 1:
-            raise ValueError(
-                f"run.{name}={value} needs the distributed runtime, which this version does not have yet; "
-                f"set run.{name}=1 (the single-process engine gives the same adapters)"
-            )
-
-
 def prepare_run(jobs: list[JobSpec], run: RunConfig) -> PreparedRun:
     """Validate the whole run and tokenise every dataset; raises ValueError before anything is written."""
     check_jobs(jobs)
-    _check_parallelism(run)
     arch = read_architecture(run.base_model)
     HFWeights(run.base_model).check(arch)  # missing or misshapen tensors fail now, not after writing
     tokenizer = load_tokenizer(run.base_model)

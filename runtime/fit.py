@@ -1,40 +1,38 @@
-"""`lorafusion.fit`: validate, plan rounds of packed microbatches, train every job, export adapters.
+"""`lorafusion.fit`: validate, then drive the stage actors window by window and export every adapter.
 
-Each round takes every active job's next global batch and packs all those samples together; a job
-steps as soon as the backward of its last microbatch in the round is done.
+A window holds the next few global batches of every active job, packed and ordered by the scheduler
+(distance ≥ stages × replicas between a job's consecutive global batches), dealt round-robin to the
+data-parallel replicas. The actors run it with 1F1B and step each job as its global batch completes; the
+driver records the steps, evaluates where due, and plans the next window with the jobs still active.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
-from lorafusion.batching import build_microbatch
+import scheduler
+from lorafusion.checkpoint import write_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run
 from lorafusion.result import FitResult, JobResult
+from runtime.backend import StageGroup
+from runtime.pipeline import bubble_fraction, split_layers
 from runtime.progress import MetricsWriter, Progress
-from runtime.worker import StageWorker
-from scheduler import first_fit_decreasing
+from runtime.stage import Slot, Window, WindowResult
 
-__all__ = ["fit", "plan_round"]
+__all__ = ["fit", "RUN_METRICS"]
 
-
-def plan_round(
-    batches: dict[str, list[Sample]], capacity: int, seeds: dict[str, list[int]]
-) -> list[list[tuple[str, Sample, int]]]:
-    """Pack the round's samples (every job's current global batch) into microbatches of ≤ capacity tokens.
-
-    Items are (job, sample, dropout seed); `seeds[job][i]` is the seed of the job's i-th sample, so
-    masks follow the sample, not the microbatch it lands in.
-    """
-    items = [(job, s, seed) for job, samples in batches.items() for s, seed in zip(samples, seeds[job])]
-    bins = first_fit_decreasing([len(item[1]) for item in items], capacity)
-    return [[items[i] for i in b] for b in bins]
+RUN_METRICS = "run_metrics.json"
+# Microbatches a window should hold per pipeline slot (stages × replicas): the 1F1B fill and drain at a
+# window's ends cost ~(S - 1) slots, so ≥ 8 per slot keeps that under ~1/8 of the window.
+_SLOTS_PER_WINDOW = 8
+_MAX_STEPS_PER_WINDOW = 8
 
 
 def _start_output(prepared: PreparedRun) -> None:
@@ -54,94 +52,209 @@ class _JobState:
         self.tokens = 0
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
+        self.eval_step: int | None = None
         self.error: str | None = None
 
     @property
     def active(self) -> bool:
         return self.error is None and self.step < self.job.total_steps
 
+    def steps_until_eval(self) -> int:
+        """Steps this job may take before an evaluation is due (its remaining steps when none is)."""
+        every = self.job.spec.eval_every_steps
+        remaining = self.job.total_steps - self.step
+        if self.job.eval_samples is None or not every:
+            return remaining
+        return min(remaining, every - self.step % every)
+
+
+class _WindowPlan:
+    """The window sent to the actors and, per global batch in it, what the driver needs to record its step."""
+
+    def __init__(self, window: Window, tokens: dict[tuple[str, int], int], microbatches: int) -> None:
+        self.window, self.tokens, self.microbatches = window, tokens, microbatches
+
+
+def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
+    """Plan order → replica m % D, slot m // D; the last slots are padded with no-ops."""
+    per_replica = -(-len(slots_flat) // replicas)
+    padded = slots_flat + [Slot() for _ in range(per_replica * replicas - len(slots_flat))]
+    return [padded[r::replicas] for r in range(replicas)]
+
+
+def plan_window(
+    batches: dict[str, list[list[Sample]]], seeds: dict[str, list[list[int]]], run: RunConfig
+) -> _WindowPlan:
+    """Pack and order `batches` (job -> its next global batches) into one window for the actors."""
+    replicas = run.data_parallel
+    jobs = [scheduler.Job(name=name, global_batches=[[len(s) for s in batch] for batch in job_batches])
+            for name, job_batches in batches.items()]
+    plan = scheduler.plan(jobs, capacity_tokens=run.max_tokens_per_microbatch,
+                          pipeline_depth=run.pipeline_stages * replicas, pad_multiple=1,
+                          time_limit_s=run.plan_time_limit_s, num_workers=1)
+    weights = {(name, g): 1.0 / max(sum(s.num_loss_tokens for s in batch), 1)
+               for name, job_batches in batches.items() for g, batch in enumerate(job_batches)}
+    slots, last = [], {}
+    for m, mb in enumerate(plan.microbatches):
+        slot = Slot()
+        for name, g, i in mb.samples:
+            slot.items.append((name, batches[name][g][i], seeds[name][g][i]))
+            slot.weights[name] = weights[(name, g)]
+            last[(name, g)] = m // replicas
+        slots.append(slot)
+    steps_after: dict[int, list[str]] = {}
+    for (name, g), index in sorted(last.items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0])):
+        steps_after.setdefault(index, []).append(name)
+    tokens = {(name, g): sum(len(s) for s in batch) for name, job_batches in batches.items()
+              for g, batch in enumerate(job_batches)}
+    real = sum(1 for mb in plan.microbatches if not mb.is_noop)
+    return _WindowPlan(Window(slots=_deal(slots, replicas), steps_after=steps_after), tokens, real)
+
+
+def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
+    """Every due job's eval samples packed first-fit-decreasing, forward only."""
+    items = [(name, s, 0) for name, job_samples in samples.items() for s in job_samples]
+    bins = scheduler.first_fit_decreasing([len(item[1]) for item in items], run.max_tokens_per_microbatch)
+    slots = [Slot(items=[items[i] for i in b]) for b in bins]
+    return Window(slots=_deal(slots, run.data_parallel), train=False)
+
 
 class _Trainer:
-    def __init__(self, prepared: PreparedRun) -> None:
-        self.prepared = prepared
-        self.worker = StageWorker(prepared)
+    def __init__(self, prepared: PreparedRun, group: StageGroup) -> None:
+        self.prepared, self.run, self.group = prepared, prepared.run, group
         self.states = {j.name: _JobState(j, prepared.run.output_dir) for j in prepared.jobs}
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress)
         self.start = time.perf_counter()
         self.total_tokens = 0
+        self.microbatches = 0
+        self.busy = [0.0] * len(group.places)
+        self.span = [0.0] * len(group.places)
+        self.peak_memory = 0
 
-    def run(self) -> None:
+    def run_all(self) -> None:
         while any(s.active for s in self.states.values()):
-            self._round([s for s in self.states.values() if s.active])
-        for state in self.states.values():
-            if state.error is None and state.job.eval_samples is not None and state.eval_loss is None:
-                self._evaluate(state)
+            active = [s for s in self.states.values() if s.active]
+            self._train_window(active, self._window_steps(active))
+            due = [s for s in active if s.error is None and s.job.eval_samples is not None
+                   and s.job.spec.eval_every_steps and s.step % s.job.spec.eval_every_steps == 0]
+            self._evaluate(due)
+        self._evaluate([s for s in self.states.values()
+                        if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
 
-    def _round(self, states: list[_JobState]) -> None:
-        batches = {s.job.name: s.job.global_batch(s.step) for s in states}
-        weights = {name: 1.0 / max(sum(s.num_loss_tokens for s in samples), 1) for name, samples in batches.items()}
-        seeds = {s.job.name: s.job.dropout_seeds(s.step) for s in states}
-        plan = plan_round(batches, self.prepared.run.max_tokens_per_microbatch, seeds)
-        last_bin = {item[0]: i for i, items in enumerate(plan) for item in items}  # later bins overwrite
-        loss_sums = dict.fromkeys(batches, 0.0)
-        for i, items in enumerate(plan):
-            for job, total in self.worker.forward_backward(build_microbatch(items), weights).items():
-                loss_sums[job] += total
-            for name in [n for n, last in last_bin.items() if last == i]:
-                self._finish_step(self.states[name], batches[name], loss_sums[name] * weights[name])
+    def _window_steps(self, active: list[_JobState]) -> int:
+        """Global batches per job in the next window: enough microbatches to keep every pipeline slot busy."""
+        slots = self.run.pipeline_stages * self.run.data_parallel
+        if slots == 1:
+            return 1
+        tokens = sum(len(s) for st in active for s in st.job.global_batch(st.step))
+        per_round = max(1, math.ceil(tokens / self.run.max_tokens_per_microbatch))
+        return max(1, min(_MAX_STEPS_PER_WINDOW, math.ceil(_SLOTS_PER_WINDOW * slots / per_round)))
 
-    def _finish_step(self, state: _JobState, samples: list[Sample], loss: float) -> None:
+    def _train_window(self, active: list[_JobState], steps: int) -> None:
+        batches, seeds = {}, {}
+        for state in active:
+            count = min(steps, state.steps_until_eval())
+            batches[state.job.name] = [state.job.global_batch(state.step + k) for k in range(count)]
+            seeds[state.job.name] = [state.job.dropout_seeds(state.step + k) for k in range(count)]
+        planned = plan_window(batches, seeds, self.run)
+        results = self.group.run_window(planned.window)
+        self._account(results)
+        self.microbatches += planned.microbatches
+        counters = {name: 0 for name in batches}
+        for event in results[0].steps:
+            state = self.states[event.job]
+            tokens = planned.tokens[(event.job, counters[event.job])]
+            counters[event.job] += 1
+            self._record_step(state, event, tokens)
+
+    def _account(self, results: list[WindowResult]) -> None:
+        for i, result in enumerate(results):
+            self.busy[i] += result.busy_s
+            self.span[i] += result.span_s
+            self.peak_memory = max(self.peak_memory, result.peak_memory_bytes)
+
+    def _record_step(self, state: _JobState, event, tokens: int) -> None:
         name = state.job.name
-        if not math.isfinite(loss):
-            state.error = f"loss became {loss} at step {state.step + 1}; the job was stopped"
-            self.worker.remove_job(name)  # its adapter and optimizer go; the other jobs carry on
+        if event.error is not None:
+            state.error = f"{event.error} at step {state.step + 1}; the job was stopped"
             self.progress.note(f"  {name}: FAILED — {state.error}")
             return
-        grad_norm, lr = self.worker.step(name)
-        tokens = sum(len(s) for s in samples)
         state.step += 1
         state.tokens += tokens
-        state.last_loss = loss
+        state.last_loss = event.loss
         self.total_tokens += tokens
         elapsed = time.perf_counter() - self.start
-        state.metrics.write({"step": state.step, "loss": loss, "lr": lr, "tokens": tokens,
-                             "grad_norm": grad_norm, "time_s": round(elapsed, 3)})
-        self.progress.step(name, state.step, loss, lr, self.total_tokens / max(elapsed, 1e-9))
-        every = state.job.spec.eval_every_steps
-        if state.job.eval_samples is not None and every and state.step % every == 0:
-            self._evaluate(state)
+        state.metrics.write({"step": state.step, "loss": event.loss, "lr": event.lr, "tokens": tokens,
+                             "grad_norm": event.grad_norm, "time_s": round(elapsed, 3)})
+        self.progress.step(name, state.step, event.loss, event.lr, self.total_tokens / max(elapsed, 1e-9))
 
-    def _evaluate(self, state: _JobState) -> None:
-        result = self.worker.evaluate(state.job.name, state.job.eval_samples)
-        state.eval_loss = result.loss
-        state.metrics.write({"step": state.step, "eval_loss": result.loss, "eval_tokens": result.tokens})
-        self.progress.eval(state.job.name, state.step, result.loss)
+    def _evaluate(self, states: list[_JobState]) -> None:
+        if not states:
+            return
+        results = self.group.run_window(eval_window({s.job.name: s.job.eval_samples for s in states}, self.run))
+        self._account(results)
+        totals: dict[str, list[float]] = {}
+        for result in self.group.last_stage_results(results):
+            for job, (loss, count) in result.eval_sums.items():
+                acc = totals.setdefault(job, [0.0, 0])
+                acc[0] += loss
+                acc[1] += count
+        for state in states:
+            loss, count = totals.get(state.job.name, [0.0, 0])
+            state.eval_loss, state.eval_step = loss / max(count, 1), state.step
+            state.metrics.write({"step": state.step, "eval_loss": state.eval_loss, "eval_tokens": int(count)})
+            self.progress.eval(state.job.name, state.step, state.eval_loss)
+
+    def run_metrics(self, wall: float) -> dict:
+        stages = [{"stage": p.stage, "replica": p.dp_rank, "busy_s": round(b, 4), "span_s": round(s, 4),
+                   "bubble_fraction": round(bubble_fraction(b, s), 4)}
+                  for p, b, s in zip(self.group.places, self.busy, self.span)]
+        return {
+            "wall_time_s": round(wall, 3),
+            "tokens_per_s": self.total_tokens / max(wall, 1e-9),
+            "microbatches": self.microbatches,
+            "microbatches_per_s": self.microbatches / max(wall, 1e-9),
+            "bubble_fraction": (sum(st["bubble_fraction"] for st in stages) / len(stages)) if stages else None,
+            "peak_memory_bytes": self.peak_memory,
+            "stages": stages,
+        }
 
     def result(self) -> FitResult:
-        out = Path(self.prepared.run.output_dir)
+        out = Path(self.run.output_dir)
         jobs = {}
         for name, state in self.states.items():
             path = None
             if state.error is None:
-                path = self.worker.export(name, str(out / name / "adapter"))
+                path = str(write_peft_adapter(out / name / "adapter", self.group.peft_state_dict(name),
+                                              state.job.spec.adapter, base_model=self.run.base_model))
             jobs[name] = JobResult(
                 name=name, steps=state.step, tokens=state.tokens, final_loss=state.last_loss, adapter_path=path,
                 status="finished" if state.error is None else "failed", error=state.error, eval_loss=state.eval_loss,
             )
         wall = time.perf_counter() - self.start
-        return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=self.total_tokens / max(wall, 1e-9))
+        metrics = self.run_metrics(wall)
+        tmp = out / f".{RUN_METRICS}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, out / RUN_METRICS)
+        return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
 
 
 def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     """Train `jobs` together on one copy of the base model (see lorafusion.fit)."""
     prepared = prepare_run(jobs, run)
+    split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
     _start_output(prepared)
-    trainer = _Trainer(prepared)
-    trainer.progress.note(f"training {len(prepared.jobs)} job(s) on {prepared.run.base_model}")
-    trainer.run()
-    result = trainer.result()
+    progress = Progress({}, every=1, enabled=run.progress)
+    progress.note(f"training {len(prepared.jobs)} job(s) on {run.base_model} "
+                  f"({run.pipeline_stages} stage(s) × {run.data_parallel} replica(s))")
+    with StageGroup(run, [(j.spec, j.total_steps) for j in prepared.jobs], prepared.arch.num_layers) as group:
+        trainer = _Trainer(prepared, group)
+        trainer.run_all()
+        result = trainer.result()
     for job in result.jobs.values():
         if job.adapter_path:
-            trainer.progress.note(f"  {job.name}: adapter → {job.adapter_path}")
+            progress.note(f"  {job.name}: adapter → {job.adapter_path}")
+        elif job.error:
+            progress.note(f"  {job.name}: failed — {job.error}")
     return result
