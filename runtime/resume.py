@@ -1,8 +1,9 @@
 """Save and restore a whole fit: the driver calls `save_checkpoint` between rounds and `load_checkpoint` at start.
 
-Stage workers write their shards and load them back (in the Ray runtime these calls become actor methods:
-`write_stage_shard(dir, stage, {job: worker.job_state(job)})` and `worker.load_job_state(job, state)`); the
-driver writes each job's progress and the manifest.
+Each side has its own half, so the Ray driver can run the stage halves as actor methods:
+save = `begin_checkpoint` (driver) → `write_stage_shard(staging, stage, stage_states(worker, progress))` (data-
+parallel rank 0 of every stage) → `commit_checkpoint` (driver); resume = `open_checkpoint` (driver) →
+`restore_worker(worker, resumed)` (every actor). `save_checkpoint`/`load_checkpoint` chain them for local workers.
 
 Data position and RNG: a job's global batch `step` and its dropout seeds are pure functions of (seed, step,
 sample index) (lorafusion/prepare.py), so the job's step is its whole data and RNG position. The driver
@@ -29,7 +30,10 @@ from runtime.checkpointing import (
 from runtime.optim import lr_at
 from runtime.worker import StageWorker
 
-__all__ = ["JobProgress", "save_checkpoint", "load_checkpoint", "trim_metrics"]
+__all__ = [
+    "JobProgress", "Resumed", "save_checkpoint", "stage_states", "commit_checkpoint", "load_checkpoint",
+    "open_checkpoint", "restore_worker", "trim_metrics",
+]
 
 
 @dataclass(kw_only=True)
@@ -79,26 +83,38 @@ def _driver_record(job: PreparedJob, progress: JobProgress) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(
-    prepared: PreparedRun, counter: int, workers_by_stage: Mapping[int, StageWorker], progress: Mapping[str, JobProgress]
-) -> Path:
-    """Checkpoint every job after `counter` driver rounds, then keep only run.keep_checkpoints; returns the folder.
+def stage_states(worker: StageWorker, progress: Mapping[str, JobProgress]) -> dict[str, dict]:
+    """What one stage writes with `write_stage_shard`: the state of every job that has not failed."""
+    return {name: worker.job_state(name) for name, p in progress.items() if p.error is None}
 
-    Call it between rounds (no job mid-global-batch). Failed jobs get a driver record and no shards.
-    """
+
+def commit_checkpoint(
+    prepared: PreparedRun, staging: Path, counter: int, progress: Mapping[str, JobProgress], num_stages: int
+) -> Path:
+    """The driver's half of a save, after every stage wrote its shard into `staging`: the job records, the
+    manifest (the checkpoint is then complete) and pruning to run.keep_checkpoints. Returns the folder."""
     run = prepared.run
-    staging = begin_checkpoint(run.output_dir, counter)
-    live = [job.name for job in prepared.jobs if progress[job.name].error is None]
-    for stage, worker in sorted(workers_by_stage.items()):
-        write_stage_shard(staging, stage, {name: worker.job_state(name) for name in live})
     for job in prepared.jobs:
         write_driver_state(staging, job.name, _driver_record(job, progress[job.name]))
     jobs = {job.name: {"status": _status(job, progress[job.name]),
-                       "stages": len(workers_by_stage) if job.name in live else 0} for job in prepared.jobs}
+                       "stages": num_stages if progress[job.name].error is None else 0} for job in prepared.jobs}
     path = finalize_checkpoint(staging, counter=counter, jobs=jobs,
                                config=run_manifest(run, [job.spec for job in prepared.jobs]))
     prune_checkpoints(run.output_dir, run.keep_checkpoints)
     return path
+
+
+def save_checkpoint(
+    prepared: PreparedRun, counter: int, workers_by_stage: Mapping[int, StageWorker], progress: Mapping[str, JobProgress]
+) -> Path:
+    """Checkpoint every job after `counter` driver rounds (single process: the workers are local objects).
+
+    Call it between rounds (no job mid-global-batch). Failed jobs get a driver record and no shards.
+    """
+    staging = begin_checkpoint(prepared.run.output_dir, counter)
+    for stage, worker in sorted(workers_by_stage.items()):
+        write_stage_shard(staging, stage, stage_states(worker, progress))
+    return commit_checkpoint(prepared, staging, counter, progress, len(workers_by_stage))
 
 
 def _check_position(job: PreparedJob, record: dict[str, Any], path: Path) -> None:
@@ -123,38 +139,33 @@ def _check_position(job: PreparedJob, record: dict[str, Any], path: Path) -> Non
 _RECORD_KEYS = ("status", "step", "tokens", "last_loss", "eval_loss", "error", "position")
 
 
-def _restore_job(job: PreparedJob, path: Path, manifest: dict, workers: Mapping[int, StageWorker]) -> JobProgress:
+def _read_progress(job: PreparedJob, path: Path) -> JobProgress:
     record = read_driver_state(path, job.name)
     missing = [key for key in _RECORD_KEYS if key not in record]
     if missing:
         raise ValueError(f"checkpoint file '{path / job.name / 'driver.json'}' lacks {missing}; delete '{path}' to "
                          "resume from the previous checkpoint, or set run.overwrite=true to start over")
     _check_position(job, record, path)
-    if record["status"] == "failed":
-        for worker in workers.values():
-            worker.remove_job(job.name)
-    else:
-        state = read_stage_state(path, job.name, manifest)
-        if state["step_count"] != record["step"]:
-            raise ValueError(
-                f"checkpoint '{path}': job '{job.name}' is at step {record['step']} in {job.name}/driver.json but "
-                f"its optimizer shards are at step {state['step_count']}; delete '{path}' to resume from the "
-                "previous checkpoint, or set run.overwrite=true to start over"
-            )
-        for worker in workers.values():
-            worker.load_job_state(job.name, state, where=f"checkpoint '{path}'")
     return JobProgress(step=record["step"], tokens=record["tokens"], last_loss=record["last_loss"],
                        eval_loss=record["eval_loss"], error=record["error"])
 
 
-def load_checkpoint(
-    prepared: PreparedRun, workers_by_stage: Mapping[int, StageWorker]
-) -> tuple[int, dict[str, JobProgress]] | None:
-    """Restore the workers from the newest complete checkpoint; returns (global counter, progress per job).
+@dataclass(kw_only=True)
+class Resumed:
+    """A checkpoint checked by the driver, ready for the stages to load."""
 
-    None when run.resume is off or there is no complete checkpoint (the fit starts from scratch). ValueError,
-    naming the file and the fix, when the checkpoint is damaged or was taken with other settings.
-    """
+    path: Path
+    counter: int
+    """Driver rounds completed when it was taken."""
+    progress: dict[str, JobProgress]
+    manifest: dict[str, Any]
+
+
+def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
+    """The driver's half of a resume: find the newest complete checkpoint, verify its files, settings and every
+    job's data/LR position, and read the job progress. None when run.resume is off, run.overwrite is on, or
+    there is no complete checkpoint. ValueError naming the file and the fix when it is damaged or from other
+    settings."""
     run = prepared.run
     path = latest_checkpoint(run.output_dir) if run.resume and not run.overwrite else None
     if path is None:
@@ -164,8 +175,37 @@ def load_checkpoint(
     if diffs:
         raise ValueError(f"checkpoint '{path}' was taken with other settings: {'; '.join(diffs)}. Use those "
                          "settings to resume, or set run.overwrite=true to start over")
-    progress = {job.name: _restore_job(job, path, manifest, workers_by_stage) for job in prepared.jobs}
-    return manifest["step"], progress
+    progress = {job.name: _read_progress(job, path) for job in prepared.jobs}
+    return Resumed(path=path, counter=manifest["step"], progress=progress, manifest=manifest)
+
+
+def restore_worker(worker: StageWorker, resumed: Resumed) -> None:
+    """A stage's half of a resume: load every live job's state from the shards, drop the failed jobs."""
+    for name, progress in resumed.progress.items():
+        if progress.error is not None:
+            worker.remove_job(name)
+            continue
+        state = read_stage_state(resumed.path, name, resumed.manifest)
+        if state["step_count"] != progress.step:
+            raise ValueError(
+                f"checkpoint '{resumed.path}': job '{name}' is at step {progress.step} in {name}/driver.json but "
+                f"its optimizer shards are at step {state['step_count']}; delete '{resumed.path}' to resume from "
+                "the previous checkpoint, or set run.overwrite=true to start over"
+            )
+        worker.load_job_state(name, state, where=f"checkpoint '{resumed.path}'")
+
+
+def load_checkpoint(
+    prepared: PreparedRun, workers_by_stage: Mapping[int, StageWorker]
+) -> tuple[int, dict[str, JobProgress]] | None:
+    """Restore local workers from the newest complete checkpoint; returns (global counter, progress per job),
+    or None when there is nothing to resume (see open_checkpoint)."""
+    resumed = open_checkpoint(prepared)
+    if resumed is None:
+        return None
+    for worker in workers_by_stage.values():
+        restore_worker(worker, resumed)
+    return resumed.counter, resumed.progress
 
 
 def _record_step(line: str) -> float:

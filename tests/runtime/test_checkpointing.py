@@ -18,7 +18,7 @@ from runtime.checkpointing import (
 )
 from runtime.fit import plan_round
 from runtime.optim import JobOptimizer
-from runtime.resume import JobProgress, load_checkpoint, save_checkpoint, trim_metrics
+from runtime.resume import JobProgress, commit_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
 from runtime.worker import StageWorker
 
 CAPACITY = 256  # small enough that a round spans several microbatches
@@ -228,7 +228,7 @@ def test_crash_before_the_manifest_leaves_the_previous_checkpoint(train_checkpoi
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed between the shards and the manifest")
 
-    monkeypatch.setattr("runtime.resume.finalize_checkpoint", crash)
+    monkeypatch.setattr("runtime.resume.finalize_checkpoint", crash)  # after every shard and driver record
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(prepared, 2, {0: worker}, progress)
     monkeypatch.undo()
@@ -302,12 +302,7 @@ def test_shards_of_two_stages_are_merged_and_checked(saved_run, train_checkpoint
         staging = begin_checkpoint(out, counter)
         write_stage_shard(staging, 0, halves[0])
         write_stage_shard(staging, 1, second)
-        from runtime.resume import _driver_record  # the driver side of save_checkpoint, stages faked above
-        from runtime.checkpointing import finalize_checkpoint, write_driver_state
-        for job in prepared.jobs:
-            write_driver_state(staging, job.name, _driver_record(job, progress[job.name]))
-        finalize_checkpoint(staging, counter=counter, config=run_manifest(prepared.run, [j.spec for j in prepared.jobs]),
-                            jobs={j.name: {"status": "active", "stages": 2} for j in prepared.jobs})
+        commit_checkpoint(prepared, staging, counter, progress, num_stages=2)
 
     save_two_stages(2, halves[1])
     merged = StageWorker(prepared)
