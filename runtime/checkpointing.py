@@ -4,13 +4,14 @@ One checkpoint is one consistent cut of the whole fit, taken between driver roun
 rounds completed):
 
     <output_dir>/checkpoints/step-<N>/
-        manifest.json                  written last: config record, job statuses, size + sha256 of every file
-        <job>/driver.json              the driver's progress of the job (runtime/resume.py fills it)
-        <job>/stage-<s>.safetensors    pipeline stage s's parameters of the job and their AdamW state
+        manifest.json                       written last: config record, job statuses, size + sha256 of every file
+        jobs/<job>/driver.json              the driver's progress of the job (runtime/resume.py fills it)
+        jobs/<job>/stage-<s>.safetensors    pipeline stage s's parameters of the job and their AdamW state
 
 Why one folder per global counter with a sub-folder per job: every job is cut at the same round, so one
 manifest marks all of them complete at once, and a resume never mixes jobs from different moments; the
-per-job sub-folders keep a job's files together and let a failed job simply have no shards.
+per-job sub-folders keep a job's files together and let a failed job simply have no shards (under `jobs/`,
+so a job may be named like any file of the checkpoint).
 
 Crash safety: a checkpoint is filled in `.step-<N>.partial/` (each file written under a temporary name and
 renamed), its manifest goes in last, and only then is the folder renamed to `step-<N>`. A crash at any
@@ -55,6 +56,10 @@ def _shard_name(stage: int) -> str:
     return f"stage-{stage}.safetensors"
 
 
+def _job_dir(ckpt_dir: str | Path, job: str) -> Path:
+    return Path(ckpt_dir) / "jobs" / job
+
+
 def _fix(ckpt_dir: Path) -> str:
     return (f"the checkpoint is damaged: delete '{ckpt_dir}' to resume from the previous checkpoint, or set "
             "run.overwrite=true to start over")
@@ -86,7 +91,7 @@ def begin_checkpoint(output_dir: str | Path, counter: int) -> Path:
 
 
 def write_stage_shard(ckpt_dir: str | Path, stage: int, states: dict[str, dict]) -> list[Path]:
-    """Write each job's `StageWorker.job_state(job)` of pipeline stage `stage` to <job>/stage-<stage>.safetensors.
+    """Write each job's `StageWorker.job_state(job)` of pipeline stage `stage` to jobs/<job>/stage-<stage>.safetensors.
 
     Only data-parallel rank 0 of a stage calls this: the replicas of a stage hold identical state.
     """
@@ -97,17 +102,17 @@ def write_stage_shard(ckpt_dir: str | Path, stage: int, states: dict[str, dict])
             tensors.update({f"optim/{name}/{key}": t.contiguous() for key, t in per_key.items()})
         metadata = {"format": SHARD_FORMAT, "job": job, "stage": str(stage), "step_count": str(state["step_count"]),
                     "params": json.dumps(list(state["params"]))}
-        folder = Path(ckpt_dir) / job
-        folder.mkdir(exist_ok=True)
+        folder = _job_dir(ckpt_dir, job)
+        folder.mkdir(parents=True, exist_ok=True)
         written.append(_atomic_write(folder / _shard_name(stage),
                                      lambda tmp: save_file(tensors, str(tmp), metadata=metadata)))
     return written
 
 
 def write_driver_state(ckpt_dir: str | Path, job: str, record: dict[str, Any]) -> Path:
-    """Write the driver's record of `job` (JSON types only) to <job>/driver.json."""
-    folder = Path(ckpt_dir) / job
-    folder.mkdir(exist_ok=True)
+    """Write the driver's record of `job` (JSON types only) to jobs/<job>/driver.json."""
+    folder = _job_dir(ckpt_dir, job)
+    folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2)
     return _atomic_write(folder / DRIVER_FILE, lambda tmp: tmp.write_text(text))
 
@@ -123,8 +128,8 @@ def _sha256(path: Path) -> str:
 def _expected_files(jobs: dict[str, dict]) -> list[str]:
     files = []
     for job, entry in jobs.items():
-        files.append(f"{job}/{DRIVER_FILE}")
-        files += [f"{job}/{_shard_name(s)}" for s in range(entry["stages"])]
+        files.append(f"jobs/{job}/{DRIVER_FILE}")
+        files += [f"jobs/{job}/{_shard_name(s)}" for s in range(entry["stages"])]
     return files
 
 
@@ -228,7 +233,7 @@ def read_stage_state(ckpt_dir: str | Path, job: str, manifest: dict[str, Any]) -
     ckpt_dir = Path(ckpt_dir)
     merged: dict[str, Any] = {"step_count": None, "params": {}, "optimizer": {}}
     for stage in range(manifest["jobs"][job]["stages"]):
-        path = ckpt_dir / job / _shard_name(stage)
+        path = _job_dir(ckpt_dir, job) / _shard_name(stage)
         shard = _read_shard(path, job, ckpt_dir)
         if merged["step_count"] not in (None, shard["step_count"]):
             raise ValueError(f"checkpoint file '{path}': job '{job}' is at optimizer step {shard['step_count']} "
@@ -245,7 +250,7 @@ def read_stage_state(ckpt_dir: str | Path, job: str, manifest: dict[str, Any]) -
 
 def read_driver_state(ckpt_dir: str | Path, job: str) -> dict[str, Any]:
     ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / job / DRIVER_FILE
+    path = _job_dir(ckpt_dir, job) / DRIVER_FILE
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -143,7 +143,7 @@ def _read_progress(job: PreparedJob, path: Path) -> JobProgress:
     record = read_driver_state(path, job.name)
     missing = [key for key in _RECORD_KEYS if key not in record]
     if missing:
-        raise ValueError(f"checkpoint file '{path / job.name / 'driver.json'}' lacks {missing}; delete '{path}' to "
+        raise ValueError(f"checkpoint file '{path / 'jobs' / job.name / 'driver.json'}' lacks {missing}; delete '{path}' to "
                          "resume from the previous checkpoint, or set run.overwrite=true to start over")
     _check_position(job, record, path)
     return JobProgress(step=record["step"], tokens=record["tokens"], last_loss=record["last_loss"],
@@ -188,7 +188,7 @@ def restore_worker(worker: StageWorker, resumed: Resumed) -> None:
         state = read_stage_state(resumed.path, name, resumed.manifest)
         if state["step_count"] != progress.step:
             raise ValueError(
-                f"checkpoint '{resumed.path}': job '{name}' is at step {progress.step} in {name}/driver.json but "
+                f"checkpoint '{resumed.path}': job '{name}' is at step {progress.step} in jobs/{name}/driver.json but "
                 f"its optimizer shards are at step {state['step_count']}; delete '{resumed.path}' to resume from "
                 "the previous checkpoint, or set run.overwrite=true to start over"
             )

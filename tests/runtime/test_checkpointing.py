@@ -14,7 +14,8 @@ import lorafusion as lf
 from lorafusion.batching import build_microbatch
 from lorafusion.prepare import RUN_MANIFEST, PreparedRun, prepare_run, run_manifest
 from runtime.checkpointing import (
-    begin_checkpoint, checkpoint_dir, latest_checkpoint, prune_checkpoints, write_stage_shard,
+    begin_checkpoint, checkpoint_dir, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state,
+    read_manifest, read_stage_state, write_driver_state, write_stage_shard,
 )
 from runtime.fit import plan_round
 from runtime.optim import JobOptimizer
@@ -187,7 +188,7 @@ def test_resumed_fit_ends_with_the_same_adapters(train_checkpoint, examples_data
         assert progress[job.name] == want_progress[job.name]
     manifest = json.loads((checkpoint_dir(out, 3) / "manifest.json").read_text())
     assert manifest["jobs"] == {"greet": {"status": "active", "stages": 1}, "arith": {"status": "finished", "stages": 1}}
-    record = json.loads((checkpoint_dir(out, 3) / "greet" / "driver.json").read_text())
+    record = json.loads((checkpoint_dir(out, 3) / "jobs" / "greet" / "driver.json").read_text())
     assert record["position"]["next_sample_indices"] == [int(i) for i in prepared.jobs[0].stream.batch(3)]
 
 
@@ -200,7 +201,7 @@ def test_failed_job_resumes_as_failed(train_checkpoint, examples_data, tmp_path)
     progress["arith"].error = "loss became nan at step 2; the job was stopped"
     worker.remove_job("arith")
     save_checkpoint(prepared, 1, {0: worker}, progress)
-    assert not list((checkpoint_dir(out, 1) / "arith").glob("stage-*"))
+    assert not list((checkpoint_dir(out, 1) / "jobs" / "arith").glob("stage-*"))
     prepared, fresh, (_, loaded) = resume(train_checkpoint, out, jobs)
     assert loaded["arith"] == progress["arith"] and "arith" not in fresh.optimizers
     assert_bit_identical(fresh, worker, "greet")
@@ -232,7 +233,7 @@ def test_crash_before_the_manifest_leaves_the_previous_checkpoint(train_checkpoi
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(prepared, 2, {0: worker}, progress)
     monkeypatch.undo()
-    assert (out / "checkpoints" / ".step-00000002.partial" / "greet" / "stage-0.safetensors").is_file()
+    assert (out / "checkpoints" / ".step-00000002.partial" / "jobs" / "greet" / "stage-0.safetensors").is_file()
     (out / "checkpoints" / "step-00000005" / "greet").mkdir(parents=True)  # a folder without manifest
     assert latest_checkpoint(out) == checkpoint_dir(out, 1)
     _, _, (counter, loaded) = resume(train_checkpoint, out, jobs)
@@ -255,9 +256,9 @@ def _flip_byte(path: Path) -> None:
 
 
 DAMAGE = {
-    "truncated shard": ("greet/stage-0.safetensors", _truncate, "bytes"),
-    "flipped byte in shard": ("greet/stage-0.safetensors", _flip_byte, "sha256"),
-    "missing driver file": ("arith/driver.json", Path.unlink, "is missing"),
+    "truncated shard": ("jobs/greet/stage-0.safetensors", _truncate, "bytes"),
+    "flipped byte in shard": ("jobs/greet/stage-0.safetensors", _flip_byte, "sha256"),
+    "missing driver file": ("jobs/arith/driver.json", Path.unlink, "is missing"),
     "manifest not JSON": ("manifest.json", _truncate, "cannot be read"),
 }
 
@@ -371,3 +372,19 @@ def test_trim_metrics_drops_records_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # cut short by a crash
     trim_metrics(tmp_path, "job", 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
+
+
+def test_any_job_name_round_trips_through_the_files(tmp_path):
+    """Job folders live under jobs/, so a job may be named like a checkpoint file; tensors come back exactly."""
+    state = {"step_count": 2, "params": {"layers.0.w": torch.randn(3, 2), "layers.0.v": torch.randn(4)},
+             "optimizer": {"layers.0.w": {"step": torch.tensor(2.0), "exp_avg": torch.randn(3, 2)}, "layers.0.v": {}}}
+    staging = begin_checkpoint(tmp_path, 7)
+    write_stage_shard(staging, 0, {"manifest.json": state})
+    write_driver_state(staging, "manifest.json", {"job": "manifest.json", "step": 2})
+    path = finalize_checkpoint(staging, counter=7, config={}, jobs={"manifest.json": {"status": "active", "stages": 1}})
+    assert path == checkpoint_dir(tmp_path, 7) == latest_checkpoint(tmp_path) and not staging.exists()
+    back = read_stage_state(path, "manifest.json", read_manifest(path))
+    assert back["step_count"] == 2 and back["optimizer"]["layers.0.v"] == {}
+    assert all(torch.equal(back["params"][k], v) for k, v in state["params"].items())
+    assert torch.equal(back["optimizer"]["layers.0.w"]["exp_avg"], state["optimizer"]["layers.0.w"]["exp_avg"])
+    assert read_driver_state(path, "manifest.json")["step"] == 2
