@@ -174,7 +174,15 @@ class RunConfig:
     progress: bool = True
     """Print progress lines on the driver."""
     overwrite: bool = False
-    """Allow writing into an output_dir that already holds a run (its files are replaced)."""
+    """Allow writing into an output_dir that already holds a run (its files are replaced); wins over resume."""
+    checkpoint_every_steps: int | None = None
+    """Checkpoint every this many driver rounds (in a round each active job takes one optimizer step, so for
+    jobs that start together it is their optimizer-step count); a checkpoint is also written at the end.
+    None = only at the end."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep in <output_dir>/checkpoints (older ones are deleted)."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_dir"):
@@ -198,6 +206,14 @@ class RunConfig:
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in DTYPES:
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        self._check_checkpointing()
+
+    def _check_checkpointing(self) -> None:
+        if self.checkpoint_every_steps is not None:
+            _positive_int("run", "checkpoint_every_steps", self.checkpoint_every_steps, "100 (or null: only at the end)")
+        _positive_int("run", "keep_checkpoints", self.keep_checkpoints, "2")
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"run.resume={self.resume!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

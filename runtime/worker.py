@@ -114,6 +114,50 @@ class StageWorker:
         """This chunk's part of the job's adapter, under PEFT names (global layer numbers)."""
         return self.adapters.peft_state_dict(job)
 
+    def _named_job_parameters(self, job: str) -> dict[str, torch.nn.Parameter]:
+        """The job's parameters held here, named `layers.<global layer>.<path in layer>` in the optimizer's order.
+
+        Global layer numbers make the names independent of how the model is cut into pipeline stages.
+        """
+        names = {
+            id(param): f"layers.{layer.layer_number - 1}.{path}"
+            for layer in self.model.decoder.layers
+            for path, param in layer.named_parameters()
+        }
+        return {names[id(p)]: p for p in self.optimizers[job].params}
+
+    def job_state(self, job: str) -> dict:
+        """This stage's share of `job`'s training state, on CPU: {"step_count", "params": {name: tensor},
+        "optimizer": {name: {"step", "exp_avg", "exp_avg_sq"}}} (raw trainable tensors, exact for every variant)."""
+        named = self._named_job_parameters(job)
+        optim = self.optimizers[job].state_dict()
+        return {
+            "step_count": optim["step_count"],
+            "params": {name: p.detach().to("cpu").clone() for name, p in named.items()},
+            "optimizer": dict(zip(named, optim["state"])),
+        }
+
+    def load_job_state(self, job: str, state: dict, where: str = "checkpoint") -> None:
+        """Restore `job` from `job_state` output; `state` may also hold other stages' tensors (they are ignored)."""
+        named = self._named_job_parameters(job)
+        missing = [name for name in named if name not in state["params"] or name not in state["optimizer"]]
+        if missing:
+            raise ValueError(
+                f"{where}: job '{job}' has no saved state for {len(missing)} of this stage's parameters "
+                f"(first: '{missing[0]}'); the checkpoint is from a different adapter config or is damaged"
+            )
+        with torch.no_grad():
+            for name, param in named.items():
+                saved = state["params"][name]
+                if saved.shape != param.shape:
+                    raise ValueError(f"{where}: job '{job}' parameter '{name}' has shape {tuple(saved.shape)}, "
+                                     f"expected {tuple(param.shape)}; the checkpoint is from a different adapter config")
+                param.copy_(saved)
+        self.optimizers[job].load_state_dict(
+            {"step_count": state["step_count"], "state": [state["optimizer"][name] for name in named]},
+            where=f"{where}: job '{job}' optimizer",
+        )
+
     def remove_job(self, job: str) -> None:
         self.adapters.remove_job(job)
         self.optimizers.pop(job, None)
