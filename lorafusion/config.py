@@ -176,13 +176,14 @@ class RunConfig:
     overwrite: bool = False
     """Allow writing into an output_dir that already holds a run (its files are replaced); wins over resume."""
     checkpoint_every_steps: int | None = None
-    """Checkpoint every this many driver rounds (in a round each active job takes one optimizer step, so for
-    jobs that start together it is their optimizer-step count); a checkpoint is also written at the end.
-    None = only at the end."""
+    """Checkpoint every this many optimizer steps of a job (all jobs are saved together, at the end of the
+    window in which one reaches a multiple of it); a checkpoint is also written at the end. None = only at the end."""
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep in <output_dir>/checkpoints (older ones are deleted)."""
     resume: bool = True
     """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
+    max_restarts: int = 2
+    """How often a fit whose stage actor died is started again from its last checkpoint before it gives up."""
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_dir"):
@@ -212,6 +213,8 @@ class RunConfig:
         if self.checkpoint_every_steps is not None:
             _positive_int("run", "checkpoint_every_steps", self.checkpoint_every_steps, "100 (or null: only at the end)")
         _positive_int("run", "keep_checkpoints", self.keep_checkpoints, "2")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"run.max_restarts={self.max_restarts!r} must be an integer ≥ 0, e.g. max_restarts: 2")
         if not isinstance(self.resume, bool):
             raise ValueError(f"run.resume={self.resume!r} must be true or false")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ray
 import torch
 
 from lorafusion.config import JobSpec, RunConfig
@@ -18,10 +19,14 @@ from runtime.pipeline import split_layers
 from runtime.stage import StageRunner, Window, WindowResult
 from runtime.worker import StageWorker
 
-__all__ = ["StageActor", "StageGroup", "connect_ray", "CPU_THREADS_ENV"]
+__all__ = ["StageActor", "StageGroup", "StageLost", "connect_ray", "CPU_THREADS_ENV"]
 
 CPU_THREADS_ENV = "LORAFUSION_CPU_THREADS"
 """Intra-op threads of each CPU actor (default: the node's cores divided among its actors)."""
+
+
+class StageLost(RuntimeError):
+    """A stage actor died (its process or node went away); the driver restarts the group from a checkpoint."""
 
 
 def _code_root() -> str:
@@ -33,8 +38,6 @@ def _code_root() -> str:
 
 def connect_ray(num_actors: int) -> bool:
     """Make sure this process is connected to Ray; True when it started a local instance (to shut down)."""
-    import ray
-
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -64,8 +67,6 @@ class StageActor:
 
     def address(self) -> str:
         """A tcp:// rendezvous address on this actor's node (asked of replica 0, stage 0)."""
-        import ray
-
         from lorafusion.models.megatron_compat import free_port
 
         return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
@@ -86,13 +87,22 @@ class StageActor:
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         return self.runner.worker.peft_state_dict(job)
 
+    def save_shard(self, staging: str, progress: dict) -> None:
+        from runtime.checkpointing import write_stage_shard
+        from runtime.resume import stage_states
+
+        write_stage_shard(staging, self.place.stage, stage_states(self.runner.worker, progress))
+
+    def restore(self, resumed) -> None:
+        from runtime.resume import restore_worker
+
+        restore_worker(self.runner.worker, resumed)
+
 
 class StageGroup:
     """The actors of one fit, as one object the driver talks to; use as a context manager."""
 
     def __init__(self, run: RunConfig, jobs: list[tuple[JobSpec, int]], num_layers: int) -> None:
-        import ray
-
         self.run = run
         self.places = [StagePlace(stage=s, stages=run.pipeline_stages, dp_rank=d, dp_size=run.data_parallel)
                        for d in range(run.data_parallel) for s in range(run.pipeline_stages)]
@@ -106,8 +116,8 @@ class StageGroup:
             per_node = max(1, min(len(self.places), int(ray.cluster_resources().get("CPU", 1))))
             self.actors = [remote.remote(run, jobs, place, self.layers[place.stage], per_node)
                            for place in self.places]
-            init_method = ray.get(self.actors[0].address.remote())
-            ray.get([actor.setup.remote(init_method) for actor in self.actors])
+            init_method = self._all([self.actors[0].address.remote()])[0]
+            self._all([actor.setup.remote(init_method) for actor in self.actors])
         except BaseException:
             self.close()
             raise
@@ -118,26 +128,37 @@ class StageGroup:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _all(self, calls: list) -> list:
+        """ray.get of the actors' calls; a dead actor becomes StageLost naming its place."""
+        try:
+            return ray.get(calls)
+        except ray.exceptions.RayActorError as err:
+            first_line = (str(err).strip().splitlines() or [""])[0][:200]
+            raise StageLost(f"a stage actor died ({type(err).__name__}: {first_line})") from err
+
     def run_window(self, window: Window) -> list[WindowResult]:
         """Every actor runs the window; results in actor order (replica-major, then stage)."""
-        import ray
+        return self._all([actor.run_window.remote(window) for actor in self.actors])
 
-        return ray.get([actor.run_window.remote(window) for actor in self.actors])
+    def save_shards(self, staging, progress: dict) -> None:
+        """Replica 0 of every stage writes its share of every job's state into the checkpoint being made."""
+        self._all([a.save_shard.remote(str(staging), progress) for a, p in zip(self.actors, self.places)
+                   if p.dp_rank == 0])
+
+    def restore(self, resumed) -> None:
+        """Every actor loads its layers' share of every job from a checkpoint the driver has checked."""
+        self._all([actor.restore.remote(resumed) for actor in self.actors])
 
     def last_stage_results(self, results: list[WindowResult]) -> list[WindowResult]:
         return [r for r, place in zip(results, self.places) if place.is_last]
 
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         """The job's whole adapter: every stage's part, from replica 0 (replicas hold the same weights)."""
-        import ray
-
-        parts = ray.get([a.peft_state_dict.remote(job) for a, p in zip(self.actors, self.places) if p.dp_rank == 0])
+        parts = self._all([a.peft_state_dict.remote(job) for a, p in zip(self.actors, self.places) if p.dp_rank == 0])
         return {key: value for part in parts for key, value in part.items()}
 
     def close(self) -> None:
         """Stop every actor (even a stuck one) and the local Ray instance if this group started it."""
-        import ray
-
         for actor in self.actors:
             try:
                 ray.kill(actor)

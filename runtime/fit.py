@@ -19,9 +19,11 @@ import scheduler
 from lorafusion.checkpoint import write_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
-from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run
+from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
 from lorafusion.result import FitResult, JobResult
-from runtime.backend import StageGroup
+from runtime.backend import StageGroup, StageLost
+from runtime.checkpointing import begin_checkpoint
+from runtime.resume import JobProgress, Resumed, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
@@ -35,37 +37,47 @@ _SLOTS_PER_WINDOW = 8
 _MAX_STEPS_PER_WINDOW = 8
 
 
-def _start_output(prepared: PreparedRun) -> None:
+def _start_output(prepared: PreparedRun, resuming: bool) -> None:
     out = Path(prepared.run.output_dir)
     if out.exists() and prepared.run.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"run": prepared.run.to_dict(), "jobs": [j.spec.to_dict() for j in prepared.jobs]}
-    (out / RUN_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = run_manifest(prepared.run, [j.spec for j in prepared.jobs])
+    tmp = out / f".{RUN_MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / RUN_MANIFEST)
+    if not resuming:
+        for job in prepared.jobs:
+            MetricsWriter(prepared.run.output_dir, job.name).clear()
 
 
 class _JobState:
     def __init__(self, job: PreparedJob, output_dir: str) -> None:
         self.job = job
         self.metrics = MetricsWriter(output_dir, job.name)
-        self.step = 0
-        self.tokens = 0
-        self.last_loss: float | None = None
-        self.eval_loss: float | None = None
+        self.restore(JobProgress())
+
+    def restore(self, progress: JobProgress) -> None:
+        self.step, self.tokens, self.error = progress.step, progress.tokens, progress.error
+        self.last_loss, self.eval_loss = progress.last_loss, progress.eval_loss
         self.eval_step: int | None = None
-        self.error: str | None = None
+
+    def progress(self) -> JobProgress:
+        return JobProgress(step=self.step, tokens=self.tokens, last_loss=self.last_loss, eval_loss=self.eval_loss,
+                           error=self.error)
 
     @property
     def active(self) -> bool:
         return self.error is None and self.step < self.job.total_steps
 
-    def steps_until_eval(self) -> int:
-        """Steps this job may take before an evaluation is due (its remaining steps when none is)."""
-        every = self.job.spec.eval_every_steps
-        remaining = self.job.total_steps - self.step
-        if self.job.eval_samples is None or not every:
-            return remaining
-        return min(remaining, every - self.step % every)
+    def steps_until_stop(self, checkpoint_every: int | None) -> int:
+        """Steps this job may take before the window must end: its last step, an evaluation or a checkpoint."""
+        limit = self.job.total_steps - self.step
+        every = self.job.spec.eval_every_steps if self.job.eval_samples is not None else None
+        for period in (every, checkpoint_every):
+            if period:
+                limit = min(limit, period - self.step % period)
+        return limit
 
 
 class _WindowPlan:
@@ -123,6 +135,7 @@ class _Trainer:
     def __init__(self, prepared: PreparedRun, group: StageGroup) -> None:
         self.prepared, self.run, self.group = prepared, prepared.run, group
         self.states = {j.name: _JobState(j, prepared.run.output_dir) for j in prepared.jobs}
+        self.windows = 0  # windows completed: the checkpoint counter
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress)
         self.start = time.perf_counter()
@@ -132,15 +145,37 @@ class _Trainer:
         self.span = [0.0] * len(group.places)
         self.peak_memory = 0
 
+    def resume_from(self, resumed: Resumed | None) -> None:
+        """Take every job's progress from `resumed` (None: from the start); their metrics files follow."""
+        self.windows = resumed.counter if resumed is not None else 0
+        for name, state in self.states.items():
+            state.restore(resumed.progress[name] if resumed is not None else JobProgress())
+            trim_metrics(self.run.output_dir, name, state.step)
+        if resumed is not None:
+            self.group.restore(resumed)
+            done = sum(s.step for s in self.states.values())
+            self.progress.note(f"resumed from {resumed.path} ({done} job steps already done)")
+
     def run_all(self) -> None:
+        every = self.run.checkpoint_every_steps
         while any(s.active for s in self.states.values()):
             active = [s for s in self.states.values() if s.active]
             self._train_window(active, self._window_steps(active))
             due = [s for s in active if s.error is None and s.job.eval_samples is not None
                    and s.job.spec.eval_every_steps and s.step % s.job.spec.eval_every_steps == 0]
             self._evaluate(due)
+            if every and any(s.step % every == 0 for s in active if s.error is None):
+                self.checkpoint()
         self._evaluate([s for s in self.states.values()
                         if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
+        progress = {name: state.progress() for name, state in self.states.items()}
+        staging = begin_checkpoint(self.run.output_dir, self.windows)
+        self.group.save_shards(staging, progress)
+        commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages)
 
     def _window_steps(self, active: list[_JobState]) -> int:
         """Global batches per job in the next window: enough microbatches to keep every pipeline slot busy."""
@@ -154,11 +189,12 @@ class _Trainer:
     def _train_window(self, active: list[_JobState], steps: int) -> None:
         batches, seeds = {}, {}
         for state in active:
-            count = min(steps, state.steps_until_eval())
+            count = min(steps, state.steps_until_stop(self.run.checkpoint_every_steps))
             batches[state.job.name] = [state.job.global_batch(state.step + k) for k in range(count)]
             seeds[state.job.name] = [state.job.dropout_seeds(state.step + k) for k in range(count)]
         planned = plan_window(batches, seeds, self.run)
         results = self.group.run_window(planned.window)
+        self.windows += 1
         self._account(results)
         self.microbatches += planned.microbatches
         counters = {name: 0 for name in batches}
@@ -241,17 +277,34 @@ class _Trainer:
 
 
 def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
-    """Train `jobs` together on one copy of the base model (see lorafusion.fit)."""
+    """Train `jobs` together on one copy of the base model (see lorafusion.fit).
+
+    Resumes from the newest complete checkpoint in run.output_dir when it holds this run (run.resume). When a
+    stage actor dies, the stage group is started again from the last checkpoint, up to run.max_restarts times.
+    """
     prepared = prepare_run(jobs, run)
     split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
-    _start_output(prepared)
+    resumed = open_checkpoint(prepared)  # a damaged or mismatched checkpoint fails before anything is written
+    _start_output(prepared, resuming=resumed is not None)
     progress = Progress({}, every=1, enabled=run.progress)
     progress.note(f"training {len(prepared.jobs)} job(s) on {run.base_model} "
                   f"({run.pipeline_stages} stage(s) × {run.data_parallel} replica(s))")
-    with StageGroup(run, [(j.spec, j.total_steps) for j in prepared.jobs], prepared.arch.num_layers) as group:
-        trainer = _Trainer(prepared, group)
-        trainer.run_all()
-        result = trainer.result()
+    job_steps = [(j.spec, j.total_steps) for j in prepared.jobs]
+    for attempt in range(run.max_restarts + 1):
+        try:
+            with StageGroup(run, job_steps, prepared.arch.num_layers) as group:
+                trainer = _Trainer(prepared, group)
+                trainer.resume_from(resumed)
+                trainer.run_all()
+                result = trainer.result()
+            break
+        except StageLost as lost:
+            if attempt == run.max_restarts:
+                raise RuntimeError(f"{lost}; gave up after {run.max_restarts} restart(s) (run.max_restarts)") from lost
+            resumed = open_checkpoint(prepared)
+            where = f"checkpoint {resumed.path}" if resumed is not None else "the start (no checkpoint yet)"
+            progress.note(f"{lost}; restarting the stage group from {where} "
+                          f"(restart {attempt + 1} of {run.max_restarts})")
     for job in result.jobs.values():
         if job.adapter_path:
             progress.note(f"  {job.name}: adapter → {job.adapter_path}")

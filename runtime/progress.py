@@ -16,10 +16,13 @@ class MetricsWriter:
 
     def __init__(self, output_dir: str, job: str) -> None:
         self.path = Path(output_dir) / job / "metrics.jsonl"
+
+    def clear(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import lorafusion as lf
-from lorafusion.batching import build_microbatch
 from lorafusion.prepare import RUN_MANIFEST, PreparedRun, prepare_run, run_manifest
 from runtime.checkpointing import (
     begin_checkpoint, checkpoint_dir, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state,
     read_manifest, read_stage_state, write_driver_state, write_stage_shard,
 )
-from runtime.fit import plan_round
+from runtime.comm import StageComm, StagePlace
+from runtime.fit import plan_window
 from runtime.optim import JobOptimizer
 from runtime.resume import JobProgress, commit_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
+from runtime.stage import StageRunner
 from runtime.worker import StageWorker
 
 CAPACITY = 256  # small enough that a round spans several microbatches
@@ -46,22 +47,21 @@ def prepare(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], **run_fields) -
     return prepared
 
 
+def make_worker(prepared: PreparedRun) -> StageWorker:
+    return StageWorker(prepared.run, [(j.spec, j.total_steps) for j in prepared.jobs])
+
+
 def train_round(worker: StageWorker, prepared: PreparedRun, progress: dict[str, JobProgress]) -> None:
-    """One driver round as runtime/fit.py runs it: every active job's next global batch, packed together."""
+    """One window of the engine as a 1-stage fit runs it: every active job's next global batch, packed together."""
     active = [j for j in prepared.jobs if progress[j.name].error is None and progress[j.name].step < j.total_steps]
-    batches = {j.name: j.global_batch(progress[j.name].step) for j in active}
-    weights = {name: 1.0 / max(sum(s.num_loss_tokens for s in b), 1) for name, b in batches.items()}
-    seeds = {j.name: j.dropout_seeds(progress[j.name].step) for j in active}
-    losses = dict.fromkeys(batches, 0.0)
-    for items in plan_round(batches, CAPACITY, seeds):
-        for name, total in worker.forward_backward(build_microbatch(items), weights).items():
-            losses[name] += total
-    for job in active:
-        worker.step(job.name)
-        state = progress[job.name]
+    planned = plan_window({j.name: [j.global_batch(progress[j.name].step)] for j in active},
+                          {j.name: [j.dropout_seeds(progress[j.name].step)] for j in active}, prepared.run)
+    runner = StageRunner(worker, StageComm(StagePlace(), worker.device))
+    for event in runner.run_window(planned.window).steps:
+        state = progress[event.job]
         state.step += 1
-        state.tokens += sum(len(s) for s in batches[job.name])
-        state.last_loss = losses[job.name] * weights[job.name]
+        state.tokens += planned.tokens[(event.job, 0)]
+        state.last_loss = event.loss
 
 
 def fresh_progress(prepared: PreparedRun) -> dict[str, JobProgress]:
@@ -124,11 +124,11 @@ def test_optimizer_state_of_another_shape_is_refused():
 
 def test_worker_state_moved_to_a_new_worker_trains_on_bit_identically(train_checkpoint, examples_data, tmp_path):
     prepared = prepare(train_checkpoint, tmp_path / "run", specs(examples_data))
-    straight, progress = StageWorker(prepared), fresh_progress(prepared)
+    straight, progress = make_worker(prepared), fresh_progress(prepared)
     for _ in range(2):
         train_round(straight, prepared, progress)
-    moved = StageWorker(prepared)
-    untouched = StageWorker(prepared)
+    moved = make_worker(prepared)
+    untouched = make_worker(prepared)
     for job in prepared.jobs:
         state = straight.job_state(job.name)
         assert state["step_count"] == 2 and all(name.startswith("layers.") for name in state["params"])
@@ -150,7 +150,7 @@ def test_worker_state_moved_to_a_new_worker_trains_on_bit_identically(train_chec
 
 def straight_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec]) -> tuple[StageWorker, dict[str, JobProgress]]:
     prepared = prepare(checkpoint, out, jobs)
-    worker, progress = StageWorker(prepared), fresh_progress(prepared)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
     for _ in range(5):
         train_round(worker, prepared, progress)
     return worker, progress
@@ -159,7 +159,7 @@ def straight_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec]) -> tuple[S
 def interrupted_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], rounds: int, **run_fields) -> PreparedRun:
     """Train `rounds` rounds, checkpointing after each, then 'crash' (the worker is dropped)."""
     prepared = prepare(checkpoint, out, jobs, **run_fields)
-    worker, progress = StageWorker(prepared), fresh_progress(prepared)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
     for counter in range(1, rounds + 1):
         train_round(worker, prepared, progress)
         save_checkpoint(prepared, counter, {0: worker}, progress)
@@ -168,7 +168,7 @@ def interrupted_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], rounds:
 
 def resume(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], **run_fields):
     prepared = prepare(checkpoint, out, jobs, **run_fields)  # check_output_dir accepts the resumable run
-    worker = StageWorker(prepared)
+    worker = make_worker(prepared)
     loaded = load_checkpoint(prepared, {0: worker})
     assert loaded is not None
     return prepared, worker, loaded
@@ -196,7 +196,7 @@ def test_failed_job_resumes_as_failed(train_checkpoint, examples_data, tmp_path)
     out = tmp_path / "run"
     jobs = specs(examples_data)
     prepared = prepare(train_checkpoint, out, jobs)
-    worker, progress = StageWorker(prepared), fresh_progress(prepared)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
     train_round(worker, prepared, progress)
     progress["arith"].error = "loss became nan at step 2; the job was stopped"
     worker.remove_job("arith")
@@ -211,18 +211,18 @@ def test_keeps_the_last_checkpoints_and_replaces_a_repeated_one(train_checkpoint
     out = tmp_path / "run"
     prepared = interrupted_run(train_checkpoint, out, specs(examples_data), rounds=4, keep_checkpoints=2)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
-    worker = StageWorker(prepared)
+    worker = make_worker(prepared)
     progress = load_checkpoint(prepared, {0: worker})[1]
     save_checkpoint(prepared, 4, {0: worker}, progress)  # e.g. the end-of-fit save right after a periodic one
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
-    assert load_checkpoint(prepared, {0: StageWorker(prepared)})[0] == 4
+    assert load_checkpoint(prepared, {0: make_worker(prepared)})[0] == 4
 
 
 def test_crash_before_the_manifest_leaves_the_previous_checkpoint(train_checkpoint, examples_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     jobs = specs(examples_data)
     prepared = interrupted_run(train_checkpoint, out, jobs, rounds=1)
-    worker, progress = StageWorker(prepared), fresh_progress(prepared)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
     train_round(worker, prepared, progress)
     train_round(worker, prepared, progress)
 
@@ -277,7 +277,7 @@ def test_damaged_checkpoint_names_the_file_and_the_fix(saved_run, train_checkpoi
     damage(checkpoint_dir(out, 1) / rel)
     prepared = prepare(train_checkpoint, out, specs(examples_data))
     with pytest.raises(ValueError) as err:
-        load_checkpoint(prepared, {0: StageWorker(prepared)})
+        load_checkpoint(prepared, {0: make_worker(prepared)})
     message = str(err.value)
     assert str(checkpoint_dir(out, 1) / rel) in message and words in message
     assert f"delete '{checkpoint_dir(out, 1)}'" in message and "run.overwrite=true" in message
@@ -287,7 +287,7 @@ def test_shards_of_two_stages_are_merged_and_checked(saved_run, train_checkpoint
     """A two-stage run writes one shard per stage; each half of the parameters here plays one stage."""
     out = Path(shutil.copytree(saved_run, tmp_path / "run"))
     prepared = prepare(train_checkpoint, out, specs(examples_data))
-    whole = StageWorker(prepared)
+    whole = make_worker(prepared)
     _, progress = load_checkpoint(prepared, {0: whole})
     halves = []
     for part in (0, 1):
@@ -306,13 +306,13 @@ def test_shards_of_two_stages_are_merged_and_checked(saved_run, train_checkpoint
         commit_checkpoint(prepared, staging, counter, progress, num_stages=2)
 
     save_two_stages(2, halves[1])
-    merged = StageWorker(prepared)
+    merged = make_worker(prepared)
     assert load_checkpoint(prepared, {0: merged})[0] == 2
     for job in prepared.jobs:
         assert_bit_identical(merged, whole, job.name)
     save_two_stages(3, halves[0])  # stage 1 wrote stage 0's parameters again
     with pytest.raises(ValueError, match="repeats parameter 'layers.0."):
-        load_checkpoint(prepared, {0: StageWorker(prepared)})
+        load_checkpoint(prepared, {0: make_worker(prepared)})
 
 
 # ----------------------------------------------------------------------------- resuming another run
@@ -331,7 +331,7 @@ def test_resume_with_other_settings_names_what_differs(saved_run, train_checkpoi
     prepared = prepare(train_checkpoint, tmp_path / "elsewhere", jobs)
     prepared = dataclasses.replace(prepared, run=dataclasses.replace(prepared.run, output_dir=str(out)))
     with pytest.raises(ValueError, match=r"was taken with other settings: job 'arith' learning_rate"):
-        load_checkpoint(prepared, {0: StageWorker(prepared)})
+        load_checkpoint(prepared, {0: make_worker(prepared)})
 
 
 def test_resume_may_change_logging_and_checkpoint_settings(saved_run, train_checkpoint, examples_data, tmp_path):
@@ -346,7 +346,7 @@ def test_resume_off_or_overwrite_starts_from_scratch(saved_run, train_checkpoint
     with pytest.raises(ValueError, match="already holds another run"):
         prepare(train_checkpoint, out, specs(examples_data), resume=False)
     prepared = prepare(train_checkpoint, out, specs(examples_data), overwrite=True)
-    assert load_checkpoint(prepared, {0: StageWorker(prepared)}) is None
+    assert load_checkpoint(prepared, {0: make_worker(prepared)}) is None
 
 
 def test_dataset_edited_since_the_checkpoint_is_refused(train_checkpoint, examples_data, tmp_path):
@@ -358,11 +358,11 @@ def test_dataset_edited_since_the_checkpoint_is_refused(train_checkpoint, exampl
     data.write_text("\n".join(lines[:-2]) + "\n")
     prepared = prepare(train_checkpoint, out, specs(examples_data, data))
     with pytest.raises(ValueError, match=rf"{len(lines)} samples in dataset '{data}', it now has {len(lines) - 2}"):
-        load_checkpoint(prepared, {0: StageWorker(prepared)})
+        load_checkpoint(prepared, {0: make_worker(prepared)})
     data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same count, other order
     prepared = prepare(train_checkpoint, out, specs(examples_data, data))
     with pytest.raises(ValueError, match="other tokenised samples"):
-        load_checkpoint(prepared, {0: StageWorker(prepared)})
+        load_checkpoint(prepared, {0: make_worker(prepared)})
 
 
 def test_trim_metrics_drops_records_after_the_checkpoint(tmp_path):
