@@ -8,6 +8,7 @@ otherwise it starts an embedded local instance and shuts it down at the end.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import ray
@@ -19,8 +20,9 @@ from runtime.pipeline import split_layers
 from runtime.stage import StageRunner, Window, WindowResult
 from runtime.worker import StageWorker
 
-__all__ = ["StageActor", "StageGroup", "StageLost", "connect_ray", "CPU_THREADS_ENV"]
+__all__ = ["StageActor", "StageGroup", "StageLost", "connect_ray", "ACTOR_PREFIX", "CPU_THREADS_ENV"]
 
+ACTOR_PREFIX = "lorafusion-"
 CPU_THREADS_ENV = "LORAFUSION_CPU_THREADS"
 """Intra-op threads of each CPU actor (default: the node's cores divided among its actors)."""
 
@@ -112,10 +114,11 @@ class StageGroup:
         try:
             gpus = ray.cluster_resources().get("GPU", 0) >= len(self.places)
             options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-            remote = ray.remote(StageActor).options(max_concurrency=1, **options)
+            remote = ray.remote(StageActor)
             per_node = max(1, min(len(self.places), int(ray.cluster_resources().get("CPU", 1))))
-            self.actors = [remote.remote(run, jobs, place, self.layers[place.stage], per_node)
-                           for place in self.places]
+            tag = uuid.uuid4().hex[:8]  # named so an operator (or a test) can find and inspect them
+            self.actors = [remote.options(name=f"{ACTOR_PREFIX}{tag}-stage{place.stage}-replica{place.dp_rank}",
+                                          **options).remote(run, jobs, place, self.layers[place.stage], per_node) for place in self.places]
             init_method = self._all([self.actors[0].address.remote()])[0]
             self._all([actor.setup.remote(init_method) for actor in self.actors])
         except BaseException:
