@@ -134,7 +134,7 @@ def fit_cost_model(measurements: list[tuple[list[int], float]]) -> CostModel:
             residual = float(np.sum((a @ full - y) ** 2))
             if best is None or residual < best[0] - 1e-18:
                 best = (residual, full)
-    if best is None or best[1][0] == best[1][1] == 0:
+    if best is None or float(np.mean(a[:, :2] @ best[1][:2])) <= 1e-6 * float(np.mean(y)):
         raise ValueError("fit_cost_model: the times do not grow with the microbatch lengths; measure "
                          "microbatches of different sizes")
     token_coef, attn_coef, overhead = best[1]
