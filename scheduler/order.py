@@ -13,6 +13,7 @@ microbatch is inserted only when no pack can be placed without breaking the rule
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from scheduler.cost import CostBudget
@@ -70,7 +71,7 @@ def group_jobs(jobs: list[Job], num_groups: int) -> list[list[str]]:
 
 def choose_groups(
     jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int,
-    budget: CostBudget | None = None, ready: dict[str, int] | None = None,
+    budget: CostBudget | None = None, ready: dict[str, int] | None = None, repeat: int = 1,
 ) -> list[list[str]]:
     """The grouping whose greedy plan looks fastest.
 
@@ -78,6 +79,8 @@ def choose_groups(
     about that long there); ties: fewer microbatches, then fewer groups. More than S groups never
     helps the distance rule (S - 1 other packs of at least one microbatch each already fill it), and
     fewer groups pack better, so 1..min(jobs, S) groups are tried. `ready`: see `order_packs`.
+    repeat: evaluate the stream of the jobs' global batches run `repeat` times in a row; a window
+    planner passes 2, so a grouping that leaves no-ops at the next window's start is charged for them.
     """
     by_name = {job.name: job for job in jobs}
     best: tuple[tuple[float, int, int], list[list[str]]] | None = None
@@ -85,6 +88,8 @@ def choose_groups(
         groups = group_jobs(jobs, num_groups)
         packs = [_greedy_packs([by_name[name] for name in group], gi, capacity_tokens, pad_multiple, budget)
                  for gi, group in enumerate(groups)]
+        packs = [[dataclasses.replace(p, global_batch=p.global_batch + r * len(group_packs))
+                  for r in range(repeat) for p in group_packs] for group_packs in packs]
         slots = _Stream(pipeline_depth, capacity_tokens, pad_multiple, budget, ready).run(packs)
         padded = sum(padded_size(slot.tokens, pad_multiple) for slot in slots)
         noops = sum(not slot.samples for slot in slots)

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from scheduler.cost import CostBudget, CostModel
 from scheduler.cpsat import pack
+from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
 from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
 from scheduler.problem import (
     Job, Microbatch, Plan, PlanStats, SolverParams, padded_size, validate_problem, waste_fraction,
@@ -20,7 +23,7 @@ def plan(
     pipeline_depth: int,
     pad_multiple: int,
     time_limit_s: float = 1.0,
-    num_workers: int = 2,
+    num_workers: int = 1,
     seed: int = 0,
     deterministic: bool = True,
     cost_model: CostModel | None = None,
@@ -45,14 +48,20 @@ def plan(
 
 def _plan(
     jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int, params: SolverParams,
-    budget: CostBudget | None, ready: dict[str, int],
+    budget: CostBudget | None, ready: dict[str, int], windowed: bool = False,
 ) -> Plan:
-    """An unverified plan whose jobs may start no earlier than ready[job] (see `order_packs`)."""
+    """An unverified plan whose jobs may start no earlier than ready[job] (see `order_packs`); `windowed`:
+    more windows like this one follow, so the grouping is chosen for a stream of two of them."""
     validate_problem(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget)
-    groups = choose_groups(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget, ready)
+    groups = choose_groups(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget, ready,
+                           repeat=2 if windowed else 1)
     by_name = {job.name: job for job in jobs}
     problems = [group_problems([by_name[name] for name in group], capacity_tokens, pad_multiple, budget)
                 for group in groups]
+    if windowed:  # the window's time limit is shared by the packings greedy cannot prove optimal
+        hard = sum(not is_provably_optimal(problem, first_fit_decreasing_padded(problem))
+                   for group_problem in problems for problem in group_problem)
+        params = dataclasses.replace(params, time_limit_s=params.time_limit_s / max(hard, 1))
     packs: list[list[Pack]] = [[] for _ in groups]
     times: list[float] = []
     statuses: list[str] = []
@@ -98,12 +107,13 @@ class WindowPlanner:
     over all windows, no-ops included), so a job's first microbatch in a window is still ≥ pipeline_depth
     after its last one in an earlier window. Jobs may join (first_global_batch anything) or leave
     between windows; a job that comes back must continue at the global batch after its last one.
-    Arguments as `plan`.
+    Arguments as `plan`, except time_limit_s: the CP-SAT limit of a whole window, shared evenly by its
+    packings that greedy cannot prove optimal (deterministic time when `deterministic`, see SolverParams).
     """
 
     def __init__(
         self, *, capacity_tokens: int, pipeline_depth: int, pad_multiple: int = 1, time_limit_s: float = 1.0,
-        num_workers: int = 2, seed: int = 0, deterministic: bool = True,
+        num_workers: int = 1, seed: int = 0, deterministic: bool = True,
         cost_model: CostModel | None = None, capacity_cost: float | None = None,
     ) -> None:
         self.params = SolverParams(time_limit_s=time_limit_s, num_workers=num_workers, seed=seed,
@@ -127,7 +137,7 @@ class WindowPlanner:
                     f"at global batch {expected - 1}; give it first_global_batch={expected}"
                 )
         ready = {job: at - self.position for job, at in self._ready.items() if at > self.position}
-        window = _plan(jobs, **self.limits, params=self.params, budget=self.budget, ready=ready)
+        window = _plan(jobs, **self.limits, params=self.params, budget=self.budget, ready=ready, windowed=True)
         verify(window, jobs, **self.limits, **self.cost)
         _check_ready(window, ready)
         depth = self.limits["pipeline_depth"]
