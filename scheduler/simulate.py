@@ -111,7 +111,7 @@ def simulate_1f1b(
             raise ValueError(_deadlock_message(orders, heads, deps, stages))
     busy = [sum(fwd_cost) + sum(bwd_cost)] * stages
     span = [free[s] - (first_start[s] or 0.0) for s in range(stages)]
-    bubbles = [1.0 - b / t if t > 0 else 0.0 for b, t in zip(busy, span)]
+    bubbles = [max(0.0, 1.0 - b / t) if t > 0 else 0.0 for b, t in zip(busy, span)]  # max: float rounding
     return Simulation(makespan=max(free, default=0.0), bubble_fraction=sum(bubbles) / stages,
                       max_bubble_fraction=max(bubbles), stage_busy=busy, stage_span=span)
 
