@@ -1,6 +1,6 @@
 """Scheduler benchmark: mLoRA-style baseline vs greedy FFD vs ours (CP-SAT + grouping + windows), side by side.
 
-    python benchmarks/bench_scheduler.py [--global-batches 8] [--time-limit-s 0.2] [--pad-multiple 1]
+    python -m benchmarks.bench_scheduler [--global-batches 8] [--time-limit-s 0.3] [--pad-multiple 1]
 
 Workloads (4 jobs each; sample lengths in tokens, lognormal, capped at 4096). The means come from the
 datasets' papers' word counts (document + summary) times ~1.3 subword tokens per word, the spreads are
