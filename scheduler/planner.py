@@ -10,7 +10,7 @@ from scheduler.cpsat import pack
 from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
 from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
 from scheduler.problem import (
-    Job, Microbatch, Plan, PlanStats, SolverParams, padded_size, validate_problem, waste_fraction,
+    Job, Microbatch, Plan, PlanStats, SolverParams, padded_size, validate_limits, validate_problem, waste_fraction,
 )
 from scheduler.verify import cost_budget, verify
 
@@ -121,7 +121,7 @@ class WindowPlanner:
         self.budget = cost_budget(cost_model, capacity_cost, pad_multiple)
         self.limits = dict(capacity_tokens=capacity_tokens, pipeline_depth=pipeline_depth, pad_multiple=pad_multiple)
         self.cost = dict(cost_model=cost_model, capacity_cost=capacity_cost)
-        validate_problem([Job("_", [[1]])], capacity_tokens, pipeline_depth, pad_multiple)  # the numbers alone
+        validate_limits(capacity_tokens, pipeline_depth, pad_multiple)
         self.position = 0
         """Microbatches planned so far, all windows together."""
         self._ready: dict[str, int] = {}  # job -> first stream position its next global batch may take

@@ -28,6 +28,7 @@ __all__ = [
     "padded_size",
     "waste_fraction",
     "validate_problem",
+    "validate_limits",
     "packing_problem",
 ]
 
@@ -214,14 +215,7 @@ def validate_problem(
     jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int, budget: CostBudget | None = None
 ) -> None:
     """Raise ValueError naming the bad parameter, job or sample before any planning starts."""
-    _positive_int("capacity_tokens", capacity_tokens, "4096")
-    _positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
-    _positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
-    if pad_multiple > capacity_tokens:
-        raise ValueError(
-            f"pad_multiple={pad_multiple} > capacity_tokens={capacity_tokens}; no sample would fit, "
-            "lower pad_multiple or raise capacity_tokens"
-        )
+    validate_limits(capacity_tokens, pipeline_depth, pad_multiple)
     if not jobs:
         raise ValueError("no jobs to plan; give at least one Job")
     seen: set[str] = set()
@@ -233,6 +227,18 @@ def validate_problem(
         seen.add(job.name)
         job.validate()
         _check_lengths(job, capacity_tokens, pad_multiple, budget)
+
+
+def validate_limits(capacity_tokens: int, pipeline_depth: int, pad_multiple: int) -> None:
+    """Raise ValueError naming a bad capacity, pipeline depth or padding multiple."""
+    _positive_int("capacity_tokens", capacity_tokens, "4096")
+    _positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
+    _positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
+    if pad_multiple > capacity_tokens:
+        raise ValueError(
+            f"pad_multiple={pad_multiple} > capacity_tokens={capacity_tokens}; no sample would fit, "
+            "lower pad_multiple or raise capacity_tokens"
+        )
 
 
 def _check_lengths(job: Job, capacity_tokens: int, pad_multiple: int, budget: CostBudget | None) -> None:
