@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler import Job, WindowPlanner, plan, verify_windows
+from scheduler import CostModel, Job, WindowPlanner, plan, verify_windows
 
 LIMITS = dict(capacity_tokens=16, pipeline_depth=3, pad_multiple=1)
 
@@ -86,3 +86,14 @@ def test_random_window_streams_verify(run):
     windows = [planner.next_window(jobs) for jobs in jobs_per_window]
     verify_windows(windows, jobs_per_window, **limits)
     assert planner.position == sum(len(w.microbatches) for w in windows)
+
+
+def test_window_planner_keeps_a_cost_capacity():
+    # 1 per token + 0.01 per token²: 100 tokens cost 200, 50 cost 75; capacity 201 splits what 1000 tokens would not.
+    model = CostModel(token_coef=1.0, attn_coef=0.01)
+    limits = dict(capacity_tokens=1000, pipeline_depth=1, pad_multiple=1)
+    planner = WindowPlanner(**limits, time_limit_s=0.1, cost_model=model, capacity_cost=201.0)
+    jobs = [[Job("a", [[100, 50, 50]])], [Job("a", [[100, 50, 50]], first_global_batch=1)]]
+    windows = [planner.next_window(js) for js in jobs]
+    assert [len(w.microbatches) for w in windows] == [2, 2]
+    verify_windows(windows, jobs, **limits, cost_model=model, capacity_cost=201.0)
