@@ -52,13 +52,13 @@ def _plan(args: argparse.Namespace) -> int:
     from runtime.planning import format_run_plan, plan_windows
     from scheduler import CostModel, WindowPlanner
 
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows {args.windows} must be ≥ 1 (or left out to plan the whole run)")
     overrides = args.set + ([f"run.max_tokens_per_microbatch={args.capacity}"] if args.capacity is not None else [])
     jobs, run = lf.load_config(args.config, overrides)
     # Planning writes nothing and simulates the pipeline, so an existing output_dir and a pipeline the
     # single-process engine cannot run yet are no reason to refuse; everything else is checked as for train.
     prepared = prepare_run(jobs, dataclasses.replace(run, pipeline_stages=1, data_parallel=1, overwrite=True))
-    if args.windows is not None and args.windows < 1:
-        raise ValueError(f"--windows {args.windows} must be ≥ 1 (or left out to plan the whole run)")
     planner = WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch, pipeline_depth=run.pipeline_stages,
                             pad_multiple=args.pad_multiple, time_limit_s=args.time_limit_s)
     cost_model = CostModel() if args.attn_coef is None else CostModel(attn_coef=args.attn_coef)
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--capacity", type=int, default=None,
                       help="tokens per microbatch (default: run.max_tokens_per_microbatch)")
     plan.add_argument("--pad-multiple", type=int, default=1, help="pad each job's tokens to a multiple (kernel tile rows)")
-    plan.add_argument("--time-limit-s", type=float, default=0.2, help="CP-SAT limit per packing")
+    plan.add_argument("--time-limit-s", type=float, default=0.3, help="CP-SAT limit per window (seconds)")
     plan.add_argument("--attn-coef", type=float, default=None,
                       help="attention cost per token² relative to one token, for the simulated bubble "
                            "(default: scheduler.CostModel's)")
