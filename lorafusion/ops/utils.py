@@ -1,0 +1,129 @@
+"""Launch helpers shared by the fused LoRA ops: backend choice, lazy kernels, tile configs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
+    "lazy_kernel", "next_pow2", "pick_config", "record_tuned", "resolve_backend", "triton_available",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), read at launch time."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(kernels: str, device: torch.device) -> str:
+    """'triton' or 'torch' for a RunConfig.kernels value on `device`; RuntimeError if Triton cannot run."""
+    if kernels not in BACKENDS:
+        raise ValueError(f"kernels={kernels!r}; choose one of {list(BACKENDS)}")
+    if kernels == "torch":
+        return "torch"
+    on_gpu = device.type == "cuda"
+    if kernels == "auto":
+        return "triton" if on_gpu and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError("kernels='triton' but triton is not installed; pip install triton==3.9.0 or use kernels='auto'")
+    if not on_gpu and not interpret_mode():
+        raise RuntimeError(
+            f"kernels='triton' on a {device.type} tensor needs the Triton interpreter; set TRITON_INTERPRET=1 "
+            "(slow, for tests) or use kernels='auto'/'torch' on CPU"
+        )
+    return "triton"
+
+
+class _LazyKernel:
+    """A Triton kernel compiled (or interpreted) on first launch.
+
+    triton.jit reads TRITON_INTERPRET when it decorates, so a module imported before the variable is
+    set would be stuck with the compiled path; resolving at launch lets one process run the interpreter
+    in tests and import the ops anywhere.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self._compiled = None
+        self._interpreted = None
+
+    def __getitem__(self, grid):
+        if interpret_mode():
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted[grid]
+        if self._compiled is None:
+            from triton.runtime.jit import JITFunction
+
+            self._compiled = JITFunction(self.fn)
+        return self._compiled[grid]
+
+
+def lazy_kernel(fn: Callable) -> _LazyKernel:
+    """Decorator used instead of @triton.jit on every kernel of lorafusion.ops (kernels call no other jit fn)."""
+    return _LazyKernel(fn)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of the big GEMM kernels (xw_sb, dyw_dsa) and the rank-side kernels."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Sound on every CUDA GPU Triton supports (fits sm_70's shared memory at 3 stages in bf16: (64·64 + 64·64)·2 B·3
+# = 48 KiB); used for unknown shapes and when tuning is off. Not yet measured against the tuned entries.
+DEFAULT_CONFIG = TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+# The interpreter runs one program at a time in numpy; 16 is the smallest tile tl.dot accepts and keeps the
+# small test shapes spread over several tiles (so tile edges and segment boundaries inside a tile are exercised).
+INTERPRET_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+# Candidates timed once per (N, K, r) on the current GPU by pick_config(tune=True): the usual large-GEMM
+# shapes for Ampere/Hopper (128x128 tiles with 4-8 warps). Chosen from Triton's matmul tutorial list;
+# which wins is measured on the GPU session (benchmarks/bench_kernels.py --tune), not here.
+TUNE_CONFIGS = (
+    DEFAULT_CONFIG,
+    TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    TileConfig(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+)
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def pick_config(n: int, k: int, r: int, device: torch.device) -> TileConfig:
+    """The tile config for a layer of shape (N, K) and total rank r: a tuned entry if one was recorded, else the default.
+
+    Never raises: an unknown GPU or shape gets DEFAULT_CONFIG, the interpreter gets INTERPRET_CONFIG.
+    """
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    return _TUNED.get((torch.cuda.get_device_name(device), n, k, r), DEFAULT_CONFIG)
+
+
+def record_tuned(n: int, k: int, r: int, device: torch.device, config: TileConfig) -> None:
+    """Remember the fastest config measured for (GPU, N, K, r) in this process (see bench_kernels.py --tune)."""
+    _TUNED[(torch.cuda.get_device_name(device), n, k, r)] = config
