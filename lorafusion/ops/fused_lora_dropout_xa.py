@@ -12,10 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafusion.ops.kernel_helpers import _dropout_uniform, _mma, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
-from lorafusion.ops.utils import lazy_kernel, next_pow2
+from lorafusion.ops.utils import lazy_kernel
 
 __all__ = ["dropout_xa_forward", "dropout_xa_grad_a", "dropout_keep_mask", "rank_block"]
+
 
 
 @lazy_kernel
@@ -26,7 +28,7 @@ def _dropout_xa_fwd_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
     M, K, site_id,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -34,8 +36,7 @@ def _dropout_xa_fwd_kernel(
     seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
     seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
     seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
-    pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
-    zero_mk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.uint32)
+    pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
     for seg in range(seg_lo, seg_hi):
         in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
         rank = tl.load(rank_ptr + seg)
@@ -45,19 +46,18 @@ def _dropout_xa_fwd_kernel(
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < rank
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_R), 0, tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = kk < K
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                             mask=in_seg[:, None] & k_ok[None, :], other=0.0)
                 if HAS_DROPOUT:
-                    bits, _, _, _ = tl.philox(seeds[:, None], zero_mk + kk[None, :].to(tl.uint32), zero_mk + pos[:, None],
-                                              zero_mk + site_id, zero_mk)
-                    x = tl.where(tl.uint_to_uniform_float(bits) >= p, x, 0.0)
+                    u = _dropout_uniform(seeds, pos, kk, site_id)
+                    x = tl.where(u >= p, x, 0.0)
                 a = tl.load(a_ptr + (roff + rr)[None, :] * stride_ar + kk[:, None] * stride_ak,
                             mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R] = Aᵀ tile
-                acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+                acc = _mma(x, a, acc, DOT_PRECISION, DOT_FP32)
             tl.store(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
                      (acc * factor).to(t_ptr.dtype.element_ty), mask=in_seg[:, None] & r_ok[None, :])
 
@@ -78,11 +78,9 @@ def _dropout_keep_kernel(
         & (rows < tl.load(seg_end_ptr + seg, mask=row_ok, other=0))
     p = tl.load(p_ptr + seg, mask=row_ok, other=0.0)
     seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
-    pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
-    zero_mk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.uint32)
-    bits, _, _, _ = tl.philox(seeds[:, None], zero_mk + kk[None, :].to(tl.uint32), zero_mk + pos[:, None],
-                              zero_mk + site_id, zero_mk)
-    keep = (tl.uint_to_uniform_float(bits) >= p[:, None]) & in_seg[:, None]
+    pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
+    u = _dropout_uniform(seeds, pos, kk, site_id)
+    keep = (u >= p[:, None]) & in_seg[:, None]
     tl.store(keep_ptr + rows[:, None] * stride_km + kk[None, :], keep.to(tl.int8),
              mask=row_ok[:, None] & (kk < K)[None, :])
 
@@ -95,7 +93,7 @@ def _dropout_xa_grad_a_kernel(
     stride_xm, stride_xk, stride_gm, stride_gr, stride_dr, stride_dk,
     K, site_id,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Deterministic: one program per (K tile, segment) sums the segment's rows in order."""
     pid_k = tl.program_id(0)
@@ -107,11 +105,10 @@ def _dropout_xa_grad_a_kernel(
     rank = tl.load(rank_ptr + seg)
     roff = tl.load(roff_ptr + seg)
     p = tl.load(p_ptr + seg)
-    zero_mk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.uint32)
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        acc = tl.full((BLOCK_R, BLOCK_K), 0, tl.float32)
         for m0 in range(start, end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             in_seg = rows < end
@@ -119,13 +116,12 @@ def _dropout_xa_grad_a_kernel(
                         mask=in_seg[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
                 seeds = tl.load(row_seed_ptr + rows, mask=in_seg, other=0)
-                pos = tl.load(row_pos_ptr + rows, mask=in_seg, other=0).to(tl.uint32)
-                bits, _, _, _ = tl.philox(seeds[:, None], zero_mk + kk[None, :].to(tl.uint32), zero_mk + pos[:, None],
-                                          zero_mk + site_id, zero_mk)
-                x = tl.where(tl.uint_to_uniform_float(bits) >= p, x, 0.0)
+                pos = tl.load(row_pos_ptr + rows, mask=in_seg, other=0)
+                u = _dropout_uniform(seeds, pos, kk, site_id)
+                x = tl.where(u >= p, x, 0.0)
             g = tl.load(g_ptr + rows[None, :] * stride_gm + rr[:, None] * stride_gr,
                         mask=in_seg[None, :] & r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_M] = Gᵀ tile
-            acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
+            acc = _mma(g, x, acc, DOT_PRECISION, DOT_FP32)
         acc = acc / (1.0 - p)
         tl.store(da_ptr + (roff + rr)[:, None] * stride_dr + kk[None, :] * stride_dk,
                  acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
@@ -139,7 +135,7 @@ def _dropout_xa_grad_a_atomic_kernel(
     stride_xm, stride_xk, stride_gm, stride_gr, stride_dr, stride_dk,
     M, K, site_id,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Fast mode: one program per (M tile, K tile) adds its partial dA with fp32 atomics (order not fixed)."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -152,38 +148,26 @@ def _dropout_xa_grad_a_atomic_kernel(
     seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
     x_raw = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    keep_bits = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    u = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)  # uniform draws; 1.0 keeps every element when p = 0
     if HAS_DROPOUT:
         seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
-        pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
-        zero_mk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.uint32)
-        bits, _, _, _ = tl.philox(seeds[:, None], zero_mk + kk[None, :].to(tl.uint32), zero_mk + pos[:, None],
-                                  zero_mk + site_id, zero_mk)
-        keep_bits = tl.uint_to_uniform_float(bits)
+        pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
+        u = _dropout_uniform(seeds, pos, kk, site_id)
     for seg in range(seg_lo, seg_hi):
         in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         p = tl.load(p_ptr + seg)
-        x = tl.where(in_seg[:, None] & (keep_bits >= p), x_raw, 0.0)
+        x = tl.where(in_seg[:, None] & (u >= p), x_raw, 0.0)
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < rank
             g = tl.load(g_ptr + rows[None, :] * stride_gm + rr[:, None] * stride_gr,
                         mask=in_seg[None, :] & r_ok[:, None], other=0.0)
-            part = tl.dot(g, x, input_precision=DOT_PRECISION) / (1.0 - p)
+            part = _mma(g, x, tl.full((BLOCK_R, BLOCK_K), 0, tl.float32), DOT_PRECISION, DOT_FP32) / (1.0 - p)
             tl.atomic_add(da_ptr + (roff + rr)[:, None] * stride_dr + kk[None, :] * stride_dk, part,
                           mask=r_ok[:, None] & k_ok[None, :])
 
-
-def rank_block(max_rank: int) -> int:
-    """Rank columns per inner step: the whole rank up to 64 (≥ 16, tl.dot's minimum), larger ranks loop."""
-    return min(64, max(16, next_pow2(max_rank)))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs multiply in full precision (tf32 would miss the fp32 parity bounds); 16-bit ones ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def dropout_xa_forward(x: torch.Tensor, a_cat: torch.Tensor, table: SegmentTable, params: LayerParams, site_id: int,
@@ -198,7 +182,7 @@ def dropout_xa_forward(x: torch.Tensor, a_cat: torch.Tensor, table: SegmentTable
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), t.stride(0), t.stride(1),
         m, k, site_id,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(params.max_rank),
-        HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype),
+        HAS_DROPOUT=has_dropout, **dot_args(x.dtype),
     )
     return t
 
@@ -209,7 +193,7 @@ def dropout_xa_grad_a(x: torch.Tensor, g: torch.Tensor, a_cat: torch.Tensor, tab
     m, k = x.shape
     block_r = rank_block(params.max_rank)
     common = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, HAS_DROPOUT=has_dropout,
-                  DOT_PRECISION=dot_precision(x.dtype))
+                  **dot_args(x.dtype))
     if deterministic:
         da = torch.zeros_like(a_cat)
         _dropout_xa_grad_a_kernel[(triton.cdiv(k, block_k), table.num_segments)](

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.fused_lora_dropout_xa import dot_precision, rank_block
+from lorafusion.ops.kernel_helpers import _mma, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import TileConfig, lazy_kernel
 
@@ -25,7 +25,7 @@ def _dys_dyb_atomic_kernel(
     seg_start_ptr, seg_end_ptr, row_seg_ptr, rank_ptr, roff_ptr, scale_ptr,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_tr, stride_gm, stride_gr, stride_dbn, stride_dbr,
     M, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -48,12 +48,12 @@ def _dys_dyb_atomic_kernel(
             r_ok = rr < rank
             b = tl.load(b_ptr + cols[:, None] * stride_bn + (roff + rr)[None, :] * stride_br,
                         mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-            g = tl.dot(dy_seg, b, input_precision=DOT_PRECISION) * scale
+            g = _mma(dy_seg, b, tl.full((BLOCK_M, BLOCK_R), 0, tl.float32), DOT_PRECISION, DOT_FP32) * scale
             tl.atomic_add(g_ptr + rows[:, None] * stride_gm + rr[None, :] * stride_gr, g,
                           mask=in_seg[:, None] & r_ok[None, :])
             t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
                         mask=in_seg[:, None] & r_ok[None, :], other=0.0)
-            db = tl.dot(tl.trans(dy_seg), t, input_precision=DOT_PRECISION)
+            db = _mma(tl.trans(dy_seg), t, tl.full((BLOCK_N, BLOCK_R), 0, tl.float32), DOT_PRECISION, DOT_FP32)
             tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + (roff + rr)[None, :] * stride_dbr, db,
                           mask=col_ok[:, None] & r_ok[None, :])
 
@@ -64,7 +64,7 @@ def _dys_kernel(
     seg_start_ptr, seg_end_ptr, row_seg_ptr, rank_ptr, roff_ptr, scale_ptr,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_gm, stride_gr,
     M, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,7 +79,7 @@ def _dys_kernel(
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < rank
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_R), 0, tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 nn = n0 + tl.arange(0, BLOCK_N)
                 n_ok = nn < N
@@ -87,7 +87,7 @@ def _dys_kernel(
                              mask=in_seg[:, None] & n_ok[None, :], other=0.0)
                 b = tl.load(b_ptr + nn[:, None] * stride_bn + (roff + rr)[None, :] * stride_br,
                             mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-                acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
+                acc = _mma(dy, b, acc, DOT_PRECISION, DOT_FP32)
             tl.store(g_ptr + rows[:, None] * stride_gm + rr[None, :] * stride_gr, acc * scale,
                      mask=in_seg[:, None] & r_ok[None, :])
 
@@ -98,7 +98,7 @@ def _dyb_kernel(
     seg_start_ptr, seg_end_ptr, rank_ptr, roff_ptr,
     stride_dym, stride_dyn, stride_tm, stride_tr, stride_dbn, stride_dbr,
     N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
@@ -111,7 +111,7 @@ def _dyb_kernel(
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
-        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        acc = tl.full((BLOCK_N, BLOCK_R), 0, tl.float32)
         for m0 in range(start, end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             in_seg = rows < end
@@ -119,7 +119,7 @@ def _dyb_kernel(
                          mask=in_seg[None, :] & col_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_M] = dyᵀ tile
             t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
                         mask=in_seg[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(dy, t, acc, input_precision=DOT_PRECISION)
+            acc = _mma(dy, t, acc, DOT_PRECISION, DOT_FP32)
         tl.store(db_ptr + cols[:, None] * stride_dbn + (roff + rr)[None, :] * stride_dbr,
                  acc.to(db_ptr.dtype.element_ty), mask=col_ok[:, None] & r_ok[None, :])
 
@@ -130,19 +130,19 @@ def dys_dyb_backward(dy: torch.Tensor, b_cat: torch.Tensor, t: torch.Tensor, tab
     m, n = dy.shape
     block_r = rank_block(params.max_rank)
     g = torch.zeros((m, t.shape[1]), dtype=torch.float32, device=dy.device)
-    precision = dot_precision(dy.dtype)
+    precision = dot_args(dy.dtype)
     if deterministic:
         db = torch.zeros_like(b_cat)
         _dys_kernel[(triton.cdiv(m, config.block_m),)](
             dy, b_cat, g, table.seg_start, table.seg_end, table.row_seg, params.ranks, params.r_offsets, params.scalings,
             dy.stride(0), dy.stride(1), b_cat.stride(0), b_cat.stride(1), g.stride(0), g.stride(1), m, n,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, DOT_PRECISION=precision,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, **precision,
             num_warps=config.num_warps,
         )
         _dyb_kernel[(triton.cdiv(n, config.block_n), table.num_segments)](
             dy, t, db, table.seg_start, table.seg_end, params.ranks, params.r_offsets,
             dy.stride(0), dy.stride(1), t.stride(0), t.stride(1), db.stride(0), db.stride(1), n,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, DOT_PRECISION=precision,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, **precision,
             num_warps=config.num_warps,
         )
         return g.to(dy.dtype), db
@@ -151,7 +151,7 @@ def dys_dyb_backward(dy: torch.Tensor, b_cat: torch.Tensor, t: torch.Tensor, tab
         dy, b_cat, t, g, db, table.seg_start, table.seg_end, table.row_seg, params.ranks, params.r_offsets, params.scalings,
         dy.stride(0), dy.stride(1), b_cat.stride(0), b_cat.stride(1), t.stride(0), t.stride(1),
         g.stride(0), g.stride(1), db.stride(0), db.stride(1), m, n,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, DOT_PRECISION=precision,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, **precision,
         num_warps=config.num_warps,
     )
     return g.to(dy.dtype), db.to(b_cat.dtype)

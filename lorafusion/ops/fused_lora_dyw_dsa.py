@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.fused_lora_dropout_xa import dot_precision, rank_block
+from lorafusion.ops.kernel_helpers import _dropout_uniform, _mma, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import TileConfig, lazy_kernel
 
@@ -24,11 +24,11 @@ def _dyw_dsa_bwd_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     M, N, K, site_id,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_k = (K + BLOCK_K - 1) // BLOCK_K
     group = pid // (GROUP_M * tiles_k)
     first_m = group * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -38,7 +38,7 @@ def _dyw_dsa_bwd_kernel(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     k_ok = kk < K
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_K), 0, tl.float32)
     for n0 in range(0, N, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         n_ok = nn < N
@@ -46,9 +46,9 @@ def _dyw_dsa_bwd_kernel(
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_ptr + nn[:, None] * stride_wn + kk[None, :] * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    row_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = _mma(dy, w, acc, DOT_PRECISION, DOT_FP32)
+    lora = tl.full((BLOCK_M, BLOCK_K), 0, tl.float32)
+    row_p = tl.full((BLOCK_M,), 0, tl.float32)
     seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
     seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
     for seg in range(seg_lo, seg_hi):
@@ -63,14 +63,12 @@ def _dyw_dsa_bwd_kernel(
                         mask=in_seg[:, None] & r_ok[None, :], other=0.0)
             a = tl.load(a_ptr + (roff + rr)[:, None] * stride_ar + kk[None, :] * stride_ak,
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            lora = tl.dot(g, a, lora, input_precision=DOT_PRECISION)
+            lora = _mma(g, a, lora, DOT_PRECISION, DOT_FP32)
     if HAS_DROPOUT:
         seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
-        pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0).to(tl.uint32)
-        zero_mk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.uint32)
-        bits, _, _, _ = tl.philox(seeds[:, None], zero_mk + kk[None, :].to(tl.uint32), zero_mk + pos[:, None],
-                                  zero_mk + site_id, zero_mk)
-        keep = tl.uint_to_uniform_float(bits) >= row_p[:, None]
+        pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
+        u = _dropout_uniform(seeds, pos, kk, site_id)
+        keep = u >= row_p[:, None]
         lora = tl.where(keep, lora / (1.0 - row_p[:, None]), 0.0)
     acc += lora
     tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
@@ -93,6 +91,6 @@ def dyw_dsa_backward(dy: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, a_
         m, n, k, site_id,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_R=rank_block(params.max_rank), GROUP_M=8, HAS_DROPOUT=has_dropout,
-        DOT_PRECISION=dot_precision(dy.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        **dot_args(dy.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return dx

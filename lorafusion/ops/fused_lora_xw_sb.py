@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.fused_lora_dropout_xa import dot_precision, rank_block
+from lorafusion.ops.kernel_helpers import _mma, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import TileConfig, lazy_kernel
 
@@ -24,12 +24,12 @@ def _xw_sb_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
     M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each column band of W while it is in L2.
     pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     group = pid // (GROUP_M * tiles_n)
     first_m = group * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -39,7 +39,7 @@ def _xw_sb_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
@@ -47,7 +47,7 @@ def _xw_sb_fwd_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N] = Wᵀ tile
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = _mma(x, w, acc, DOT_PRECISION, DOT_FP32)
     seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
     seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
     for seg in range(seg_lo, seg_hi):
@@ -61,7 +61,7 @@ def _xw_sb_fwd_kernel(
                         mask=in_seg[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(b_ptr + cols[None, :] * stride_bn + (roff + rr)[:, None] * stride_br,
                         mask=col_ok[None, :] & r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_N] = Bᵀ tile
-            acc = tl.dot(t, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(t, b, acc, DOT_PRECISION, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -83,6 +83,6 @@ def xw_sb_forward(x: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, b_cat:
         m, n, k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_R=rank_block(params.max_rank), GROUP_M=8, HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        **dot_args(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

@@ -10,7 +10,7 @@ import torch
 
 __all__ = [
     "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
-    "lazy_kernel", "next_pow2", "pick_config", "record_tuned", "resolve_backend", "triton_available",
+    "jit_helper", "lazy_kernel", "next_pow2", "pick_config", "record_tuned", "resolve_backend", "triton_available",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -76,8 +76,26 @@ class _LazyKernel:
 
 
 def lazy_kernel(fn: Callable) -> _LazyKernel:
-    """Decorator used instead of @triton.jit on every kernel of lorafusion.ops (kernels call no other jit fn)."""
+    """Decorator used instead of @triton.jit on every kernel of lorafusion.ops.
+
+    The kernels call only Triton builtins and `jit_helper` functions: triton.language's own @jit helpers
+    (tl.zeros, tl.cdiv, tl.philox, ...) are fixed to one mode when triton is imported.
+    """
     return _LazyKernel(fn)
+
+
+def jit_helper(fn: Callable):
+    """@triton.jit for a device function called from lazy kernels, interpreted when the caller is."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    class _Helper(JITFunction):
+        def __call__(self, *args, **kwargs):
+            if interpret_mode():  # called from an interpreted kernel: run the Python body on the interpreter
+                return InterpretedFunction(self.fn)(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
+
+    return _Helper(fn)
 
 
 def next_pow2(n: int) -> int:
