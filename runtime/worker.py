@@ -29,7 +29,7 @@ class StageWorker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model, self.arch = build_model(self.run.base_model, dtype=DTYPES[self.run.dtype])
         self.model.to(self.device).train()
-        self.adapters = ModelAdapters(self.model, self.arch)
+        self.adapters = ModelAdapters(self.model, self.arch, kernels=self.run.kernels)
         self.optimizers: dict[str, JobOptimizer] = {}
         for job in prepared.jobs:
             self.adapters.add_job(job.name, job.spec.adapter, seed=job.spec.seed)
