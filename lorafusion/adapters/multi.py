@@ -147,6 +147,9 @@ class MultiAdapterLinear(nn.Module):
         if not segments:
             return self.base(x, *args, **kwargs)
         if resolve_backend(self.kernels, x.device) == "triton":
+            if args or any(v is not None for v in kwargs.values()):
+                raise RuntimeError(f"site {self.site_id}: the fused LoRA path takes the input only, got extra "
+                                   f"arguments {list(kwargs) or len(args)}; run with kernels='torch'")
             return self._forward_fused(x)
         out, bias = self.base(x, *args, **kwargs)
         # x: [tokens, 1, K] (packed row, sequence-first) -> per-job row slices

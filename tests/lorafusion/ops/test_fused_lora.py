@@ -9,7 +9,7 @@ import torch
 
 from lorafusion.ops import (
     SegmentTable, dropout_keep_mask, fused_lora_linear, fused_multi_lora_linear, layer_params,
-    multi_lora_linear_reference,
+    multi_lora_linear_reference, pick_config,
 )
 
 NORMAL = (32, 32, 48)  # (M, K, N): whole tiles of the interpreter's 16
@@ -188,6 +188,13 @@ def test_single_entry_point_peft_shapes_and_seed(device):
     torch.testing.assert_close(y0, x @ weight.t() + 2.0 * (x @ a.t()) @ b.t(), atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_tiles_are_the_interpreter_config():
+    from lorafusion.ops.utils import INTERPRET_CONFIG, INTERPRET_CONFIG_WIDE
+
+    assert pick_config(23, 29, 8, torch.device("cpu")) == INTERPRET_CONFIG
+    assert pick_config(128, 64, 8, torch.device("cpu")) == INTERPRET_CONFIG_WIDE
+
+
 def test_bad_input_is_rejected(device):
     x = torch.randn(4, 8, device=device)
     weight = torch.randn(6, 8, device=device)
@@ -203,3 +210,23 @@ def test_bad_input_is_rejected(device):
         fused_multi_lora_linear(x, weight.requires_grad_(), [a], [b], table, scalings=[1.0], dropout_ps=[0.0])
     with pytest.raises(ValueError, match="sorted"):
         SegmentTable.build(10, [(4, 8), (2, 6)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_realistic_shape_bf16(deterministic, device, check):
+    """Compiled kernels at a layer-sized shape: default tiles, several K/N tiles, segments inside M tiles."""
+    m = 1531
+    segments = [(0, 300), (300, 301), (305, 1100), (1100, 1531)]
+    outputs, grads, _ = _run_both(m, 1024, 1000, segments, None, [16, 1, 48, 256], [2.0, 1.0, 0.5, 1.0],
+                                  [0.1, 0.0, 0.1, 0.05], torch.bfloat16, device, bias=True, deterministic=deterministic)
+    _compare(check, outputs, grads, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_unknown_shape_gets_default_tiles(device):
+    from lorafusion.ops.utils import DEFAULT_CONFIG
+
+    assert pick_config(12345, 678, 9, device) == DEFAULT_CONFIG
