@@ -5,10 +5,10 @@ each), torch_unfused (PEFT's layer: base linear + dropout + A + B + scale + add)
 product accumulated into the base output with addmm), base (the frozen GEMM alone: the lower bound).
 
     python -m benchmarks.bench_kernels                 # GPU: every registry model, M in {2048, 4096, 8192}
-    python -m benchmarks.bench_kernels --tune          # also time the tile candidates per (N, K, r) first
     python -m benchmarks.bench_kernels --quick         # CPU smoke run: torch providers, small shapes
 
-Rows go to benchmarks/results/kernels.csv (device, commit and date stamped by results_csv.append_rows).
+Tile configs are autotuned on the first call of each (N, K, r), inside the warmup (LORAFUSION_AUTOTUNE=0:
+default tiles). Rows go to benchmarks/results/kernels.csv (device, commit and date stamped by results_csv.append_rows).
 Only GPU rows are performance numbers; --quick rows show the script runs.
 """
 
@@ -25,7 +25,6 @@ import torch
 from benchmarks.results_csv import RESULTS_DIR, append_rows
 from benchmarks.shapes import MODELS, linear_shapes, scaled
 from lorafusion.ops import SegmentTable, lora_linear_addmm, lora_linear_reference
-from lorafusion.ops.utils import TUNE_CONFIGS, record_tuned
 
 PROVIDERS = ("base", "torch_unfused", "torch_addmm", "ours_single", "ours_multi")
 MULTI_ADAPTERS = 4
@@ -108,21 +107,6 @@ def make_provider(name: str, x: torch.Tensor, weight: torch.Tensor, p: float, r:
     return lambda: run().backward(dy)
 
 
-def tune(n: int, k: int, r: int, m: int, dtype: torch.dtype, p: float, iters: int) -> None:
-    """Time each tile candidate on fwd+bwd of ours_single and record the fastest for (GPU, N, K, r)."""
-    device = torch.device("cuda")
-    x = torch.randn(m, k, device=device, dtype=dtype)
-    weight = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
-    best = None
-    for config in TUNE_CONFIGS:
-        record_tuned(n, k, r, device, config)
-        ms = time_ms(make_provider("ours_single", x, weight, p, r, True), iters, warmup=5)
-        print(f"tune N={n} K={k} r={r}: {config} {ms:.3f} ms")
-        if best is None or ms < best[0]:
-            best = (ms, config)
-    record_tuned(n, k, r, device, best[1])
-
-
 def bench_layer(model: str, layer: str, n: int, k: int, m: int, args, providers: tuple[str, ...]) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -156,7 +140,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per point (default 100)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--tune", action="store_true", help="time the tile candidates per (N, K, r) first (GPU)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -173,8 +156,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for key in args.models:
         model = scaled(MODELS[key], 32) if args.quick else MODELS[key]
         for layer, (n, k) in linear_shapes(model).items():
-            if args.tune and gpu:
-                tune(n, k, args.rank, max(args.m), getattr(torch, args.dtype), args.dropout, 20)
             for m in args.m:
                 rows += bench_layer(model.name, layer, n, k, m, args, providers)
     append_rows("kernels", rows, results_dir=args.results_dir)

@@ -32,8 +32,14 @@ class FusedMultiLoRAFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
                 b_cat: torch.Tensor, table: SegmentTable, params: LayerParams, site_id: int, has_dropout: bool,
                 deterministic: bool) -> torch.Tensor:
-        config = pick_config(weight.shape[0], weight.shape[1], a_cat.shape[0], x.device)
+        n, k, r = weight.shape[0], weight.shape[1], a_cat.shape[0]
+        config = pick_config(n, k, r, x.device)  # tuned or default; tiles of the rank-side kernels
         t = dropout_xa_forward(x, a_cat, table, params, site_id, has_dropout, config.block_m, config.block_k)  # [M, r]
+        if x.is_cuda:  # the first call of an (N, K, r) on this GPU times the tile candidates on this very GEMM
+            import triton.testing
+
+            config = pick_config(n, k, r, x.device, bench=lambda cfg: triton.testing.do_bench(
+                lambda: xw_sb_forward(x, weight, t, b_cat, bias, table, params, cfg), warmup=5, rep=25))
         y = xw_sb_forward(x, weight, t, b_cat, bias, table, params, config)  # [M, N]
         ctx.save_for_backward(x, weight, a_cat, b_cat, t)
         ctx.table, ctx.params, ctx.config = table, params, config

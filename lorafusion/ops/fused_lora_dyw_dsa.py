@@ -38,15 +38,7 @@ def _dyw_dsa_bwd_kernel(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     k_ok = kk < K
-    acc = tl.full((BLOCK_M, BLOCK_K), 0, tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        nn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = nn < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + nn[:, None] * stride_wn + kk[None, :] * stride_wk,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(dy, w, acc, DOT_PRECISION, DOT_FP32)
+    # The LoRA term first, so one [BLOCK_M, BLOCK_K] accumulator is live through the long dy·W loop.
     lora = tl.full((BLOCK_M, BLOCK_K), 0, tl.float32)
     row_p = tl.full((BLOCK_M,), 0, tl.float32)
     seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
@@ -70,7 +62,15 @@ def _dyw_dsa_bwd_kernel(
         u = _dropout_uniform(seeds, pos, kk, site_id)
         keep = u >= row_p[:, None]
         lora = tl.where(keep, lora / (1.0 - row_p[:, None]), 0.0)
-    acc += lora
+    acc = lora
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + nn[:, None] * stride_wn + kk[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mma(dy, w, acc, DOT_PRECISION, DOT_FP32)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])
 
@@ -81,7 +81,9 @@ def dyw_dsa_backward(dy: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, a_
     m, n = dy.shape
     k = weight.shape[1]
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_k),)
+    # The forward's tiles with the roles of N and K swapped: output tile [block_m, block_n], reduction step
+    # block_k, so the shared memory a tuned config was probed with in xw_sb is what this kernel uses too.
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_n),)
     _dyw_dsa_bwd_kernel[grid](
         dy, weight, g, a_cat, dx,
         table.seg_start, table.seg_end, table.row_seg, table.row_seed, table.row_pos,
@@ -89,7 +91,7 @@ def dyw_dsa_backward(dy: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, a_
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         a_cat.stride(0), a_cat.stride(1), dx.stride(0), dx.stride(1),
         m, n, k, site_id,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_k, BLOCK_K=config.block_n,
         BLOCK_R=rank_block(params.max_rank), GROUP_M=8, HAS_DROPOUT=has_dropout,
         **dot_args(dy.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )

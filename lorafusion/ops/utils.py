@@ -10,7 +10,8 @@ import torch
 
 __all__ = [
     "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
-    "jit_helper", "lazy_kernel", "next_pow2", "pick_config", "record_tuned", "resolve_backend", "triton_available",
+    "autotune_enabled", "jit_helper", "lazy_kernel", "next_pow2", "pick_config", "resolve_backend",
+    "triton_available", "tuned",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -122,9 +123,9 @@ INTERPRET_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, n
 # Layers of 64+ features (the tiny test model) still span 2+ tiles at 32, and the interpreter's cost is per
 # program: 32-wide tiles ran the kernels-on training-step test 3x faster than 16 (2-core CPU).
 INTERPRET_CONFIG_WIDE = TileConfig(block_m=32, block_n=32, block_k=32, num_warps=1, num_stages=1)
-# Candidates timed once per (N, K, r) on the current GPU by pick_config(tune=True): the usual large-GEMM
-# shapes for Ampere/Hopper (128x128 tiles with 4-8 warps). Chosen from Triton's matmul tutorial list;
-# which wins is measured on the GPU session (benchmarks/bench_kernels.py --tune), not here.
+# Candidates timed once per (GPU, N, K, r) by pick_config when it is given a bench: the usual large-GEMM tiles
+# for Ampere/Hopper (Triton's matmul tutorial list). Which wins is measured on the GPU, not here; a candidate
+# that does not fit a smaller GPU's shared memory fails its probe and is dropped.
 TUNE_CONFIGS = (
     DEFAULT_CONFIG,
     TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
@@ -135,16 +136,35 @@ TUNE_CONFIGS = (
 _TUNED: dict[tuple, TileConfig] = {}
 
 
-def pick_config(n: int, k: int, r: int, device: torch.device) -> TileConfig:
-    """The tile config for a layer of shape (N, K) and total rank r: a tuned entry if one was recorded, else the default.
+def autotune_enabled() -> bool:
+    """LORAFUSION_AUTOTUNE=0 turns tuning off (every shape then runs DEFAULT_CONFIG)."""
+    return os.environ.get("LORAFUSION_AUTOTUNE", "1") != "0"
 
-    Never raises: an unknown GPU or shape gets DEFAULT_CONFIG, the interpreter gets INTERPRET_CONFIG.
+
+def tuned(key: tuple, bench: Callable[[TileConfig], float] | None) -> TileConfig:
+    """The config recorded for `key`, else the fastest candidate under `bench` (ms), else DEFAULT_CONFIG."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if bench is None or not autotune_enabled():
+        return DEFAULT_CONFIG
+    timings = {}
+    for config in TUNE_CONFIGS:
+        try:
+            timings[config] = bench(config)
+        except Exception:  # noqa: BLE001 - any failing probe (out of shared memory, compile error) drops the candidate
+            continue
+    _TUNED[key] = min(timings, key=timings.get) if timings else DEFAULT_CONFIG
+    return _TUNED[key]
+
+
+def pick_config(n: int, k: int, r: int, device: torch.device,
+                bench: Callable[[TileConfig], float] | None = None) -> TileConfig:
+    """Tiles for a layer of shape (N, K) with total rank r on `device`.
+
+    On CUDA: the config tuned for (GPU name, N, K, r) in this process; with `bench` (ms of one run under a
+    config) an untuned key is tuned now. Never raises: an unknown GPU or shape gets DEFAULT_CONFIG. Off
+    CUDA (the interpreter): INTERPRET_CONFIG, or the wide one for layers of 64+ features.
     """
     if device.type != "cuda":
         return INTERPRET_CONFIG_WIDE if min(n, k) >= 64 else INTERPRET_CONFIG
-    return _TUNED.get((torch.cuda.get_device_name(device), n, k, r), DEFAULT_CONFIG)
-
-
-def record_tuned(n: int, k: int, r: int, device: torch.device, config: TileConfig) -> None:
-    """Remember the fastest config measured for (GPU, N, K, r) in this process (see bench_kernels.py --tune)."""
-    _TUNED[(torch.cuda.get_device_name(device), n, k, r)] = config
+    return tuned((torch.cuda.get_device_name(device), n, k, r), bench)

@@ -188,13 +188,6 @@ def test_single_entry_point_peft_shapes_and_seed(device):
     torch.testing.assert_close(y0, x @ weight.t() + 2.0 * (x @ a.t()) @ b.t(), atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_tiles_are_the_interpreter_config():
-    from lorafusion.ops.utils import INTERPRET_CONFIG, INTERPRET_CONFIG_WIDE
-
-    assert pick_config(23, 29, 8, torch.device("cpu")) == INTERPRET_CONFIG
-    assert pick_config(128, 64, 8, torch.device("cpu")) == INTERPRET_CONFIG_WIDE
-
-
 def test_bad_input_is_rejected(device):
     x = torch.randn(4, 8, device=device)
     weight = torch.randn(6, 8, device=device)
