@@ -53,7 +53,7 @@ def _dropout_xa_fwd_kernel(
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                             mask=in_seg[:, None] & k_ok[None, :], other=0.0)
                 if HAS_DROPOUT:
-                    u = _dropout_uniform(seeds, pos, kk, site_id)
+                    u = _dropout_uniform(seeds, pos, k0, site_id, BLOCK_M, BLOCK_K)
                     x = tl.where(u >= p, x, 0.0)
                 a = tl.load(a_ptr + (roff + rr)[None, :] * stride_ar + kk[:, None] * stride_ak,
                             mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R] = Aᵀ tile
@@ -79,7 +79,7 @@ def _dropout_keep_kernel(
     p = tl.load(p_ptr + seg, mask=row_ok, other=0.0)
     seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
     pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
-    u = _dropout_uniform(seeds, pos, kk, site_id)
+    u = _dropout_uniform(seeds, pos, pid_k * BLOCK_K, site_id, BLOCK_M, BLOCK_K)
     keep = (u >= p[:, None]) & in_seg[:, None]
     tl.store(keep_ptr + rows[:, None] * stride_km + kk[None, :], keep.to(tl.int8),
              mask=row_ok[:, None] & (kk < K)[None, :])
@@ -117,7 +117,7 @@ def _dropout_xa_grad_a_kernel(
             if HAS_DROPOUT:
                 seeds = tl.load(row_seed_ptr + rows, mask=in_seg, other=0)
                 pos = tl.load(row_pos_ptr + rows, mask=in_seg, other=0)
-                u = _dropout_uniform(seeds, pos, kk, site_id)
+                u = _dropout_uniform(seeds, pos, pid_k * BLOCK_K, site_id, BLOCK_M, BLOCK_K)
                 x = tl.where(u >= p, x, 0.0)
             g = tl.load(g_ptr + rows[None, :] * stride_gm + rr[:, None] * stride_gr,
                         mask=in_seg[None, :] & r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_M] = Gᵀ tile
@@ -152,7 +152,7 @@ def _dropout_xa_grad_a_atomic_kernel(
     if HAS_DROPOUT:
         seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
         pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
-        u = _dropout_uniform(seeds, pos, kk, site_id)
+        u = _dropout_uniform(seeds, pos, pid_k * BLOCK_K, site_id, BLOCK_M, BLOCK_K)
     for seg in range(seg_lo, seg_hi):
         in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
         rank = tl.load(rank_ptr + seg)

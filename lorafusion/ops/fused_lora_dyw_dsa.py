@@ -59,7 +59,7 @@ def _dyw_dsa_bwd_kernel(
     if HAS_DROPOUT:
         seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
         pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
-        u = _dropout_uniform(seeds, pos, kk, site_id)
+        u = _dropout_uniform(seeds, pos, pid_k * BLOCK_K, site_id, BLOCK_M, BLOCK_K)
         keep = u >= row_p[:, None]
         lora = tl.where(keep, lora / (1.0 - row_p[:, None]), 0.0)
     acc = lora
