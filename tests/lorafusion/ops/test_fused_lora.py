@@ -223,3 +223,29 @@ def test_gpu_unknown_shape_gets_default_tiles(device):
     from lorafusion.ops.utils import DEFAULT_CONFIG
 
     assert pick_config(12345, 678, 9, device) == DEFAULT_CONFIG
+
+
+def test_job_rows_do_not_depend_on_co_batched_jobs(device):
+    """DESIGN promise 1 on the Triton path: a job's output and gradients are the same alone or packed with
+    others (dropout 0.1, so its masks must follow its own samples' seeds, not its rows' places)."""
+    k, n = 29, 23
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(n, k, generator=gen).to(device) / k ** 0.5
+    x_job = torch.randn(21, k, generator=gen).to(device)
+    x_other = torch.randn(30, k, generator=gen).to(device)
+    (a_job, a_other), (b_job, b_other) = _factors(n, k, [8, 16], torch.float32, device, gen)
+    samples = ((0, 9, 111), (9, 21, 222))
+
+    alone = SegmentTable.build(21, [(0, 21)], [samples], device=device)
+    y_alone = fused_multi_lora_linear(x_job, weight, [a_job], [b_job], alone, scalings=[2.0], dropout_ps=[0.1], site_id=7)
+    grads_alone = torch.autograd.grad(y_alone.square().sum(), [a_job, b_job])
+
+    shifted = tuple((s + 32, e + 32, seed) for s, e, seed in samples)  # after the other job and 2 padding rows
+    packed = SegmentTable.build(53, [(0, 30), (32, 53)], [((0, 30, 5),), shifted], device=device)
+    x = torch.cat([x_other, torch.zeros(2, k, device=device), x_job])
+    y = fused_multi_lora_linear(x, weight, [a_other, a_job], [b_other, b_job], packed, scalings=[1.0, 2.0],
+                                dropout_ps=[0.3, 0.1], site_id=7)
+    grads_packed = torch.autograd.grad(y[32:].square().sum(), [a_job, b_job])
+    torch.testing.assert_close(y[32:], y_alone, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads_packed, grads_alone):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
