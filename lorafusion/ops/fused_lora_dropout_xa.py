@@ -14,7 +14,7 @@ import triton.language as tl
 
 from lorafusion.ops.kernel_helpers import _dropout_uniform, _mma, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
-from lorafusion.ops.utils import lazy_kernel
+from lorafusion.ops.utils import lazy_kernel, split_length
 
 __all__ = ["dropout_xa_forward", "dropout_xa_grad_a", "dropout_keep_mask", "rank_block"]
 
@@ -25,12 +25,16 @@ def _dropout_xa_fwd_kernel(
     x_ptr, a_ptr, t_ptr,
     seg_start_ptr, seg_end_ptr, row_seg_ptr, row_seed_ptr, row_pos_ptr,
     rank_ptr, roff_ptr, scale_ptr, p_ptr,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
-    M, K, site_id,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
+    M, K, K_SPLIT, site_id,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
+    """One program per (M tile, K split) writes its fp32 partial of T; the host sums the splits in order."""
     pid_m = tl.program_id(0).to(tl.int64)
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    t_ptr += tl.program_id(1).to(tl.int64) * stride_ts
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
@@ -47,7 +51,7 @@ def _dropout_xa_fwd_kernel(
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < rank
             acc = tl.full((BLOCK_M, BLOCK_R), 0, tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = kk < K
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -58,8 +62,8 @@ def _dropout_xa_fwd_kernel(
                 a = tl.load(a_ptr + (roff + rr)[None, :] * stride_ar + kk[:, None] * stride_ak,
                             mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R] = Aᵀ tile
                 acc = _mma(x, a, acc, DOT_PRECISION, DOT_FP32)
-            tl.store(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-                     (acc * factor).to(t_ptr.dtype.element_ty), mask=in_seg[:, None] & r_ok[None, :])
+            tl.store(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr, acc * factor,
+                     mask=in_seg[:, None] & r_ok[None, :])
 
 
 @lazy_kernel
@@ -90,18 +94,21 @@ def _dropout_xa_grad_a_kernel(
     x_ptr, g_ptr, da_ptr,
     seg_start_ptr, seg_end_ptr, row_seed_ptr, row_pos_ptr,
     rank_ptr, roff_ptr, p_ptr,
-    stride_xm, stride_xk, stride_gm, stride_gr, stride_dr, stride_dk,
-    K, site_id,
+    stride_xm, stride_xk, stride_gm, stride_gr, stride_ds, stride_dr, stride_dk,
+    K, M_SPLIT, site_id,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Deterministic: one program per (K tile, segment) sums the segment's rows in order."""
+    """Deterministic: one program per (K tile, segment, row split) sums its rows in order into an fp32
+    partial; the host sums the splits in order."""
     pid_k = tl.program_id(0)
     seg = tl.program_id(1)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = kk < K
-    start = tl.load(seg_start_ptr + seg).to(tl.int64)
-    end = tl.load(seg_end_ptr + seg).to(tl.int64)
+    seg_start = tl.load(seg_start_ptr + seg).to(tl.int64)
+    start = seg_start + tl.program_id(2) * M_SPLIT
+    end = tl.minimum(start + M_SPLIT, tl.load(seg_end_ptr + seg).to(tl.int64))
+    da_ptr += tl.program_id(2).to(tl.int64) * stride_ds
     rank = tl.load(rank_ptr + seg)
     roff = tl.load(roff_ptr + seg)
     p = tl.load(p_ptr + seg)
@@ -122,9 +129,8 @@ def _dropout_xa_grad_a_kernel(
             g = tl.load(g_ptr + rows[None, :] * stride_gm + rr[:, None] * stride_gr,
                         mask=in_seg[None, :] & r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_M] = Gᵀ tile
             acc = _mma(g, x, acc, DOT_PRECISION, DOT_FP32)
-        acc = acc / (1.0 - p)
-        tl.store(da_ptr + (roff + rr)[:, None] * stride_dr + kk[None, :] * stride_dk,
-                 acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+        tl.store(da_ptr + (roff + rr)[:, None] * stride_dr + kk[None, :] * stride_dk, acc / (1.0 - p),
+                 mask=r_ok[:, None] & k_ok[None, :])
 
 
 @lazy_kernel
@@ -174,17 +180,19 @@ def dropout_xa_forward(x: torch.Tensor, a_cat: torch.Tensor, table: SegmentTable
                        has_dropout: bool, block_m: int, block_k: int) -> torch.Tensor:
     """T [M, max_rank] = s · dropout(x) Aᵀ per segment; rows of no segment and columns past a rank are 0."""
     m, k = x.shape
-    t = torch.zeros((m, max(params.max_rank, 1)), dtype=x.dtype, device=x.device)
-    _dropout_xa_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x, a_cat, t,
+    tiles_m = triton.cdiv(m, block_m)
+    k_split = split_length(k, block_k, tiles_m, x.device)
+    parts = torch.zeros((triton.cdiv(k, k_split), m, max(params.max_rank, 1)), dtype=torch.float32, device=x.device)
+    _dropout_xa_fwd_kernel[(tiles_m, parts.shape[0])](
+        x, a_cat, parts,
         table.seg_start, table.seg_end, table.row_seg, table.row_seed, table.row_pos,
         params.ranks, params.r_offsets, params.scalings, params.dropout_ps,
-        x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), t.stride(0), t.stride(1),
-        m, k, site_id,
+        x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), parts.stride(0), parts.stride(1), parts.stride(2),
+        m, k, k_split, site_id,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(params.max_rank),
         HAS_DROPOUT=has_dropout, **dot_args(x.dtype),
     )
-    return t
+    return parts.sum(0).to(x.dtype)  # [M, max_rank]
 
 
 def dropout_xa_grad_a(x: torch.Tensor, g: torch.Tensor, a_cat: torch.Tensor, table: SegmentTable, params: LayerParams,
@@ -195,13 +203,17 @@ def dropout_xa_grad_a(x: torch.Tensor, g: torch.Tensor, a_cat: torch.Tensor, tab
     common = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, HAS_DROPOUT=has_dropout,
                   **dot_args(x.dtype))
     if deterministic:
-        da = torch.zeros_like(a_cat)
-        _dropout_xa_grad_a_kernel[(triton.cdiv(k, block_k), table.num_segments)](
-            x, g, da, table.seg_start, table.seg_end, table.row_seed, table.row_pos,
+        tiles_k = triton.cdiv(k, block_k)
+        m_split = split_length(table.longest_segment, block_m, tiles_k * table.num_segments, x.device)
+        parts = torch.zeros((triton.cdiv(table.longest_segment, m_split),) + tuple(a_cat.shape), dtype=torch.float32,
+                            device=x.device)
+        _dropout_xa_grad_a_kernel[(tiles_k, table.num_segments, parts.shape[0])](
+            x, g, parts, table.seg_start, table.seg_end, table.row_seed, table.row_pos,
             params.ranks, params.r_offsets, params.dropout_ps,
-            x.stride(0), x.stride(1), g.stride(0), g.stride(1), da.stride(0), da.stride(1), k, site_id, **common,
+            x.stride(0), x.stride(1), g.stride(0), g.stride(1), parts.stride(0), parts.stride(1), parts.stride(2),
+            k, m_split, site_id, **common,
         )
-        return da
+        return parts.sum(0).to(a_cat.dtype)
     da = torch.zeros(a_cat.shape, dtype=torch.float32, device=a_cat.device)
     _dropout_xa_grad_a_atomic_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
         x, g, da, table.seg_start, table.seg_end, table.row_seg, table.row_seed, table.row_pos,

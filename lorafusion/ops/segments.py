@@ -71,6 +71,11 @@ class SegmentTable:
     def num_segments(self) -> int:
         return len(self.bounds)
 
+    @property
+    def longest_segment(self) -> int:
+        """Rows of the longest segment (at least 1): the row splits of the per-segment reductions cover it."""
+        return max(max(end - start for start, end in self.bounds), 1)
+
     def layer_params(self, ranks: tuple[int, ...], scalings: tuple[float, ...], dropout_ps: tuple[float, ...]) -> LayerParams:
         """Device tensors for one layer's settings, uploaded once per distinct setting per microbatch."""
         key = (tuple(ranks), tuple(scalings), tuple(dropout_ps))

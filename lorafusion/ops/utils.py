@@ -11,7 +11,7 @@ import torch
 __all__ = [
     "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
     "autotune_enabled", "jit_helper", "lazy_kernel", "next_pow2", "pick_config", "resolve_backend",
-    "triton_available", "tuned",
+    "split_length", "triton_available", "tuned",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -101,6 +101,21 @@ def jit_helper(fn: Callable):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def split_length(total: int, block: int, programs: int, device: torch.device) -> int:
+    """Length (a multiple of `block`) of each split of a reduction over `total`, for a grid of `programs` per split.
+
+    The skinny products (T = x̂Aᵀ, G = dy B, dA, dB) have few output tiles; splitting their long reduction
+    into fp32 partials that the host sums in order keeps them deterministic and gives ~2 programs per SM.
+    The interpreter splits at every block, so the tests sum several partials.
+    """
+    if device.type != "cuda":
+        return block
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = -(-total // block)
+    splits = max(1, min(blocks, -(-2 * sms // max(programs, 1))))
+    return -(-blocks // splits) * block
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ FP32_TABLES = {"scale_ptr", "p_ptr"}
 
 # kernel, its constexprs, pointers that hold fp32 (accumulation buffers) whatever the activation dtype
 KERNELS = [
-    (xa._dropout_xa_fwd_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True), ()),
+    (xa._dropout_xa_fwd_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True), ("t_ptr",)),
     (xa._dropout_keep_kernel, dict(BLOCK_M=16, BLOCK_K=16), ()),
-    (xa._dropout_xa_grad_a_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=64, HAS_DROPOUT=True), ()),
+    (xa._dropout_xa_grad_a_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=64, HAS_DROPOUT=True), ("da_ptr",)),
     (xa._dropout_xa_grad_a_atomic_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True), ("da_ptr",)),
     (sb._xw_sb_fwd_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, GROUP_M=8, HAS_BIAS=True), ()),
     (dd._dys_dyb_atomic_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16), ("g_ptr", "db_ptr")),
     (dd._dys_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16), ("g_ptr",)),
-    (dd._dyb_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32), ()),
+    (dd._dyb_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32), ("db_ptr",)),
     (dw._dyw_dsa_bwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, GROUP_M=8, HAS_DROPOUT=True), ()),
 ]
 
