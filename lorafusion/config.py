@@ -20,6 +20,7 @@ import yaml
 import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
+from lorafusion.ops.utils import BACKENDS as KERNEL_BACKENDS
 from lorafusion.validation import is_number
 
 __all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
@@ -184,6 +185,9 @@ class RunConfig:
     """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
     max_restarts: int = 2
     """How often a fit whose stage actor died is started again from its last checkpoint before it gives up."""
+    kernels: str = "auto"
+    """LoRA layer implementation: 'auto' = fused Triton kernels on CUDA, torch elsewhere; 'triton' = force
+    Triton (on CPU only under TRITON_INTERPRET=1, else a clear error); 'torch' = force the torch reference."""
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_dir"):
@@ -207,6 +211,9 @@ class RunConfig:
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in DTYPES:
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"run.kernels={self.kernels!r}; choose one of {list(KERNEL_BACKENDS)} "
+                             "('auto' picks Triton on CUDA and torch elsewhere)")
         self._check_checkpointing()
 
     def _check_checkpointing(self) -> None:

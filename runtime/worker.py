@@ -39,7 +39,7 @@ class StageWorker:
         self.model, self.arch = build_model(run.base_model, dtype=DTYPES[run.dtype], pre_process=place.is_first,
                                             post_process=place.is_last, layers=layers)
         self.model.to(self.device).train()
-        self.adapters = ModelAdapters(self.model, self.arch)
+        self.adapters = ModelAdapters(self.model, self.arch, kernels=self.run.kernels)
         self.optimizers: dict[str, JobOptimizer] = {}
         for spec, total_steps in jobs:
             self.adapters.add_job(spec.name, spec.adapter, seed=spec.seed)
