@@ -25,6 +25,7 @@ from runtime.backend import StageGroup, StageLost
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
+from runtime.planning import last_microbatch, window_items
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
 
@@ -94,31 +95,24 @@ def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
     return [padded[r::replicas] for r in range(replicas)]
 
 
-def plan_window(
-    batches: dict[str, list[list[Sample]]], seeds: dict[str, list[list[int]]], run: RunConfig
-) -> _WindowPlan:
-    """Pack and order `batches` (job -> its next global batches) into one window for the actors."""
+def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig) -> _WindowPlan:
+    """Pack and order the global batches `steps[job]` of each named job into one window for the actors."""
+    by_name = {job.name: job for job in prepared_jobs}
+    jobs = [scheduler.Job(name, [[len(s) for s in by_name[name].global_batch(step)] for step in window_steps],
+                          first_global_batch=window_steps.start)
+            for name, window_steps in steps.items() if window_steps]
     replicas = run.data_parallel
-    jobs = [scheduler.Job(name=name, global_batches=[[len(s) for s in batch] for batch in job_batches])
-            for name, job_batches in batches.items()]
     plan = scheduler.plan(jobs, capacity_tokens=run.max_tokens_per_microbatch,
                           pipeline_depth=run.pipeline_stages * replicas, pad_multiple=1,
                           time_limit_s=run.plan_time_limit_s, num_workers=1)
-    weights = {(name, g): 1.0 / max(sum(s.num_loss_tokens for s in batch), 1)
-               for name, job_batches in batches.items() for g, batch in enumerate(job_batches)}
-    slots, last = [], {}
-    for m, mb in enumerate(plan.microbatches):
-        slot = Slot()
-        for name, g, i in mb.samples:
-            slot.items.append((name, batches[name][g][i], seeds[name][g][i]))
-            slot.weights[name] = weights[(name, g)]
-            last[(name, g)] = m // replicas
-        slots.append(slot)
+    batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
+    weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
+    slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
+             for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
     steps_after: dict[int, list[str]] = {}
-    for (name, g), index in sorted(last.items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0])):
-        steps_after.setdefault(index, []).append(name)
-    tokens = {(name, g): sum(len(s) for s in batch) for name, job_batches in batches.items()
-              for g, batch in enumerate(job_batches)}
+    for (name, _), index in sorted(last_microbatch(plan).items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0])):
+        steps_after.setdefault(index // replicas, []).append(name)
+    tokens = {key: sum(len(s) for s in batch) for key, batch in batches.items()}
     real = sum(1 for mb in plan.microbatches if not mb.is_noop)
     return _WindowPlan(Window(slots=_deal(slots, replicas), steps_after=steps_after), tokens, real)
 
@@ -187,22 +181,16 @@ class _Trainer:
         return max(1, min(_MAX_STEPS_PER_WINDOW, math.ceil(_SLOTS_PER_WINDOW * slots / per_round)))
 
     def _train_window(self, active: list[_JobState], steps: int) -> None:
-        batches, seeds = {}, {}
-        for state in active:
-            count = min(steps, state.steps_until_stop(self.run.checkpoint_every_steps))
-            batches[state.job.name] = [state.job.global_batch(state.step + k) for k in range(count)]
-            seeds[state.job.name] = [state.job.dropout_seeds(state.step + k) for k in range(count)]
-        planned = plan_window(batches, seeds, self.run)
+        window_steps = {s.job.name: range(s.step, s.step + min(steps, s.steps_until_stop(self.run.checkpoint_every_steps)))
+                        for s in active}
+        planned = plan_window(self.prepared.jobs, window_steps, self.run)
         results = self.group.run_window(planned.window)
         self.windows += 1
         self._account(results)
         self.microbatches += planned.microbatches
-        counters = {name: 0 for name in batches}
         for event in results[0].steps:
             state = self.states[event.job]
-            tokens = planned.tokens[(event.job, counters[event.job])]
-            counters[event.job] += 1
-            self._record_step(state, event, tokens)
+            self._record_step(state, event, planned.tokens[(event.job, state.step)])
 
     def _account(self, results: list[WindowResult]) -> None:
         for i, result in enumerate(results):

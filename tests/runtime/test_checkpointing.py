@@ -54,13 +54,13 @@ def make_worker(prepared: PreparedRun) -> StageWorker:
 def train_round(worker: StageWorker, prepared: PreparedRun, progress: dict[str, JobProgress]) -> None:
     """One window of the engine as a 1-stage fit runs it: every active job's next global batch, packed together."""
     active = [j for j in prepared.jobs if progress[j.name].error is None and progress[j.name].step < j.total_steps]
-    planned = plan_window({j.name: [j.global_batch(progress[j.name].step)] for j in active},
-                          {j.name: [j.dropout_seeds(progress[j.name].step)] for j in active}, prepared.run)
+    steps = {j.name: range(progress[j.name].step, progress[j.name].step + 1) for j in active}
+    planned = plan_window(prepared.jobs, steps, prepared.run)
     runner = StageRunner(worker, StageComm(StagePlace(), worker.device))
     for event in runner.run_window(planned.window).steps:
         state = progress[event.job]
+        state.tokens += planned.tokens[(event.job, state.step)]
         state.step += 1
-        state.tokens += planned.tokens[(event.job, 0)]
         state.last_loss = event.loss
 
 

@@ -122,8 +122,7 @@ def first_round(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capa
     runner = local_runner(run, [(j.spec, j.total_steps) for j in prepared.jobs])
     for spec in jobs:
         randomize(runner.worker.adapters, spec.name, seed=100 + spec.seed)
-    planned = plan_window({j.name: [j.global_batch(0)] for j in prepared.jobs},
-                          {j.name: [j.dropout_seeds(0)] for j in prepared.jobs}, run)
+    planned = plan_window(prepared.jobs, {j.name: range(0, 1) for j in prepared.jobs}, run)
     planned.window.steps_after = {}  # keep the gradients instead of stepping
     runner.run_window(planned.window)
     grads = {
@@ -182,8 +181,7 @@ def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, exampl
     runner.worker.step = recording_step
     losses = []
     for step in range(2):  # the engine's windows, one global batch per job each, as a 1-stage fit runs them
-        planned = plan_window({j.name: [j.global_batch(step)] for j in prepared.jobs},
-                              {j.name: [j.dropout_seeds(step)] for j in prepared.jobs}, run)
+        planned = plan_window(prepared.jobs, {j.name: range(step, step + 1) for j in prepared.jobs}, run)
         events = runner.run_window(planned.window).steps
         losses.append({e.job: e.loss for e in events})
     params, engine_grads = seen["arith"][1]  # step 2: B is non-zero, so A has a gradient too

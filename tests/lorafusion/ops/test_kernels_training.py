@@ -25,14 +25,14 @@ def _two_steps(checkpoint: Path, examples_data: Path, output_dir: Path, kernels:
     ]
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), kernels=kernels, progress=False)
     prepared = prepare_run(jobs, run)
-    worker = StageWorker(prepared)
+    worker = StageWorker(run, [(job.spec, job.total_steps) for job in prepared.jobs])
     # one sample of each job, with its own dropout seed (unused at p = 0 but carried into the segment table)
     items = [(job.name, job.global_batch(0)[0], job.dropout_seeds(0)[0]) for job in prepared.jobs]
     mb = build_microbatch(items)
     weights = {"greet": 0.1, "arith": 0.1}
     first = worker.forward_backward(mb, weights)
     for job in ("greet", "arith"):
-        worker.step(job)
+        worker.step(job, worker.grad_norm_sq(job) ** 0.5)
     second = worker.forward_backward(mb, weights)
     grads = {job: [p.grad.clone() for p in worker.adapters.parameters(job)] for job in ("greet", "arith")}
     return first, second, grads
