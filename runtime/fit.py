@@ -33,9 +33,9 @@ __all__ = ["fit", "RUN_METRICS"]
 
 RUN_METRICS = "run_metrics.json"
 # Microbatches a window should hold per pipeline slot (stages × replicas): the 1F1B fill and drain at a
-# window's ends cost ~(S - 1) slots, so ≥ 8 per slot keeps that under ~1/8 of the window.
-_SLOTS_PER_WINDOW = 8
-_MAX_STEPS_PER_WINDOW = 8
+# window's ends cost ~(S - 1) slots, so ≥ 16 per slot keeps that under ~1/16 of the window.
+_SLOTS_PER_WINDOW = 16
+_MAX_STEPS_PER_WINDOW = 16
 
 
 def _start_output(prepared: PreparedRun, resuming: bool) -> None:
