@@ -110,8 +110,9 @@ class StageComm:
             dist.all_reduce(tensor, group=self.dp_group)
         return tensor
 
-    def sum_over_stages(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In-place sum across the pipeline stages of this replica."""
+    def start_sum_over_stages(self, tensor: torch.Tensor):
+        """Start an in-place sum across the pipeline stages of this replica; returns the work to wait on
+        (None when there is one stage and nothing to do)."""
         if self.place.stages > 1:
-            dist.all_reduce(tensor, group=self.pp_group)
-        return tensor
+            return dist.all_reduce(tensor, group=self.pp_group, async_op=True)
+        return None

@@ -84,6 +84,7 @@ class StageRunner:
         self.worker, self.comm = worker, comm
         self.place = comm.place
         self._loss = {}  # job -> weighted loss of its current global batch on this actor (last stage)
+        self._pending = {}  # job -> (its in-flight sum over stages, [norm², loss]) until it steps
 
     def run_window(self, window: Window) -> WindowResult:
         result = WindowResult()
@@ -107,6 +108,7 @@ class StageRunner:
         in_flight = {}
         for kind, i in one_f_one_b(self.place.stage, self.place.stages, len(slots)):
             if kind == "F":
+                self._finish_steps({item[0] for item in slots[i].items}, result)
                 mb = self._microbatch(slots[i])
                 if mb is not None:
                     in_flight[i] = self._forward(mb, slots[i].weights, result)
@@ -115,7 +117,8 @@ class StageRunner:
                 self._backward(*in_flight.pop(i), result)
             for job in window.steps_after.get(i, []):
                 if job in self.worker.optimizers:
-                    result.steps.append(self._step(job, result))
+                    self._start_step(job, result)
+        self._finish_steps(None, result)
 
     def _forward(self, mb, weights: dict[str, float], result: WindowResult):
         hidden_in = None
@@ -142,8 +145,17 @@ class StageRunner:
         if grad_in is not None:
             self.comm.send_backward(grad_in)
 
-    def _step(self, job: str, result: WindowResult) -> StepEvent:
-        """Reduce the job's gradients over replicas and its norm and loss over stages, then step or fail it."""
+    def _start_step(self, job: str, result: WindowResult) -> None:
+        """At the backward of the job's last microbatch: sum its gradients over the replicas (they run in
+        step with each other), then start summing its norm and loss over the stages without waiting.
+
+        The stages reach this point at different times (the last stage first); waiting here would idle the
+        later stages for a backward of every earlier one. The sum is awaited in `_finish_steps`, before the
+        job's next microbatch runs on this stage, by which time every stage has started it (distance rule).
+        """
+        self._finish_steps({job}, result)  # a replica that held none of the job's last batch has not stepped yet
+        if job not in self.worker.optimizers:
+            return
         tic = time.perf_counter()
         params = self.worker.optimizers[job].params
         loss = self._loss.pop(job, 0.0)
@@ -157,7 +169,20 @@ class StageRunner:
                 offset += p.numel()
             loss = float(flat[-1])
         totals = torch.tensor([self.worker.grad_norm_sq(job), loss], dtype=torch.float64, device=self.worker.device)
-        norm_sq, loss = self.comm.sum_over_stages(totals).tolist()
+        self._pending[job] = (self.comm.start_sum_over_stages(totals), totals)
+        result.busy_s += time.perf_counter() - tic
+
+    def _finish_steps(self, jobs: set[str] | None, result: WindowResult) -> None:
+        """Complete the pending steps of `jobs` (None: all), in the order they were started."""
+        for job in [j for j in self._pending if jobs is None or j in jobs]:
+            work, totals = self._pending.pop(job)
+            if work is not None:
+                work.wait()
+            result.steps.append(self._step(job, *totals.tolist(), result))
+
+    def _step(self, job: str, norm_sq: float, loss: float, result: WindowResult) -> StepEvent:
+        """Step the job clipped by its global gradient norm, or stop it when its loss or norm is not finite."""
+        tic = time.perf_counter()
         norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.worker.remove_job(job)  # its adapter and optimizer go; the other jobs carry on
