@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,13 @@ def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path, examples_data)
                  {"name": "arith", "dataset": str(examples_data / "arith.jsonl"), "max_steps": 3,
                   "global_batch_size": 3, "learning_rate": 1e-3, "adapter": {"type": "lora", "rank": 4}}],
     }))
-    submitted = _ray(["job", "submit", "--working-dir", ".", "--", "lorafusion", "train", str(config)],
-                     ray_head, timeout_s=900)
-    log = submitted.stdout + submitted.stderr
+    for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
+        submitted = _ray(["job", "submit", "--working-dir", ".", "--", "lorafusion", "train", str(config)],
+                         ray_head, timeout_s=900)
+        log = submitted.stdout + submitted.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(3)
     assert submitted.returncode == 0, log[-4000:]
     assert "succeeded" in log and "2 stage(s)" in log
     for name, steps in (("greet", 2), ("arith", 3)):
