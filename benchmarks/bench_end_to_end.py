@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -232,8 +232,8 @@ def _sum_results(parts: list[ProviderResult]) -> ProviderResult:
 
 def _run_hf_all(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, scratch: Path) -> ProviderResult:
     # lorafusion's own validation, tokenisation and data order give the samples of every step.
-    run = _run_config(cfg, checkpoint, scratch / "hf_unused")
-    prepared = prepare_run(jobs, lf.RunConfig(**{**asdict(run), "pipeline_stages": 1}))
+    run = replace(_run_config(cfg, checkpoint, scratch / "hf_unused"), pipeline_stages=1)
+    prepared = prepare_run(jobs, run)
     pad_id = prepared.tokenizer.pad_id
     pad_id = 0 if pad_id is None else pad_id
     return _sum_results([run_hf_peft(job, checkpoint, pad_id) for job in prepared.jobs])
