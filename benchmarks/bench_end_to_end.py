@@ -20,6 +20,7 @@ One row per run is appended to benchmarks/results/end_to_end.csv, with the ratio
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -255,15 +256,25 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, list[ProviderResult]]:
     The order alternates between repeats (a b c, c b a, ...) so a slow phase of a shared machine does
     not fall on one provider only.
     """
+    import ray
+
+    from runtime.backend import CPU_THREADS_ENV, connect_ray
+
     torch.set_num_threads(cfg.threads)
+    os.environ[CPU_THREADS_ENV] = str(cfg.threads)  # each stage actor gets the same thread count as (c)
     checkpoint = bench_checkpoint(cfg)
     jobs = bench_jobs(cfg)
     results: dict[str, list[ProviderResult]] = {p: [] for p in cfg.providers}
-    with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
-        for repeat in range(cfg.repeats):
-            order = cfg.providers if repeat % 2 == 0 else cfg.providers[::-1]
-            for provider in order:
-                results[provider].append(_measure(provider, jobs, cfg, checkpoint, Path(tmp)))
+    started = connect_ray(num_actors=cfg.pipeline_stages)  # once, not per fit (b runs four fits)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
+            for repeat in range(cfg.repeats):
+                order = cfg.providers if repeat % 2 == 0 else cfg.providers[::-1]
+                for provider in order:
+                    results[provider].append(_measure(provider, jobs, cfg, checkpoint, Path(tmp)))
+    finally:
+        if started:
+            ray.shutdown()
     return results
 
 

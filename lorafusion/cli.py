@@ -1,4 +1,4 @@
-"""`lorafusion` command line: train, eval, demo, report."""
+"""`lorafusion` command line: train, eval, plan, demo, report."""
 
 from __future__ import annotations
 
@@ -53,6 +53,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import lorafusion as lf
+    from lorafusion.prepare import prepare_run
+    from runtime.planning import format_run_plan, plan_windows
+    from scheduler import CostModel, WindowPlanner
+
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows {args.windows} must be ≥ 1 (or left out to plan the whole run)")
+    overrides = args.set + ([f"run.max_tokens_per_microbatch={args.capacity}"] if args.capacity is not None else [])
+    jobs, run = lf.load_config(args.config, overrides)
+    # Planning writes nothing and simulates the pipeline, so an existing output_dir and a pipeline the
+    # single-process engine cannot run yet are no reason to refuse; everything else is checked as for train.
+    prepared = prepare_run(jobs, dataclasses.replace(run, pipeline_stages=1, data_parallel=1, overwrite=True))
+    planner = WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch, pipeline_depth=run.pipeline_stages,
+                            pad_multiple=args.pad_multiple, time_limit_s=args.time_limit_s)
+    cost_model = CostModel() if args.attn_coef is None else CostModel(attn_coef=args.attn_coef)
+    result = plan_windows(prepared.jobs, planner, steps_per_window=args.steps_per_window,
+                          stages=run.pipeline_stages, max_windows=args.windows, cost_model=cost_model)
+    print(format_run_plan(result))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafusion", description="Many LoRA fine-tuning jobs on one base model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +101,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default: the demo's own)")
     demo.add_argument("--cache-dir", default=None, help="where the tiny checkpoint is made once (default ~/.cache/lorafusion)")
     demo.set_defaults(func=_demo)
+
+    plan = sub.add_parser("plan", help="tokenize the jobs' datasets and print the schedule's statistics (no training)")
+    plan.add_argument("config", help="jobs YAML file")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field, as for train: run.pipeline_stages=4 plans for 4 stages")
+    plan.add_argument("--windows", type=int, default=None, help="plan only the first N windows (default: the whole run)")
+    plan.add_argument("--steps-per-window", type=int, default=1, help="global batches of each job per window")
+    plan.add_argument("--capacity", type=int, default=None,
+                      help="tokens per microbatch (default: run.max_tokens_per_microbatch)")
+    plan.add_argument("--pad-multiple", type=int, default=1, help="pad each job's tokens to a multiple (kernel tile rows)")
+    plan.add_argument("--time-limit-s", type=float, default=0.3, help="CP-SAT limit per window (seconds)")
+    plan.add_argument("--attn-coef", type=float, default=None,
+                      help="attention cost per token² relative to one token, for the simulated bubble "
+                           "(default: scheduler.CostModel's)")
+    plan.set_defaults(func=_plan)
 
     tiny = sub.add_parser("tiny-checkpoint", help="write the demo's tiny random Llama checkpoint to a directory")
     tiny.add_argument("directory")

@@ -20,6 +20,7 @@ import yaml
 import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
+from lorafusion.ops.utils import BACKENDS as KERNEL_BACKENDS
 from lorafusion.validation import is_number
 
 __all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
@@ -163,6 +164,10 @@ class RunConfig:
     """Pipeline-parallel stages (model chunks)."""
     data_parallel: int = 1
     """Data-parallel replicas."""
+    stage_layers: list[int] | None = None
+    """Decoder layers of each pipeline stage, e.g. [3, 5]; default: balanced by count."""
+    plan_time_limit_s: float = 0.5
+    """CP-SAT time limit per packing solve (one global batch of one job group); greedy packing is the floor."""
     dtype: str = "float32"
     """Base-model compute dtype: 'float32', 'bfloat16' or 'float16' (adapters keep fp32 master weights)."""
     log_every_steps: int = 1
@@ -170,7 +175,19 @@ class RunConfig:
     progress: bool = True
     """Print progress lines on the driver."""
     overwrite: bool = False
-    """Allow writing into an output_dir that already holds a run (its files are replaced)."""
+    """Allow writing into an output_dir that already holds a run (its files are replaced); wins over resume."""
+    checkpoint_every_steps: int | None = None
+    """Checkpoint every this many optimizer steps of a job (all jobs are saved together, at the end of the
+    window in which one reaches a multiple of it); a checkpoint is also written at the end. None = only at the end."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep in <output_dir>/checkpoints (older ones are deleted)."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
+    max_restarts: int = 2
+    """How often a fit whose stage actor died is started again from its last checkpoint before it gives up."""
+    kernels: str = "auto"
+    """LoRA layer implementation: 'auto' = fused Triton kernels on CUDA, torch elsewhere; 'triton' = force
+    Triton (on CPU only under TRITON_INTERPRET=1, else a clear error); 'torch' = force the torch reference."""
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_dir"):
@@ -181,9 +198,32 @@ class RunConfig:
         _positive_int("run", "max_tokens_per_microbatch", self.max_tokens_per_microbatch, "4096")
         _positive_int("run", "pipeline_stages", self.pipeline_stages, "1")
         _positive_int("run", "data_parallel", self.data_parallel, "1")
+        if not is_number(self.plan_time_limit_s) or self.plan_time_limit_s <= 0:
+            raise ValueError(f"run.plan_time_limit_s={self.plan_time_limit_s!r} must be a number of seconds > 0, e.g. 0.5")
+        if self.stage_layers is not None:
+            if not isinstance(self.stage_layers, list) or len(self.stage_layers) != self.pipeline_stages:
+                raise ValueError(
+                    f"run.stage_layers={self.stage_layers!r} must be a list of {self.pipeline_stages} layer counts "
+                    "(one per pipeline stage), or null for a balanced split"
+                )
+            for count in self.stage_layers:
+                _positive_int("run", "stage_layers", count, "[4, 4]")
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in DTYPES:
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"run.kernels={self.kernels!r}; choose one of {list(KERNEL_BACKENDS)} "
+                             "('auto' picks Triton on CUDA and torch elsewhere)")
+        self._check_checkpointing()
+
+    def _check_checkpointing(self) -> None:
+        if self.checkpoint_every_steps is not None:
+            _positive_int("run", "checkpoint_every_steps", self.checkpoint_every_steps, "100 (or null: only at the end)")
+        _positive_int("run", "keep_checkpoints", self.keep_checkpoints, "2")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"run.max_restarts={self.max_restarts!r} must be an integer ≥ 0, e.g. max_restarts: 2")
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"run.resume={self.resume!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

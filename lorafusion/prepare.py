@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lorafusion.adapters.multi import mix_seed
 from lorafusion.config import JobSpec, RunConfig, check_jobs
 from lorafusion.data import Sample, SampleStream, TextTokenizer, load_jsonl_dataset, load_tokenizer
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture
 
-__all__ = ["PreparedJob", "PreparedRun", "prepare_run", "check_output_dir", "RUN_MANIFEST"]
+__all__ = [
+    "PreparedJob", "PreparedRun", "prepare_run", "check_output_dir", "RUN_MANIFEST", "CHECKPOINTS_DIR",
+    "CHECKPOINT_MANIFEST", "RESUME_FREE_RUN_FIELDS", "run_manifest", "read_run_manifest", "config_differences",
+    "complete_checkpoints",
+]
 
 RUN_MANIFEST = "run.json"
+CHECKPOINTS_DIR = "checkpoints"
+"""<output_dir>/checkpoints/step-<global counter>/, one folder per checkpoint."""
+CHECKPOINT_MANIFEST = "manifest.json"
+"""Written last inside a checkpoint folder: a folder without it is not a checkpoint."""
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# RunConfig fields a resumed run may change: they steer logging, output bookkeeping and parallelism (which
+# DESIGN promise 2 makes invisible; checkpoint shards are keyed by global layer, not by stage), not the
+# training state. Every other run field and every job field must match the checkpointed run.
+RESUME_FREE_RUN_FIELDS = frozenset({
+    "output_dir", "progress", "log_every_steps", "overwrite", "resume", "checkpoint_every_steps",
+    "keep_checkpoints", "pipeline_stages", "data_parallel",
+})
 
 
 @dataclass
@@ -73,9 +93,80 @@ def _inside(path: str | Path, directory: Path) -> bool:
     return resolved == directory or directory in resolved.parents
 
 
+def run_manifest(run: RunConfig, jobs: list[JobSpec]) -> dict[str, Any]:
+    """The content of <output_dir>/run.json (and of each checkpoint's config record), as JSON types."""
+    return json.loads(json.dumps({"run": run.to_dict(), "jobs": [j.to_dict() for j in jobs]}))
+
+
+def read_run_manifest(output_dir: str | Path) -> dict[str, Any]:
+    path = Path(output_dir) / RUN_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read ({err}); set run.overwrite=true to start over in this output_dir, "
+                         "or choose a new output_dir") from err
+    if not isinstance(data, dict) or not isinstance(data.get("run"), dict) or not isinstance(data.get("jobs"), list):
+        raise ValueError(f"{path}: is not a lorafusion run manifest ({{run: {{...}}, jobs: [...]}}); set "
+                         "run.overwrite=true to start over in this output_dir, or choose a new output_dir")
+    return data
+
+
+def _field_differences(prefix: str, saved: dict, now: dict, free: frozenset = frozenset()) -> list[str]:
+    return [
+        f"{prefix}{key}: {saved.get(key, '(absent)')!r} before, {now.get(key, '(absent)')!r} now"
+        for key in sorted(set(saved) | set(now))
+        if key not in free and saved.get(key, "(absent)") != now.get(key, "(absent)")
+    ]
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two `run_manifest` records in fields a resume must keep, one line per field."""
+    diffs = _field_differences("run.", saved.get("run", {}), now.get("run", {}), RESUME_FREE_RUN_FIELDS)
+    saved_jobs = {j.get("name"): j for j in saved.get("jobs", []) if isinstance(j, dict)}
+    now_jobs = {j["name"]: j for j in now.get("jobs", [])}
+    for name in sorted(set(saved_jobs) - set(now_jobs), key=str):
+        diffs.append(f"job '{name}': in the saved run, not in this one")
+    for name in sorted(set(now_jobs) - set(saved_jobs)):
+        diffs.append(f"job '{name}': in this run, not in the saved one")
+    for name in [n for n in now_jobs if n in saved_jobs]:
+        diffs += _field_differences(f"job '{name}' ", saved_jobs[name], now_jobs[name])
+    if not diffs and list(saved_jobs) != list(now_jobs):  # job order decides packing order
+        diffs.append(f"job order: {list(saved_jobs)} before, {list(now_jobs)} now")
+    return diffs
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(global counter, folder) of every checkpoint whose manifest was written, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        match = _STEP_DIR.match(folder.name)
+        if match and folder.is_dir() and (folder / CHECKPOINT_MANIFEST).is_file():
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def _check_resumable(out: Path, run: RunConfig, jobs: list[JobSpec]) -> bool:
+    """True when `out` holds this very run (same settings) with a complete checkpoint to resume from."""
+    if not run.resume or not (out / RUN_MANIFEST).is_file() or not complete_checkpoints(out):
+        return False
+    diffs = config_differences(read_run_manifest(out), run_manifest(run, jobs))
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ValueError(
+            f"run.output_dir '{out}' already holds another run (run.json) whose settings differ, so it cannot be "
+            f"resumed: {shown}. Use the saved settings to resume, set run.overwrite=true to replace it, or choose "
+            "a new output_dir"
+        )
+    return True
+
+
 def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
-    """Refuse an output_dir that holds anything (another run, or unrelated files) unless run.overwrite,
-    and always refuse one that holds this run's own inputs (overwrite would delete them)."""
+    """Refuse an output_dir that holds anything (another run, or unrelated files) unless run.overwrite, or
+    run.resume and it holds this run with a complete checkpoint; always refuse one that holds this run's own
+    inputs (overwrite would delete them)."""
     out = Path(run.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"run.output_dir '{out}' is a file; choose a directory path")
@@ -87,30 +178,19 @@ def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
             raise ValueError(
                 f"run.output_dir '{out}' contains this run's {what} '{path}'; choose an output_dir outside the inputs"
             )
-    if run.overwrite or not out.exists() or not any(out.iterdir()):
+    if run.overwrite or not out.exists() or not any(out.iterdir()) or _check_resumable(out, run, jobs):
         return
     what = "another run (run.json)" if (out / RUN_MANIFEST).exists() else "files"
+    hint = " with no complete checkpoint to resume from" if run.resume and what != "files" else ""
     raise ValueError(
-        f"run.output_dir '{out}' already holds {what}; choose a new output_dir or set run.overwrite=true "
+        f"run.output_dir '{out}' already holds {what}{hint}; choose a new output_dir or set run.overwrite=true "
         "to replace it"
     )
-
-
-def _check_parallelism(run: RunConfig) -> None:
-    # The engine runs one stage holding the whole model; the Ray runtime adds stages and replicas.
-    for name in ("pipeline_stages", "data_parallel"):
-        value = getattr(run, name)
-        if value != 1:
-            raise ValueError(
-                f"run.{name}={value} needs the distributed runtime, which this version does not have yet; "
-                f"set run.{name}=1 (the single-process engine gives the same adapters)"
-            )
 
 
 def prepare_run(jobs: list[JobSpec], run: RunConfig) -> PreparedRun:
     """Validate the whole run and tokenise every dataset; raises ValueError before anything is written."""
     check_jobs(jobs)
-    _check_parallelism(run)
     arch = read_architecture(run.base_model)
     HFWeights(run.base_model).check(arch)  # missing or misshapen tensors fail now, not after writing
     tokenizer = load_tokenizer(run.base_model)

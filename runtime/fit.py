@@ -1,147 +1,301 @@
-"""`lorafusion.fit`: validate, plan rounds of packed microbatches, train every job, export adapters.
+"""`lorafusion.fit`: validate, then drive the stage actors window by window and export every adapter.
 
-Each round takes every active job's next global batch and packs all those samples together; a job
-steps as soon as the backward of its last microbatch in the round is done.
+A window holds the next few global batches of every active job, packed and ordered by the scheduler
+(distance ≥ stages × replicas between a job's consecutive global batches), dealt round-robin to the
+data-parallel replicas. The actors run it with 1F1B and step each job as its global batch completes; the
+driver records the steps, evaluates where due, and plans the next window with the jobs still active.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
-from lorafusion.batching import build_microbatch
+import scheduler
+from lorafusion.checkpoint import write_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
-from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run
+from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
 from lorafusion.result import FitResult, JobResult
+from runtime.backend import StageGroup, StageLost
+from runtime.checkpointing import begin_checkpoint
+from runtime.resume import JobProgress, Resumed, commit_checkpoint, open_checkpoint, trim_metrics
+from runtime.pipeline import bubble_fraction, split_layers
+from runtime.planning import last_microbatch, window_items
 from runtime.progress import MetricsWriter, Progress
-from runtime.worker import StageWorker
-from scheduler import first_fit_decreasing
+from runtime.stage import Slot, Window, WindowResult
 
-__all__ = ["fit", "plan_round"]
+__all__ = ["fit", "RUN_METRICS"]
 
-
-def plan_round(
-    batches: dict[str, list[Sample]], capacity: int, seeds: dict[str, list[int]]
-) -> list[list[tuple[str, Sample, int]]]:
-    """Pack the round's samples (every job's current global batch) into microbatches of ≤ capacity tokens.
-
-    Items are (job, sample, dropout seed); `seeds[job][i]` is the seed of the job's i-th sample, so
-    masks follow the sample, not the microbatch it lands in.
-    """
-    items = [(job, s, seed) for job, samples in batches.items() for s, seed in zip(samples, seeds[job])]
-    bins = first_fit_decreasing([len(item[1]) for item in items], capacity)
-    return [[items[i] for i in b] for b in bins]
+RUN_METRICS = "run_metrics.json"
+# Microbatches a window should hold per pipeline slot (stages × replicas): the 1F1B fill and drain at a
+# window's ends cost ~(S - 1) slots, so ≥ 8 per slot keeps that under ~1/8 of the window.
+_SLOTS_PER_WINDOW = 8
+_MAX_STEPS_PER_WINDOW = 8
 
 
-def _start_output(prepared: PreparedRun) -> None:
+def _start_output(prepared: PreparedRun, resuming: bool) -> None:
     out = Path(prepared.run.output_dir)
     if out.exists() and prepared.run.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"run": prepared.run.to_dict(), "jobs": [j.spec.to_dict() for j in prepared.jobs]}
-    (out / RUN_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = run_manifest(prepared.run, [j.spec for j in prepared.jobs])
+    tmp = out / f".{RUN_MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / RUN_MANIFEST)
+    if not resuming:
+        for job in prepared.jobs:
+            MetricsWriter(prepared.run.output_dir, job.name).clear()
 
 
 class _JobState:
     def __init__(self, job: PreparedJob, output_dir: str) -> None:
         self.job = job
         self.metrics = MetricsWriter(output_dir, job.name)
-        self.step = 0
-        self.tokens = 0
-        self.last_loss: float | None = None
-        self.eval_loss: float | None = None
-        self.error: str | None = None
+        self.restore(JobProgress())
+
+    def restore(self, progress: JobProgress) -> None:
+        self.step, self.tokens, self.error = progress.step, progress.tokens, progress.error
+        self.last_loss, self.eval_loss = progress.last_loss, progress.eval_loss
+        self.eval_step: int | None = None
+
+    def progress(self) -> JobProgress:
+        return JobProgress(step=self.step, tokens=self.tokens, last_loss=self.last_loss, eval_loss=self.eval_loss,
+                           error=self.error)
 
     @property
     def active(self) -> bool:
         return self.error is None and self.step < self.job.total_steps
 
+    def steps_until_stop(self, checkpoint_every: int | None) -> int:
+        """Steps this job may take before the window must end: its last step, an evaluation or a checkpoint."""
+        limit = self.job.total_steps - self.step
+        every = self.job.spec.eval_every_steps if self.job.eval_samples is not None else None
+        for period in (every, checkpoint_every):
+            if period:
+                limit = min(limit, period - self.step % period)
+        return limit
+
+
+class _WindowPlan:
+    """The window sent to the actors and, per global batch in it, what the driver needs to record its step."""
+
+    def __init__(self, window: Window, tokens: dict[tuple[str, int], int], microbatches: int) -> None:
+        self.window, self.tokens, self.microbatches = window, tokens, microbatches
+
+
+def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
+    """Plan order → replica m % D, slot m // D; the last slots are padded with no-ops."""
+    per_replica = -(-len(slots_flat) // replicas)
+    padded = slots_flat + [Slot() for _ in range(per_replica * replicas - len(slots_flat))]
+    return [padded[r::replicas] for r in range(replicas)]
+
+
+def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig) -> _WindowPlan:
+    """Pack and order the global batches `steps[job]` of each named job into one window for the actors."""
+    by_name = {job.name: job for job in prepared_jobs}
+    jobs = [scheduler.Job(name, [[len(s) for s in by_name[name].global_batch(step)] for step in window_steps],
+                          first_global_batch=window_steps.start)
+            for name, window_steps in steps.items() if window_steps]
+    replicas = run.data_parallel
+    plan = scheduler.plan(jobs, capacity_tokens=run.max_tokens_per_microbatch,
+                          pipeline_depth=run.pipeline_stages * replicas, pad_multiple=1,
+                          time_limit_s=run.plan_time_limit_s, num_workers=1)
+    batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
+    weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
+    slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
+             for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
+    steps_after: dict[int, list[str]] = {}
+    for (name, _), index in sorted(last_microbatch(plan).items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0])):
+        steps_after.setdefault(index // replicas, []).append(name)
+    tokens = {key: sum(len(s) for s in batch) for key, batch in batches.items()}
+    real = sum(1 for mb in plan.microbatches if not mb.is_noop)
+    return _WindowPlan(Window(slots=_deal(slots, replicas), steps_after=steps_after), tokens, real)
+
+
+def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
+    """Every due job's eval samples packed first-fit-decreasing, forward only."""
+    items = [(name, s, 0) for name, job_samples in samples.items() for s in job_samples]
+    bins = scheduler.first_fit_decreasing([len(item[1]) for item in items], run.max_tokens_per_microbatch)
+    slots = [Slot(items=[items[i] for i in b]) for b in bins]
+    return Window(slots=_deal(slots, run.data_parallel), train=False)
+
 
 class _Trainer:
-    def __init__(self, prepared: PreparedRun) -> None:
-        self.prepared = prepared
-        self.worker = StageWorker(prepared)
+    def __init__(self, prepared: PreparedRun, group: StageGroup) -> None:
+        self.prepared, self.run, self.group = prepared, prepared.run, group
         self.states = {j.name: _JobState(j, prepared.run.output_dir) for j in prepared.jobs}
+        self.windows = 0  # windows completed: the checkpoint counter
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress)
         self.start = time.perf_counter()
         self.total_tokens = 0
+        self.microbatches = 0
+        self.busy = [0.0] * len(group.places)
+        self.span = [0.0] * len(group.places)
+        self.peak_memory = 0
 
-    def run(self) -> None:
+    def resume_from(self, resumed: Resumed | None) -> None:
+        """Take every job's progress from `resumed` (None: from the start); their metrics files follow."""
+        self.windows = resumed.counter if resumed is not None else 0
+        for name, state in self.states.items():
+            state.restore(resumed.progress[name] if resumed is not None else JobProgress())
+            trim_metrics(self.run.output_dir, name, state.step)
+        if resumed is not None:
+            self.group.restore(resumed)
+            done = sum(s.step for s in self.states.values())
+            self.progress.note(f"resumed from {resumed.path} ({done} job steps already done)")
+
+    def run_all(self) -> None:
+        every = self.run.checkpoint_every_steps
         while any(s.active for s in self.states.values()):
-            self._round([s for s in self.states.values() if s.active])
-        for state in self.states.values():
-            if state.error is None and state.job.eval_samples is not None and state.eval_loss is None:
-                self._evaluate(state)
+            active = [s for s in self.states.values() if s.active]
+            self._train_window(active, self._window_steps(active))
+            due = [s for s in active if s.error is None and s.job.eval_samples is not None
+                   and s.job.spec.eval_every_steps and s.step % s.job.spec.eval_every_steps == 0]
+            self._evaluate(due)
+            if every and any(s.step % every == 0 for s in active if s.error is None):
+                self.checkpoint()
+        self._evaluate([s for s in self.states.values()
+                        if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
+        self.checkpoint()
 
-    def _round(self, states: list[_JobState]) -> None:
-        batches = {s.job.name: s.job.global_batch(s.step) for s in states}
-        weights = {name: 1.0 / max(sum(s.num_loss_tokens for s in samples), 1) for name, samples in batches.items()}
-        seeds = {s.job.name: s.job.dropout_seeds(s.step) for s in states}
-        plan = plan_round(batches, self.prepared.run.max_tokens_per_microbatch, seeds)
-        last_bin = {item[0]: i for i, items in enumerate(plan) for item in items}  # later bins overwrite
-        loss_sums = dict.fromkeys(batches, 0.0)
-        for i, items in enumerate(plan):
-            for job, total in self.worker.forward_backward(build_microbatch(items), weights).items():
-                loss_sums[job] += total
-            for name in [n for n, last in last_bin.items() if last == i]:
-                self._finish_step(self.states[name], batches[name], loss_sums[name] * weights[name])
+    def checkpoint(self) -> None:
+        """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
+        progress = {name: state.progress() for name, state in self.states.items()}
+        staging = begin_checkpoint(self.run.output_dir, self.windows)
+        self.group.save_shards(staging, progress)
+        commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages)
 
-    def _finish_step(self, state: _JobState, samples: list[Sample], loss: float) -> None:
+    def _window_steps(self, active: list[_JobState]) -> int:
+        """Global batches per job in the next window: enough microbatches to keep every pipeline slot busy."""
+        slots = self.run.pipeline_stages * self.run.data_parallel
+        if slots == 1:
+            return 1
+        tokens = sum(len(s) for st in active for s in st.job.global_batch(st.step))
+        per_round = max(1, math.ceil(tokens / self.run.max_tokens_per_microbatch))
+        return max(1, min(_MAX_STEPS_PER_WINDOW, math.ceil(_SLOTS_PER_WINDOW * slots / per_round)))
+
+    def _train_window(self, active: list[_JobState], steps: int) -> None:
+        window_steps = {s.job.name: range(s.step, s.step + min(steps, s.steps_until_stop(self.run.checkpoint_every_steps)))
+                        for s in active}
+        planned = plan_window(self.prepared.jobs, window_steps, self.run)
+        results = self.group.run_window(planned.window)
+        self.windows += 1
+        self._account(results)
+        self.microbatches += planned.microbatches
+        for event in results[0].steps:
+            state = self.states[event.job]
+            self._record_step(state, event, planned.tokens[(event.job, state.step)])
+
+    def _account(self, results: list[WindowResult]) -> None:
+        for i, result in enumerate(results):
+            self.busy[i] += result.busy_s
+            self.span[i] += result.span_s
+            self.peak_memory = max(self.peak_memory, result.peak_memory_bytes)
+
+    def _record_step(self, state: _JobState, event, tokens: int) -> None:
         name = state.job.name
-        if not math.isfinite(loss):
-            state.error = f"loss became {loss} at step {state.step + 1}; the job was stopped"
-            self.worker.remove_job(name)  # its adapter and optimizer go; the other jobs carry on
+        if event.error is not None:
+            state.error = f"{event.error} at step {state.step + 1}; the job was stopped"
             self.progress.note(f"  {name}: FAILED — {state.error}")
             return
-        grad_norm, lr = self.worker.step(name)
-        tokens = sum(len(s) for s in samples)
         state.step += 1
         state.tokens += tokens
-        state.last_loss = loss
+        state.last_loss = event.loss
         self.total_tokens += tokens
         elapsed = time.perf_counter() - self.start
-        state.metrics.write({"step": state.step, "loss": loss, "lr": lr, "tokens": tokens,
-                             "grad_norm": grad_norm, "time_s": round(elapsed, 3)})
-        self.progress.step(name, state.step, loss, lr, self.total_tokens / max(elapsed, 1e-9))
-        every = state.job.spec.eval_every_steps
-        if state.job.eval_samples is not None and every and state.step % every == 0:
-            self._evaluate(state)
+        state.metrics.write({"step": state.step, "loss": event.loss, "lr": event.lr, "tokens": tokens,
+                             "grad_norm": event.grad_norm, "time_s": round(elapsed, 3)})
+        self.progress.step(name, state.step, event.loss, event.lr, self.total_tokens / max(elapsed, 1e-9))
 
-    def _evaluate(self, state: _JobState) -> None:
-        result = self.worker.evaluate(state.job.name, state.job.eval_samples)
-        state.eval_loss = result.loss
-        state.metrics.write({"step": state.step, "eval_loss": result.loss, "eval_tokens": result.tokens})
-        self.progress.eval(state.job.name, state.step, result.loss)
+    def _evaluate(self, states: list[_JobState]) -> None:
+        if not states:
+            return
+        results = self.group.run_window(eval_window({s.job.name: s.job.eval_samples for s in states}, self.run))
+        self._account(results)
+        totals: dict[str, list[float]] = {}
+        for result in self.group.last_stage_results(results):
+            for job, (loss, count) in result.eval_sums.items():
+                acc = totals.setdefault(job, [0.0, 0])
+                acc[0] += loss
+                acc[1] += count
+        for state in states:
+            loss, count = totals.get(state.job.name, [0.0, 0])
+            state.eval_loss, state.eval_step = loss / max(count, 1), state.step
+            state.metrics.write({"step": state.step, "eval_loss": state.eval_loss, "eval_tokens": int(count)})
+            self.progress.eval(state.job.name, state.step, state.eval_loss)
+
+    def run_metrics(self, wall: float) -> dict:
+        stages = [{"stage": p.stage, "replica": p.dp_rank, "busy_s": round(b, 4), "span_s": round(s, 4),
+                   "bubble_fraction": round(bubble_fraction(b, s), 4)}
+                  for p, b, s in zip(self.group.places, self.busy, self.span)]
+        return {
+            "wall_time_s": round(wall, 3),
+            "tokens_per_s": self.total_tokens / max(wall, 1e-9),
+            "microbatches": self.microbatches,
+            "microbatches_per_s": self.microbatches / max(wall, 1e-9),
+            "bubble_fraction": (sum(st["bubble_fraction"] for st in stages) / len(stages)) if stages else None,
+            "peak_memory_bytes": self.peak_memory,
+            "stages": stages,
+        }
 
     def result(self) -> FitResult:
-        out = Path(self.prepared.run.output_dir)
+        out = Path(self.run.output_dir)
         jobs = {}
         for name, state in self.states.items():
             path = None
             if state.error is None:
-                path = self.worker.export(name, str(out / name / "adapter"))
+                path = str(write_peft_adapter(out / name / "adapter", self.group.peft_state_dict(name),
+                                              state.job.spec.adapter, base_model=self.run.base_model))
             jobs[name] = JobResult(
                 name=name, steps=state.step, tokens=state.tokens, final_loss=state.last_loss, adapter_path=path,
                 status="finished" if state.error is None else "failed", error=state.error, eval_loss=state.eval_loss,
             )
         wall = time.perf_counter() - self.start
-        return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=self.total_tokens / max(wall, 1e-9))
+        metrics = self.run_metrics(wall)
+        tmp = out / f".{RUN_METRICS}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, out / RUN_METRICS)
+        return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
 
 
 def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
-    """Train `jobs` together on one copy of the base model (see lorafusion.fit)."""
+    """Train `jobs` together on one copy of the base model (see lorafusion.fit).
+
+    Resumes from the newest complete checkpoint in run.output_dir when it holds this run (run.resume). When a
+    stage actor dies, the stage group is started again from the last checkpoint, up to run.max_restarts times.
+    """
     prepared = prepare_run(jobs, run)
-    _start_output(prepared)
-    trainer = _Trainer(prepared)
-    trainer.progress.note(f"training {len(prepared.jobs)} job(s) on {prepared.run.base_model}")
-    trainer.run()
-    result = trainer.result()
+    split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
+    resumed = open_checkpoint(prepared)  # a damaged or mismatched checkpoint fails before anything is written
+    _start_output(prepared, resuming=resumed is not None)
+    progress = Progress({}, every=1, enabled=run.progress)
+    progress.note(f"training {len(prepared.jobs)} job(s) on {run.base_model} "
+                  f"({run.pipeline_stages} stage(s) × {run.data_parallel} replica(s))")
+    job_steps = [(j.spec, j.total_steps) for j in prepared.jobs]
+    for attempt in range(run.max_restarts + 1):
+        try:
+            with StageGroup(run, job_steps, prepared.arch.num_layers) as group:
+                trainer = _Trainer(prepared, group)
+                trainer.resume_from(resumed)
+                trainer.run_all()
+                result = trainer.result()
+            break
+        except StageLost as lost:
+            if attempt == run.max_restarts:
+                raise RuntimeError(f"{lost}; gave up after {run.max_restarts} restart(s) (run.max_restarts)") from lost
+            resumed = open_checkpoint(prepared)
+            where = f"checkpoint {resumed.path}" if resumed is not None else "the start (no checkpoint yet)"
+            progress.note(f"{lost}; restarting the stage group from {where} "
+                          f"(restart {attempt + 1} of {run.max_restarts})")
     for job in result.jobs.values():
         if job.adapter_path:
-            trainer.progress.note(f"  {job.name}: adapter → {job.adapter_path}")
+            progress.note(f"  {job.name}: adapter → {job.adapter_path}")
+        elif job.error:
+            progress.note(f"  {job.name}: failed — {job.error}")
     return result

@@ -56,3 +56,41 @@ class JobOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return lr
+
+    def state_dict(self) -> dict:
+        """{"step_count", "state": one {name: tensor} per parameter (order of `params`)}, tensors cloned to CPU.
+
+        The LR schedule position is `step_count`; the AdamW hyper-parameters come from the JobSpec.
+        """
+        state = [
+            {key: value.detach().to("cpu").clone() for key, value in self.optimizer.state.get(p, {}).items()}
+            for p in self.params
+        ]
+        return {"step_count": self.step_count, "state": state}
+
+    def load_state_dict(self, state: dict, where: str = "optimizer state") -> None:
+        """Restore `state_dict()` output exactly; moment tensors go to their parameter's device."""
+        count, per_param = state.get("step_count"), state.get("state")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{where}: step_count={count!r} must be an integer ≥ 0")
+        if not isinstance(per_param, list) or len(per_param) != len(self.params):
+            got = len(per_param) if isinstance(per_param, list) else per_param
+            raise ValueError(f"{where}: holds state for {got} parameters, this job has {len(self.params)}")
+        restored = {}
+        for i, (param, saved) in enumerate(zip(self.params, per_param)):
+            restored[param] = {key: self._placed(param, key, value, f"{where}: parameter #{i} '{key}'")
+                               for key, value in saved.items()}
+        self.optimizer.state.clear()
+        self.optimizer.state.update({p: s for p, s in restored.items() if s})
+        self.step_count = count
+
+    @staticmethod
+    def _placed(param: torch.nn.Parameter, key: str, value: torch.Tensor, where: str) -> torch.Tensor:
+        # AdamW keeps `step` as a CPU float tensor (not capturable/fused); the moments live beside the parameter.
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: expected a tensor, got {type(value).__name__}")
+        if key == "step":
+            return value.detach().to("cpu", torch.float32).clone()
+        if value.shape != param.shape:
+            raise ValueError(f"{where}: shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+        return value.detach().to(param.device, param.dtype).clone()

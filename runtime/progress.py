@@ -16,10 +16,13 @@ class MetricsWriter:
 
     def __init__(self, output_dir: str, job: str) -> None:
         self.path = Path(output_dir) / job / "metrics.jsonl"
+
+    def clear(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -27,13 +30,13 @@ class MetricsWriter:
 class Progress:
     """One line per job every `every` steps: step/total, loss, lr, throughput."""
 
-    def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO | None = None) -> None:
         self.totals, self.every, self.enabled, self.stream = totals, every, enabled, stream
         self.width = max((len(n) for n in totals), default=4)
 
     def _say(self, text: str) -> None:
         if self.enabled:
-            print(text, file=self.stream, flush=True)
+            print(text, file=self.stream or sys.stdout, flush=True)  # stdout as it is now, not at import
 
     def step(self, job: str, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         total = self.totals[job]

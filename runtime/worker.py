@@ -1,7 +1,8 @@
-"""The training engine: one stage's loop over packed microbatches and per-job optimizer steps.
+"""The training engine of one pipeline stage: its chunk of the frozen model, every job's adapter on those
+layers, each job's optimizer for them; forward and backward of packed microbatches.
 
-The single-process fit runs one StageWorker holding the whole model; the Ray runtime runs the same
-worker in each stage actor.
+A single-stage run holds the whole model in one StageWorker; a pipelined run has one per stage actor,
+each running the same code (runtime/stage.py drives it over the microbatch stream).
 """
 
 from __future__ import annotations
@@ -10,62 +11,152 @@ import torch
 
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import Microbatch, token_losses
-from lorafusion.checkpoint import write_peft_adapter
-from lorafusion.config import DTYPES
-from lorafusion.data import Sample
-from lorafusion.evaluate import EvalResult, evaluate_samples
+from lorafusion.config import DTYPES, JobSpec, RunConfig
 from lorafusion.models import build_model
-from lorafusion.prepare import PreparedRun
+from runtime.comm import StagePlace
 from runtime.optim import JobOptimizer
 
-__all__ = ["StageWorker"]
+__all__ = ["StageWorker", "local_device"]
+
+
+def local_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class StageWorker:
-    """Holds the frozen base model, every job's adapter and optimizer; runs microbatches and steps."""
+    """Holds one model chunk, every job's adapter on it and each job's optimizer for those parameters."""
 
-    def __init__(self, prepared: PreparedRun) -> None:
-        self.run = prepared.run
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model, self.arch = build_model(self.run.base_model, dtype=DTYPES[self.run.dtype])
+    def __init__(
+        self,
+        run: RunConfig,
+        jobs: list[tuple[JobSpec, int]],
+        place: StagePlace = StagePlace(),
+        layers: tuple[int, int] | None = None,
+    ) -> None:
+        """jobs: (spec, total optimizer steps) of every job; layers: this chunk's [start, end), None = all."""
+        self.run, self.place = run, place
+        self.device = local_device()
+        self.model, self.arch = build_model(run.base_model, dtype=DTYPES[run.dtype], pre_process=place.is_first,
+                                            post_process=place.is_last, layers=layers)
         self.model.to(self.device).train()
-        self.adapters = ModelAdapters(self.model, self.arch)
+        self.adapters = ModelAdapters(self.model, self.arch, kernels=self.run.kernels)
         self.optimizers: dict[str, JobOptimizer] = {}
-        for job in prepared.jobs:
-            self.adapters.add_job(job.name, job.spec.adapter, seed=job.spec.seed)
-            self.optimizers[job.name] = JobOptimizer(job.spec, self.adapters.parameters(job.name), job.total_steps)
+        for spec, total_steps in jobs:
+            self.adapters.add_job(spec.name, spec.adapter, seed=spec.seed)
+            self.optimizers[spec.name] = JobOptimizer(spec, self.adapters.parameters(spec.name), total_steps)
 
-    def forward_backward(self, mb: Microbatch, loss_weight: dict[str, float]) -> dict[str, float]:
-        """Run one microbatch; each job's token losses are weighted by 1 / (its loss tokens in its global batch).
+    @property
+    def jobs(self) -> list[str]:
+        return list(self.optimizers)
 
-        Returns each job's summed (unweighted) token loss in this microbatch.
+    def hidden_shape(self, mb: Microbatch) -> tuple[int, int, int]:
+        """Shape of the activations between stages for `mb`: [tokens, 1, hidden]."""
+        return (mb.input_ids.shape[1], 1, self.arch.hidden_size)
+
+    @property
+    def hidden_dtype(self) -> torch.dtype:
+        return DTYPES[self.run.dtype]
+
+    def forward(
+        self, mb: Microbatch, loss_weight: dict[str, float] | None, hidden_in: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Run this chunk on `mb` (already on the device); `hidden_in` is the previous stage's output.
+
+        Returns (what the backward needs, per-job sums): on the last stage the weighted loss (each job's
+        token losses times 1 / its loss tokens in its global batch) and each job's weighted loss sum; on
+        other stages the hidden states [T, 1, H] to send on, and no sums. Without `loss_weight` (evaluation)
+        the sums are each job's unweighted token-loss sum and nothing is kept for a backward.
         """
-        mb = mb.to(self.device)
+        if hidden_in is not None:
+            self.model.set_input_tensor(hidden_in)
         self.adapters.batch.segments = mb.segments
-        losses = token_losses(self.model, mb)  # [T]
+        try:
+            if not self.place.is_last:
+                out = self.model(mb.input_ids, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+                return out, {}
+            losses = token_losses(self.model, mb)  # [T]
+        finally:
+            self.adapters.batch.segments = []
         weights = torch.zeros_like(losses)
         for seg in mb.segments:
-            weights[seg.start:seg.end] = loss_weight[seg.job]
-        (losses * weights).sum().backward()
-        self.adapters.batch.segments = []
+            weights[seg.start:seg.end] = loss_weight[seg.job] if loss_weight is not None else 1.0
+        weighted = losses * weights
         # One host transfer for all jobs' sums (build_microbatch gives each job one segment).
-        sums = torch.stack([losses[s.start:s.end].detach().double().sum() for s in mb.segments]).tolist()
-        return {seg.job: total for seg, total in zip(mb.segments, sums)}
+        sums = torch.stack([weighted[s.start:s.end].detach().double().sum() for s in mb.segments]).tolist()
+        return weighted.sum(), {seg.job: total for seg, total in zip(mb.segments, sums)}
 
-    def step(self, job: str) -> tuple[float, float]:
-        """One optimizer step of `job`; returns (gradient norm before clipping, learning rate)."""
-        opt = self.optimizers[job]
-        norm = opt.grad_norm_sq() ** 0.5
-        return norm, opt.step(norm)
+    def backward(
+        self, out: torch.Tensor, grad_out: torch.Tensor | None, hidden_in: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Backward of one forward's output; returns the gradient for the previous stage (None on stage 0)."""
+        if grad_out is None:
+            out.backward()
+        elif out.requires_grad:
+            torch.autograd.backward(out, grad_tensors=grad_out)
+        if hidden_in is None:
+            return None
+        return hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
 
-    def evaluate(self, job: str, samples: list[Sample]) -> EvalResult:
-        return evaluate_samples(self.model, samples, job=job, batch=self.adapters.batch,
-                                capacity=self.run.max_tokens_per_microbatch)
+    def forward_backward(self, mb: Microbatch, loss_weight: dict[str, float]) -> dict[str, float]:
+        """Forward and backward of one microbatch on a single-stage worker; each job's weighted loss sum."""
+        out, sums = self.forward(mb.to(self.device), loss_weight)
+        self.backward(out, None, None)
+        return sums
 
-    def export(self, job: str, directory: str) -> str:
-        tensors = self.adapters.peft_state_dict(job)
-        write_peft_adapter(directory, tensors, self.adapters.configs[job], base_model=self.run.base_model)
-        return directory
+    def grad_norm_sq(self, job: str) -> float:
+        return self.optimizers[job].grad_norm_sq()
+
+    def step(self, job: str, total_norm: float) -> float:
+        """One optimizer step of `job` clipped by its global gradient norm; returns the learning rate."""
+        return self.optimizers[job].step(total_norm)
+
+    def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
+        """This chunk's part of the job's adapter, under PEFT names (global layer numbers)."""
+        return self.adapters.peft_state_dict(job)
+
+    def _named_job_parameters(self, job: str) -> dict[str, torch.nn.Parameter]:
+        """The job's parameters held here, named `layers.<global layer>.<path in layer>` in the optimizer's order.
+
+        Global layer numbers make the names independent of how the model is cut into pipeline stages.
+        """
+        names = {
+            id(param): f"layers.{layer.layer_number - 1}.{path}"
+            for layer in self.model.decoder.layers
+            for path, param in layer.named_parameters()
+        }
+        return {names[id(p)]: p for p in self.optimizers[job].params}
+
+    def job_state(self, job: str) -> dict:
+        """This stage's share of `job`'s training state, on CPU: {"step_count", "params": {name: tensor},
+        "optimizer": {name: {"step", "exp_avg", "exp_avg_sq"}}} (raw trainable tensors, exact for every variant)."""
+        named = self._named_job_parameters(job)
+        optim = self.optimizers[job].state_dict()
+        return {
+            "step_count": optim["step_count"],
+            "params": {name: p.detach().to("cpu").clone() for name, p in named.items()},
+            "optimizer": dict(zip(named, optim["state"])),
+        }
+
+    def load_job_state(self, job: str, state: dict, where: str = "checkpoint") -> None:
+        """Restore `job` from `job_state` output; `state` may also hold other stages' tensors (they are ignored)."""
+        named = self._named_job_parameters(job)
+        missing = [name for name in named if name not in state["params"] or name not in state["optimizer"]]
+        if missing:
+            raise ValueError(
+                f"{where}: job '{job}' has no saved state for {len(missing)} of this stage's parameters "
+                f"(first: '{missing[0]}'); the checkpoint is from a different adapter config or is damaged"
+            )
+        with torch.no_grad():
+            for name, param in named.items():
+                saved = state["params"][name]
+                if saved.shape != param.shape:
+                    raise ValueError(f"{where}: job '{job}' parameter '{name}' has shape {tuple(saved.shape)}, "
+                                     f"expected {tuple(param.shape)}; the checkpoint is from a different adapter config")
+                param.copy_(saved)
+        self.optimizers[job].load_state_dict(
+            {"step_count": state["step_count"], "state": [state["optimizer"][name] for name in named]},
+            where=f"{where}: job '{job}' optimizer",
+        )
 
     def remove_job(self, job: str) -> None:
         self.adapters.remove_job(job)

@@ -3,6 +3,7 @@
     x[s, b] ∈ {0, 1}        sample s is in bin b
     k[a, b] ∈ ℕ             padded blocks of job a in bin b:  Σ_{s ∈ a} len_s · x[s, b] ≤ P · k[a, b]
     load[b] = Σ_a k[a, b] ≤ C // P
+    with a cost budget:  u_blk · load[b] + Σ_s u_s · x[s, b] ≤ U   (integer cost units, see CostBudget)
     minimise, lexicographically: bins used; then the load of the last (smallest) bin; then Σ_b load[b]
 
 Integer data only. First-fit decreasing gives the number of bins the model may use, the solution
@@ -87,6 +88,10 @@ def build_model(problem: PackingProblem, greedy_bins: list[list[int]] | None = N
         model.add(load[b] == sum(k[a, b] for a in A))
         model.add(load[b] <= capacity * used[b])
         model.add(sum(items[s].length * x[s, b] for s in S) <= pad * capacity * used[b])  # redundant cut
+        if problem.budget is not None:
+            budget = problem.budget
+            model.add(budget.block_units * load[b] + sum(budget.item_units(items[s].length) * x[s, b] for s in S)
+                      <= budget.capacity_units * used[b])
         for s in S:
             model.add_implication(x[s, b], used[b])
     for a in A:

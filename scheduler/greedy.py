@@ -60,33 +60,42 @@ def packing_cost(problem: PackingProblem, bins: list[list[int]]) -> tuple[int, i
 
 
 def first_fit_decreasing_padded(problem: PackingProblem) -> list[list[int]]:
-    """First-fit decreasing where an item's cost in a bin is the growth of its job's padded tokens there.
+    """First-fit decreasing where an item's cost in a bin is the growth of its job's padded tokens there
+    (and, with a cost budget, its attention units too).
 
     Returns canonical bins (see `canonical_bins`), so it can be used directly as a CP-SAT hint.
     """
-    items, pad = problem.items, problem.pad_multiple
+    items, pad, budget = problem.items, problem.pad_multiple, problem.budget
     capacity = problem.capacity_blocks
     bins: list[list[int]] = []
     tokens: list[dict[str, int]] = []  # per bin: job -> tokens
     loads: list[int] = []  # per bin: padded blocks
+    units: list[int] = []  # per bin: attention units of the budget
     for index in sorted(range(len(items)), key=lambda i: (-items[i].length, i)):
         item = items[index]
+        extra = budget.item_units(item.length) if budget is not None else 0
         for b in range(len(bins)):
             before = tokens[b].get(item.job, 0)
             growth = -(-(before + item.length) // pad) - -(-before // pad)
-            if loads[b] + growth <= capacity:
+            if _fits(problem, loads[b] + growth, units[b] + extra):
                 break
         else:
             b, growth = len(bins), -(-item.length // pad)
             bins.append([])
             tokens.append({})
             loads.append(0)
-        if loads[b] + growth > capacity:
+            units.append(0)
+        if not _fits(problem, loads[b] + growth, units[b] + extra):
             raise ValueError(f"item {index} has size {item.length} > capacity {problem.capacity_tokens}")
         bins[b].append(index)
         tokens[b][item.job] = tokens[b].get(item.job, 0) + item.length
         loads[b] += growth
+        units[b] += extra
     return canonical_bins(problem, bins)
+
+
+def _fits(problem: PackingProblem, blocks: int, units: int) -> bool:
+    return blocks <= problem.capacity_blocks and (problem.budget is None or problem.budget.fits(blocks, units))
 
 
 def canonical_bins(problem: PackingProblem, bins: list[list[int]]) -> list[list[int]]:
@@ -112,9 +121,10 @@ def canonical_bins(problem: PackingProblem, bins: list[list[int]]) -> list[list[
 def lower_bounds(problem: PackingProblem) -> tuple[int, int, int]:
     """Lower bounds on the three terms of `packing_cost`, each valid on its own.
 
-    blocks ≥ Σ_jobs ceil(tokens/P) (splitting a job only adds padding); bins ≥ ceil(blocks/C) and ≥ the
-    number of items longer than half a bin (no two of them share one); smallest bin ≥ what is left
-    after the other bins are full, and ≥ the smallest item.
+    blocks ≥ Σ_jobs ceil(tokens/P) (splitting a job only adds padding); bins ≥ ceil(blocks/C), ≥ the
+    number of items longer than half a bin (no two of them share one) and, with a cost budget, ≥ the
+    least total cost over the capacity; smallest bin ≥ what is left after the other bins are full,
+    and ≥ the smallest item.
     """
     tokens: dict[str, int] = defaultdict(int)
     for item in problem.items:
@@ -123,6 +133,10 @@ def lower_bounds(problem: PackingProblem) -> tuple[int, int, int]:
     blocks = sum(-(-t // problem.pad_multiple) for t in tokens.values())
     half_full = sum(2 * item.length > capacity * problem.pad_multiple for item in problem.items)
     num_bins = max(-(-blocks // capacity), half_full)
+    budget = problem.budget
+    if budget is not None:
+        least = budget.block_units * blocks + sum(budget.item_units(item.length) for item in problem.items)
+        num_bins = max(num_bins, -(-least // budget.capacity_units))
     smallest_item = min((-(-item.length // problem.pad_multiple) for item in problem.items), default=0)
     return num_bins, max(blocks - (num_bins - 1) * capacity, smallest_item), blocks
 

@@ -1,13 +1,20 @@
-"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, verify."""
+"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, verify.
+`WindowPlanner`: the same, a few global batches at a time, for a runtime whose jobs join and leave."""
 
 from __future__ import annotations
 
-from scheduler.cpsat import pack
-from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
-from scheduler.problem import Job, Microbatch, Plan, PlanStats, SolverParams, padded_size, validate_problem, waste_fraction
-from scheduler.verify import verify
+import dataclasses
 
-__all__ = ["plan"]
+from scheduler.cost import CostBudget, CostModel
+from scheduler.cpsat import pack
+from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
+from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
+from scheduler.problem import (
+    Job, Microbatch, Plan, PlanStats, SolverParams, padded_size, validate_limits, validate_problem, waste_fraction,
+)
+from scheduler.verify import cost_budget, verify
+
+__all__ = ["plan", "WindowPlanner"]
 
 
 def plan(
@@ -16,9 +23,11 @@ def plan(
     pipeline_depth: int,
     pad_multiple: int,
     time_limit_s: float = 1.0,
-    num_workers: int = 2,
+    num_workers: int = 1,
     seed: int = 0,
     deterministic: bool = True,
+    cost_model: CostModel | None = None,
+    capacity_cost: float | None = None,
 ) -> Plan:
     """Pack and order every global batch of `jobs` into one verified microbatch stream.
 
@@ -26,13 +35,33 @@ def plan(
     job's global batch and the start of its next (pipeline stages x data-parallel ranks in flight).
     pad_multiple: each job's tokens in a microbatch are padded to a multiple of it (kernel tile rows).
     time_limit_s, num_workers, seed, deterministic: CP-SAT settings per (global batch, group) solve,
-    see `SolverParams`. The same arguments give the same plan.
+    see `SolverParams`. cost_model, capacity_cost: a second capacity, in cost units (see `CostModel`);
+    each microbatch must fit both. The same arguments give the same plan.
     """
-    validate_problem(jobs, capacity_tokens, pipeline_depth, pad_multiple)
     params = SolverParams(time_limit_s=time_limit_s, num_workers=num_workers, seed=seed, deterministic=deterministic)
-    groups = choose_groups(jobs, capacity_tokens, pipeline_depth, pad_multiple)
+    budget = cost_budget(cost_model, capacity_cost, pad_multiple)
+    result = _plan(jobs, capacity_tokens, pipeline_depth, pad_multiple, params, budget, ready={})
+    verify(result, jobs, capacity_tokens=capacity_tokens, pipeline_depth=pipeline_depth, pad_multiple=pad_multiple,
+           cost_model=cost_model, capacity_cost=capacity_cost)
+    return result
+
+
+def _plan(
+    jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int, params: SolverParams,
+    budget: CostBudget | None, ready: dict[str, int], windowed: bool = False,
+) -> Plan:
+    """An unverified plan whose jobs may start no earlier than ready[job] (see `order_packs`); `windowed`:
+    more windows like this one follow, so the grouping is chosen for a stream of two of them."""
+    validate_problem(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget)
+    groups = choose_groups(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget, ready,
+                           repeat=2 if windowed else 1)
     by_name = {job.name: job for job in jobs}
-    problems = [group_problems([by_name[name] for name in group], capacity_tokens, pad_multiple) for group in groups]
+    problems = [group_problems([by_name[name] for name in group], capacity_tokens, pad_multiple, budget)
+                for group in groups]
+    if windowed:  # the window's time limit is shared by the packings greedy cannot prove optimal
+        hard = sum(not is_provably_optimal(problem, first_fit_decreasing_padded(problem))
+                   for group_problem in problems for problem in group_problem)
+        params = dataclasses.replace(params, time_limit_s=params.time_limit_s / max(hard, 1))
     packs: list[list[Pack]] = [[] for _ in groups]
     times: list[float] = []
     statuses: list[str] = []
@@ -44,7 +73,7 @@ def plan(
                 times.append(packing.solve_time_s)
                 statuses.append(packing.status)
     microbatches = order_packs(packs, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
-                               pad_multiple=pad_multiple)
+                               pad_multiple=pad_multiple, budget=budget, ready=ready)
     real = sum(n for job in jobs for batch in job.global_batches for n in batch)
     padded = _padded_tokens(microbatches, by_name, pad_multiple)
     stats = PlanStats(
@@ -57,9 +86,7 @@ def plan(
         solve_times_s=times,
         solver_statuses=statuses,
     )
-    result = Plan(microbatches, stats)
-    verify(result, jobs, capacity_tokens=capacity_tokens, pipeline_depth=pipeline_depth, pad_multiple=pad_multiple)
-    return result
+    return Plan(microbatches, stats)
 
 
 def _padded_tokens(microbatches: list[Microbatch], by_name: dict[str, Job], pad_multiple: int) -> int:
@@ -67,6 +94,71 @@ def _padded_tokens(microbatches: list[Microbatch], by_name: dict[str, Job], pad_
     for mb in microbatches:
         tokens: dict[str, int] = {}
         for job, g, i in mb.samples:
-            tokens[job] = tokens.get(job, 0) + by_name[job].global_batches[g][i]
+            tokens[job] = tokens.get(job, 0) + by_name[job].global_batches[g - by_name[job].first_global_batch][i]
         total += padded_size(tokens, pad_multiple)
     return total
+
+
+class WindowPlanner:
+    """Plans a running fit window by window: each call gets the active jobs with the global batches of
+    the next window only, and returns that window's verified Plan.
+
+    The planner remembers where each job's last global batch ended in the stream (positions counted
+    over all windows, no-ops included), so a job's first microbatch in a window is still ≥ pipeline_depth
+    after its last one in an earlier window. Jobs may join (first_global_batch anything) or leave
+    between windows; a job that comes back must continue at the global batch after its last one.
+    Arguments as `plan`, except time_limit_s: the CP-SAT limit of a whole window, shared evenly by its
+    packings that greedy cannot prove optimal (deterministic time when `deterministic`, see SolverParams).
+    The default 0.3 took 0.66 s of CPU (median, max 0.73) per window of 8 jobs x 16 samples, capacity 8192,
+    S=4, on a 2-core EPYC (benchmarks/bench_scheduler.py, solve_8x16): inside the 1 s a window may take.
+    """
+
+    def __init__(
+        self, *, capacity_tokens: int, pipeline_depth: int, pad_multiple: int = 1, time_limit_s: float = 0.3,
+        num_workers: int = 1, seed: int = 0, deterministic: bool = True,
+        cost_model: CostModel | None = None, capacity_cost: float | None = None,
+    ) -> None:
+        validate_limits(capacity_tokens, pipeline_depth, pad_multiple)
+        self.params = SolverParams(time_limit_s=time_limit_s, num_workers=num_workers, seed=seed,
+                                   deterministic=deterministic)
+        self.budget = cost_budget(cost_model, capacity_cost, pad_multiple)
+        self.limits = dict(capacity_tokens=capacity_tokens, pipeline_depth=pipeline_depth, pad_multiple=pad_multiple)
+        """capacity_tokens, pipeline_depth and pad_multiple, as given (keyword arguments of `verify`)."""
+        self.cost = dict(cost_model=cost_model, capacity_cost=capacity_cost)
+        """cost_model and capacity_cost, as given (keyword arguments of `verify`)."""
+        self.position = 0
+        """Microbatches planned so far, all windows together."""
+        self._ready: dict[str, int] = {}  # job -> first stream position its next global batch may take
+        self._next_batch: dict[str, int] = {}  # job -> the global batch it must continue with
+
+    def next_window(self, jobs: list[Job]) -> Plan:
+        """The verified plan of `jobs`' global batches, to run right after the previous window."""
+        for job in jobs:
+            expected = self._next_batch.get(getattr(job, "name", None))
+            if expected is not None and job.first_global_batch != expected:
+                raise ValueError(
+                    f"job {job.name!r} first_global_batch={job.first_global_batch}, but its previous window ended "
+                    f"at global batch {expected - 1}; give it first_global_batch={expected}"
+                )
+        ready = {job: at - self.position for job, at in self._ready.items() if at > self.position}
+        window = _plan(jobs, **self.limits, params=self.params, budget=self.budget, ready=ready, windowed=True)
+        verify(window, jobs, **self.limits, **self.cost)
+        _check_ready(window, ready)
+        depth = self.limits["pipeline_depth"]
+        for pos, mb in enumerate(window.microbatches, start=self.position):
+            for job, _, _ in mb.samples:
+                self._ready[job] = pos + depth
+        for job in jobs:
+            self._next_batch[job.name] = job.first_global_batch + len(job.global_batches)
+        self.position += len(window.microbatches)
+        self._ready = {job: at for job, at in self._ready.items() if at > self.position}
+        return window
+
+
+def _check_ready(window: Plan, ready: dict[str, int]) -> None:
+    """Every job's first microbatch at or after the position the previous windows allow."""
+    for pos, mb in enumerate(window.microbatches):
+        for job, g, _ in mb.samples:
+            if pos < ready.get(job, 0):
+                raise ValueError(f"job {job!r} global batch {g} starts at microbatch {pos} of its window, before "
+                                 f"{ready[job]}, which the distance rule after the previous window needs")

@@ -12,6 +12,8 @@ import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 
+from scheduler.cost import CostBudget
+
 __all__ = [
     "Job",
     "Microbatch",
@@ -26,6 +28,7 @@ __all__ = [
     "padded_size",
     "waste_fraction",
     "validate_problem",
+    "validate_limits",
     "packing_problem",
 ]
 
@@ -55,7 +58,11 @@ class Job:
     name: str
     """Unique job name."""
     global_batches: list[list[int]]
-    """global_batches[g][i]: token length of sample i of global batch g (one optimizer step per batch)."""
+    """global_batches[g][i]: token length of sample i of global batch first_global_batch + g (one
+    optimizer step per global batch)."""
+    first_global_batch: int = 0
+    """Index of global_batches[0] in the job's whole run (its step); a window planner gives each job only
+    the global batches of one window, and sample refs carry the absolute index."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,17 +72,20 @@ class Job:
         """Raise ValueError naming the job, global batch and sample of a malformed entry."""
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Job name {self.name!r} must be a non-empty string")
+        first = self.first_global_batch
+        if isinstance(first, bool) or not isinstance(first, numbers.Integral) or first < 0:
+            raise ValueError(f"job {self.name!r} first_global_batch={first!r} must be an integer ≥ 0 (its step)")
         if len(self.global_batches) == 0:
             raise ValueError(f"job {self.name!r} has no global batches; give it at least one or leave it out")
         for g, batch in enumerate(self.global_batches):
             if not hasattr(batch, "__len__"):
-                raise ValueError(f"job {self.name!r} global batch {g} is {batch!r}, not a list of sample lengths")
+                raise ValueError(f"job {self.name!r} global batch {first + g} is {batch!r}, not a list of sample lengths")
             if len(batch) == 0:
-                raise ValueError(f"job {self.name!r} global batch {g} is empty; every global batch needs a sample")
+                raise ValueError(f"job {self.name!r} global batch {first + g} is empty; every global batch needs a sample")
             for i, length in enumerate(batch):
                 if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length <= 0:
                     raise ValueError(
-                        f"job {self.name!r} global batch {g} sample {i} has length {length!r}; "
+                        f"job {self.name!r} global batch {first + g} sample {i} has length {length!r}; "
                         "lengths are positive integer token counts"
                     )
 
@@ -147,6 +157,8 @@ class PackingProblem:
     items: tuple[Item, ...]
     capacity_tokens: int
     pad_multiple: int
+    budget: CostBudget | None = None
+    """A cost capacity each bin must also respect (None: tokens only)."""
 
     @property
     def jobs(self) -> list[str]:
@@ -166,8 +178,10 @@ class SolverParams:
     time_limit_s: float = 1.0
     """Per (global batch, group) solve; CP-SAT deterministic time when `deterministic`, else wall time.
     Deterministic "seconds" took 1.5-3x as long in wall time on a 2-core AMD EPYC runner (64 samples)."""
-    num_workers: int = 2
-    """CP-SAT search threads."""
+    num_workers: int = 1
+    """CP-SAT search threads. 1 by default: with deterministic=True, 2 workers (interleaved search) took
+    0.5-1.3 s of CPU where 1 worker took 0.015-0.06 s, both proving the same optimum, on a 24- and a
+    28-sample (global batch, group) of the hetero workload of benchmarks/bench_scheduler.py (2-core EPYC)."""
     seed: int = 0
     """CP-SAT random seed."""
     deterministic: bool = True
@@ -197,16 +211,11 @@ def _positive_int(name: str, value: object, example: str) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {example}")
 
 
-def validate_problem(jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int) -> None:
+def validate_problem(
+    jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int, budget: CostBudget | None = None
+) -> None:
     """Raise ValueError naming the bad parameter, job or sample before any planning starts."""
-    _positive_int("capacity_tokens", capacity_tokens, "4096")
-    _positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
-    _positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
-    if pad_multiple > capacity_tokens:
-        raise ValueError(
-            f"pad_multiple={pad_multiple} > capacity_tokens={capacity_tokens}; no sample would fit, "
-            "lower pad_multiple or raise capacity_tokens"
-        )
+    validate_limits(capacity_tokens, pipeline_depth, pad_multiple)
     if not jobs:
         raise ValueError("no jobs to plan; give at least one Job")
     seen: set[str] = set()
@@ -217,11 +226,23 @@ def validate_problem(jobs: list[Job], capacity_tokens: int, pipeline_depth: int,
             raise ValueError(f"duplicate job name {job.name!r}; job names must be unique")
         seen.add(job.name)
         job.validate()
-        _check_lengths(job, capacity_tokens, pad_multiple)
+        _check_lengths(job, capacity_tokens, pad_multiple, budget)
 
 
-def _check_lengths(job: Job, capacity_tokens: int, pad_multiple: int) -> None:
-    for g, batch in enumerate(job.global_batches):
+def validate_limits(capacity_tokens: int, pipeline_depth: int, pad_multiple: int) -> None:
+    """Raise ValueError naming a bad capacity, pipeline depth or padding multiple."""
+    _positive_int("capacity_tokens", capacity_tokens, "4096")
+    _positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
+    _positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
+    if pad_multiple > capacity_tokens:
+        raise ValueError(
+            f"pad_multiple={pad_multiple} > capacity_tokens={capacity_tokens}; no sample would fit, "
+            "lower pad_multiple or raise capacity_tokens"
+        )
+
+
+def _check_lengths(job: Job, capacity_tokens: int, pad_multiple: int, budget: CostBudget | None) -> None:
+    for g, batch in enumerate(job.global_batches, start=job.first_global_batch):
         for i, length in enumerate(batch):
             padded = pad_up(length, pad_multiple)
             if padded > capacity_tokens:
@@ -230,14 +251,25 @@ def _check_lengths(job: Job, capacity_tokens: int, pad_multiple: int) -> None:
                     f"to a multiple of pad_multiple={pad_multiple}) > capacity_tokens={capacity_tokens}; "
                     f"raise capacity_tokens to at least {padded} or truncate the sample"
                 )
+            if budget is not None and not budget.fits(padded // pad_multiple, budget.item_units(length)):
+                raise ValueError(
+                    f"job {job.name!r} global batch {g} sample {i} of {length} tokens costs more than "
+                    "capacity_cost on its own; raise capacity_cost to at least "
+                    f"cost_model.cost([{length}]) or truncate the sample"
+                )
 
 
-def packing_problem(jobs: list[Job], global_batch: int, capacity_tokens: int, pad_multiple: int) -> PackingProblem:
-    """The samples of global batch `global_batch` of each of `jobs` that has one, as one packing problem."""
+def packing_problem(
+    jobs: list[Job], round_index: int, capacity_tokens: int, pad_multiple: int, budget: CostBudget | None = None
+) -> PackingProblem:
+    """The samples of each job's `round_index`-th global batch (for the jobs that have one) as one problem.
+
+    Items carry the absolute global batch index, first_global_batch + round_index.
+    """
     items = tuple(
-        Item(job.name, global_batch, i, length)
+        Item(job.name, job.first_global_batch + round_index, i, length)
         for job in jobs
-        if global_batch < len(job.global_batches)
-        for i, length in enumerate(job.global_batches[global_batch])
+        if round_index < len(job.global_batches)
+        for i, length in enumerate(job.global_batches[round_index])
     )
-    return PackingProblem(items, capacity_tokens, pad_multiple)
+    return PackingProblem(items, capacity_tokens, pad_multiple, budget)

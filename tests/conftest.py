@@ -90,3 +90,20 @@ def load_hf_model() -> Callable[[Path], torch.nn.Module]:
         return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
     return load
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that fits (a fit started without Ray starts and stops its own,
+    which costs seconds each time). Each CPU actor uses one thread, like the tests' own process."""
+    import os
+
+    import ray
+
+    from runtime.backend import CPU_THREADS_ENV, connect_ray
+
+    os.environ[CPU_THREADS_ENV] = "1"
+    started = connect_ray(num_actors=4)
+    yield
+    if started:
+        ray.shutdown()

@@ -41,7 +41,8 @@ def _out_rows(arch: Architecture, device: torch.device) -> dict[str, dict[str, t
 class ModelAdapters:
     """Wraps every adaptable linear of `model` once; jobs are then added and removed by name."""
 
-    def __init__(self, model: nn.Module, arch: Architecture) -> None:
+    def __init__(self, model: nn.Module, arch: Architecture, kernels: str = "auto") -> None:
+        """kernels: 'auto' (Triton on CUDA, torch elsewhere), 'triton' or 'torch', see RunConfig.kernels."""
         self.model, self.arch = model, arch
         self.batch = AdapterBatch()
         self.configs: dict[str, AdapterConfig] = {}
@@ -53,7 +54,8 @@ class ModelAdapters:
             for number, (parent_name, attr) in enumerate(site_names):
                 parent = getattr(layer, parent_name)
                 site_id = (layer.layer_number - 1) * len(site_names) + number
-                wrapper = MultiAdapterLinear(getattr(parent, attr), rows[attr], self.batch, site_id=site_id)
+                wrapper = MultiAdapterLinear(getattr(parent, attr), rows[attr], self.batch, site_id=site_id,
+                                            kernels=kernels)
                 setattr(parent, attr, wrapper)
                 sites[attr] = wrapper
             self.layers[layer.layer_number - 1] = sites

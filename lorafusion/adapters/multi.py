@@ -4,6 +4,10 @@ A packed microbatch orders its tokens by job: job j owns rows [start_j, end_j). 
 base GEMM over all rows, then adds each job's low-rank update to its own rows only. A job that adapts
 several HF modules fused into one megatron layer (q/k/v → linear_qkv, gate/up → linear_fc1) gets one
 low-rank product: A_eff stacks the A's, B_eff places each B into that module's output rows.
+
+Two paths compute the same thing (`kernels`, see RunConfig.kernels): on CUDA the fused Triton
+multi-adapter op (lorafusion.ops), which runs the base GEMM and every job's update in one pass; elsewhere
+the torch path below (one base GEMM, then each job's update on its rows).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafusion.adapters.base import AdapterLayer
+from lorafusion.ops.utils import resolve_backend
 
 __all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key", "mix_seed"]
 
@@ -53,15 +58,29 @@ class AdapterBatch:
     """What every adapted layer needs to know about the microbatch being run (shared by reference)."""
 
     segments: list[Segment] = field(default_factory=list)
+    _table: tuple | None = field(default=None, repr=False)  # (segments list, rows, device, SegmentTable)
+
+    def segment_table(self, num_rows: int, device: torch.device):
+        """The kernels' SegmentTable of the current segments, built on `device` once per microbatch."""
+        from lorafusion.ops.segments import SegmentTable
+
+        cached = self._table
+        if cached is None or cached[0] is not self.segments or cached[1] != num_rows or cached[2] != device:
+            table = SegmentTable.build(num_rows, [(s.start, s.end) for s in self.segments],
+                                       [s.samples for s in self.segments], device=device)
+            self._table = cached = (self.segments, num_rows, device, table)
+        return cached[3]
 
 
 class MultiAdapterLinear(nn.Module):
     """Wraps a megatron Column/RowParallelLinear; keeps its `(output, bias)` return convention."""
 
-    def __init__(self, base: nn.Module, out_rows: dict[str, torch.Tensor], batch: AdapterBatch, site_id: int = 0) -> None:
+    def __init__(self, base: nn.Module, out_rows: dict[str, torch.Tensor], batch: AdapterBatch, site_id: int = 0,
+                 kernels: str = "auto") -> None:
         super().__init__()
         self.base = base
         self.site_id = site_id  # distinct per wrapped layer, so dropout masks differ between layers
+        self.kernels = kernels  # 'auto' | 'triton' | 'torch', see RunConfig.kernels
         self.out_rows = out_rows  # HF target name -> its rows in the base output
         self.batch = batch
         self.adapters = nn.ModuleDict()  # job key -> ModuleDict(target -> AdapterLayer)
@@ -124,10 +143,15 @@ class MultiAdapterLinear(nn.Module):
         return F.linear(F.linear(x, a_eff), b_eff)  # [tokens, R] -> [tokens, N]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
         segments = [s for s in self.batch.segments if job_key(s.job) in self.adapters]
         if not segments:
-            return out, bias
+            return self.base(x, *args, **kwargs)
+        if resolve_backend(self.kernels, x.device) == "triton":
+            if args or any(v is not None for v in kwargs.values()):
+                raise RuntimeError(f"site {self.site_id}: the fused LoRA path takes the input only, got extra "
+                                   f"arguments {list(kwargs) or len(args)}; run with kernels='torch'")
+            return self._forward_fused(x)
+        out, bias = self.base(x, *args, **kwargs)
         # x: [tokens, 1, K] (packed row, sequence-first) -> per-job row slices
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
         pieces, cursor = [], 0
@@ -139,3 +163,30 @@ class MultiAdapterLinear(nn.Module):
         if cursor < flat_out.shape[0]:
             pieces.append(flat_out[cursor:])
         return torch.cat(pieces).reshape(out.shape), bias
+
+    def _forward_fused(self, x: torch.Tensor):
+        """Base GEMM and every job's update in one Triton op over the whole packed microbatch."""
+        from lorafusion.ops.fused_lora import fused_multi_lora_linear
+
+        base = self.base
+        k = x.shape[-1]
+        n = base.weight.shape[0]
+        if (getattr(base, "sequence_parallel", False) or n != getattr(base, "output_size", n)
+                or k != getattr(base, "input_size", k)):
+            raise RuntimeError(f"site {self.site_id}: the fused LoRA kernels need an unsharded layer (tensor "
+                               "parallel size 1, no sequence parallelism); run with kernels='torch'")
+        skip_bias_add = getattr(base, "skip_bias_add", False)
+        add_bias = None if skip_bias_add else getattr(base, "bias", None)
+        table = self.batch.segment_table(x.numel() // k, x.device)
+        a_list, b_list, ps = [], [], []
+        for seg in self.batch.segments:
+            if job_key(seg.job) in self.adapters:
+                a_eff, b_eff, p = self.job_factors(seg.job, x.dtype)
+            else:
+                a_eff, b_eff, p = None, None, 0.0
+            a_list.append(a_eff)
+            b_list.append(b_eff)
+            ps.append(p if self.training else 0.0)
+        y = fused_multi_lora_linear(x, base.weight, a_list, b_list, table, scalings=[1.0] * len(a_list),
+                                    dropout_ps=ps, site_id=self.site_id, bias=add_bias)
+        return y, (getattr(base, "bias", None) if skip_bias_add else None)

@@ -139,13 +139,24 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     pre_process: bool = True,
     post_process: bool = True,
+    layers: tuple[int, int] | None = None,
 ) -> tuple[GPTModel, Architecture]:
-    """The frozen base model (or the pipeline chunk this rank holds) with the checkpoint's weights."""
+    """The frozen base model, or one pipeline chunk of it, with the checkpoint's weights.
+
+    layers: the chunk's decoder layers [start, end) in global numbering (default: all). A chunk is built
+    as a model of end - start layers whose layers then carry their global numbers, so weights, adapter
+    names and adapter seeds follow the global layer and not the chunk's place.
+    """
     arch = read_architecture(checkpoint_dir)
     weights = HFWeights(checkpoint_dir)
+    start, end = layers if layers is not None else (0, arch.num_layers)
+    if not 0 <= start < end <= arch.num_layers:
+        raise ValueError(f"layers={layers} is not a non-empty range inside the model's {arch.num_layers} layers")
     ensure_model_parallel()
+    config = transformer_config(arch, dtype=dtype)
+    config.num_layers = end - start
     model = GPTModel(
-        transformer_config(arch, dtype=dtype),
+        config,
         layer_spec(),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
@@ -155,6 +166,8 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
     )
+    for i, layer in enumerate(model.decoder.layers):
+        layer.layer_number = start + i + 1
     load_hf_weights(model, arch, weights)
     model.requires_grad_(False)
     return model, arch

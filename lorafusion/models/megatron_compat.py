@@ -10,7 +10,6 @@ Without CUDA we give each a CPU stand-in. With CUDA nothing is patched.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 
 import torch
@@ -67,9 +66,9 @@ def ensure_model_parallel(pipeline_stages: int = 1) -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # A world of one needs no rendezvous: an in-process store, no port (and no MASTER_PORT that child
+        # processes such as Ray workers would inherit and then collide on).
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pipeline_stages)

@@ -18,7 +18,7 @@ def _argv(cache_dir, **extra) -> list[str]:
     return [part for key, value in args.items() for part in ("--" + key.replace("_", "-"), str(value))]
 
 
-def test_providers_train_the_same_tokens(tmp_path):
+def test_providers_train_the_same_tokens(tmp_path, ray_session):
     cfg = BenchConfig(**{**TOY, "repeats": 2}, cache_dir=str(tmp_path / "cache"))
     results = run_benchmark(cfg)
     assert [len(runs) for runs in results.values()] == [2, 2, 2]
@@ -38,7 +38,7 @@ def test_providers_train_the_same_tokens(tmp_path):
     assert row["c_padding_fraction"] == pytest.approx(1 - c.tokens / c.padded_tokens, abs=1e-3)
 
 
-def test_main_appends_one_row(tmp_path):
+def test_main_appends_one_row(tmp_path, ray_session):
     assert main(_argv(tmp_path / "cache", providers="a,c"), results_dir=tmp_path / "results") == 0
     with (tmp_path / "results" / "end_to_end.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -47,7 +47,7 @@ def test_main_appends_one_row(tmp_path):
     assert float(rows[0]["a_over_c"]) > 0 and rows[0]["commit"] and rows[0]["device"]
 
 
-def test_pipeline_stages_2_is_measured_or_refused_clearly(tmp_path, capsys):
+def test_pipeline_stages_2_is_measured_or_refused_clearly(tmp_path, capsys, ray_session):
     code = main(_argv(tmp_path / "cache", pipeline_stages=2, providers="a"), results_dir=tmp_path / "results")
     if code == 3:  # the runtime does not accept pipeline_stages=2 yet: say so, record nothing
         assert "pipeline_stages=2 was not measured" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import yaml
 from lorafusion.cli import main
 from lorafusion.models.tiny import make_tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("ray_session")
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
@@ -124,7 +125,7 @@ def test_train_yaml_missing_required_field_returns_2(ckpt, tmp_path, capsys):
 
 def test_train_into_existing_run_returns_2(ckpt, trained, capsys):
     config = trained.parent.parent / "jobs.yaml"
-    assert main(["train", str(config)]) == 2
+    assert main(["train", str(config), "--set", "run.resume=false"]) == 2
     assert "overwrite" in capsys.readouterr().err
 
 

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from lorafusion.cli import main
+
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def test_demo_trains_every_job(tmp_path, capsys):

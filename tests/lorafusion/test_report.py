@@ -162,7 +162,7 @@ def test_missing_job_metrics(tmp_path):
         load_run(out)
 
 
-def test_report_of_a_real_fit(tmp_path):
+def test_report_of_a_real_fit(tmp_path, ray_session):
     import lorafusion as lf
     from lorafusion.models.tiny import make_tiny_checkpoint
 
@@ -185,3 +185,7 @@ def test_report_of_a_real_fit(tmp_path):
     assert [p["step"] for p in arith.evals] == [1, 2, 3]
     assert arith.best_eval_loss == pytest.approx(min(p["eval_loss"] for p in arith.evals))
     assert (out / "report" / "loss_arith.png").is_file() and (out / "report" / "loss.png").is_file()
+    assert report.run_metrics is not None  # the runtime's run_metrics.json is read when present
+    summary = render_summary(report)
+    assert _table_row(summary, "microbatches")[1] == f"{report.run_metrics['microbatches']:.0f}"
+    assert _table_row(summary, "wall time")[1] == f"{report.run_metrics['wall_time_s']:.1f} s"

@@ -16,6 +16,7 @@ import lorafusion as lf
 from lorafusion.adapters import AdapterConfig
 from lorafusion.models.tiny import make_tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("ray_session")
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 CAPACITY = 256
 
@@ -260,7 +261,7 @@ def test_overwrite_never_deletes_the_run_inputs(ckpt, tmp_path):
 # ---------------------------------------------------------------- a good run
 
 
-def test_finished_run_outputs_and_rerun_needs_overwrite(ckpt, tmp_path):
+def test_finished_run_outputs_rerun_resumes_or_needs_overwrite(ckpt, tmp_path):
     out = tmp_path / "out"
     jobs = [_job("a", max_steps=2), _job("b", dataset=str(DATA / "greet.jsonl"),
                                          adapter=lf.RsLoRAConfig(rank=2, target_modules=["o_proj"]))]
@@ -279,7 +280,13 @@ def test_finished_run_outputs_and_rerun_needs_overwrite(ckpt, tmp_path):
             assert record["tokens"] > 0 and record["loss"] > 0
     assert json.loads((out / "run.json").read_text())["run"]["output_dir"] == str(out)
 
-    _fails_cleanly(lambda: lf.fit(jobs, _run(ckpt, out)), [tmp_path, ckpt], out, "another run", "overwrite")
+    # Run again: it resumes from the final checkpoint, has nothing left to train and keeps what it wrote.
+    metrics_before = (out / "a" / "metrics.jsonl").read_text()
+    rerun = lf.fit(jobs, _run(ckpt, out))
+    assert rerun.jobs["a"].steps == 2 and rerun.jobs["a"].final_loss == result.jobs["a"].final_loss
+    assert (out / "a" / "metrics.jsonl").read_text() == metrics_before
+    _fails_cleanly(lambda: lf.fit(jobs, _run(ckpt, out, resume=False)), [tmp_path, ckpt], out, "another run",
+                   "overwrite")
 
     (out / "stale.txt").write_text("from an earlier run")
     again = lf.fit(jobs, _run(ckpt, out, overwrite=True))
@@ -304,9 +311,10 @@ def test_checkpoint_weights_not_matching_config(ckpt, tmp_path, change):
     _fails_cleanly(lambda: lf.fit([_job()], _run(bad, out)), [tmp_path], out, name, "config.json")
 
 
-@pytest.mark.parametrize("field", ["pipeline_stages", "data_parallel"])
-def test_parallelism_not_yet_available_is_refused(ckpt, tmp_path, field):
+@pytest.mark.parametrize("fields, words", [
+    (dict(pipeline_stages=3), ("run.pipeline_stages=3", "2 layers")),
+    (dict(pipeline_stages=2, stage_layers=[2, 1]), ("run.stage_layers=[2, 1]", "summing to the model's 2 layers")),
+], ids=["more_stages_than_layers", "stage_layers_not_summing"])
+def test_pipeline_split_that_does_not_fit_the_model_is_refused(ckpt, tmp_path, fields, words):
     out = tmp_path / "out"
-    run = _run(ckpt, out)
-    setattr(run, field, 2)
-    _fails_cleanly(lambda: lf.fit([_job()], run), [tmp_path], out, f"run.{field}=2", f"run.{field}=1")
+    _fails_cleanly(lambda: lf.fit([_job()], _run(ckpt, out, **fields)), [tmp_path], out, *words)

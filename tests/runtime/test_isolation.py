@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 import lorafusion as lf
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.adapters.multi import Segment
-from lorafusion.batching import build_microbatch
 from lorafusion.data import IGNORE_INDEX, SampleStream, load_jsonl_dataset, load_tokenizer
 from lorafusion.models import build_model
 from lorafusion.prepare import prepare_run
-from runtime.fit import plan_round
-from runtime.worker import StageWorker
+from runtime.fit import plan_window
+from runtime.stage import local_runner
+
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 RTOL = 1e-5  # DESIGN promise 1 (fp32), relative to each tensor's max |value|
 CAPACITY = 1024  # every round of the three jobs below fits one microbatch: identical reduction order
@@ -43,10 +44,11 @@ def three_jobs(examples_data: Path, dropout: tuple[float, float, float] = (0.0, 
     ]
 
 
-def fit_adapters(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capacity: int) -> dict[str, dict]:
+def fit_adapters(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capacity: int,
+                 **run_fields) -> dict[str, dict]:
     """job -> {tensors, metrics} after lf.fit."""
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir),
-                       max_tokens_per_microbatch=capacity, progress=False)
+                       max_tokens_per_microbatch=capacity, progress=False, **run_fields)
     result = lf.fit(jobs, run)
     out = {}
     for spec in jobs:
@@ -113,23 +115,22 @@ def randomize(adapters: ModelAdapters, name: str, seed: int, std: float = 0.05) 
 
 
 def first_round(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capacity: int):
-    """Each job's gradient after the engine's first round (as fit runs it), and the round's plan."""
+    """Each job's gradient after the engine's first window (one global batch per job), and its microbatches."""
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir),
                        max_tokens_per_microbatch=capacity, progress=False)
     prepared = prepare_run(jobs, run)
-    worker = StageWorker(prepared)
+    runner = local_runner(run, [(j.spec, j.total_steps) for j in prepared.jobs])
     for spec in jobs:
-        randomize(worker.adapters, spec.name, seed=100 + spec.seed)
-    batches = {j.name: j.global_batch(0) for j in prepared.jobs}
-    weights = {name: 1.0 / sum(s.num_loss_tokens for s in samples) for name, samples in batches.items()}
-    plan = plan_round(batches, capacity, {j.name: j.dropout_seeds(0) for j in prepared.jobs})
-    for items in plan:
-        worker.forward_backward(build_microbatch(items), weights)
+        randomize(runner.worker.adapters, spec.name, seed=100 + spec.seed)
+    planned = plan_window(prepared.jobs, {j.name: range(0, 1) for j in prepared.jobs}, run)
+    planned.window.steps_after = {}  # keep the gradients instead of stepping
+    runner.run_window(planned.window)
     grads = {
-        spec.name: {f"{i}": p.grad.detach().clone() for i, p in enumerate(worker.adapters.parameters(spec.name))}
+        spec.name: {f"{i}": p.grad.detach().clone()
+                    for i, p in enumerate(runner.worker.adapters.parameters(spec.name))}
         for spec in jobs
     }
-    return grads, plan
+    return grads, [slot.items for slot in planned.window.slots[0]]
 
 
 def job_split(plan, name: str) -> list[list[int]]:
@@ -159,34 +160,34 @@ def test_gradients_do_not_depend_on_how_co_batching_splits_a_job(train_checkpoin
 # ----------------------------------------------------------------------------- promise 3
 
 
-def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, examples_data, tmp_path, monkeypatch):
+def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, examples_data, tmp_path):
     """The engine's gradient for a job at an optimizer step equals d/dθ (Σ token losses of the job's global
     batch / loss tokens of that batch), computed here one sample at a time from logits."""
     capacity = 64
     target = job(examples_data, "arith", "arith", rank=4, batch=6, seed=5, steps=2)  # prompts: few loss tokens
     other = job(examples_data, "greet", "greet", rank=2, batch=3, seed=6, steps=2)
+    run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path / "run"),
+                       max_tokens_per_microbatch=capacity, progress=False)
+    prepared = prepare_run([target, other], run)
+    runner = local_runner(run, [(j.spec, j.total_steps) for j in prepared.jobs])
     seen: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
-    original_step = StageWorker.step
+    original_step = runner.worker.step
 
-    def recording_step(self: StageWorker, name: str):
-        params = self.adapters.parameters(name)
+    def recording_step(name: str, norm: float) -> float:
+        params = runner.worker.adapters.parameters(name)
         seen.setdefault(name, []).append(([p.detach().clone() for p in params], [p.grad.clone() for p in params]))
-        return original_step(self, name)
+        return original_step(name, norm)
 
-    monkeypatch.setattr(StageWorker, "step", recording_step)
-    fit = fit_adapters(train_checkpoint, tmp_path / "run", [target, other], capacity)
+    runner.worker.step = recording_step
+    losses = []
+    for step in range(2):  # the engine's windows, one global batch per job each, as a 1-stage fit runs them
+        planned = plan_window(prepared.jobs, {j.name: range(step, step + 1) for j in prepared.jobs}, run)
+        events = runner.run_window(planned.window).steps
+        losses.append({e.job: e.loss for e in events})
     params, engine_grads = seen["arith"][1]  # step 2: B is non-zero, so A has a gradient too
 
-    # The job's second global batch, rebuilt from its own seed (data order is per job).
-    def second_batch(spec: lf.JobSpec) -> list:
-        samples = load_jsonl_dataset(spec.dataset, load_tokenizer(train_checkpoint), max_seq_len=capacity)
-        stream = SampleStream(num_samples=len(samples), global_batch_size=spec.global_batch_size, seed=spec.seed)
-        return [samples[i] for i in stream.batch(1)]
-
-    batch, other_batch = second_batch(target), second_batch(other)
-    spread = sum(any(item[0] == "arith" for item in items)
-                 for items in plan_round({"arith": batch, "greet": other_batch}, capacity,
-                                         {"arith": range(len(batch)), "greet": range(len(other_batch))}))
+    batch = prepared.jobs[0].global_batch(1)  # the job's second global batch
+    spread = sum(any(item[0] == "arith" for item in slot.items) for slot in planned.window.slots[0])
     assert spread >= 2, "the job's global batch should span several microbatches"
     loss_tokens = sum(s.num_loss_tokens for s in batch)
     assert loss_tokens < sum(len(s) for s in batch), "prompt tokens must carry no loss"
@@ -206,7 +207,7 @@ def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, exampl
     adapters.batch.segments = []
     (total / loss_tokens).backward()
 
-    engine_loss = [m["loss"] for m in fit["arith"]["metrics"] if m.get("step") == 2 and "loss" in m][0]
+    engine_loss = losses[1]["arith"]
     assert engine_loss == pytest.approx(float(total / loss_tokens), rel=1e-5)
     for i, (mine, theirs) in enumerate(zip(adapters.parameters("arith"), engine_grads)):
         assert mine.grad.abs().max() > 0, f"parameter #{i} has no gradient; the check would be vacuous"

@@ -1,0 +1,66 @@
+"""Device functions shared by the fused LoRA kernels, and the host-side choices they depend on."""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from lorafusion.ops.utils import interpret_mode, jit_helper, next_pow2
+
+__all__ = ["dot_args", "rank_block"]
+
+
+@jit_helper
+def _dropout_uniform(seeds, pos, k0, site_id, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Uniform [0, 1) for BLOCK_M rows x columns [k0, k0 + BLOCK_K), k0 a multiple of 4.
+
+    One Philox4x32-10 call per 4 columns: key = the row's sample seed (int64 split in two words), counter =
+    (column // 4, row index within the sample, layer site id, 0); its outputs 0..3 go to columns 4j..4j+3.
+    seeds [BLOCK_M] int64, pos [BLOCK_M] int32. The mask of a row is thus a function of its sample's
+    seed, the layer, its place in the sample and the column only.
+    """
+    quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    zero = (pos[:, None] * 0 + quads[None, :] * 0).to(tl.uint32)
+    c0 = zero + quads[None, :].to(tl.uint32)
+    c1 = zero + pos[:, None].to(tl.uint32)
+    c2 = (zero + site_id).to(tl.uint32)
+    c3 = zero
+    key0 = zero + (seeds & 0xFFFFFFFF).to(tl.uint32)[:, None]
+    key1 = zero + ((seeds >> 32) & 0xFFFFFFFF).to(tl.uint32)[:, None]
+    for _ in tl.static_range(10):  # the round and key constants of Philox4x32 (Salmon et al., SC'11)
+        prev0, prev2 = c0, c2
+        c0 = tl.umulhi(0xCD9E8D57, prev2) ^ c1 ^ key0
+        c2 = tl.umulhi(0xD2511F53, prev0) ^ c3 ^ key1
+        c1 = tl.mul(0xCD9E8D57, prev2, sanitize_overflow=False)
+        c3 = tl.mul(0xD2511F53, prev0, sanitize_overflow=False)
+        key0 = key0 + 0x9E3779B9
+        key1 = key1 + 0xBB67AE85
+    # [BLOCK_M, BLOCK_K / 4, 2, 2] with [.., j, a, b] = output 2a + b, flattened row-major: column 4j + 2a + b
+    words = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, BLOCK_K))
+    return (words >> 8).to(tl.float32) * (1.0 / 16777216.0)  # top 24 bits: exact in fp32, < 1
+
+
+@jit_helper
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; DOT_FP32 upcasts the operands first (interpreter only, see dot_args)."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """The tl.dot settings every kernel takes.
+
+    fp32 inputs multiply in full precision ("ieee"): tf32 would miss the fp32 parity bounds; 16-bit inputs
+    ignore the setting. The Triton 3.9 interpreter multiplies bf16 operands as raw integers (a 16x16 bf16
+    tl.dot returns ~1e10), so under TRITON_INTERPRET the operands are upcast to fp32 first; compiled
+    kernels keep native bf16/fp16 tensor-core dots.
+    """
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "DOT_FP32": interpret_mode() and dtype == torch.bfloat16}
+
+
+def rank_block(max_rank: int) -> int:
+    """Rank columns per inner step: the whole rank up to 64 (≥ 16, tl.dot's minimum), larger ranks loop."""
+    return min(64, max(16, next_pow2(max_rank)))

@@ -1,0 +1,274 @@
+"""Checkpoint files: per-stage shards, per-job driver state, and a manifest written last.
+
+One checkpoint is one consistent cut of the whole fit, taken between driver rounds (global counter N =
+rounds completed):
+
+    <output_dir>/checkpoints/step-<N>/
+        manifest.json                       written last: config record, job statuses, size + sha256 of every file
+        jobs/<job>/driver.json              the driver's progress of the job (runtime/resume.py fills it)
+        jobs/<job>/stage-<s>.safetensors    pipeline stage s's parameters of the job and their AdamW state
+
+Why one folder per global counter with a sub-folder per job: every job is cut at the same round, so one
+manifest marks all of them complete at once, and a resume never mixes jobs from different moments; the
+per-job sub-folders keep a job's files together and let a failed job simply have no shards (under `jobs/`,
+so a job may be named like any file of the checkpoint).
+
+Crash safety: a checkpoint is filled in `.step-<N>.partial/` (each file written under a temporary name and
+renamed), its manifest goes in last, and only then is the folder renamed to `step-<N>`. A crash at any
+moment leaves the previous checkpoints untouched and the partial one invisible to `latest_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorafusion.prepare import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR, complete_checkpoints
+
+__all__ = [
+    "checkpoint_dir", "begin_checkpoint", "write_stage_shard", "write_driver_state", "finalize_checkpoint",
+    "latest_checkpoint", "read_manifest", "read_stage_state", "read_driver_state", "prune_checkpoints",
+]
+
+MANIFEST_FORMAT = "lorafusion-checkpoint/1"
+SHARD_FORMAT = "lorafusion-stage-shard/1"
+DRIVER_FILE = "driver.json"
+
+
+def checkpoint_dir(output_dir: str | Path, counter: int) -> Path:
+    """Where the complete checkpoint of global counter `counter` lives."""
+    return Path(output_dir) / CHECKPOINTS_DIR / f"step-{counter:08d}"
+
+
+def _staging(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
+
+
+def _shard_name(stage: int) -> str:
+    return f"stage-{stage}.safetensors"
+
+
+def _job_dir(ckpt_dir: str | Path, job: str) -> Path:
+    return Path(ckpt_dir) / "jobs" / job
+
+
+def _fix(ckpt_dir: Path) -> str:
+    return (f"the checkpoint is damaged: delete '{ckpt_dir}' to resume from the previous checkpoint, or set "
+            "run.overwrite=true to start over")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)`, flush it to disk, then rename over `path`: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def begin_checkpoint(output_dir: str | Path, counter: int) -> Path:
+    """An empty staging folder for checkpoint `counter` (left-overs of an earlier, crashed attempt are removed)."""
+    staging = _staging(checkpoint_dir(output_dir, counter))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_stage_shard(ckpt_dir: str | Path, stage: int, states: dict[str, dict]) -> list[Path]:
+    """Write each job's `StageWorker.job_state(job)` of pipeline stage `stage` to jobs/<job>/stage-<stage>.safetensors.
+
+    Only data-parallel rank 0 of a stage calls this: the replicas of a stage hold identical state.
+    """
+    written = []
+    for job, state in states.items():
+        tensors = {f"param/{name}": t.contiguous() for name, t in state["params"].items()}
+        for name, per_key in state["optimizer"].items():
+            tensors.update({f"optim/{name}/{key}": t.contiguous() for key, t in per_key.items()})
+        metadata = {"format": SHARD_FORMAT, "job": job, "stage": str(stage), "step_count": str(state["step_count"]),
+                    "params": json.dumps(list(state["params"]))}
+        folder = _job_dir(ckpt_dir, job)
+        folder.mkdir(parents=True, exist_ok=True)
+        written.append(_atomic_write(folder / _shard_name(stage),
+                                     lambda tmp: save_file(tensors, str(tmp), metadata=metadata)))
+    return written
+
+
+def write_driver_state(ckpt_dir: str | Path, job: str, record: dict[str, Any]) -> Path:
+    """Write the driver's record of `job` (JSON types only) to jobs/<job>/driver.json."""
+    folder = _job_dir(ckpt_dir, job)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2)
+    return _atomic_write(folder / DRIVER_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected_files(jobs: dict[str, dict]) -> list[str]:
+    files = []
+    for job, entry in jobs.items():
+        files.append(f"jobs/{job}/{DRIVER_FILE}")
+        files += [f"jobs/{job}/{_shard_name(s)}" for s in range(entry["stages"])]
+    return files
+
+
+def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str, Any], jobs: dict[str, dict]) -> Path:
+    """Write the manifest that marks the staged checkpoint complete, then rename it into place; returns its path.
+
+    `config` is the run's `run_manifest` record; `jobs` maps each job to {"status", "stages": number of shards}
+    (0 for a failed job). RuntimeError if a stage or the driver did not write its file.
+    """
+    staging = Path(ckpt_dir)
+    final = checkpoint_dir(staging.parent.parent, counter)
+    if staging != _staging(final):
+        raise RuntimeError(f"finalize_checkpoint: '{staging}' is not the staging folder of step {counter} "
+                           f"('{_staging(final)}'); start it with begin_checkpoint")
+    files = {}
+    for rel in _expected_files(jobs):
+        path = staging / rel
+        if not path.is_file():
+            raise RuntimeError(f"checkpoint step {counter}: '{path}' was not written; a stage or the driver failed "
+                               "before finalize_checkpoint")
+        files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format": MANIFEST_FORMAT, "step": counter, "config": config, "jobs": jobs, "files": files}
+    _atomic_write(staging / CHECKPOINT_MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    if final.exists():  # the same counter saved again (e.g. at the end right after a periodic save)
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync(final.parent)
+    return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in output_dir, or None; partial ones (no manifest) are ignored."""
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def read_manifest(ckpt_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's manifest; with `verify`, every file it lists is checked against its size and sha256."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / CHECKPOINT_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file '{path}' cannot be read ({err}); {_fix(ckpt_dir)}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"checkpoint file '{path}' is not a {MANIFEST_FORMAT} manifest; {_fix(ckpt_dir)}")
+    for key in ("step", "config", "jobs", "files"):
+        if key not in manifest:
+            raise ValueError(f"checkpoint file '{path}' has no '{key}'; {_fix(ckpt_dir)}")
+    if verify:
+        for rel, expected in manifest["files"].items():
+            _verify_file(ckpt_dir, rel, expected)
+    return manifest
+
+
+def _verify_file(ckpt_dir: Path, rel: str, expected: dict) -> None:
+    path = ckpt_dir / rel
+    if not path.is_file():
+        raise ValueError(f"checkpoint file '{path}' is missing; {_fix(ckpt_dir)}")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise ValueError(f"checkpoint file '{path}' has {size} bytes, the manifest says {expected['bytes']}; "
+                         f"{_fix(ckpt_dir)}")
+    if _sha256(path) != expected["sha256"]:
+        raise ValueError(f"checkpoint file '{path}' does not match its sha256 in the manifest; {_fix(ckpt_dir)}")
+
+
+def _read_shard(path: Path, job: str, ckpt_dir: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        names = json.loads(meta["params"])
+        step_count = int(meta["step_count"])
+    except (OSError, SafetensorError, KeyError, ValueError) as err:
+        raise ValueError(f"checkpoint file '{path}' cannot be read ({err!r}); {_fix(ckpt_dir)}") from err
+    if meta.get("format") != SHARD_FORMAT or meta.get("job") != job:
+        raise ValueError(f"checkpoint file '{path}' is not a {SHARD_FORMAT} shard of job '{job}'; {_fix(ckpt_dir)}")
+    optimizer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, tensor in tensors.items():
+        if key.startswith("optim/"):
+            name, state_key = key[len("optim/"):].rsplit("/", 1)
+            optimizer.setdefault(name, {})[state_key] = tensor
+    params = {name: tensors[f"param/{name}"] for name in names if f"param/{name}" in tensors}
+    if len(params) != len(names) or set(optimizer) != set(names):
+        raise ValueError(f"checkpoint file '{path}' lists parameters it does not hold; {_fix(ckpt_dir)}")
+    return {"step_count": step_count, "params": params, "optimizer": optimizer}
+
+
+def read_stage_state(ckpt_dir: str | Path, job: str, manifest: dict[str, Any]) -> dict:
+    """`job`'s state merged over all its stage shards, in `StageWorker.load_job_state`'s format.
+
+    Shards are keyed by global layer, so a run resumed with a different number of pipeline stages still
+    finds every parameter: each stage takes its own from the merged state.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    merged: dict[str, Any] = {"step_count": None, "params": {}, "optimizer": {}}
+    for stage in range(manifest["jobs"][job]["stages"]):
+        path = _job_dir(ckpt_dir, job) / _shard_name(stage)
+        shard = _read_shard(path, job, ckpt_dir)
+        if merged["step_count"] not in (None, shard["step_count"]):
+            raise ValueError(f"checkpoint file '{path}': job '{job}' is at optimizer step {shard['step_count']} "
+                             f"on stage {stage} but {merged['step_count']} on stage 0; {_fix(ckpt_dir)}")
+        overlap = set(merged["params"]) & set(shard["params"])
+        if overlap:
+            raise ValueError(f"checkpoint file '{path}' repeats parameter '{sorted(overlap)[0]}' of an earlier "
+                             f"stage; {_fix(ckpt_dir)}")
+        merged["step_count"] = shard["step_count"]
+        merged["params"].update(shard["params"])
+        merged["optimizer"].update(shard["optimizer"])
+    return merged
+
+
+def read_driver_state(ckpt_dir: str | Path, job: str) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    path = _job_dir(ckpt_dir, job) / DRIVER_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file '{path}' cannot be read ({err}); {_fix(ckpt_dir)}") from err
+    if not isinstance(record, dict) or record.get("job") != job:
+        raise ValueError(f"checkpoint file '{path}' is not the driver record of job '{job}'; {_fix(ckpt_dir)}")
+    return record
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints and any partial left-overs; returns what went."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    complete = [path for _, path in complete_checkpoints(output_dir)]
+    doomed = complete[:-keep] if keep > 0 else complete
+    if root.is_dir():
+        doomed += [p for p in root.iterdir() if p.is_dir() and p not in complete and p.name.startswith((".step-", "step-"))]
+    for path in doomed:
+        # Manifest first: if the deletion is interrupted, a half-deleted folder is never taken as complete.
+        (path / CHECKPOINT_MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(path)
+    return doomed

@@ -1,0 +1,50 @@
+"""Pipeline layout and schedule, as pure functions: which layers each stage holds, and 1F1B op order.
+
+1F1B on stage i of S over n microbatches: S - 1 - i warm-up forwards, then one forward and one backward
+alternately, then the remaining backwards. On stage 0 the forward of microbatch b therefore runs after the
+backward of microbatch b - S: a job whose next global batch starts ≥ S microbatches after the last one of
+its previous batch finds its optimizer step done on every stage (the scheduler's distance rule).
+"""
+
+from __future__ import annotations
+
+__all__ = ["split_layers", "one_f_one_b", "bubble_fraction"]
+
+
+def split_layers(num_layers: int, stages: int, layers_per_stage: list[int] | None = None) -> list[tuple[int, int]]:
+    """Each stage's decoder layers [start, end): balanced by count (earlier stages take the extra layers),
+    or exactly `layers_per_stage` when given."""
+    if stages > num_layers:
+        raise ValueError(
+            f"run.pipeline_stages={stages} exceeds the model's {num_layers} layers; every stage needs at least "
+            f"one layer, so use at most {num_layers} stages"
+        )
+    if layers_per_stage is None:
+        base, extra = divmod(num_layers, stages)
+        layers_per_stage = [base + (1 if s < extra else 0) for s in range(stages)]
+    elif len(layers_per_stage) != stages or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 1:
+        raise ValueError(
+            f"run.stage_layers={layers_per_stage} must list {stages} positive layer counts (one per pipeline "
+            f"stage) summing to the model's {num_layers} layers"
+        )
+    bounds, start = [], 0
+    for count in layers_per_stage:
+        bounds.append((start, start + count))
+        start += count
+    return bounds
+
+
+def one_f_one_b(stage: int, stages: int, num_microbatches: int) -> list[tuple[str, int]]:
+    """The op order of `stage`: ("F", i) forward of microbatch i, ("B", i) its backward."""
+    warmup = min(stages - 1 - stage, num_microbatches)
+    ops = [("F", i) for i in range(warmup)]
+    for i in range(num_microbatches - warmup):
+        ops.append(("F", warmup + i))
+        ops.append(("B", i))
+    ops.extend(("B", i) for i in range(num_microbatches - warmup, num_microbatches))
+    return ops
+
+
+def bubble_fraction(busy_s: float, span_s: float) -> float:
+    """Idle share of a stage between the start of its first op and the end of its last one."""
+    return max(0.0, 1.0 - busy_s / span_s) if span_s > 0 else 0.0

@@ -1,0 +1,228 @@
+"""Save and restore a whole fit: the driver calls `save_checkpoint` between rounds and `load_checkpoint` at start.
+
+Each side has its own half, so the Ray driver can run the stage halves as actor methods:
+save = `begin_checkpoint` (driver) → `write_stage_shard(staging, stage, stage_states(worker, progress))` (data-
+parallel rank 0 of every stage) → `commit_checkpoint` (driver); resume = `open_checkpoint` (driver) →
+`restore_worker(worker, resumed)` (every actor). `save_checkpoint`/`load_checkpoint` chain them for local workers.
+
+Data position and RNG: a job's global batch `step` and its dropout seeds are pure functions of (seed, step,
+sample index) (lorafusion/prepare.py), so the job's step is its whole data and RNG position. The driver
+record still stores the next batch's sample indices and dropout seeds and the next LR, and a resume checks
+that this run reproduces them: a dataset edited in place since the checkpoint fails here, not silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from lorafusion.prepare import PreparedJob, PreparedRun, config_differences, run_manifest
+from runtime.checkpointing import (
+    begin_checkpoint, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
+    read_stage_state, write_driver_state, write_stage_shard,
+)
+from runtime.optim import lr_at
+from runtime.worker import StageWorker
+
+__all__ = [
+    "JobProgress", "Resumed", "save_checkpoint", "stage_states", "commit_checkpoint", "load_checkpoint",
+    "open_checkpoint", "restore_worker", "trim_metrics",
+]
+
+
+@dataclass(kw_only=True)
+class JobProgress:
+    """What the driver knows about one job between rounds."""
+
+    step: int = 0
+    """Optimizer steps taken (= the index of the job's next global batch and its LR schedule position)."""
+    tokens: int = 0
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    error: str | None = None
+    """Why the job failed; None while it trains or once it finished."""
+
+
+def _status(job: PreparedJob, progress: JobProgress) -> str:
+    if progress.error is not None:
+        return "failed"
+    return "finished" if progress.step >= job.total_steps else "active"
+
+
+def _data_sha256(job: PreparedJob) -> str:
+    """Digest of the job's tokenised samples (ids and labels, in file order)."""
+    digest = hashlib.sha256()
+    for sample in job.samples:
+        digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _position(job: PreparedJob, step: int) -> dict[str, Any]:
+    """The checks stored with a job's progress: what this run must reproduce at the job's next step."""
+    return {
+        "next_lr": lr_at(job.spec, step, job.total_steps),
+        "num_samples": len(job.samples),
+        "data_sha256": _data_sha256(job),
+        "next_sample_indices": [int(i) for i in job.stream.batch(step)],
+        "next_dropout_seeds": job.dropout_seeds(step),
+    }
+
+
+def _driver_record(job: PreparedJob, progress: JobProgress) -> dict[str, Any]:
+    return {
+        "job": job.name, "status": _status(job, progress), "step": progress.step, "total_steps": job.total_steps,
+        "tokens": progress.tokens, "last_loss": progress.last_loss, "eval_loss": progress.eval_loss,
+        "error": progress.error, "position": _position(job, progress.step),
+    }
+
+
+def stage_states(worker: StageWorker, progress: Mapping[str, JobProgress]) -> dict[str, dict]:
+    """What one stage writes with `write_stage_shard`: the state of every job that has not failed."""
+    return {name: worker.job_state(name) for name, p in progress.items() if p.error is None}
+
+
+def commit_checkpoint(
+    prepared: PreparedRun, staging: Path, counter: int, progress: Mapping[str, JobProgress], num_stages: int
+) -> Path:
+    """The driver's half of a save, after every stage wrote its shard into `staging`: the job records, the
+    manifest (the checkpoint is then complete) and pruning to run.keep_checkpoints. Returns the folder."""
+    run = prepared.run
+    for job in prepared.jobs:
+        write_driver_state(staging, job.name, _driver_record(job, progress[job.name]))
+    jobs = {job.name: {"status": _status(job, progress[job.name]),
+                       "stages": num_stages if progress[job.name].error is None else 0} for job in prepared.jobs}
+    path = finalize_checkpoint(staging, counter=counter, jobs=jobs,
+                               config=run_manifest(run, [job.spec for job in prepared.jobs]))
+    prune_checkpoints(run.output_dir, run.keep_checkpoints)
+    return path
+
+
+def save_checkpoint(
+    prepared: PreparedRun, counter: int, workers_by_stage: Mapping[int, StageWorker], progress: Mapping[str, JobProgress]
+) -> Path:
+    """Checkpoint every job after `counter` driver rounds (single process: the workers are local objects).
+
+    Call it between rounds (no job mid-global-batch). Failed jobs get a driver record and no shards.
+    """
+    staging = begin_checkpoint(prepared.run.output_dir, counter)
+    for stage, worker in sorted(workers_by_stage.items()):
+        write_stage_shard(staging, stage, stage_states(worker, progress))
+    return commit_checkpoint(prepared, staging, counter, progress, len(workers_by_stage))
+
+
+def _check_position(job: PreparedJob, record: dict[str, Any], path: Path) -> None:
+    saved, now = record["position"], _position(job, record["step"])
+    if saved["num_samples"] != now["num_samples"]:
+        raise ValueError(
+            f"job '{job.name}': checkpoint '{path}' was taken with {saved['num_samples']} samples in dataset "
+            f"'{job.spec.dataset}', it now has {now['num_samples']}; restore the dataset it was trained on, or set "
+            "run.overwrite=true to start over"
+        )
+    for key, what in (("data_sha256", "tokenised samples"),
+                      ("next_sample_indices", "samples of the next global batch"),
+                      ("next_dropout_seeds", "dropout seeds"), ("next_lr", "learning rate")):
+        if saved[key] != now[key]:
+            raise ValueError(
+                f"job '{job.name}': at step {record['step']} this run gives other {what} than checkpoint '{path}' "
+                f"recorded ({str(now[key])[:60]} vs {str(saved[key])[:60]}); the dataset or the code changed since "
+                "— restore them, or set run.overwrite=true to start over"
+            )
+
+
+_RECORD_KEYS = ("status", "step", "tokens", "last_loss", "eval_loss", "error", "position")
+
+
+def _read_progress(job: PreparedJob, path: Path) -> JobProgress:
+    record = read_driver_state(path, job.name)
+    missing = [key for key in _RECORD_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"checkpoint file '{path / 'jobs' / job.name / 'driver.json'}' lacks {missing}; delete '{path}' to "
+                         "resume from the previous checkpoint, or set run.overwrite=true to start over")
+    _check_position(job, record, path)
+    return JobProgress(step=record["step"], tokens=record["tokens"], last_loss=record["last_loss"],
+                       eval_loss=record["eval_loss"], error=record["error"])
+
+
+@dataclass(kw_only=True)
+class Resumed:
+    """A checkpoint checked by the driver, ready for the stages to load."""
+
+    path: Path
+    counter: int
+    """Driver rounds completed when it was taken."""
+    progress: dict[str, JobProgress]
+    manifest: dict[str, Any]
+
+
+def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
+    """The driver's half of a resume: find the newest complete checkpoint, verify its files, settings and every
+    job's data/LR position, and read the job progress. None when run.resume is off, run.overwrite is on, or
+    there is no complete checkpoint. ValueError naming the file and the fix when it is damaged or from other
+    settings."""
+    run = prepared.run
+    path = latest_checkpoint(run.output_dir) if run.resume and not run.overwrite else None
+    if path is None:
+        return None
+    manifest = read_manifest(path)
+    diffs = config_differences(manifest["config"], run_manifest(run, [job.spec for job in prepared.jobs]))
+    if diffs:
+        raise ValueError(f"checkpoint '{path}' was taken with other settings: {'; '.join(diffs)}. Use those "
+                         "settings to resume, or set run.overwrite=true to start over")
+    progress = {job.name: _read_progress(job, path) for job in prepared.jobs}
+    return Resumed(path=path, counter=manifest["step"], progress=progress, manifest=manifest)
+
+
+def restore_worker(worker: StageWorker, resumed: Resumed) -> None:
+    """A stage's half of a resume: load every live job's state from the shards, drop the failed jobs."""
+    for name, progress in resumed.progress.items():
+        if progress.error is not None:
+            worker.remove_job(name)
+            continue
+        state = read_stage_state(resumed.path, name, resumed.manifest)
+        if state["step_count"] != progress.step:
+            raise ValueError(
+                f"checkpoint '{resumed.path}': job '{name}' is at step {progress.step} in jobs/{name}/driver.json but "
+                f"its optimizer shards are at step {state['step_count']}; delete '{resumed.path}' to resume from "
+                "the previous checkpoint, or set run.overwrite=true to start over"
+            )
+        worker.load_job_state(name, state, where=f"checkpoint '{resumed.path}'")
+
+
+def load_checkpoint(
+    prepared: PreparedRun, workers_by_stage: Mapping[int, StageWorker]
+) -> tuple[int, dict[str, JobProgress]] | None:
+    """Restore local workers from the newest complete checkpoint; returns (global counter, progress per job),
+    or None when there is nothing to resume (see open_checkpoint)."""
+    resumed = open_checkpoint(prepared)
+    if resumed is None:
+        return None
+    for worker in workers_by_stage.values():
+        restore_worker(worker, resumed)
+    return resumed.counter, resumed.progress
+
+
+def _record_step(line: str) -> float:
+    """A metrics line's step; a line cut short by a crash counts as after every step (it is dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
+def trim_metrics(output_dir: str | Path, job: str, step: int) -> None:
+    """Drop the records of <output_dir>/<job>/metrics.jsonl after optimizer step `step` (the resumed run
+    writes them again); the file is replaced atomically."""
+    path = Path(output_dir) / job / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,205 @@
+"""One stage's loop over a window of the microbatch stream: 1F1B forwards and backwards, activations to
+and from the neighbouring stages, and each job's optimizer step as soon as the backward of the last
+microbatch of its global batch is done on this stage.
+
+The driver sends every actor the same `Window`; each actor runs its replica's slots. Every actor makes
+the same decisions (which jobs step after which slot, which jobs have failed) in the same order, so the
+collective reductions at a step line up across stages and replicas without any extra handshake.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafusion.batching import build_microbatch
+from lorafusion.data import IGNORE_INDEX, Sample
+from runtime.comm import StageComm, StagePlace
+from runtime.pipeline import one_f_one_b
+from runtime.worker import StageWorker
+
+__all__ = ["Slot", "Window", "StepEvent", "WindowResult", "StageRunner", "local_runner"]
+
+
+@dataclass
+class Slot:
+    """One microbatch of one data-parallel replica; no items = a no-op (nothing runs, nothing is sent)."""
+
+    items: list[tuple[str, Sample, int]] = field(default_factory=list)
+    """(job, sample, dropout seed), in the order they are packed."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """job -> 1 / loss tokens of the job's global batch this microbatch belongs to."""
+
+
+@dataclass
+class Window:
+    """A stretch of the microbatch stream, identical for every actor."""
+
+    slots: list[list[Slot]]
+    """[replica][slot]: every replica has the same number of slots (padded with no-ops)."""
+    steps_after: dict[int, list[str]] = field(default_factory=dict)
+    """slot -> jobs whose global batch ends there: they step after that slot's backward, in this order."""
+    train: bool = True
+    """False: forward only, every job's token-loss sums are returned (evaluation)."""
+
+
+@dataclass
+class StepEvent:
+    job: str
+    loss: float
+    """The job's mean token loss over its global batch (summed over stages and replicas)."""
+    grad_norm: float
+    lr: float
+    error: str | None = None
+    """Set when the step was refused (loss or gradient not finite); the job is then removed."""
+
+
+@dataclass
+class WindowResult:
+    steps: list[StepEvent] = field(default_factory=list)
+    eval_sums: dict[str, list[float]] = field(default_factory=dict)
+    """job -> [token-loss sum, loss tokens] of this actor's slots (last stage only, evaluation windows)."""
+    busy_s: float = 0.0
+    """Time spent computing (forward, backward, optimizer steps), excluding waits for other stages."""
+    span_s: float = 0.0
+    """From the start of the window's first op to the end of its last."""
+    microbatches: int = 0
+    peak_memory_bytes: int = 0
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class StageRunner:
+    """Runs windows on one StageWorker, talking to the other stages and replicas through `comm`."""
+
+    def __init__(self, worker: StageWorker, comm: StageComm) -> None:
+        self.worker, self.comm = worker, comm
+        self.place = comm.place
+        self._loss = {}  # job -> weighted loss of its current global batch on this actor (last stage)
+
+    def run_window(self, window: Window) -> WindowResult:
+        result = WindowResult()
+        slots = window.slots[self.place.dp_rank]
+        start = time.perf_counter()
+        if window.train:
+            self._train(window, slots, result)
+        else:
+            self._evaluate(slots, result)
+        self.comm.wait_sends()
+        result.span_s = time.perf_counter() - start
+        result.peak_memory_bytes = _peak_memory_bytes(self.worker.device)
+        return result
+
+    def _microbatch(self, slot: Slot):
+        # A failed job was removed on every actor at the same step, before any later slot holding it runs.
+        items = [item for item in slot.items if item[0] in self.worker.optimizers]
+        return build_microbatch(items).to(self.worker.device) if items else None
+
+    def _train(self, window: Window, slots: list[Slot], result: WindowResult) -> None:
+        in_flight = {}
+        for kind, i in one_f_one_b(self.place.stage, self.place.stages, len(slots)):
+            if kind == "F":
+                mb = self._microbatch(slots[i])
+                if mb is not None:
+                    in_flight[i] = self._forward(mb, slots[i].weights, result)
+                continue
+            if i in in_flight:
+                self._backward(*in_flight.pop(i), result)
+            for job in window.steps_after.get(i, []):
+                if job in self.worker.optimizers:
+                    result.steps.append(self._step(job, result))
+
+    def _forward(self, mb, weights: dict[str, float], result: WindowResult):
+        hidden_in = None
+        if not self.place.is_first:
+            hidden_in = self.comm.recv_forward(self.worker.hidden_shape(mb), self.worker.hidden_dtype)
+            hidden_in.requires_grad_()
+        tic = time.perf_counter()
+        out, sums = self.worker.forward(mb, weights, hidden_in)
+        for job, value in sums.items():
+            self._loss[job] = self._loss.get(job, 0.0) + value
+        result.busy_s += time.perf_counter() - tic
+        result.microbatches += 1
+        if not self.place.is_last:
+            self.comm.send_forward(out)
+        return mb, out, hidden_in
+
+    def _backward(self, mb, out, hidden_in, result: WindowResult) -> None:
+        grad_out = None
+        if not self.place.is_last:
+            grad_out = self.comm.recv_backward(tuple(out.shape), out.dtype)
+        tic = time.perf_counter()
+        grad_in = self.worker.backward(out, grad_out, hidden_in)
+        result.busy_s += time.perf_counter() - tic
+        if grad_in is not None:
+            self.comm.send_backward(grad_in)
+
+    def _step(self, job: str, result: WindowResult) -> StepEvent:
+        """Reduce the job's gradients over replicas and its norm and loss over stages, then step or fail it."""
+        tic = time.perf_counter()
+        params = self.worker.optimizers[job].params
+        loss = self._loss.pop(job, 0.0)
+        if self.place.dp_size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+            self.comm.sum_over_replicas(flat)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            loss = float(flat[-1])
+        totals = torch.tensor([self.worker.grad_norm_sq(job), loss], dtype=torch.float64, device=self.worker.device)
+        norm_sq, loss = self.comm.sum_over_stages(totals).tolist()
+        norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.worker.remove_job(job)  # its adapter and optimizer go; the other jobs carry on
+            result.busy_s += time.perf_counter() - tic
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            return StepEvent(job, loss, norm, 0.0, error=f"{what} became {loss if what == 'loss' else norm}")
+        lr = self.worker.step(job, norm)
+        result.busy_s += time.perf_counter() - tic
+        return StepEvent(job, loss, norm, lr)
+
+    @torch.no_grad()
+    def _evaluate(self, slots: list[Slot], result: WindowResult) -> None:
+        self.worker.model.eval()
+        try:
+            for slot in slots:
+                mb = self._microbatch(slot)
+                if mb is None:
+                    continue
+                hidden_in = None
+                if not self.place.is_first:
+                    hidden_in = self.comm.recv_forward(self.worker.hidden_shape(mb), self.worker.hidden_dtype)
+                tic = time.perf_counter()
+                out, sums = self.worker.forward(mb, None, hidden_in)
+                result.busy_s += time.perf_counter() - tic
+                result.microbatches += 1
+                if not self.place.is_last:
+                    self.comm.send_forward(out)
+                    continue
+                counts = {s.job: int((mb.labels[0, s.start:s.end] != IGNORE_INDEX).sum()) for s in mb.segments}
+                for job, total in sums.items():
+                    acc = result.eval_sums.setdefault(job, [0.0, 0])
+                    acc[0] += total
+                    acc[1] += counts[job]
+        finally:
+            self.worker.model.train()
+
+
+def local_runner(run, jobs) -> StageRunner:
+    """The engine in this process, one stage holding the whole model (no Ray, no process groups): what an
+    actor of a 1-stage, 1-replica fit runs; for tests and debugging."""
+    from lorafusion.models.megatron_compat import ensure_model_parallel
+
+    ensure_model_parallel()
+    worker = StageWorker(run, jobs)
+    return StageRunner(worker, StageComm(StagePlace(), worker.device))

@@ -1,0 +1,390 @@
+"""Checkpoint and resume (issue 5): exact state round trips, resume == uninterrupted, damaged checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorafusion as lf
+from lorafusion.prepare import RUN_MANIFEST, PreparedRun, prepare_run, run_manifest
+from runtime.checkpointing import (
+    begin_checkpoint, checkpoint_dir, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state,
+    read_manifest, read_stage_state, write_driver_state, write_stage_shard,
+)
+from runtime.comm import StageComm, StagePlace
+from runtime.fit import plan_window
+from runtime.optim import JobOptimizer
+from runtime.resume import JobProgress, commit_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
+from runtime.stage import StageRunner
+from runtime.worker import StageWorker
+
+CAPACITY = 256  # small enough that a round spans several microbatches
+
+
+def specs(examples_data: Path, greet_data: Path | None = None) -> list[lf.JobSpec]:
+    """Dropout, warmup + decaying LR and weight decay: every piece of state a resume must restore matters."""
+    return [
+        lf.JobSpec(name="greet", dataset=str(greet_data or examples_data / "greet.jsonl"),
+                   adapter=lf.LoRAConfig(rank=4, alpha=8, dropout=0.1), global_batch_size=4, learning_rate=1e-3,
+                   max_steps=5, seed=1, lr_schedule="cosine", warmup_steps=2, weight_decay=0.01),
+        lf.JobSpec(name="arith", dataset=str(examples_data / "arith.jsonl"),
+                   adapter=lf.LoRAConfig(rank=2, alpha=4, target_modules=["q_proj", "down_proj"]),
+                   global_batch_size=3, learning_rate=2e-3, max_steps=3, seed=2, lr_schedule="linear"),
+    ]
+
+
+def prepare(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], **run_fields) -> PreparedRun:
+    run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(out), max_tokens_per_microbatch=CAPACITY,
+                       progress=False, **run_fields)
+    prepared = prepare_run(jobs, run)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MANIFEST).write_text(json.dumps(run_manifest(run, jobs)))  # as the fit driver writes it
+    return prepared
+
+
+def make_worker(prepared: PreparedRun) -> StageWorker:
+    return StageWorker(prepared.run, [(j.spec, j.total_steps) for j in prepared.jobs])
+
+
+def train_round(worker: StageWorker, prepared: PreparedRun, progress: dict[str, JobProgress]) -> None:
+    """One window of the engine as a 1-stage fit runs it: every active job's next global batch, packed together."""
+    active = [j for j in prepared.jobs if progress[j.name].error is None and progress[j.name].step < j.total_steps]
+    steps = {j.name: range(progress[j.name].step, progress[j.name].step + 1) for j in active}
+    planned = plan_window(prepared.jobs, steps, prepared.run)
+    runner = StageRunner(worker, StageComm(StagePlace(), worker.device))
+    for event in runner.run_window(planned.window).steps:
+        state = progress[event.job]
+        state.tokens += planned.tokens[(event.job, state.step)]
+        state.step += 1
+        state.last_loss = event.loss
+
+
+def fresh_progress(prepared: PreparedRun) -> dict[str, JobProgress]:
+    return {job.name: JobProgress() for job in prepared.jobs}
+
+
+def assert_bit_identical(got: StageWorker, want: StageWorker, job: str) -> None:
+    a, b = got.adapters.peft_state_dict(job), want.adapters.peft_state_dict(job)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"job {job}: {key} differs by {(a[key] - b[key]).abs().max():.3e}"
+
+
+# ----------------------------------------------------------------------------- optimizer and worker state
+
+
+def test_optimizer_state_round_trip_is_exact():
+    spec = lf.JobSpec(name="j", dataset="unused.jsonl", learning_rate=0.1, weight_decay=0.1, warmup_steps=1,
+                      lr_schedule="cosine")
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(3, 2, generator=gen), torch.randn(5, generator=gen)] for _ in range(5)]
+
+    def make() -> JobOptimizer:
+        params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(5))]
+        return JobOptimizer(spec, params, total_steps=5)
+
+    def step(opt: JobOptimizer, i: int) -> None:
+        for p, g in zip(opt.params, grads[i]):
+            p.grad = g.clone()
+        opt.step(opt.grad_norm_sq() ** 0.5)
+
+    straight, resumed = make(), make()
+    for i in range(2):
+        step(straight, i)
+    state = straight.state_dict()
+    assert state["step_count"] == 2 and set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert all(t.device.type == "cpu" for per in state["state"] for t in per.values())
+    with torch.no_grad():
+        for mine, theirs in zip(resumed.params, straight.params):
+            mine.copy_(theirs)
+    resumed.load_state_dict(state)
+    for i in range(2, 5):
+        step(straight, i)
+        step(resumed, i)
+    assert resumed.step_count == straight.step_count == 5
+    assert all(torch.equal(a, b) for a, b in zip(resumed.params, straight.params))
+
+
+def test_optimizer_state_of_another_shape_is_refused():
+    spec = lf.JobSpec(name="j", dataset="unused.jsonl")
+    opt = JobOptimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], total_steps=3)
+    with pytest.raises(ValueError, match="holds state for 2 parameters, this job has 1"):
+        opt.load_state_dict({"step_count": 1, "state": [{}, {}]})
+    bad = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=r"'exp_avg': shape \(3,\), expected \(2, 2\)"):
+        opt.load_state_dict({"step_count": 1, "state": [bad]})
+    with pytest.raises(ValueError, match="step_count=-1"):
+        opt.load_state_dict({"step_count": -1, "state": [{}]})
+
+
+def test_worker_state_moved_to_a_new_worker_trains_on_bit_identically(train_checkpoint, examples_data, tmp_path):
+    prepared = prepare(train_checkpoint, tmp_path / "run", specs(examples_data))
+    straight, progress = make_worker(prepared), fresh_progress(prepared)
+    for _ in range(2):
+        train_round(straight, prepared, progress)
+    moved = make_worker(prepared)
+    untouched = make_worker(prepared)
+    for job in prepared.jobs:
+        state = straight.job_state(job.name)
+        assert state["step_count"] == 2 and all(name.startswith("layers.") for name in state["params"])
+        moved.load_job_state(job.name, state)
+    moved_progress = {name: dataclasses.replace(p) for name, p in progress.items()}
+    untouched_progress = {name: dataclasses.replace(p) for name, p in progress.items()}
+    for _ in range(3):
+        train_round(straight, prepared, progress)
+        train_round(moved, prepared, moved_progress)
+        train_round(untouched, prepared, untouched_progress)  # same batches, but from the initial state
+    for job in prepared.jobs:
+        assert_bit_identical(moved, straight, job.name)
+        b = untouched.adapters.peft_state_dict(job.name)
+        assert any(not torch.equal(b[k], v) for k, v in straight.adapters.peft_state_dict(job.name).items())
+
+
+# ----------------------------------------------------------------------------- resume through files
+
+
+def straight_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec]) -> tuple[StageWorker, dict[str, JobProgress]]:
+    prepared = prepare(checkpoint, out, jobs)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    for _ in range(5):
+        train_round(worker, prepared, progress)
+    return worker, progress
+
+
+def interrupted_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], rounds: int, **run_fields) -> PreparedRun:
+    """Train `rounds` rounds, checkpointing after each, then 'crash' (the worker is dropped)."""
+    prepared = prepare(checkpoint, out, jobs, **run_fields)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    for counter in range(1, rounds + 1):
+        train_round(worker, prepared, progress)
+        save_checkpoint(prepared, counter, {0: worker}, progress)
+    return prepared
+
+
+def resume(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], **run_fields):
+    prepared = prepare(checkpoint, out, jobs, **run_fields)  # check_output_dir accepts the resumable run
+    worker = make_worker(prepared)
+    loaded = load_checkpoint(prepared, {0: worker})
+    assert loaded is not None
+    return prepared, worker, loaded
+
+
+def test_resumed_fit_ends_with_the_same_adapters(train_checkpoint, examples_data, tmp_path):
+    jobs = specs(examples_data)
+    want_worker, want_progress = straight_run(train_checkpoint, tmp_path / "straight", jobs)
+    out = tmp_path / "run"
+    interrupted_run(train_checkpoint, out, jobs, rounds=3)  # arith (3 steps) is finished, greet is not
+    prepared, worker, (counter, progress) = resume(train_checkpoint, out, jobs)
+    assert counter == 3 and progress["arith"].step == 3 and progress["greet"].step == 3
+    for _ in range(counter, 5):
+        train_round(worker, prepared, progress)
+    for job in prepared.jobs:
+        assert_bit_identical(worker, want_worker, job.name)
+        assert progress[job.name] == want_progress[job.name]
+    manifest = json.loads((checkpoint_dir(out, 3) / "manifest.json").read_text())
+    assert manifest["jobs"] == {"greet": {"status": "active", "stages": 1}, "arith": {"status": "finished", "stages": 1}}
+    record = json.loads((checkpoint_dir(out, 3) / "jobs" / "greet" / "driver.json").read_text())
+    assert record["position"]["next_sample_indices"] == [int(i) for i in prepared.jobs[0].stream.batch(3)]
+
+
+def test_failed_job_resumes_as_failed(train_checkpoint, examples_data, tmp_path):
+    out = tmp_path / "run"
+    jobs = specs(examples_data)
+    prepared = prepare(train_checkpoint, out, jobs)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    train_round(worker, prepared, progress)
+    progress["arith"].error = "loss became nan at step 2; the job was stopped"
+    worker.remove_job("arith")
+    save_checkpoint(prepared, 1, {0: worker}, progress)
+    assert not list((checkpoint_dir(out, 1) / "jobs" / "arith").glob("stage-*"))
+    prepared, fresh, (_, loaded) = resume(train_checkpoint, out, jobs)
+    assert loaded["arith"] == progress["arith"] and "arith" not in fresh.optimizers
+    assert_bit_identical(fresh, worker, "greet")
+
+
+def test_keeps_the_last_checkpoints_and_replaces_a_repeated_one(train_checkpoint, examples_data, tmp_path):
+    out = tmp_path / "run"
+    prepared = interrupted_run(train_checkpoint, out, specs(examples_data), rounds=4, keep_checkpoints=2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    worker = make_worker(prepared)
+    progress = load_checkpoint(prepared, {0: worker})[1]
+    save_checkpoint(prepared, 4, {0: worker}, progress)  # e.g. the end-of-fit save right after a periodic one
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    assert load_checkpoint(prepared, {0: make_worker(prepared)})[0] == 4
+
+
+def test_crash_before_the_manifest_leaves_the_previous_checkpoint(train_checkpoint, examples_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    jobs = specs(examples_data)
+    prepared = interrupted_run(train_checkpoint, out, jobs, rounds=1)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    train_round(worker, prepared, progress)
+    train_round(worker, prepared, progress)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed between the shards and the manifest")
+
+    monkeypatch.setattr("runtime.resume.finalize_checkpoint", crash)  # after every shard and driver record
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(prepared, 2, {0: worker}, progress)
+    monkeypatch.undo()
+    assert (out / "checkpoints" / ".step-00000002.partial" / "jobs" / "greet" / "stage-0.safetensors").is_file()
+    (out / "checkpoints" / "step-00000005" / "greet").mkdir(parents=True)  # a folder without manifest
+    assert latest_checkpoint(out) == checkpoint_dir(out, 1)
+    _, _, (counter, loaded) = resume(train_checkpoint, out, jobs)
+    assert counter == 1 and loaded["greet"].step == 1
+    removed = prune_checkpoints(out, keep=2)
+    assert {p.name for p in removed} == {".step-00000002.partial", "step-00000005"}
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated shard": ("jobs/greet/stage-0.safetensors", _truncate, "bytes"),
+    "flipped byte in shard": ("jobs/greet/stage-0.safetensors", _flip_byte, "sha256"),
+    "missing driver file": ("jobs/arith/driver.json", Path.unlink, "is missing"),
+    "manifest not JSON": ("manifest.json", _truncate, "cannot be read"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_run(train_checkpoint, examples_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved") / "run"
+    interrupted_run(train_checkpoint, out, specs(examples_data), rounds=1)
+    return out
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_names_the_file_and_the_fix(saved_run, train_checkpoint, examples_data, tmp_path, case):
+    out = Path(shutil.copytree(saved_run, tmp_path / "run"))
+    rel, damage, words = DAMAGE[case]
+    damage(checkpoint_dir(out, 1) / rel)
+    prepared = prepare(train_checkpoint, out, specs(examples_data))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(prepared, {0: make_worker(prepared)})
+    message = str(err.value)
+    assert str(checkpoint_dir(out, 1) / rel) in message and words in message
+    assert f"delete '{checkpoint_dir(out, 1)}'" in message and "run.overwrite=true" in message
+
+
+def test_shards_of_two_stages_are_merged_and_checked(saved_run, train_checkpoint, examples_data, tmp_path):
+    """A two-stage run writes one shard per stage; each half of the parameters here plays one stage."""
+    out = Path(shutil.copytree(saved_run, tmp_path / "run"))
+    prepared = prepare(train_checkpoint, out, specs(examples_data))
+    whole = make_worker(prepared)
+    _, progress = load_checkpoint(prepared, {0: whole})
+    halves = []
+    for part in (0, 1):
+        states = {}
+        for job in prepared.jobs:
+            state = whole.job_state(job.name)
+            names = [n for n in state["params"] if n.startswith("layers.0.") == (part == 0)]
+            states[job.name] = {"step_count": state["step_count"], "params": {n: state["params"][n] for n in names},
+                                "optimizer": {n: state["optimizer"][n] for n in names}}
+        halves.append(states)
+
+    def save_two_stages(counter: int, second: dict) -> None:
+        staging = begin_checkpoint(out, counter)
+        write_stage_shard(staging, 0, halves[0])
+        write_stage_shard(staging, 1, second)
+        commit_checkpoint(prepared, staging, counter, progress, num_stages=2)
+
+    save_two_stages(2, halves[1])
+    merged = make_worker(prepared)
+    assert load_checkpoint(prepared, {0: merged})[0] == 2
+    for job in prepared.jobs:
+        assert_bit_identical(merged, whole, job.name)
+    save_two_stages(3, halves[0])  # stage 1 wrote stage 0's parameters again
+    with pytest.raises(ValueError, match="repeats parameter 'layers.0."):
+        load_checkpoint(prepared, {0: make_worker(prepared)})
+
+
+# ----------------------------------------------------------------------------- resuming another run
+
+
+def test_resume_with_other_settings_names_what_differs(saved_run, train_checkpoint, examples_data, tmp_path):
+    out = Path(shutil.copytree(saved_run, tmp_path / "run"))
+    jobs = specs(examples_data)
+    jobs[1] = dataclasses.replace(jobs[1], learning_rate=5e-3)
+    with pytest.raises(ValueError) as err:
+        prepare_run(jobs, lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(out),
+                                       max_tokens_per_microbatch=CAPACITY))
+    assert "job 'arith' learning_rate: 0.002 before, 0.005 now" in str(err.value)
+    assert "overwrite" in str(err.value)
+    # The checkpoint's own record is checked too (here run.json was rewritten to the new settings).
+    prepared = prepare(train_checkpoint, tmp_path / "elsewhere", jobs)
+    prepared = dataclasses.replace(prepared, run=dataclasses.replace(prepared.run, output_dir=str(out)))
+    with pytest.raises(ValueError, match=r"was taken with other settings: job 'arith' learning_rate"):
+        load_checkpoint(prepared, {0: make_worker(prepared)})
+
+
+def test_resume_may_change_logging_and_checkpoint_settings(saved_run, train_checkpoint, examples_data, tmp_path):
+    out = Path(shutil.copytree(saved_run, tmp_path / "run"))
+    _, _, (counter, _) = resume(train_checkpoint, out, specs(examples_data), log_every_steps=7,
+                                checkpoint_every_steps=3, keep_checkpoints=5)
+    assert counter == 1
+
+
+def test_resume_off_or_overwrite_starts_from_scratch(saved_run, train_checkpoint, examples_data, tmp_path):
+    out = Path(shutil.copytree(saved_run, tmp_path / "run"))
+    with pytest.raises(ValueError, match="already holds another run"):
+        prepare(train_checkpoint, out, specs(examples_data), resume=False)
+    prepared = prepare(train_checkpoint, out, specs(examples_data), overwrite=True)
+    assert load_checkpoint(prepared, {0: make_worker(prepared)}) is None
+
+
+def test_dataset_edited_since_the_checkpoint_is_refused(train_checkpoint, examples_data, tmp_path):
+    data = tmp_path / "greet.jsonl"
+    shutil.copy(examples_data / "greet.jsonl", data)
+    out = tmp_path / "run"
+    interrupted_run(train_checkpoint, out, specs(examples_data, data), rounds=1)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-2]) + "\n")
+    prepared = prepare(train_checkpoint, out, specs(examples_data, data))
+    with pytest.raises(ValueError, match=rf"{len(lines)} samples in dataset '{data}', it now has {len(lines) - 2}"):
+        load_checkpoint(prepared, {0: make_worker(prepared)})
+    data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same count, other order
+    prepared = prepare(train_checkpoint, out, specs(examples_data, data))
+    with pytest.raises(ValueError, match="other tokenised samples"):
+        load_checkpoint(prepared, {0: make_worker(prepared)})
+
+
+def test_trim_metrics_drops_records_after_the_checkpoint(tmp_path):
+    path = tmp_path / "job" / "metrics.jsonl"
+    path.parent.mkdir()
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}, {"step": 3, "loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # cut short by a crash
+    trim_metrics(tmp_path, "job", 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
+
+
+def test_any_job_name_round_trips_through_the_files(tmp_path):
+    """Job folders live under jobs/, so a job may be named like a checkpoint file; tensors come back exactly."""
+    state = {"step_count": 2, "params": {"layers.0.w": torch.randn(3, 2), "layers.0.v": torch.randn(4)},
+             "optimizer": {"layers.0.w": {"step": torch.tensor(2.0), "exp_avg": torch.randn(3, 2)}, "layers.0.v": {}}}
+    staging = begin_checkpoint(tmp_path, 7)
+    write_stage_shard(staging, 0, {"manifest.json": state})
+    write_driver_state(staging, "manifest.json", {"job": "manifest.json", "step": 2})
+    path = finalize_checkpoint(staging, counter=7, config={}, jobs={"manifest.json": {"status": "active", "stages": 1}})
+    assert path == checkpoint_dir(tmp_path, 7) == latest_checkpoint(tmp_path) and not staging.exists()
+    back = read_stage_state(path, "manifest.json", read_manifest(path))
+    assert back["step_count"] == 2 and back["optimizer"]["layers.0.v"] == {}
+    assert all(torch.equal(back["params"][k], v) for k, v in state["params"].items())
+    assert torch.equal(back["optimizer"]["layers.0.w"]["exp_avg"], state["optimizer"]["layers.0.w"]["exp_avg"])
+    assert read_driver_state(path, "manifest.json")["step"] == 2

@@ -1,0 +1,70 @@
+"""`ray job submit --working-dir . -- lorafusion train jobs.yaml` against a head started with `ray start --head`,
+token authentication on, as the README shows it (CPU, a tiny model, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafusion.models.megatron_compat import free_port
+from lorafusion.models.tiny import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _ray(args: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head of its own (ports and temp dir apart from the tests' local instance), stopped afterwards."""
+    if shutil.which("ray", path=str(BIN)) is None or shutil.which("lorafusion", path=str(BIN)) is None:
+        pytest.fail("the `ray` and `lorafusion` commands must be installed in this environment (pip install -e .)")
+    dashboard = free_port()
+    temp_dir = Path("/tmp") / f"ray_submit_{os.getpid()}"  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    env.pop("RAY_ADDRESS", None)
+    started = _ray(["start", "--head", "--port", str(free_port()), "--num-cpus", "2", "--include-dashboard", "true",
+                    "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+                   env, timeout_s=180)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield env
+    finally:
+        _ray(["stop", "--force"], env, timeout_s=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path, examples_data):
+    model = make_tiny_checkpoint(tmp_path / "model", init_std=0.1, seed=3)
+    out = tmp_path / "out"
+    config = tmp_path / "jobs.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"base_model": str(model), "output_dir": str(out), "max_tokens_per_microbatch": 512,
+                "pipeline_stages": 2, "progress": True},
+        "jobs": [{"name": "greet", "dataset": str(examples_data / "greet.jsonl"), "max_steps": 2,
+                  "global_batch_size": 2, "learning_rate": 1e-3, "adapter": {"type": "lora", "rank": 2}},
+                 {"name": "arith", "dataset": str(examples_data / "arith.jsonl"), "max_steps": 3,
+                  "global_batch_size": 3, "learning_rate": 1e-3, "adapter": {"type": "lora", "rank": 4}}],
+    }))
+    submitted = _ray(["job", "submit", "--working-dir", ".", "--", "lorafusion", "train", str(config)],
+                     ray_head, timeout_s=900)
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "2 stage(s)" in log
+    for name, steps in (("greet", 2), ("arith", 3)):
+        assert (out / name / "adapter" / "adapter_model.safetensors").is_file()
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
+    assert len(json.loads((out / "run_metrics.json").read_text())["stages"]) == 2

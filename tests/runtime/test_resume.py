@@ -1,0 +1,117 @@
+"""A fit interrupted mid-run ends with the same adapters as one that never stopped: after its driver is
+killed and it is started again (resume), and after a stage actor dies (the driver restarts the group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from safetensors.torch import load_file
+
+import lorafusion as lf
+from runtime.backend import ACTOR_PREFIX
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+STEPS = 24  # windows take ~0.1 s here: enough of them that the interruption lands mid-run
+
+
+def jobs(examples_data: Path) -> list[lf.JobSpec]:
+    return [
+        lf.JobSpec(name="greet", dataset=str(examples_data / "greet.jsonl"),
+                   adapter=lf.LoRAConfig(rank=4, alpha=8, dropout=0.1), global_batch_size=3, learning_rate=1e-3,
+                   max_steps=STEPS, seed=1, lr_schedule="cosine", warmup_steps=2),
+        lf.JobSpec(name="arith", dataset=str(examples_data / "arith.jsonl"), adapter=lf.LoRAConfig(rank=2),
+                   global_batch_size=2, learning_rate=2e-3, max_steps=STEPS - 2, seed=2),
+    ]
+
+
+def run_config(checkpoint: Path, out: Path, **fields) -> lf.RunConfig:
+    fields = {"progress": False, **fields}
+    return lf.RunConfig(base_model=str(checkpoint), output_dir=str(out), max_tokens_per_microbatch=256,
+                        checkpoint_every_steps=1, **fields)
+
+
+def adapters(out: Path) -> dict[str, dict]:
+    return {name: load_file(str(out / name / "adapter" / "adapter_model.safetensors")) for name in ("greet", "arith")}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for name in want:
+        assert got[name].keys() == want[name].keys()
+        for key in want[name]:
+            assert (got[name][key] == want[name][key]).all(), f"{name}: {key} differs from the uninterrupted fit"
+
+
+@pytest.fixture(scope="module")
+def straight(train_checkpoint, examples_data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    lf.fit(jobs(examples_data), run_config(train_checkpoint, out))
+    return {"adapters": adapters(out), "metrics": {n: (out / n / "metrics.jsonl").read_text() for n in ("greet", "arith")}}
+
+
+def wait_for(predicate, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the fit"
+        time.sleep(0.02)
+
+
+def checkpoints(out: Path) -> list[str]:
+    folder = out / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
+
+
+def test_killed_driver_resumes_to_the_same_adapters(straight, train_checkpoint, examples_data, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "jobs.yaml"  # the driver is `lorafusion train`, as a user runs it
+    run = run_config(train_checkpoint, out).to_dict()
+    config.write_text(yaml.safe_dump({"run": run, "jobs": [job.to_dict() for job in jobs(examples_data)]}))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-m", "lorafusion.cli", "train", str(config)], env=env, cwd=root)
+    try:
+        wait_for(lambda: checkpoints(out) or driver.poll() is not None)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the driver ended before it could be killed mid-run"
+    done = checkpoints(out)
+    assert done and done[-1] < f"step-{STEPS:08d}", f"killed too late to test a resume: {done}"
+
+    result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out))
+    assert all(job.status == "finished" for job in result.jobs.values())
+    assert_same(adapters(out), straight["adapters"])
+    for name, text in straight["metrics"].items():
+        steps = [line.split(",")[0] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [line.split(",")[0] for line in text.splitlines()], f"{name}: metrics lines lost or repeated"
+
+
+def test_dead_stage_actor_restarts_from_the_checkpoint(straight, train_checkpoint, examples_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    killed = []
+
+    def kill_a_stage() -> None:
+        wait_for(lambda: checkpoints(out))
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX)
+                 and a["name"].endswith("stage1-replica0")]
+        killed.append(checkpoints(out)[-1])
+        ray.kill(ray.get_actor(names[0], namespace=ray.get_runtime_context().namespace))
+
+    killer = threading.Thread(target=kill_a_stage, daemon=True)
+    killer.start()
+    result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out, pipeline_stages=2, progress=True))
+    killer.join()
+    assert killed and killed[0] < f"step-{STEPS:08d}", f"killed too late to test a restart: {killed}"
+    printed = capsys.readouterr().out
+    assert "a stage actor died" in printed and "restarting the stage group from checkpoint" in printed
+    assert all(job.status == "finished" for job in result.jobs.values())
+    assert_same(adapters(out), straight["adapters"])
