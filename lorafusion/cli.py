@@ -1,4 +1,4 @@
-"""`lorafusion` command line: train, eval, plan, demo."""
+"""`lorafusion` command line: train, eval, plan, demo, report."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def _tiny(args: argparse.Namespace) -> int:
     from lorafusion.demo import demo_checkpoint_at
 
     print(demo_checkpoint_at(args.directory))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lorafusion.report import REPORT_DIR, render_summary, write_report
+
+    report = write_report(args.output_dir)
+    print(render_summary(report), end="")
+    print(f"plots and summary.md in {report.output_dir / REPORT_DIR}")
     return 0
 
 
@@ -111,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-checkpoint", help="write the demo's tiny random Llama checkpoint to a directory")
     tiny.add_argument("directory")
     tiny.set_defaults(func=_tiny)
+    report = sub.add_parser("report", help="loss-curve PNGs and a throughput summary of a fit's output directory")
+    report.add_argument("output_dir", help="the run.output_dir of a fit (holds run.json and <job>/metrics.jsonl)")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,344 @@
+"""End to end: real (unpadded) training tokens/s of four LoRA jobs with different length distributions.
+
+Providers, all fp32 on the same device with the same torch thread count, same steps, same samples:
+  (a) `lf.fit` with the four jobs together (packed microbatches shared by all jobs);
+  (b) `lf.fit` with each job alone, one after another;
+  (c) HF transformers `LlamaForCausalLM` + PEFT LoRA, each job alone, one padded batch of
+      global_batch_size samples per step (right-padded to the batch's longest sample), loss on the
+      completion tokens only, AdamW with the same hyper-parameters and gradient clipping — what a user
+      would otherwise run.
+The samples of each step come from lorafusion's own tokenisation and data order, so every provider
+trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the training loop (for
+`lf.fit` its own wall time, which also covers writing the adapters), not model loading.
+
+    python benchmarks/bench_end_to_end.py                       # CPU, hidden 512 × 8 layers
+    python benchmarks/bench_end_to_end.py --pipeline-stages 2   # (a) and (b) with run.pipeline_stages=2
+
+One row per run is appended to benchmarks/results/end_to_end.csv, with the ratios a/b and a/c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages win
+    sys.path.insert(0, str(REPO))
+
+import lorafusion as lf  # noqa: E402
+from benchmarks.results_csv import append_rows  # noqa: E402
+from lorafusion.data import IGNORE_INDEX, Sample  # noqa: E402
+from lorafusion.prepare import PreparedJob, prepare_run  # noqa: E402
+from lorafusion.report import load_run  # noqa: E402
+
+__all__ = ["BenchConfig", "ProviderResult", "ParallelismRefused", "bench_checkpoint", "bench_jobs",
+           "run_ours", "run_hf_peft", "run_benchmark", "result_row", "main"]
+
+DATA = REPO / "examples" / "data"
+# Four clearly different length distributions (mean tokens per sample): arith ~11, greet ~28,
+# reverse ~100, chat ~350 (chat format, loss on the assistant turn only).
+JOB_NAMES = ("arith", "greet", "reverse", "chat")
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    """One benchmark run; defaults are the CPU scenario of issue 5 (a few minutes on 2 cores)."""
+
+    hidden_size: int = 512
+    """Model width; the model is a random-weight Llama-architecture checkpoint."""
+    intermediate_size: int = 1376
+    """SwiGLU MLP width."""
+    num_layers: int = 8
+    """Decoder layers."""
+    num_heads: int = 8
+    """Attention heads."""
+    num_kv_heads: int = 4
+    """Key/value heads (GQA)."""
+    steps: int = 4
+    """Optimizer steps per job, the same for every provider."""
+    repeats: int = 3
+    """Measurements of each provider, in alternating order (a b c, c b a, ...); the row keeps medians."""
+    global_batch_size: int = 8
+    """Samples per optimizer step, every job."""
+    rank: int = 16
+    """LoRA rank of every job (alpha = 2·rank, dropout 0.05, all seven projections)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate, constant."""
+    max_tokens_per_microbatch: int = 2048
+    """Capacity of our packed microbatches."""
+    pipeline_stages: int = 1
+    """run.pipeline_stages for (a) and (b)."""
+    threads: int = 2
+    """torch intra-op threads for every provider."""
+    providers: tuple[str, ...] = ("a", "b", "c")
+    """Which providers to run; the ratios need 'a' and the provider divided by."""
+    cache_dir: str = str(REPO / "runs" / "bench_cache")
+    """Where the checkpoint is built once (keyed by its shape)."""
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.providers if p not in ("a", "b", "c")]
+        if unknown or not self.providers:
+            raise ValueError(f"providers={list(self.providers)}; choose from a, b, c (e.g. --providers a,c)")
+        for name in ("steps", "repeats", "global_batch_size", "rank", "pipeline_stages", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
+
+    @property
+    def model_name(self) -> str:
+        return (f"llama-h{self.hidden_size}-i{self.intermediate_size}-l{self.num_layers}"
+                f"-a{self.num_heads}-kv{self.num_kv_heads}")
+
+
+@dataclass
+class ProviderResult:
+    """One provider's measurement."""
+
+    tokens: int
+    """Real (unpadded) tokens trained on."""
+    wall_s: float
+    """Seconds of training."""
+    first_loss: dict[str, float] = field(default_factory=dict)
+    """Each job's loss at step 1 (LoRA B starts at 0, so every provider must agree: a fidelity check)."""
+    padded_tokens: int | None = None
+    """Tokens including padding (provider c only)."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+class ParallelismRefused(RuntimeError):
+    """The runtime does not (yet) accept the requested run.pipeline_stages."""
+
+
+def bench_checkpoint(cfg: BenchConfig) -> Path:
+    """The benchmark's random Llama checkpoint, built once under cfg.cache_dir."""
+    from lorafusion.models.tiny import make_tiny_checkpoint
+
+    directory = Path(cfg.cache_dir) / cfg.model_name
+    if not (directory / "config.json").is_file():
+        make_tiny_checkpoint(directory, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                             num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             init_std=0.02, seed=0)
+    return directory
+
+
+def bench_jobs(cfg: BenchConfig) -> list[lf.JobSpec]:
+    return [
+        lf.JobSpec(name=name, dataset=str(DATA / f"{name}.jsonl"),
+                   adapter=lf.LoRAConfig(rank=cfg.rank, alpha=2 * cfg.rank, dropout=0.05),
+                   global_batch_size=cfg.global_batch_size, learning_rate=cfg.learning_rate,
+                   max_steps=cfg.steps, seed=seed)
+        for seed, name in enumerate(JOB_NAMES)
+    ]
+
+
+def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunConfig:
+    return lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), progress=False, overwrite=True,
+                        max_tokens_per_microbatch=cfg.max_tokens_per_microbatch,
+                        pipeline_stages=cfg.pipeline_stages)
+
+
+def _first_losses(output_dir: Path, names: list[str]) -> dict[str, float]:
+    report = load_run(output_dir)
+    return {job.name: job.train[0]["loss"] for job in report.jobs if job.name in names and job.train}
+
+
+def run_ours(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> ProviderResult:
+    """One `lf.fit` of `jobs` together; ParallelismRefused when the runtime rejects cfg.pipeline_stages."""
+    try:
+        result = lf.fit(jobs, _run_config(cfg, checkpoint, output_dir))
+    except ValueError as err:
+        if f"pipeline_stages={cfg.pipeline_stages}" in str(err):
+            raise ParallelismRefused(str(err)) from None
+        raise
+    failed = [j.name for j in result.jobs.values() if j.status != "finished"]
+    if failed:
+        raise RuntimeError(f"jobs {failed} failed in the benchmark fit: {[result[n].error for n in failed]}")
+    tokens = sum(j.tokens for j in result.jobs.values())
+    return ProviderResult(tokens=tokens, wall_s=result.wall_time_s,
+                          first_loss=_first_losses(output_dir, [j.name for j in jobs]))
+
+
+def _padded_batch(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids, labels (IGNORE_INDEX on padding) and attention mask, each [B, longest]."""
+    longest = max(len(s) for s in samples)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids[row, :len(sample)] = torch.tensor(sample.input_ids)
+        labels[row, :len(sample)] = torch.tensor(sample.labels)
+        mask[row, :len(sample)] = 1
+    return ids, labels, mask
+
+
+def _peft_model(job: lf.JobSpec, checkpoint: Path) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    adapter = job.adapter
+    torch.manual_seed(job.seed)
+    config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        target_modules=list(adapter.target_modules), bias="none")
+    return get_peft_model(model, config).train()
+
+
+def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int) -> ProviderResult:
+    """Provider (c) for one job: transformers + PEFT, one padded global batch per optimizer step."""
+    job = prepared.spec
+    model = _peft_model(job, checkpoint)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.learning_rate, betas=job.adam_betas, eps=job.adam_eps,
+                                  weight_decay=job.weight_decay)
+    tokens = padded = 0
+    first_loss = None
+    start = time.perf_counter()
+    for step in range(prepared.total_steps):
+        samples = prepared.global_batch(step)
+        ids, labels, mask = _padded_batch(samples, pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, vocab]
+        # Our labels are already shifted (labels[t] is the token after t), so no shift here.
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        if job.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, job.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        first_loss = loss.item() if first_loss is None else first_loss
+        tokens += sum(len(s) for s in samples)
+        padded += ids.numel()
+    wall = time.perf_counter() - start
+    return ProviderResult(tokens=tokens, wall_s=wall, first_loss={job.name: first_loss}, padded_tokens=padded)
+
+
+def _sum_results(parts: list[ProviderResult]) -> ProviderResult:
+    padded = [p.padded_tokens for p in parts]
+    return ProviderResult(tokens=sum(p.tokens for p in parts), wall_s=sum(p.wall_s for p in parts),
+                          first_loss={k: v for p in parts for k, v in p.first_loss.items()},
+                          padded_tokens=None if None in padded else sum(padded))
+
+
+def _run_hf_all(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, scratch: Path) -> ProviderResult:
+    # lorafusion's own validation, tokenisation and data order give the samples of every step.
+    run = replace(_run_config(cfg, checkpoint, scratch / "hf_unused"), pipeline_stages=1)
+    prepared = prepare_run(jobs, run)
+    pad_id = prepared.tokenizer.pad_id
+    pad_id = 0 if pad_id is None else pad_id
+    return _sum_results([run_hf_peft(job, checkpoint, pad_id) for job in prepared.jobs])
+
+
+def _measure(provider: str, jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path,
+             scratch: Path) -> ProviderResult:
+    if provider == "a":
+        return run_ours(jobs, cfg, checkpoint, scratch / "together")
+    if provider == "b":
+        return _sum_results([run_ours([job], cfg, checkpoint, scratch / f"alone_{job.name}") for job in jobs])
+    return _run_hf_all(jobs, cfg, checkpoint, scratch)
+
+
+def run_benchmark(cfg: BenchConfig) -> dict[str, list[ProviderResult]]:
+    """Each chosen provider's measurements (cfg.repeats of them); ParallelismRefused when (a)/(b) cannot
+    run cfg.pipeline_stages.
+
+    The order alternates between repeats (a b c, c b a, ...) so a slow phase of a shared machine does
+    not fall on one provider only.
+    """
+    import ray
+
+    from runtime.backend import CPU_THREADS_ENV, connect_ray
+
+    torch.set_num_threads(cfg.threads)
+    os.environ[CPU_THREADS_ENV] = str(cfg.threads)  # each stage actor gets the same thread count as (c)
+    checkpoint = bench_checkpoint(cfg)
+    jobs = bench_jobs(cfg)
+    results: dict[str, list[ProviderResult]] = {p: [] for p in cfg.providers}
+    started = connect_ray(num_actors=cfg.pipeline_stages)  # once, not per fit (b runs four fits)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
+            for repeat in range(cfg.repeats):
+                order = cfg.providers if repeat % 2 == 0 else cfg.providers[::-1]
+                for provider in order:
+                    results[provider].append(_measure(provider, jobs, cfg, checkpoint, Path(tmp)))
+    finally:
+        if started:
+            ray.shutdown()
+    return results
+
+
+def _median_rate(results: list[ProviderResult]) -> float:
+    return statistics.median(r.tokens_per_s for r in results)
+
+
+def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]]) -> dict:
+    """One CSV row: the scenario, each provider's median tokens/s, and the ratios a/b, a/c of the medians
+    (with the per-repeat ratios, so the spread is on record)."""
+    row = {"model": cfg.model_name, "jobs": "+".join(JOB_NAMES), "steps": cfg.steps, "repeats": cfg.repeats,
+           "global_batch_size": cfg.global_batch_size, "rank": cfg.rank, "pipeline_stages": cfg.pipeline_stages,
+           "threads": cfg.threads, "max_tokens_per_microbatch": cfg.max_tokens_per_microbatch,
+           "tokens": next(iter(results.values()))[0].tokens}
+    for name in ("a", "b", "c"):
+        runs = results.get(name)
+        row[f"{name}_tokens_per_s"] = round(_median_rate(runs), 1) if runs else ""
+        row[f"{name}_wall_s"] = round(statistics.median(r.wall_s for r in runs), 2) if runs else ""
+    c = results.get("c")
+    row["c_padding_fraction"] = round(1 - c[0].tokens / c[0].padded_tokens, 3) if c else ""
+    for other in ("b", "c"):
+        both = "a" in results and other in results
+        row[f"a_over_{other}"] = round(_median_rate(results["a"]) / _median_rate(results[other]), 3) if both else ""
+        row[f"a_over_{other}_per_repeat"] = ";".join(
+            f"{a.tokens_per_s / o.tokens_per_s:.3f}" for a, o in zip(results["a"], results[other])) if both else ""
+    return row
+
+
+def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
+    """(config, whether to append the row to the CSV)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = BenchConfig()
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "steps", "repeats",
+                 "global_batch_size", "rank", "max_tokens_per_microbatch", "pipeline_stages", "threads"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--providers", default=",".join(defaults.providers), help="comma-separated subset of a,b,c")
+    parser.add_argument("--cache-dir", default=defaults.cache_dir)
+    parser.add_argument("--no-record", action="store_true", help="print the row without appending it to the CSV")
+    args = vars(parser.parse_args(argv))
+    record = not args.pop("no_record")
+    args["providers"] = tuple(p.strip() for p in args["providers"].split(",") if p.strip())
+    return BenchConfig(**args), record
+
+
+def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
+    cfg, record = _parse(argv)
+    try:
+        results = run_benchmark(cfg)
+    except ParallelismRefused as err:
+        print(f"bench_end_to_end: pipeline_stages={cfg.pipeline_stages} was not measured: the runtime refuses it "
+              f"({err}). Nothing was recorded; rerun once the runtime accepts it.", file=sys.stderr)
+        return 3
+    for name, runs in results.items():
+        for result in runs:
+            print(f"({name}) {result.tokens} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:.0f} tokens/s; "
+                  f"step-1 losses {({k: round(v, 4) for k, v in result.first_loss.items()})}")
+    row = result_row(cfg, results)
+    if record:
+        append_rows("end_to_end", [row], **({} if results_dir is None else {"results_dir": results_dir}))
+    else:
+        print(", ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
