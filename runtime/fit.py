@@ -28,6 +28,7 @@ from runtime.pipeline import bubble_fraction, split_layers
 from runtime.planning import last_microbatch, window_items
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
+from runtime.telemetry import summarise_gpu
 
 __all__ = ["fit", "RUN_METRICS"]
 
@@ -138,6 +139,7 @@ class _Trainer:
         self.busy = [0.0] * len(group.places)
         self.span = [0.0] * len(group.places)
         self.peak_memory = 0
+        self.gpu_samples: list[dict] = []
 
     def resume_from(self, resumed: Resumed | None) -> None:
         """Take every job's progress from `resumed` (None: from the start); their metrics files follow."""
@@ -197,6 +199,8 @@ class _Trainer:
             self.busy[i] += result.busy_s
             self.span[i] += result.span_s
             self.peak_memory = max(self.peak_memory, result.peak_memory_bytes)
+            if result.gpu is not None:
+                self.gpu_samples.append(result.gpu)
 
     def _record_step(self, state: _JobState, event, tokens: int) -> None:
         name = state.job.name
@@ -242,6 +246,7 @@ class _Trainer:
             "bubble_fraction": (sum(st["bubble_fraction"] for st in stages) / len(stages)) if stages else None,
             "peak_memory_bytes": self.peak_memory,
             "stages": stages,
+            "gpu": summarise_gpu(self.gpu_samples),
         }
 
     def result(self) -> FitResult:

@@ -20,6 +20,7 @@ from lorafusion.batching import build_microbatch
 from lorafusion.data import IGNORE_INDEX, Sample
 from runtime.comm import StageComm, StagePlace
 from runtime.pipeline import one_f_one_b
+from runtime.telemetry import gpu_sample
 from runtime.worker import StageWorker
 
 __all__ = ["Slot", "Window", "StepEvent", "WindowResult", "StageRunner", "local_runner"]
@@ -69,6 +70,8 @@ class WindowResult:
     """From the start of the window's first op to the end of its last."""
     microbatches: int = 0
     peak_memory_bytes: int = 0
+    gpu: dict | None = None
+    """nvidia-ml-py sample of this actor's GPU at the window's end (None on CPU or without nvidia-ml-py)."""
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -97,6 +100,8 @@ class StageRunner:
         self.comm.wait_sends()
         result.span_s = time.perf_counter() - start
         result.peak_memory_bytes = _peak_memory_bytes(self.worker.device)
+        if self.worker.device.type == "cuda":
+            result.gpu = gpu_sample(torch.cuda.current_device())
         return result
 
     def _microbatch(self, slot: Slot):

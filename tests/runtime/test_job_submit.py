@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,11 @@ def _ray(args: list[str], env: dict, timeout_s: float) -> subprocess.CompletedPr
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head of its own (ports and temp dir apart from the tests' local instance), stopped afterwards."""
+    """A Ray head of its own (ports and temp dir apart from the tests' local instance).
+
+    `ray start --block` runs in its own process group and is stopped by signalling that group: `ray stop`
+    would stop every Ray instance on the machine, the tests' own one (and so the test process) included.
+    """
     if shutil.which("ray", path=str(BIN)) is None or shutil.which("lorafusion", path=str(BIN)) is None:
         pytest.fail("the `ray` and `lorafusion` commands must be installed in this environment (pip install -e .)")
     dashboard = free_port()
@@ -36,14 +41,28 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     env.pop("RAY_ADDRESS", None)
-    started = _ray(["start", "--head", "--port", str(free_port()), "--num-cpus", "2", "--include-dashboard", "true",
-                    "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-                   env, timeout_s=180)
-    assert started.returncode == 0, started.stderr[-3000:]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
+         "--include-dashboard", "true", "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dir),
+         "--disable-usage-stats"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while _ray(["job", "list"], env, timeout_s=60).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head did not come up in 180 s"
+            time.sleep(2)
         yield env
     finally:
-        _ray(["stop", "--force"], env, timeout_s=120)
+        for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=wait_s)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
