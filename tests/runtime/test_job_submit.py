@@ -41,10 +41,14 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     env.pop("RAY_ADDRESS", None)
+    # Every port of its own: the defaults (e.g. the dashboard agent's 52365) are taken by the tests' instance.
+    ports = [arg for flag in ("--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+                              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                              "--runtime-env-agent-port") for arg in (flag, str(free_port()))]
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
-         "--include-dashboard", "true", "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dir),
-         "--disable-usage-stats"],
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
+         "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dir), "--disable-usage-stats",
+         *ports],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
