@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,10 +18,33 @@ from safetensors.torch import load_file, save_file
 from lorafusion.adapters import AdapterConfig, get_variant
 from lorafusion.adapters.lora import LoRAConfig, RsLoRAConfig
 
-__all__ = ["write_peft_adapter", "read_peft_adapter", "atomic_directory"]
+__all__ = ["write_peft_adapter", "read_peft_adapter", "atomic_directory", "atomic_file", "atomic_write_text", "fsync_path"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)`, flush it to disk, then rename over `path`: readers see the old file or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_file(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_directory(target: Path, fill) -> Path:

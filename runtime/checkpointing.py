@@ -25,12 +25,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lorafusion.checkpoint import atomic_file, atomic_write_text, fsync_path
 from lorafusion.prepare import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR, complete_checkpoints
 
 __all__ = [
@@ -65,23 +66,6 @@ def _fix(ckpt_dir: Path) -> str:
             "run.overwrite=true to start over")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)`, flush it to disk, then rename over `path`: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def begin_checkpoint(output_dir: str | Path, counter: int) -> Path:
     """An empty staging folder for checkpoint `counter` (left-overs of an earlier, crashed attempt are removed)."""
     staging = _staging(checkpoint_dir(output_dir, counter))
@@ -104,7 +88,7 @@ def write_stage_shard(ckpt_dir: str | Path, stage: int, states: dict[str, dict])
                     "params": json.dumps(list(state["params"]))}
         folder = _job_dir(ckpt_dir, job)
         folder.mkdir(parents=True, exist_ok=True)
-        written.append(_atomic_write(folder / _shard_name(stage),
+        written.append(atomic_file(folder / _shard_name(stage),
                                      lambda tmp: save_file(tensors, str(tmp), metadata=metadata)))
     return written
 
@@ -114,7 +98,7 @@ def write_driver_state(ckpt_dir: str | Path, job: str, record: dict[str, Any]) -
     folder = _job_dir(ckpt_dir, job)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2)
-    return _atomic_write(folder / DRIVER_FILE, lambda tmp: tmp.write_text(text))
+    return atomic_write_text(folder / DRIVER_FILE, text)
 
 
 def _sha256(path: Path) -> str:
@@ -152,7 +136,7 @@ def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str,
                                "before finalize_checkpoint")
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "step": counter, "config": config, "jobs": jobs, "files": files}
-    _atomic_write(staging / CHECKPOINT_MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    atomic_write_text(staging / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))
     if final.exists():  # the same counter saved again (e.g. at the end right after a periodic save)
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -161,7 +145,7 @@ def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str,
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     return final
 
 

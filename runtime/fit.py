@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import scheduler
-from lorafusion.checkpoint import write_peft_adapter
+from lorafusion.checkpoint import atomic_write_text, write_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
@@ -45,9 +44,7 @@ def _start_output(prepared: PreparedRun, resuming: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = run_manifest(prepared.run, [j.spec for j in prepared.jobs])
-    tmp = out / f".{RUN_MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / RUN_MANIFEST)
+    atomic_write_text(out / RUN_MANIFEST, json.dumps(manifest, indent=2))
     if not resuming:
         for job in prepared.jobs:
             MetricsWriter(prepared.run.output_dir, job.name).clear()
@@ -263,9 +260,7 @@ class _Trainer:
             )
         wall = time.perf_counter() - self.start
         metrics = self.run_metrics(wall)
-        tmp = out / f".{RUN_METRICS}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, out / RUN_METRICS)
+        atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
         return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
 
 

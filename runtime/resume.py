@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from lorafusion.checkpoint import atomic_write_text
 from lorafusion.prepare import PreparedJob, PreparedRun, config_differences, run_manifest
 from runtime.checkpointing import (
     begin_checkpoint, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
@@ -223,6 +223,4 @@ def trim_metrics(output_dir: str | Path, job: str, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
