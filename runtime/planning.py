@@ -1,7 +1,7 @@
 """From prepared jobs to scheduler windows and back: what the fit driver plans and what it then runs.
 
     planner = WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch, pipeline_depth=run.pipeline_stages)
-    jobs = scheduler_jobs(prepared.jobs, first_step={"sql": 12, "chat": 3}, num_steps=2)
+    jobs = scheduler_jobs(prepared.jobs, {"sql": range(12, 14), "chat": range(3, 4)})
     window = planner.next_window(jobs)
     for items in window_items(window, prepared.jobs):   # [] for a no-op
         ...                                             # items: (job name, Sample, dropout seed)
@@ -23,28 +23,27 @@ Item = tuple[str, Sample, int]
 """(job name, sample, dropout seed): one entry of a microbatch as the stage worker consumes it."""
 
 
-def scheduler_jobs(prepared_jobs: list[PreparedJob], first_step: dict[str, int], num_steps: int) -> list[Job]:
-    """Scheduler Jobs for one window: global batches first_step[name] .. + num_steps - 1 of each job
-    named in `first_step` (the active ones), cut at the job's total_steps; a job with none left is left out.
+def scheduler_jobs(prepared_jobs: list[PreparedJob], steps: dict[str, range]) -> list[Job]:
+    """Scheduler Jobs for one window: global batches steps[name] of each job named (the active ones); a job
+    whose range is empty is left out.
 
     Sample lengths are len(sample) of PreparedJob.global_batch(step); sample i of a scheduler global batch
     is sample i of that list.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be a positive integer (global batches per window)")
     by_name = {job.name: job for job in prepared_jobs}
     jobs = []
-    for name, first in first_step.items():
+    for name, window_steps in steps.items():
         if name not in by_name:
-            raise ValueError(f"first_step names job {name!r}, which is not among the prepared jobs "
+            raise ValueError(f"steps names job {name!r}, which is not among the prepared jobs "
                              f"{sorted(by_name)}; pass only the names of active jobs")
-        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-            raise ValueError(f"first_step[{name!r}]={first!r} must be an integer ≥ 0 (the job's next step)")
         job = by_name[name]
-        steps = range(first, min(first + num_steps, job.total_steps))
-        if steps:
-            jobs.append(Job(name, [[len(s) for s in job.global_batch(step)] for step in steps],
-                            first_global_batch=first))
+        if not isinstance(window_steps, range) or window_steps.step != 1 or window_steps.start < 0 \
+                or window_steps.stop > job.total_steps:
+            raise ValueError(f"steps[{name!r}]={window_steps!r} must be a range of consecutive steps within "
+                             f"0..{job.total_steps} (the job's total_steps), e.g. range(2, 4)")
+        if window_steps:
+            jobs.append(Job(name, [[len(s) for s in job.global_batch(step)] for step in window_steps],
+                            first_global_batch=window_steps.start))
     return jobs
 
 
@@ -113,13 +112,18 @@ def plan_windows(
 ) -> RunPlan:
     """Plan the whole run (or its first `max_windows` windows) window by window, every job starting at
     step 0 and running to its total_steps; summarise each window and simulate the whole stream."""
+    if isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int) or steps_per_window < 1:
+        raise ValueError(f"steps_per_window={steps_per_window!r} must be a positive integer (global batches of "
+                         "each job per window)")
     cost_model = cost_model or CostModel()
     step = {job.name: 0 for job in prepared_jobs}
     summaries: list[WindowSummary] = []
     stream: list[Microbatch] = []
     lengths: dict[str, list[list[int]]] = {}
     while max_windows is None or len(summaries) < max_windows:
-        jobs = scheduler_jobs(prepared_jobs, step, steps_per_window)
+        window_steps = {job.name: range(step[job.name], min(step[job.name] + steps_per_window, job.total_steps))
+                        for job in prepared_jobs}
+        jobs = scheduler_jobs(prepared_jobs, window_steps)
         if not jobs:
             break
         start = time.perf_counter()

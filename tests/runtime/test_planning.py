@@ -27,21 +27,23 @@ def prepared(train_checkpoint, examples_data, tmp_path_factory):
 
 def test_scheduler_jobs_take_the_window_of_each_active_job(prepared):
     by_name = {job.name: job for job in prepared}
-    jobs = scheduler_jobs(prepared, {"greet": 2, "arith": 1}, num_steps=2)  # rev inactive
+    jobs = scheduler_jobs(prepared, {"greet": range(2, 3), "arith": range(1, 3)})  # rev inactive
     assert [(job.name, job.first_global_batch, len(job.global_batches)) for job in jobs] == [
-        ("greet", 2, 1), ("arith", 1, 2)]  # greet has 3 steps in all: one left
+        ("greet", 2, 1), ("arith", 1, 2)]
     assert jobs[1].global_batches[1] == [len(s) for s in by_name["arith"].global_batch(2)]
-    assert scheduler_jobs(prepared, {"rev": 2}, num_steps=1) == []  # finished
+    assert scheduler_jobs(prepared, {"rev": range(2, 2)}) == []  # finished: an empty range is left out
 
 
-@pytest.mark.parametrize("first_step, num_steps, match", [
-    ({"nope": 0}, 1, "first_step names job 'nope'"),
-    ({"greet": -1}, 1, r"first_step\['greet'\]=-1"),
-    ({"greet": 0}, 0, "num_steps=0"),
+@pytest.mark.parametrize("steps, match", [
+    ({"nope": range(0, 1)}, "steps names job 'nope'"),
+    ({"greet": range(-1, 1)}, r"steps\['greet'\]=range\(-1, 1\)"),
+    ({"greet": range(2, 4)}, r"steps\['greet'\]=range\(2, 4\) .* within 0..3"),  # greet has 3 steps in all
+    ({"greet": range(0, 3, 2)}, r"steps\['greet'\]=range\(0, 3, 2\) must be a range of consecutive steps"),
+    ({"greet": 0}, r"steps\['greet'\]=0 must be a range"),
 ])
-def test_bad_window_request(prepared, first_step, num_steps, match):
+def test_bad_window_request(prepared, steps, match):
     with pytest.raises(ValueError, match=match):
-        scheduler_jobs(prepared, first_step, num_steps)
+        scheduler_jobs(prepared, steps)
 
 
 def test_windows_map_back_to_every_sample_with_its_seed(prepared):
@@ -49,7 +51,8 @@ def test_windows_map_back_to_every_sample_with_its_seed(prepared):
     planner = WindowPlanner(**LIMITS, time_limit_s=0.05)
     step = {job.name: 0 for job in prepared}
     windows, jobs_per_window, seen = [], [], []
-    while jobs := scheduler_jobs(prepared, step, num_steps=2):
+    while jobs := scheduler_jobs(prepared, {job.name: range(step[job.name], min(step[job.name] + 2, job.total_steps))
+                                            for job in prepared}):
         window = planner.next_window(jobs)
         windows.append(window)
         jobs_per_window.append(jobs)
@@ -85,3 +88,5 @@ def test_plan_windows_summarises_the_run(prepared):
     assert table.splitlines()[-2].split()[0] == "total"
     assert len(plan_windows(prepared, WindowPlanner(**LIMITS), steps_per_window=2, stages=2,
                             max_windows=1).windows) == 1
+    with pytest.raises(ValueError, match="steps_per_window=0 must be a positive integer"):
+        plan_windows(prepared, planner, steps_per_window=0, stages=2)
