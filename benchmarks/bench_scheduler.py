@@ -43,8 +43,8 @@ from benchmarks.results_csv import append_rows
 from scheduler import CostModel, Job, Microbatch, WindowPlanner, simulate_1f1b, token_imbalance, verify
 from scheduler.greedy import first_fit_decreasing_padded
 from scheduler.order import group_problems, make_pack, order_packs
-from scheduler.simulate import microbatch_lengths
-from scheduler.problem import PlanStats, Plan, padded_size, waste_fraction
+from scheduler.problem import PlanStats, Plan, waste_fraction
+from scheduler.simulate import microbatch_lengths, microbatch_padded_tokens
 
 MAX_LEN = 4096
 DISTRIBUTIONS = {"xsum": (590, 0.6), "cnndm": (1090, 0.5), "wikisum": (2000, 0.5), "chat": (250, 0.7)}
@@ -122,26 +122,13 @@ def ours_stream(
     return stream, times
 
 
-def _padded(jobs: list[Job], stream: list[Microbatch], pad: int, rectangular: bool) -> list[int]:
-    out = []
-    for mb, lengths in zip(stream, microbatch_lengths(stream, jobs)):
-        if rectangular:
-            out.append(len(lengths) * max(lengths, default=0))
-            continue
-        tokens: dict[str, int] = {}
-        for (job, _, _), n in zip(mb.samples, lengths):
-            tokens[job] = tokens.get(job, 0) + n
-        out.append(padded_size(tokens, pad))
-    return out
-
-
 def measure(jobs: list[Job], stream: list[Microbatch], capacity: int, depth: int, pad: int, rectangular: bool) -> dict:
     lengths = microbatch_lengths(stream, jobs)
-    padded = _padded(jobs, stream, pad, rectangular)
+    packed = microbatch_padded_tokens(stream, lengths, pad)  # as the verifier counts
+    padded = [len(ls) * max(ls, default=0) for ls in lengths] if rectangular else packed
     real = sum(map(sum, lengths))
     stats = PlanStats(num_microbatches=len(stream), num_noops=sum(mb.is_noop for mb in stream), real_tokens=real,
-                      padded_tokens=sum(_padded(jobs, stream, pad, rectangular=False)),  # as the verifier counts
-                      waste_fraction=waste_fraction(real, len(stream), capacity), groups=[])
+                      padded_tokens=sum(packed), waste_fraction=waste_fraction(real, len(stream), capacity), groups=[])
     violations = 0
     try:  # the baseline's rectangles are checked as packed tokens; the rectangles fit by construction
         verify(Plan(stream, stats), jobs, capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad)

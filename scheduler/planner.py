@@ -9,9 +9,8 @@ from scheduler.cost import CostBudget, CostModel
 from scheduler.cpsat import pack
 from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
 from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
-from scheduler.problem import (
-    Job, Microbatch, Plan, PlanStats, SolverParams, padded_size, validate_limits, validate_problem, waste_fraction,
-)
+from scheduler.problem import Job, Plan, PlanStats, SolverParams, validate_limits, validate_problem, waste_fraction
+from scheduler.simulate import microbatch_lengths, microbatch_padded_tokens
 from scheduler.verify import cost_budget, verify
 
 __all__ = ["plan", "WindowPlanner"]
@@ -75,7 +74,7 @@ def _plan(
     microbatches = order_packs(packs, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
                                pad_multiple=pad_multiple, budget=budget, ready=ready)
     real = sum(n for job in jobs for batch in job.global_batches for n in batch)
-    padded = _padded_tokens(microbatches, by_name, pad_multiple)
+    padded = sum(microbatch_padded_tokens(microbatches, microbatch_lengths(microbatches, jobs), pad_multiple))
     stats = PlanStats(
         num_microbatches=len(microbatches),
         num_noops=sum(mb.is_noop for mb in microbatches),
@@ -87,16 +86,6 @@ def _plan(
         solver_statuses=statuses,
     )
     return Plan(microbatches, stats)
-
-
-def _padded_tokens(microbatches: list[Microbatch], by_name: dict[str, Job], pad_multiple: int) -> int:
-    total = 0
-    for mb in microbatches:
-        tokens: dict[str, int] = {}
-        for job, g, i in mb.samples:
-            tokens[job] = tokens.get(job, 0) + by_name[job].global_batches[g - by_name[job].first_global_batch][i]
-        total += padded_size(tokens, pad_multiple)
-    return total
 
 
 class WindowPlanner:

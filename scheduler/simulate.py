@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from scheduler.cost import CostModel
 from scheduler.problem import Job, Microbatch, padded_size
 
-__all__ = ["Simulation", "simulate_1f1b", "simulate_plan", "stage_order", "microbatch_lengths", "token_imbalance"]
+__all__ = ["Simulation", "simulate_1f1b", "simulate_plan", "stage_order", "microbatch_lengths",
+           "microbatch_padded_tokens", "token_imbalance"]
 
 
 @dataclass
@@ -137,6 +138,18 @@ def microbatch_lengths(microbatches: list[Microbatch], jobs: list[Job]) -> list[
             for mb in microbatches]
 
 
+def microbatch_padded_tokens(microbatches: list[Microbatch], lengths: list[list[int]], pad_multiple: int) -> list[int]:
+    """Padded tokens of each microbatch (0 for a no-op): each job's tokens rounded up to pad_multiple, then
+    summed; `lengths` are the microbatches' sample lengths (`microbatch_lengths`)."""
+    padded = []
+    for mb, mb_lengths in zip(microbatches, lengths):
+        tokens: dict[str, int] = {}
+        for (job, _, _), n in zip(mb.samples, mb_lengths):
+            tokens[job] = tokens.get(job, 0) + n
+        padded.append(padded_size(tokens, pad_multiple))
+    return padded
+
+
 def token_imbalance(lengths: list[list[int]]) -> float:
     """Max over mean of the real tokens of the non-empty microbatches (1.0 = perfectly even)."""
     tokens = [sum(mb) for mb in lengths if mb]
@@ -149,10 +162,7 @@ def simulate_plan(
 ) -> Simulation:
     """`simulate_1f1b` with costs from `cost_model` (padded tokens per job), split evenly over the stages;
     a backward costs `backward_ratio` forwards (2: the input and the adapter gradients)."""
-    fwd = []
-    for mb, lengths in zip(microbatches, microbatch_lengths(microbatches, jobs)):
-        tokens: dict[str, int] = {}
-        for (job, _, _), n in zip(mb.samples, lengths):
-            tokens[job] = tokens.get(job, 0) + n
-        fwd.append(cost_model.cost(lengths, padded_size(tokens, pad_multiple)) / stages)
+    lengths = microbatch_lengths(microbatches, jobs)
+    padded = microbatch_padded_tokens(microbatches, lengths, pad_multiple)
+    fwd = [cost_model.cost(mb_lengths, p) / stages for mb_lengths, p in zip(lengths, padded)]
     return simulate_1f1b(microbatches, fwd, [backward_ratio * f for f in fwd], stages)

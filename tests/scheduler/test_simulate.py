@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler import CostModel, Job, Microbatch, plan, simulate_1f1b, simulate_plan, token_imbalance
-from scheduler.simulate import microbatch_lengths, stage_order
+from scheduler.simulate import microbatch_lengths, microbatch_padded_tokens, stage_order
 
 
 def _mb(*refs: tuple[str, int]) -> Microbatch:
@@ -71,3 +71,12 @@ def test_every_verified_plan_runs(stages):
 def test_token_imbalance():
     assert token_imbalance([[10, 10], [], [20]]) == 1.0
     assert token_imbalance([[30], [10]]) == 1.5
+
+
+def test_padded_tokens_pad_each_job_separately():
+    jobs = [Job("a", [[3, 5]]), Job("b", [[6]], first_global_batch=2)]
+    mbs = [Microbatch([("a", 0, 0), ("a", 0, 1), ("b", 2, 0)]), Microbatch([], is_noop=True)]
+    lengths = microbatch_lengths(mbs, jobs)
+    assert lengths == [[3, 5, 6], []]
+    assert microbatch_padded_tokens(mbs, lengths, pad_multiple=4) == [8 + 8, 0]  # a: 8 -> 8, b: 6 -> 8
+    assert microbatch_padded_tokens(mbs, lengths, pad_multiple=1) == [14, 0]
