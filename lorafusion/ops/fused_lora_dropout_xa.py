@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.kernel_helpers import _dropout_uniform, _mma, dot_args, rank_block
+from lorafusion.ops.kernel_helpers import (
+    _dropout_uniform, _mma, _segment_rows, _tile_segments, dot_args, rank_block,
+)
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import lazy_kernel, split_length
 
@@ -37,12 +39,11 @@ def _dropout_xa_fwd_kernel(
     t_ptr += tl.program_id(1).to(tl.int64) * stride_ts
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
-    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    seg_lo, seg_hi = _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M)
     seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
     pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
     for seg in range(seg_lo, seg_hi):
-        in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+        in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         p = tl.load(p_ptr + seg)
@@ -150,8 +151,7 @@ def _dropout_xa_grad_a_atomic_kernel(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     k_ok = kk < K
-    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
-    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    seg_lo, seg_hi = _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M)
     x_raw = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     u = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)  # uniform draws; 1.0 keeps every element when p = 0
@@ -160,7 +160,7 @@ def _dropout_xa_grad_a_atomic_kernel(
         pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
         u = _dropout_uniform(seeds, pos, pid_k * BLOCK_K, site_id, BLOCK_M, BLOCK_K)
     for seg in range(seg_lo, seg_hi):
-        in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+        in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         p = tl.load(p_ptr + seg)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.kernel_helpers import _mma, dot_args, rank_block
+from lorafusion.ops.kernel_helpers import _mma, _segment_rows, _tile_segments, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import TileConfig, lazy_kernel, split_length
 
@@ -35,10 +35,9 @@ def _dys_dyb_atomic_kernel(
     col_ok = cols < N
     dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                  mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
-    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    seg_lo, seg_hi = _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M)
     for seg in range(seg_lo, seg_hi):
-        in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+        in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         scale = tl.load(scale_ptr + seg)
@@ -73,10 +72,9 @@ def _dys_kernel(
     g_ptr += tl.program_id(1).to(tl.int64) * stride_gs
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
-    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    seg_lo, seg_hi = _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M)
     for seg in range(seg_lo, seg_hi):
-        in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+        in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         scale = tl.load(scale_ptr + seg)

@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.kernel_helpers import _dropout_uniform, _mma, dot_args, rank_block
+from lorafusion.ops.kernel_helpers import (
+    _dropout_uniform, _grouped_tile, _mma, _segment_rows, _tile_segments, dot_args, rank_block,
+)
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import TileConfig, lazy_kernel
 
@@ -26,14 +28,7 @@ def _dyw_dsa_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    tiles_k = (K + BLOCK_K - 1) // BLOCK_K
-    group = pid // (GROUP_M * tiles_k)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % (GROUP_M * tiles_k)) % group_size).to(tl.int64)
-    pid_k = (pid % (GROUP_M * tiles_k)) // group_size
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
@@ -41,10 +36,9 @@ def _dyw_dsa_bwd_kernel(
     # The LoRA term first, so one [BLOCK_M, BLOCK_K] accumulator is live through the long dy·W loop.
     lora = tl.full((BLOCK_M, BLOCK_K), 0, tl.float32)
     row_p = tl.full((BLOCK_M,), 0, tl.float32)
-    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
-    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    seg_lo, seg_hi = _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M)
     for seg in range(seg_lo, seg_hi):
-        in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+        in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         row_p = tl.where(in_seg, tl.load(p_ptr + seg), row_p)

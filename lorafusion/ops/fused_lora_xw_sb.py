@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafusion.ops.kernel_helpers import _mma, dot_args, rank_block
+from lorafusion.ops.kernel_helpers import _grouped_tile, _mma, _segment_rows, _tile_segments, dot_args, rank_block
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import TileConfig, lazy_kernel
 
@@ -26,15 +26,7 @@ def _xw_sb_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share each column band of W while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % (GROUP_M * tiles_n)) % group_size).to(tl.int64)
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -48,10 +40,9 @@ def _xw_sb_fwd_kernel(
         w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N] = Wᵀ tile
         acc = _mma(x, w, acc, DOT_PRECISION, DOT_FP32)
-    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
-    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    seg_lo, seg_hi = _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M)
     for seg in range(seg_lo, seg_hi):
-        in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+        in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
         rank = tl.load(rank_ptr + seg)
         roff = tl.load(roff_ptr + seg)
         for r0 in range(0, rank, BLOCK_R):

@@ -41,6 +41,34 @@ def _dropout_uniform(seeds, pos, k0, site_id, BLOCK_M: tl.constexpr, BLOCK_K: tl
 
 
 @jit_helper
+def _tile_segments(row_seg_ptr, pid_m, M, BLOCK_M: tl.constexpr):
+    """[seg_lo, seg_hi): the segments that M tile `pid_m` overlaps, read from row_seg at its first and last row."""
+    seg_lo = tl.load(row_seg_ptr + pid_m * BLOCK_M)
+    seg_hi = tl.load(row_seg_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) + 1
+    return seg_lo, seg_hi
+
+
+@jit_helper
+def _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok):
+    """Mask of the `rows` (valid where row_ok) that lie in segment `seg`'s [start, end)."""
+    return row_ok & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_end_ptr + seg))
+
+
+@jit_helper
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m as int64, pid_n) of program `pid` over an [M, N] output in grouped order: GROUP_M row tiles
+    share each column band of the weight while it is in L2."""
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % (GROUP_M * tiles_n)) % group_size).to(tl.int64)
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    return pid_m, pid_n
+
+
+@jit_helper
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc + a @ b with fp32 accumulation; DOT_FP32 upcasts the operands first (interpreter only, see dot_args)."""
     if DOT_FP32:

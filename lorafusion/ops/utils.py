@@ -91,9 +91,13 @@ def jit_helper(fn: Callable):
     from triton.runtime.jit import JITFunction
 
     class _Helper(JITFunction):
+        _interpreted = None
+
         def __call__(self, *args, **kwargs):
             if interpret_mode():  # called from an interpreted kernel: run the Python body on the interpreter
-                return InterpretedFunction(self.fn)(*args, **kwargs)
+                if self._interpreted is None:
+                    self._interpreted = InterpretedFunction(self.fn)
+                return self._interpreted(*args, **kwargs)
             return super().__call__(*args, **kwargs)
 
     return _Helper(fn)
