@@ -7,6 +7,7 @@ otherwise it starts an embedded local instance and shuts it down at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ from runtime.pipeline import split_layers
 from runtime.stage import StageRunner, Window, WindowResult
 from runtime.worker import StageWorker
 
-__all__ = ["StageActor", "StageGroup", "StageLost", "connect_ray", "ACTOR_PREFIX", "CPU_THREADS_ENV"]
+__all__ = ["StageActor", "StageGroup", "StageLost", "connect_ray", "ray_connection", "ACTOR_PREFIX", "CPU_THREADS_ENV"]
 
 ACTOR_PREFIX = "lorafusion-"
 CPU_THREADS_ENV = "LORAFUSION_CPU_THREADS"
@@ -51,6 +52,18 @@ def connect_ray(num_actors: int) -> bool:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_actors), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": env})
     return True
+
+
+@contextlib.contextmanager
+def ray_connection(num_actors: int):
+    """Connected to Ray for the block; a local instance started here is stopped at its end (error and Ctrl-C
+    included), so stage groups restarted inside the block reuse it."""
+    started = connect_ray(num_actors)
+    try:
+        yield
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
 
 
 class StageActor:
@@ -102,14 +115,14 @@ class StageActor:
 
 
 class StageGroup:
-    """The actors of one fit, as one object the driver talks to; use as a context manager."""
+    """The actors of one fit, as one object the driver talks to; use as a context manager inside
+    `ray_connection`."""
 
     def __init__(self, run: RunConfig, jobs: list[tuple[JobSpec, int]], num_layers: int) -> None:
         self.run = run
         self.places = [StagePlace(stage=s, stages=run.pipeline_stages, dp_rank=d, dp_size=run.data_parallel)
                        for d in range(run.data_parallel) for s in range(run.pipeline_stages)]
         self.layers = split_layers(num_layers, run.pipeline_stages, run.stage_layers)
-        self._started_ray = connect_ray(len(self.places))
         self.actors = []
         try:
             gpus = ray.cluster_resources().get("GPU", 0) >= len(self.places)
@@ -118,7 +131,8 @@ class StageGroup:
             per_node = max(1, min(len(self.places), int(ray.cluster_resources().get("CPU", 1))))
             tag = uuid.uuid4().hex[:8]  # named so an operator (or a test) can find and inspect them
             self.actors = [remote.options(name=f"{ACTOR_PREFIX}{tag}-stage{place.stage}-replica{place.dp_rank}",
-                                          **options).remote(run, jobs, place, self.layers[place.stage], per_node) for place in self.places]
+                                          **options).remote(run, jobs, place, self.layers[place.stage], per_node)
+                           for place in self.places]
             init_method = self._all([self.actors[0].address.remote()])[0]
             self._all([actor.setup.remote(init_method) for actor in self.actors])
         except BaseException:
@@ -132,7 +146,7 @@ class StageGroup:
         self.close()
 
     def _all(self, calls: list) -> list:
-        """ray.get of the actors' calls; a dead actor becomes StageLost naming its place."""
+        """ray.get of the actors' calls; a dead actor becomes StageLost."""
         try:
             return ray.get(calls)
         except ray.exceptions.RayActorError as err:
@@ -161,13 +175,10 @@ class StageGroup:
         return {key: value for part in parts for key, value in part.items()}
 
     def close(self) -> None:
-        """Stop every actor (even a stuck one) and the local Ray instance if this group started it."""
+        """Stop every actor, even a stuck one."""
         for actor in self.actors:
             try:
                 ray.kill(actor)
             except Exception:  # already dead: nothing left to stop
                 pass
         self.actors = []
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
-        self._started_ray = False

@@ -79,6 +79,8 @@ class StageComm:
             dist.destroy_process_group()
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
+        # Sends finished by now release their buffers (activations) here, not only at the window's end.
+        self._pending = [(work, buf) for work, buf in self._pending if not work.is_completed()]
         payload = _as_bytes(tensor)
         self._pending.append((dist.isend(payload, peer), payload))
 

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import scheduler
@@ -20,7 +21,7 @@ from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
 from lorafusion.result import FitResult, JobResult
-from runtime.backend import StageGroup, StageLost
+from runtime.backend import StageGroup, StageLost, ray_connection
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
@@ -57,13 +58,13 @@ class _JobState:
         self.restore(JobProgress())
 
     def restore(self, progress: JobProgress) -> None:
-        self.step, self.tokens, self.error = progress.step, progress.tokens, progress.error
-        self.last_loss, self.eval_loss = progress.last_loss, progress.eval_loss
+        """Take step, tokens, losses and error from `progress` (a checkpoint's, or a fresh one)."""
+        for field in fields(JobProgress):
+            setattr(self, field.name, getattr(progress, field.name))
         self.eval_step: int | None = None
 
     def progress(self) -> JobProgress:
-        return JobProgress(step=self.step, tokens=self.tokens, last_loss=self.last_loss, eval_loss=self.eval_loss,
-                           error=self.error)
+        return JobProgress(**{field.name: getattr(self, field.name) for field in fields(JobProgress)})
 
     @property
     def active(self) -> bool:
@@ -79,11 +80,15 @@ class _JobState:
         return limit
 
 
+@dataclass
 class _WindowPlan:
     """The window sent to the actors and, per global batch in it, what the driver needs to record its step."""
 
-    def __init__(self, window: Window, tokens: dict[tuple[str, int], int], microbatches: int) -> None:
-        self.window, self.tokens, self.microbatches = window, tokens, microbatches
+    window: Window
+    tokens: dict[tuple[str, int], int]
+    """(job, step) -> tokens of that global batch."""
+    microbatches: int
+    """Microbatches that run (no-ops not counted)."""
 
 
 def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
@@ -96,14 +101,14 @@ def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
 def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig) -> _WindowPlan:
     """Pack and order the global batches `steps[job]` of each named job into one window for the actors."""
     by_name = {job.name: job for job in prepared_jobs}
-    jobs = [scheduler.Job(name, [[len(s) for s in by_name[name].global_batch(step)] for step in window_steps],
+    batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
+    jobs = [scheduler.Job(name, [[len(s) for s in batches[(name, step)]] for step in window_steps],
                           first_global_batch=window_steps.start)
             for name, window_steps in steps.items() if window_steps]
     replicas = run.data_parallel
     plan = scheduler.plan(jobs, capacity_tokens=run.max_tokens_per_microbatch,
                           pipeline_depth=run.pipeline_stages * replicas, pad_multiple=1,
                           time_limit_s=run.plan_time_limit_s, num_workers=1)
-    batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
     weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
     slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
              for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
@@ -278,21 +283,22 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     progress.note(f"training {len(prepared.jobs)} job(s) on {run.base_model} "
                   f"({run.pipeline_stages} stage(s) × {run.data_parallel} replica(s))")
     job_steps = [(j.spec, j.total_steps) for j in prepared.jobs]
-    for attempt in range(run.max_restarts + 1):
-        try:
-            with StageGroup(run, job_steps, prepared.arch.num_layers) as group:
-                trainer = _Trainer(prepared, group)
-                trainer.resume_from(resumed)
-                trainer.run_all()
-                result = trainer.result()
-            break
-        except StageLost as lost:
-            if attempt == run.max_restarts:
-                raise RuntimeError(f"{lost}; gave up after {run.max_restarts} restart(s) (run.max_restarts)") from lost
-            resumed = open_checkpoint(prepared)
-            where = f"checkpoint {resumed.path}" if resumed is not None else "the start (no checkpoint yet)"
-            progress.note(f"{lost}; restarting the stage group from {where} "
-                          f"(restart {attempt + 1} of {run.max_restarts})")
+    with ray_connection(run.pipeline_stages * run.data_parallel):
+        for attempt in range(run.max_restarts + 1):
+            try:
+                with StageGroup(run, job_steps, prepared.arch.num_layers) as group:
+                    trainer = _Trainer(prepared, group)
+                    trainer.resume_from(resumed)
+                    trainer.run_all()
+                    result = trainer.result()
+                break
+            except StageLost as lost:
+                if attempt == run.max_restarts:
+                    raise RuntimeError(f"{lost}; gave up after {run.max_restarts} restart(s) (run.max_restarts)") from lost
+                resumed = open_checkpoint(prepared)
+                where = f"checkpoint {resumed.path}" if resumed is not None else "the start (no checkpoint yet)"
+                progress.note(f"{lost}; restarting the stage group from {where} "
+                              f"(restart {attempt + 1} of {run.max_restarts})")
     for job in result.jobs.values():
         if job.adapter_path:
             progress.note(f"  {job.name}: adapter → {job.adapter_path}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafusion.batching import build_microbatch
-from lorafusion.data import IGNORE_INDEX, Sample
+from lorafusion.data import Sample
 from runtime.comm import StageComm, StagePlace
 from runtime.pipeline import one_f_one_b
 from runtime.telemetry import gpu_sample
@@ -116,7 +116,10 @@ class StageRunner:
                 self._finish_steps({item[0] for item in slots[i].items}, result)
                 mb = self._microbatch(slots[i])
                 if mb is not None:
-                    in_flight[i] = self._forward(mb, slots[i].weights, result)
+                    out, sums, hidden_in = self._forward(mb, slots[i].weights, result)
+                    for job, value in sums.items():
+                        self._loss[job] = self._loss.get(job, 0.0) + value
+                    in_flight[i] = (out, hidden_in)
                 continue
             if i in in_flight:
                 self._backward(*in_flight.pop(i), result)
@@ -125,22 +128,21 @@ class StageRunner:
                     self._start_step(job, result)
         self._finish_steps(None, result)
 
-    def _forward(self, mb, weights: dict[str, float], result: WindowResult):
+    def _forward(self, mb, weights: dict[str, float] | None, result: WindowResult):
+        """Receive this stage's input, run the chunk, send its output on; returns (out, sums, input)."""
         hidden_in = None
         if not self.place.is_first:
             hidden_in = self.comm.recv_forward(self.worker.hidden_shape(mb), self.worker.hidden_dtype)
-            hidden_in.requires_grad_()
+            hidden_in.requires_grad_(weights is not None)
         tic = time.perf_counter()
         out, sums = self.worker.forward(mb, weights, hidden_in)
-        for job, value in sums.items():
-            self._loss[job] = self._loss.get(job, 0.0) + value
         result.busy_s += time.perf_counter() - tic
         result.microbatches += 1
         if not self.place.is_last:
             self.comm.send_forward(out)
-        return mb, out, hidden_in
+        return out, sums, hidden_in
 
-    def _backward(self, mb, out, hidden_in, result: WindowResult) -> None:
+    def _backward(self, out, hidden_in, result: WindowResult) -> None:
         grad_out = None
         if not self.place.is_last:
             grad_out = self.comm.recv_backward(tuple(out.shape), out.dtype)
@@ -206,21 +208,11 @@ class StageRunner:
                 mb = self._microbatch(slot)
                 if mb is None:
                     continue
-                hidden_in = None
-                if not self.place.is_first:
-                    hidden_in = self.comm.recv_forward(self.worker.hidden_shape(mb), self.worker.hidden_dtype)
-                tic = time.perf_counter()
-                out, sums = self.worker.forward(mb, None, hidden_in)
-                result.busy_s += time.perf_counter() - tic
-                result.microbatches += 1
-                if not self.place.is_last:
-                    self.comm.send_forward(out)
-                    continue
-                counts = {s.job: int((mb.labels[0, s.start:s.end] != IGNORE_INDEX).sum()) for s in mb.segments}
-                for job, total in sums.items():
+                _, sums, _ = self._forward(mb, None, result)
+                for job, total in sums.items():  # last stage only: the others have no sums
                     acc = result.eval_sums.setdefault(job, [0.0, 0])
                     acc[0] += total
-                    acc[1] += counts[job]
+                    acc[1] += sum(s.num_loss_tokens for name, s, _ in slot.items if name == job)
         finally:
             self.worker.model.train()
 
