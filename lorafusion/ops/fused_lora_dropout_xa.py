@@ -18,8 +18,7 @@ from lorafusion.ops.kernel_helpers import (
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import lazy_kernel, split_length
 
-__all__ = ["dropout_xa_forward", "dropout_xa_grad_a", "dropout_keep_mask", "rank_block"]
-
+__all__ = ["dropout_xa_forward", "dropout_xa_grad_a", "dropout_keep_mask"]
 
 
 @lazy_kernel
@@ -70,7 +69,7 @@ def _dropout_xa_fwd_kernel(
 @lazy_kernel
 def _dropout_keep_kernel(
     keep_ptr, row_seg_ptr, seg_start_ptr, seg_end_ptr, row_seed_ptr, row_pos_ptr, p_ptr,
-    stride_km, M, K, num_segs, site_id,
+    stride_km, M, K, site_id,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -175,7 +174,6 @@ def _dropout_xa_grad_a_atomic_kernel(
                           mask=r_ok[:, None] & k_ok[None, :])
 
 
-
 def dropout_xa_forward(x: torch.Tensor, a_cat: torch.Tensor, table: SegmentTable, params: LayerParams, site_id: int,
                        has_dropout: bool, block_m: int, block_k: int) -> torch.Tensor:
     """T [M, max_rank] = s · dropout(x) Aᵀ per segment; rows of no segment and columns past a rank are 0."""
@@ -230,6 +228,6 @@ def dropout_keep_mask(table: SegmentTable, params: LayerParams, num_cols: int, s
     keep = torch.zeros((m, num_cols), dtype=torch.int8, device=table.row_seg.device)
     _dropout_keep_kernel[(triton.cdiv(m, block_m), triton.cdiv(num_cols, block_k))](
         keep, table.row_seg, table.seg_start, table.seg_end, table.row_seed, table.row_pos, params.dropout_ps,
-        keep.stride(0), m, num_cols, table.num_segments, site_id, BLOCK_M=block_m, BLOCK_K=block_k,
+        keep.stride(0), m, num_cols, site_id, BLOCK_M=block_m, BLOCK_K=block_k,
     )
     return keep.bool()
