@@ -25,7 +25,7 @@ from runtime.backend import StageGroup, StageLost, ray_connection
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
-from runtime.planning import last_microbatch, window_items
+from runtime.planning import last_microbatch, scheduler_jobs, window_items
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
 from runtime.telemetry import summarise_gpu
@@ -102,11 +102,8 @@ def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: 
     """Pack and order the global batches `steps[job]` of each named job into one window for the actors."""
     by_name = {job.name: job for job in prepared_jobs}
     batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
-    jobs = [scheduler.Job(name, [[len(s) for s in batches[(name, step)]] for step in window_steps],
-                          first_global_batch=window_steps.start)
-            for name, window_steps in steps.items() if window_steps]
     replicas = run.data_parallel
-    plan = scheduler.plan(jobs, capacity_tokens=run.max_tokens_per_microbatch,
+    plan = scheduler.plan(scheduler_jobs(prepared_jobs, steps), capacity_tokens=run.max_tokens_per_microbatch,
                           pipeline_depth=run.pipeline_stages * replicas, pad_multiple=1,
                           time_limit_s=run.plan_time_limit_s, num_workers=1)
     weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}

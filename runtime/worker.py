@@ -45,10 +45,6 @@ class StageWorker:
             self.adapters.add_job(spec.name, spec.adapter, seed=spec.seed)
             self.optimizers[spec.name] = JobOptimizer(spec, self.adapters.parameters(spec.name), total_steps)
 
-    @property
-    def jobs(self) -> list[str]:
-        return list(self.optimizers)
-
     def hidden_shape(self, mb: Microbatch) -> tuple[int, int, int]:
         """Shape of the activations between stages for `mb`: [tokens, 1, hidden]."""
         return (mb.input_ids.shape[1], 1, self.arch.hidden_size)
