@@ -126,14 +126,23 @@ class MultiAdapterLinear(nn.Module):
         Each sample's mask comes from its own seed (set by the driver from the job's seed, step and the
         sample's place in its global batch) and this layer's id, so it does not depend on which other
         samples or jobs share the microbatch, nor on how the job's batch was split into microbatches.
+        One generator is reseeded per sample (a fresh one per sample draws the same values) and each
+        sample's draws go straight into its rows of one mask.
         """
-        samples = seg.samples or ((seg.start, seg.end, 0),)
-        parts = []
-        for start, end, seed in samples:
-            generator = torch.Generator(device=x.device).manual_seed(mix_seed(seed, self.site_id))
-            parts.append(torch.empty((end - start, x.shape[1]), dtype=x.dtype, device=x.device)
-                         .bernoulli_(1.0 - p, generator=generator))
-        return torch.cat(parts) / (1.0 - p)
+        mask = torch.empty((seg.end - seg.start, x.shape[1]), dtype=x.dtype, device=x.device)  # [tokens, K]
+        generator = torch.Generator(device=x.device)
+        cursor = seg.start
+        for start, end, seed in seg.samples or ((seg.start, seg.end, 0),):
+            if start != cursor:
+                raise ValueError(f"job '{seg.job}': sample rows [{start}, {end}) do not continue the segment's samples "
+                                 f"at row {cursor}; a segment's samples must tile its rows [{seg.start}, {seg.end})")
+            generator.manual_seed(mix_seed(seed, self.site_id))
+            mask[start - seg.start:end - seg.start].bernoulli_(1.0 - p, generator=generator)
+            cursor = end
+        if cursor != seg.end:
+            raise ValueError(f"job '{seg.job}': its samples end at row {cursor}, its segment at {seg.end}; "
+                             "a segment's samples must tile its rows")
+        return mask.div_(1.0 - p)
 
     def _delta(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
         # x: [tokens, K] -> [tokens, N]
