@@ -163,15 +163,18 @@ class MultiAdapterLinear(nn.Module):
         out, bias = self.base(x, *args, **kwargs)
         # x: [tokens, 1, K] (packed row, sequence-first) -> per-job row slices
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        pieces, cursor = [], 0
+        # One add of every job's update (zeros on rows of no job): the backward hands dy to the base output
+        # whole, where adding slices of it would build a full-size zero gradient per slice.
+        deltas, cursor = [], 0  # [rows, N] pieces in row order
         for seg in segments:
             if seg.start > cursor:
-                pieces.append(flat_out[cursor:seg.start])
-            pieces.append(flat_out[seg.start:seg.end] + self._delta(flat_x[seg.start:seg.end], seg))
+                deltas.append(flat_out.new_zeros(seg.start - cursor, flat_out.shape[1]))
+            deltas.append(self._delta(flat_x[seg.start:seg.end], seg))
             cursor = seg.end
         if cursor < flat_out.shape[0]:
-            pieces.append(flat_out[cursor:])
-        return torch.cat(pieces).reshape(out.shape), bias
+            deltas.append(flat_out.new_zeros(flat_out.shape[0] - cursor, flat_out.shape[1]))
+        delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]
+        return (flat_out + delta).reshape(out.shape), bias
 
     def _forward_fused(self, x: torch.Tensor):
         """Base GEMM and every job's update in one Triton op over the whole packed microbatch."""
