@@ -65,10 +65,11 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--windows {args.windows} must be ≥ 1 (or left out to plan the whole run)")
     overrides = args.set + ([f"run.max_tokens_per_microbatch={args.capacity}"] if args.capacity is not None else [])
     jobs, run = lf.load_config(args.config, overrides)
-    # Planning writes nothing and simulates the pipeline, so an existing output_dir and a pipeline the
-    # single-process engine cannot run yet are no reason to refuse; everything else is checked as for train.
-    prepared = prepare_run(jobs, dataclasses.replace(run, pipeline_stages=1, data_parallel=1, overwrite=True))
-    planner = WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch, pipeline_depth=run.pipeline_stages,
+    # Planning writes nothing, so an existing output_dir is no reason to refuse; the rest is checked as for train.
+    prepared = prepare_run(jobs, dataclasses.replace(run, overwrite=True))
+    # A job's consecutive global batches are stages x replicas microbatches apart, as `fit` plans them.
+    planner = WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch,
+                            pipeline_depth=run.pipeline_stages * run.data_parallel,
                             pad_multiple=args.pad_multiple, time_limit_s=args.time_limit_s)
     cost_model = CostModel() if args.attn_coef is None else CostModel(attn_coef=args.attn_coef)
     result = plan_windows(prepared.jobs, planner, steps_per_window=args.steps_per_window,

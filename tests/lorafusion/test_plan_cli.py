@@ -55,3 +55,20 @@ def test_plan_errors(train_checkpoint, tmp_path, capsys):
     assert "error: " in capsys.readouterr().err
     assert main(["plan", str(config), "--windows", "0"]) == 2
     assert "--windows 0 must be ≥ 1" in capsys.readouterr().err
+
+
+def test_plan_spaces_a_jobs_steps_by_stages_times_replicas(train_checkpoint, tmp_path, monkeypatch, capsys):
+    import scheduler
+
+    depths = []
+    real = scheduler.WindowPlanner
+
+    def recording(**kwargs):
+        depths.append(kwargs["pipeline_depth"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(scheduler, "WindowPlanner", recording)
+    config = _config(tmp_path, train_checkpoint)
+    assert main(["plan", str(config), "--set", "run.pipeline_stages=2", "--set", "run.data_parallel=2",
+                 "--time-limit-s", "0.05"]) == 0
+    assert depths == [4]  # as fit plans it: 2 stages x 2 replicas
