@@ -153,9 +153,19 @@ class StageGroup:
             first_line = (str(err).strip().splitlines() or [""])[0][:200]
             raise StageLost(f"a stage actor died ({type(err).__name__}: {first_line})") from err
 
+    def submit_window(self, window: Window) -> list:
+        """Send the window to every actor without waiting (each runs its calls in the order sent); `collect`
+        the returned calls later."""
+        window_ref = ray.put(window)  # serialised once for all actors
+        return [actor.run_window.remote(window_ref) for actor in self.actors]
+
+    def collect(self, calls: list) -> list[WindowResult]:
+        """The results of submitted calls, in actor order (replica-major, then stage)."""
+        return self._all(calls)
+
     def run_window(self, window: Window) -> list[WindowResult]:
-        """Every actor runs the window; results in actor order (replica-major, then stage)."""
-        return self._all([actor.run_window.remote(window) for actor in self.actors])
+        """Every actor runs the window; results in actor order."""
+        return self.collect(self.submit_window(window))
 
     def save_shards(self, staging, progress: dict) -> None:
         """Replica 0 of every stage writes its share of every job's state into the checkpoint being made."""

@@ -1,9 +1,10 @@
 """`lorafusion.fit`: validate, then drive the stage actors window by window and export every adapter.
 
 A window holds the next few global batches of every active job, packed and ordered by the scheduler
-(distance ≥ stages × replicas between a job's consecutive global batches), dealt round-robin to the
-data-parallel replicas. The actors run it with 1F1B and step each job as its global batch completes; the
-driver records the steps, evaluates where due, and plans the next window with the jobs still active.
+(distance ≥ stages × replicas between a job's consecutive global batches, across windows too), dealt
+round-robin to the data-parallel replicas. Windows form one continuous 1F1B stream: the driver plans and
+sends window k + 1 while the actors run window k, and only a window after which an evaluation, a
+checkpoint or the end is due drains the pipeline. The driver records each job's steps as they come back.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -62,22 +64,27 @@ class _JobState:
         for field in fields(JobProgress):
             setattr(self, field.name, getattr(progress, field.name))
         self.eval_step: int | None = None
+        self.planned = self.step  # global batches planned into windows sent to the actors (≥ step)
 
     def progress(self) -> JobProgress:
         return JobProgress(**{field.name: getattr(self, field.name) for field in fields(JobProgress)})
 
     @property
-    def active(self) -> bool:
-        return self.error is None and self.step < self.job.total_steps
+    def plannable(self) -> bool:
+        return self.error is None and self.planned < self.job.total_steps
 
     def steps_until_stop(self, checkpoint_every: int | None) -> int:
-        """Steps this job may take before the window must end: its last step, an evaluation or a checkpoint."""
-        limit = self.job.total_steps - self.step
-        every = self.job.spec.eval_every_steps if self.job.eval_samples is not None else None
-        for period in (every, checkpoint_every):
+        """Global batches this job may be planned before the stream must drain: its last step, an evaluation
+        or a checkpoint."""
+        limit = self.job.total_steps - self.planned
+        for period in (self.eval_every, checkpoint_every):
             if period:
-                limit = min(limit, period - self.step % period)
+                limit = min(limit, period - self.planned % period)
         return limit
+
+    @property
+    def eval_every(self) -> int | None:
+        return self.job.spec.eval_every_steps if self.job.eval_samples is not None else None
 
 
 @dataclass
@@ -98,14 +105,27 @@ def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
     return [padded[r::replicas] for r in range(replicas)]
 
 
-def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig) -> _WindowPlan:
-    """Pack and order the global batches `steps[job]` of each named job into one window for the actors."""
+def window_planner(run: RunConfig) -> scheduler.WindowPlanner:
+    """The planner of one continuous stream of windows: a job's consecutive global batches stay stages ×
+    replicas microbatches apart across window boundaries (the no-ops `_deal` pads a window with only add
+    distance, so the planner need not count them)."""
+    return scheduler.WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch,
+                                   pipeline_depth=run.pipeline_stages * run.data_parallel, pad_multiple=1,
+                                   time_limit_s=run.plan_time_limit_s, num_workers=1)
+
+
+def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
+                planner: scheduler.WindowPlanner | None = None, flush: bool = True) -> _WindowPlan:
+    """Pack and order the global batches `steps[job]` of each named job into one window for the actors.
+
+    planner: the stream's planner when the window continues earlier ones without a flush (None: a stream of
+    its own). flush: the window drains the pipeline at its end (see Window.flush).
+    """
+    planner = planner or window_planner(run)
     by_name = {job.name: job for job in prepared_jobs}
     batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
     replicas = run.data_parallel
-    plan = scheduler.plan(scheduler_jobs(prepared_jobs, steps), capacity_tokens=run.max_tokens_per_microbatch,
-                          pipeline_depth=run.pipeline_stages * replicas, pad_multiple=1,
-                          time_limit_s=run.plan_time_limit_s, num_workers=1)
+    plan = planner.next_window(scheduler_jobs(prepared_jobs, steps))
     weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
     slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
              for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
@@ -114,7 +134,8 @@ def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: 
         steps_after.setdefault(index // replicas, []).append(name)
     tokens = {key: sum(len(s) for s in batch) for key, batch in batches.items()}
     real = sum(1 for mb in plan.microbatches if not mb.is_noop)
-    return _WindowPlan(Window(slots=_deal(slots, replicas), steps_after=steps_after), tokens, real)
+    window = Window(slots=_deal(slots, replicas), steps_after=steps_after, flush=flush)
+    return _WindowPlan(window, tokens, real)
 
 
 def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
@@ -130,10 +151,12 @@ class _Trainer:
         self.prepared, self.run, self.group = prepared, prepared.run, group
         self.states = {j.name: _JobState(j, prepared.run.output_dir) for j in prepared.jobs}
         self.windows = 0  # windows completed: the checkpoint counter
+        self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress)
         self.start = time.perf_counter()
         self.total_tokens = 0
+        self.tokens: dict[tuple[str, int], int] = {}  # (job, step) -> tokens, for global batches sent, not stepped
         self.microbatches = 0
         self.busy = [0.0] * len(group.places)
         self.span = [0.0] * len(group.places)
@@ -152,18 +175,41 @@ class _Trainer:
             self.progress.note(f"resumed from {resumed.path} ({done} job steps already done)")
 
     def run_all(self) -> None:
-        every = self.run.checkpoint_every_steps
-        while any(s.active for s in self.states.values()):
-            active = [s for s in self.states.values() if s.active]
-            self._train_window(active, self._window_steps(active))
-            due = [s for s in active if s.error is None and s.job.eval_samples is not None
-                   and s.job.spec.eval_every_steps and s.step % s.job.spec.eval_every_steps == 0]
-            self._evaluate(due)
-            if every and any(s.step % every == 0 for s in active if s.error is None):
-                self.checkpoint()
+        """Plan and send windows until every job is planned to its end, one window ahead of the actors;
+        evaluate and checkpoint where a drained window brings the jobs to those points."""
+        sent: deque[tuple[_WindowPlan, list]] = deque()
+        planner = window_planner(self.run)
+        while any(s.plannable for s in self.states.values()):
+            planned, boundary = self._plan_next(planner)
+            sent.append((planned, self.group.submit_window(planned.window)))
+            while len(sent) > (0 if planned.window.flush else 1):
+                self._collect(*sent.popleft())
+            if planned.window.flush:
+                planner = window_planner(self.run)  # a drained stream starts again without carry-over
+                self._at_boundary(*boundary)
         self._evaluate([s for s in self.states.values()
                         if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
         self.checkpoint()
+
+    def _plan_next(self, planner: scheduler.WindowPlanner) -> tuple[_WindowPlan, tuple[list[_JobState], bool]]:
+        """The next window of the plannable jobs, and what falls due after it: (jobs to evaluate, checkpoint?).
+        The window drains the pipeline when anything falls due or no job has global batches left."""
+        every = self.run.checkpoint_every_steps
+        active = [s for s in self.states.values() if s.plannable]
+        steps = self._window_steps(active)
+        window_steps = {s.job.name: range(s.planned, s.planned + min(steps, s.steps_until_stop(every)))
+                        for s in active}
+        for state in active:
+            state.planned = window_steps[state.job.name].stop
+        evaluate = [s for s in active if s.eval_every and s.planned % s.eval_every == 0]
+        checkpoint = bool(every) and any(s.planned % every == 0 for s in active)
+        flush = bool(evaluate) or checkpoint or not any(s.plannable for s in self.states.values())
+        return plan_window(self.prepared.jobs, window_steps, self.run, planner, flush), (evaluate, checkpoint)
+
+    def _at_boundary(self, evaluate: list[_JobState], checkpoint: bool) -> None:
+        self._evaluate([s for s in evaluate if s.error is None])
+        if checkpoint:
+            self.checkpoint()
 
     def checkpoint(self) -> None:
         """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
@@ -177,21 +223,22 @@ class _Trainer:
         slots = self.run.pipeline_stages * self.run.data_parallel
         if slots == 1:
             return 1
-        tokens = sum(len(s) for st in active for s in st.job.global_batch(st.step))
+        tokens = sum(len(s) for st in active for s in st.job.global_batch(st.planned))
         per_round = max(1, math.ceil(tokens / self.run.max_tokens_per_microbatch))
         return max(1, min(_MAX_STEPS_PER_WINDOW, math.ceil(_SLOTS_PER_WINDOW * slots / per_round)))
 
-    def _train_window(self, active: list[_JobState], steps: int) -> None:
-        window_steps = {s.job.name: range(s.step, s.step + min(steps, s.steps_until_stop(self.run.checkpoint_every_steps)))
-                        for s in active}
-        planned = plan_window(self.prepared.jobs, window_steps, self.run)
-        results = self.group.run_window(planned.window)
+    def _collect(self, planned: _WindowPlan, calls: list) -> None:
+        """Wait for a window sent earlier and record the steps its calls completed (steps of earlier windows'
+        global batches may complete in a later call: the stream is not drained between windows)."""
+        results = self.group.collect(calls)
         self.windows += 1
+        self.drains += planned.window.flush
         self._account(results)
         self.microbatches += planned.microbatches
+        self.tokens.update(planned.tokens)
         for event in results[0].steps:
             state = self.states[event.job]
-            self._record_step(state, event, planned.tokens[(event.job, state.step)])
+            self._record_step(state, event, self.tokens.pop((event.job, state.step)))
 
     def _account(self, results: list[WindowResult]) -> None:
         for i, result in enumerate(results):
@@ -242,6 +289,8 @@ class _Trainer:
             "tokens_per_s": self.total_tokens / max(wall, 1e-9),
             "microbatches": self.microbatches,
             "microbatches_per_s": self.microbatches / max(wall, 1e-9),
+            "windows": self.windows,
+            "pipeline_drains": self.drains,
             "bubble_fraction": (sum(st["bubble_fraction"] for st in stages) / len(stages)) if stages else None,
             "peak_memory_bytes": self.peak_memory,
             "stages": stages,

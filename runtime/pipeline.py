@@ -8,7 +8,7 @@ its previous batch finds its optimizer step done on every stage (the scheduler's
 
 from __future__ import annotations
 
-__all__ = ["split_layers", "one_f_one_b", "bubble_fraction"]
+__all__ = ["split_layers", "OneFOneB", "one_f_one_b", "bubble_fraction"]
 
 
 def split_layers(num_layers: int, stages: int, layers_per_stage: list[int] | None = None) -> list[tuple[int, int]]:
@@ -34,15 +34,45 @@ def split_layers(num_layers: int, stages: int, layers_per_stage: list[int] | Non
     return bounds
 
 
+class OneFOneB:
+    """1F1B of one stage over an open-ended microbatch stream that arrives window by window.
+
+    The op order is that of `one_f_one_b` over the whole stream, however the stream is cut into windows: a
+    window that is not drained ends where the next op would be the forward of a microbatch not yet received,
+    so its last forwards' backwards (at most S - 1 - stage of them) open the next window instead of a flush.
+    Every stage cut at the same microbatch still exchanges activations and gradients in stream order, so
+    stage i's sends wait only for stage i ± 1's next window, never for an op it must do first.
+    """
+
+    def __init__(self, stage: int, stages: int) -> None:
+        self.warmup = stages - 1 - stage
+        self.next_forward = 0
+        self.next_backward = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Microbatches forwarded on this stage whose backward has not run yet."""
+        return self.next_forward - self.next_backward
+
+    def ops(self, received: int, drain: bool) -> list[tuple[str, int]]:
+        """The next ops ("F", i) / ("B", i) once microbatches 0..received-1 have arrived; `drain`: also every
+        backward still owed (a flush: the stream may then start again from microbatch 0 in a new OneFOneB)."""
+        ops = []
+        while True:
+            if self.next_forward < received and self.in_flight <= self.warmup:
+                ops.append(("F", self.next_forward))
+                self.next_forward += 1
+            elif self.in_flight > self.warmup or (drain and self.in_flight > 0):
+                ops.append(("B", self.next_backward))
+                self.next_backward += 1
+            else:
+                return ops
+
+
 def one_f_one_b(stage: int, stages: int, num_microbatches: int) -> list[tuple[str, int]]:
-    """The op order of `stage`: ("F", i) forward of microbatch i, ("B", i) its backward."""
-    warmup = min(stages - 1 - stage, num_microbatches)
-    ops = [("F", i) for i in range(warmup)]
-    for i in range(num_microbatches - warmup):
-        ops.append(("F", warmup + i))
-        ops.append(("B", i))
-    ops.extend(("B", i) for i in range(num_microbatches - warmup, num_microbatches))
-    return ops
+    """The op order of `stage` over `num_microbatches`, drained at the end: ("F", i) forward of microbatch i,
+    ("B", i) its backward."""
+    return OneFOneB(stage, stages).ops(num_microbatches, drain=True)
 
 
 def bubble_fraction(busy_s: float, span_s: float) -> float:

@@ -1,10 +1,12 @@
-"""One stage's loop over a window of the microbatch stream: 1F1B forwards and backwards, activations to
-and from the neighbouring stages, and each job's optimizer step as soon as the backward of the last
+"""One stage's loop over the microbatch stream, window by window: 1F1B forwards and backwards, activations
+to and from the neighbouring stages, and each job's optimizer step as soon as the backward of the last
 microbatch of its global batch is done on this stage.
 
-The driver sends every actor the same `Window`; each actor runs its replica's slots. Every actor makes
-the same decisions (which jobs step after which slot, which jobs have failed) in the same order, so the
-collective reductions at a step line up across stages and replicas without any extra handshake.
+The driver sends every actor the same `Window`s in the same order; each actor runs its replica's slots.
+Windows continue one stream: the backwards still owed at a window's end run inside the next window (no
+pipeline flush), unless the window is marked `flush` (an evaluation, a checkpoint or the end follows).
+Every actor makes the same decisions (which jobs step after which slot, which jobs have failed) in the same
+order, so the collective reductions at a step line up across stages and replicas without any handshake.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from lorafusion.batching import build_microbatch
 from lorafusion.data import Sample
 from runtime.comm import StageComm, StagePlace
-from runtime.pipeline import one_f_one_b
+from runtime.pipeline import OneFOneB
 from runtime.telemetry import gpu_sample
 from runtime.worker import StageWorker
 
@@ -46,6 +48,10 @@ class Window:
     """slot -> jobs whose global batch ends there: they step after that slot's backward, in this order."""
     train: bool = True
     """False: forward only, every job's token-loss sums are returned (evaluation)."""
+    flush: bool = True
+    """Drain the pipeline at the window's end: every backward and step of its slots is done when run_window
+    returns. False: the stream goes on with the next window (which must come), and the backwards and steps
+    of the window's last S - 1 - stage forwards run there. Evaluation windows always flush."""
 
 
 @dataclass
@@ -67,7 +73,9 @@ class WindowResult:
     busy_s: float = 0.0
     """Time spent computing (forward, backward, optimizer steps), excluding waits for other stages."""
     span_s: float = 0.0
-    """From the start of the window's first op to the end of its last."""
+    """Stream time this call covers: from the end of the stream's previous op (or the start of the first
+    forward's compute, on a fresh stream) to the end of its last op; summed over the calls of one stream it
+    is the time from the stage's first microbatch to its last, waits included."""
     microbatches: int = 0
     peak_memory_bytes: int = 0
     gpu: dict | None = None
@@ -88,17 +96,35 @@ class StageRunner:
         self.place = comm.place
         self._loss = {}  # job -> weighted loss of its current global batch on this actor (last stage)
         self._pending = {}  # job -> (its in-flight sum over stages, [norm², loss]) until it steps
+        self._new_stream()
+
+    def _new_stream(self) -> None:
+        self._schedule = OneFOneB(self.place.stage, self.place.stages)
+        self._received = 0  # slots of the stream received so far: window slot i is stream microbatch base + i
+        self._in_flight = {}  # stream microbatch -> (output, input) until its backward
+        self._steps_at = {}  # stream microbatch -> jobs stepping after its backward
+        self._span_from: float | None = None  # where the next call's span starts (None: at its first compute)
+        self._span_to: float | None = None  # end of the stream's last op so far
 
     def run_window(self, window: Window) -> WindowResult:
         result = WindowResult()
         slots = window.slots[self.place.dp_rank]
-        start = time.perf_counter()
         if window.train:
             self._train(window, slots, result)
         else:
+            if self._schedule.in_flight or self._received:
+                raise RuntimeError("an evaluation window came while a training window's pipeline was not flushed; "
+                                   "the training window before it must have flush=True")
             self._evaluate(slots, result)
-        self.comm.wait_sends()
-        result.span_s = time.perf_counter() - start
+        flush = not window.train or window.flush
+        if flush:
+            self._finish_steps(None, result)
+            self.comm.wait_sends()
+        if self._span_to is not None and self._span_from is not None:
+            result.span_s = self._span_to - self._span_from
+            self._span_from = self._span_to
+        if flush:
+            self._new_stream()
         result.peak_memory_bytes = _peak_memory_bytes(self.worker.device)
         if self.worker.device.type == "cuda":
             result.gpu = gpu_sample(torch.cuda.current_device())
@@ -110,23 +136,36 @@ class StageRunner:
         return build_microbatch(items).to(self.worker.device) if items else None
 
     def _train(self, window: Window, slots: list[Slot], result: WindowResult) -> None:
-        in_flight = {}
-        for kind, i in one_f_one_b(self.place.stage, self.place.stages, len(slots)):
+        base = self._received
+        self._received += len(slots)
+        for i, jobs in window.steps_after.items():
+            self._steps_at[base + i] = jobs
+        for kind, i in self._schedule.ops(self._received, drain=window.flush):
             if kind == "F":
-                self._finish_steps({item[0] for item in slots[i].items}, result)
-                mb = self._microbatch(slots[i])
+                slot = slots[i - base]
+                self._finish_steps({item[0] for item in slot.items}, result)
+                mb = self._microbatch(slot)
                 if mb is not None:
-                    out, sums, hidden_in = self._forward(mb, slots[i].weights, result)
+                    out, sums, hidden_in = self._forward(mb, slot.weights, result)
                     for job, value in sums.items():
                         self._loss[job] = self._loss.get(job, 0.0) + value
-                    in_flight[i] = (out, hidden_in)
+                    self._in_flight[i] = (out, hidden_in)
                 continue
-            if i in in_flight:
-                self._backward(*in_flight.pop(i), result)
-            for job in window.steps_after.get(i, []):
+            if i in self._in_flight:
+                self._backward(*self._in_flight.pop(i), result)
+            for job in self._steps_at.pop(i, []):
                 if job in self.worker.optimizers:
                     self._start_step(job, result)
-        self._finish_steps(None, result)
+
+    def _compute(self, fn, *args, result: WindowResult):
+        """fn(*args), timed as busy; marks the stream's span."""
+        tic = time.perf_counter()
+        if self._span_from is None:
+            self._span_from = tic
+        out = fn(*args)
+        self._span_to = time.perf_counter()
+        result.busy_s += self._span_to - tic
+        return out
 
     def _forward(self, mb, weights: dict[str, float] | None, result: WindowResult):
         """Receive this stage's input, run the chunk, send its output on; returns (out, sums, input)."""
@@ -134,9 +173,7 @@ class StageRunner:
         if not self.place.is_first:
             hidden_in = self.comm.recv_forward(self.worker.hidden_shape(mb), self.worker.hidden_dtype)
             hidden_in.requires_grad_(weights is not None)
-        tic = time.perf_counter()
-        out, sums = self.worker.forward(mb, weights, hidden_in)
-        result.busy_s += time.perf_counter() - tic
+        out, sums = self._compute(self.worker.forward, mb, weights, hidden_in, result=result)
         result.microbatches += 1
         if not self.place.is_last:
             self.comm.send_forward(out)
@@ -146,9 +183,7 @@ class StageRunner:
         grad_out = None
         if not self.place.is_last:
             grad_out = self.comm.recv_backward(tuple(out.shape), out.dtype)
-        tic = time.perf_counter()
-        grad_in = self.worker.backward(out, grad_out, hidden_in)
-        result.busy_s += time.perf_counter() - tic
+        grad_in = self._compute(self.worker.backward, out, grad_out, hidden_in, result=result)
         if grad_in is not None:
             self.comm.send_backward(grad_in)
 
@@ -177,7 +212,8 @@ class StageRunner:
             loss = float(flat[-1])
         totals = torch.tensor([self.worker.grad_norm_sq(job), loss], dtype=torch.float64, device=self.worker.device)
         self._pending[job] = (self.comm.start_sum_over_stages(totals), totals)
-        result.busy_s += time.perf_counter() - tic
+        self._span_to = time.perf_counter()
+        result.busy_s += self._span_to - tic
 
     def _finish_steps(self, jobs: set[str] | None, result: WindowResult) -> None:
         """Complete the pending steps of `jobs` (None: all), in the order they were started."""
@@ -189,15 +225,12 @@ class StageRunner:
 
     def _step(self, job: str, norm_sq: float, loss: float, result: WindowResult) -> StepEvent:
         """Step the job clipped by its global gradient norm, or stop it when its loss or norm is not finite."""
-        tic = time.perf_counter()
         norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            self.worker.remove_job(job)  # its adapter and optimizer go; the other jobs carry on
-            result.busy_s += time.perf_counter() - tic
+            self._compute(self.worker.remove_job, job, result=result)  # its adapter and optimizer go; the rest go on
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             return StepEvent(job, loss, norm, 0.0, error=f"{what} became {loss if what == 'loss' else norm}")
-        lr = self.worker.step(job, norm)
-        result.busy_s += time.perf_counter() - tic
+        lr = self._compute(self.worker.step, job, norm, result=result)
         return StepEvent(job, loss, norm, lr)
 
     @torch.no_grad()

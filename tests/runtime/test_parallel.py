@@ -2,11 +2,14 @@
 
 Three jobs with different global batch sizes, ranks and sample lengths (fp32, dropout 0) on a 3-layer
 model, trained by `lf.fit` on 1 stage x 1 replica, on 2 stages (layers 2 + 1), on 2 replicas, and on
-2 stages x 2 replicas with the layers split the other way by `run.stage_layers` (1 + 2).
+2 stages x 2 replicas with the layers split the other way by `run.stage_layers` (1 + 2); the last two
+layouts also with one global batch per job per window, so the 1F1B stream runs on across four windows
+without draining (backwards and steps of one window completing in the next).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -30,10 +33,15 @@ def single(checkpoint, examples_data, tmp_path_factory):
     return fit_adapters(checkpoint, tmp_path_factory.mktemp("single"), three_jobs(examples_data), CAPACITY)
 
 
-@pytest.mark.parametrize("layout", [dict(pipeline_stages=2), dict(data_parallel=2),
-                                    dict(pipeline_stages=2, data_parallel=2, stage_layers=[1, 2])],
-                         ids=["2_stages", "2_replicas", "2x2_uneven"])
-def test_parallel_fit_equals_single_process(single, checkpoint, examples_data, tmp_path, layout):
+@pytest.mark.parametrize("layout, steps_per_window", [
+    (dict(pipeline_stages=2), None), (dict(data_parallel=2), None),
+    (dict(pipeline_stages=2, data_parallel=2, stage_layers=[1, 2]), None),
+    (dict(pipeline_stages=2), 1), (dict(pipeline_stages=2, data_parallel=2, stage_layers=[1, 2]), 1),
+], ids=["2_stages", "2_replicas", "2x2_uneven", "2_stages_continuous", "2x2_uneven_continuous"])
+def test_parallel_fit_equals_single_process(single, checkpoint, examples_data, tmp_path, monkeypatch, layout,
+                                            steps_per_window):
+    if steps_per_window is not None:
+        monkeypatch.setattr(importlib.import_module("runtime.fit"), "_MAX_STEPS_PER_WINDOW", steps_per_window)
     jobs = three_jobs(examples_data)
     parallel = fit_adapters(checkpoint, tmp_path / "run", jobs, CAPACITY, **layout)
     for spec in jobs:
@@ -42,6 +50,9 @@ def test_parallel_fit_equals_single_process(single, checkpoint, examples_data, t
         losses = [m["loss"] for m in parallel[spec.name]["metrics"] if "loss" in m]
         expected = [m["loss"] for m in single[spec.name]["metrics"] if "loss" in m]
         assert losses == pytest.approx(expected, rel=1e-5)
+        assert [m["step"] for m in parallel[spec.name]["metrics"]] == [1, 2, 3, 4]
     metrics = json.loads((tmp_path / "run" / "run_metrics.json").read_text())
     assert len(metrics["stages"]) == layout.get("pipeline_stages", 1) * layout.get("data_parallel", 1)
     assert metrics["microbatches"] > 0 and 0.0 <= metrics["bubble_fraction"] < 1.0
+    if steps_per_window is not None:  # four windows, drained only at the end (no evaluation or checkpoint due)
+        assert (metrics["windows"], metrics["pipeline_drains"]) == (4, 1)
