@@ -167,7 +167,8 @@ class RunConfig:
     stage_layers: list[int] | None = None
     """Decoder layers of each pipeline stage, e.g. [3, 5]; default: balanced by count."""
     plan_time_limit_s: float = 0.5
-    """CP-SAT time limit per packing solve (one global batch of one job group); greedy packing is the floor."""
+    """CP-SAT time limit per planning window, shared by its packings that greedy cannot prove optimal (greedy
+    packing is the floor); the next window is planned while the current one trains."""
     dtype: str = "float32"
     """Base-model compute dtype: 'float32', 'bfloat16' or 'float16' (adapters keep fp32 master weights)."""
     log_every_steps: int = 1
