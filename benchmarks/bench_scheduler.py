@@ -73,8 +73,10 @@ def make_jobs(workload: str, global_batches: int, seed: int) -> list[Job]:
             for j, (kind, gbs) in enumerate(WORKLOADS[workload])]
 
 
-def _window(jobs: list[Job], g: int) -> list[Job]:
-    return [Job(job.name, [job.global_batches[g]], first_global_batch=g) for job in jobs if g < len(job.global_batches)]
+def _window(jobs: list[Job], g: int, size: int) -> list[Job]:
+    """Global batches g .. g + size - 1 of every job that still has one."""
+    return [Job(job.name, job.global_batches[g:g + size], first_global_batch=g)
+            for job in jobs if g < len(job.global_batches)]
 
 
 def _with_noops(order: list[tuple[str, int, list[int]]], depth: int) -> list[Microbatch]:
@@ -111,13 +113,13 @@ def greedy_stream(jobs: list[Job], capacity: int, depth: int, pad: int) -> list[
 
 
 def ours_stream(
-    jobs: list[Job], capacity: int, depth: int, pad: int, time_limit_s: float
+    jobs: list[Job], capacity: int, depth: int, pad: int, time_limit_s: float, window_batches: int
 ) -> tuple[list[Microbatch], list[tuple[float, float]]]:
     planner = WindowPlanner(capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad, time_limit_s=time_limit_s)
     stream, times = [], []
-    for g in range(max(len(job.global_batches) for job in jobs)):
+    for g in range(0, max(len(job.global_batches) for job in jobs), window_batches):
         start, cpu = time.perf_counter(), time.process_time()
-        stream += planner.next_window(_window(jobs, g)).microbatches
+        stream += planner.next_window(_window(jobs, g, window_batches)).microbatches
         times.append((time.perf_counter() - start, time.process_time() - cpu))
     return stream, times
 
@@ -157,7 +159,7 @@ def run_case(workload: str, capacity: int, depth: int, args: argparse.Namespace)
     results = {"mlora": measure(jobs, mlora_stream(jobs, capacity, depth), capacity, depth, 1, rectangular=True),
                "greedy": measure(jobs, greedy_stream(jobs, capacity, depth, args.pad_multiple), capacity, depth,
                                  args.pad_multiple, rectangular=False)}
-    stream, times = ours_stream(jobs, capacity, depth, args.pad_multiple, args.time_limit_s)
+    stream, times = ours_stream(jobs, capacity, depth, args.pad_multiple, args.time_limit_s, args.window_batches)
     results["ours"] = measure(jobs, stream, capacity, depth, args.pad_multiple, rectangular=False)
     results["ours"].update(_times(times))
     # With one global batch of every job per window (ours), no window can use fewer microbatches than
@@ -175,7 +177,7 @@ def solve_time_case(args: argparse.Namespace) -> dict:
     """Solve time per window for 8 jobs x 16 samples (mixed lengths), capacity 8192, S = 4."""
     rng = np.random.default_rng([args.seed, 99])
     jobs = [Job(f"job{j}", [_lengths(rng, "mixed", 16) for _ in range(args.global_batches)]) for j in range(8)]
-    _, times = ours_stream(jobs, 8192, 4, args.pad_multiple, args.time_limit_s)
+    _, times = ours_stream(jobs, 8192, 4, args.pad_multiple, args.time_limit_s, 1)
     return {"workload": "solve_8x16", "capacity": 8192, "stages": 4, "pad_multiple": args.pad_multiple,
             "global_batches": args.global_batches, "time_limit_s": args.time_limit_s, "method": "ours",
             **_times(times)}
@@ -194,6 +196,7 @@ def main() -> None:
     parser.add_argument("--global-batches", type=int, default=8, help="global batches per job")
     parser.add_argument("--time-limit-s", type=float, default=0.3, help="CP-SAT limit per window (ours)")
     parser.add_argument("--pad-multiple", type=int, default=1)
+    parser.add_argument("--window-batches", type=int, default=4, help="global batches per job in a window (ours)")
     parser.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))

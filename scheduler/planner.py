@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from scheduler.compact import compact
 from scheduler.cost import CostBudget, CostModel
 from scheduler.cpsat import pack
 from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
@@ -73,6 +74,10 @@ def _plan(
                 statuses.append(packing.status)
     microbatches = order_packs(packs, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
                                pad_multiple=pad_multiple, budget=budget, ready=ready)
+    lengths = {(job.name, g, i): n for job in jobs
+               for g, batch in enumerate(job.global_batches, start=job.first_global_batch) for i, n in enumerate(batch)}
+    microbatches = compact(microbatches, lengths, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
+                           pad_multiple=pad_multiple, budget=budget, ready=ready)
     real = sum(n for job in jobs for batch in job.global_batches for n in batch)
     padded = sum(microbatch_padded_tokens(microbatches, microbatch_lengths(microbatches, jobs), pad_multiple))
     stats = PlanStats(
