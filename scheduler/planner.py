@@ -1,4 +1,4 @@
-"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, verify.
+"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, compact, verify.
 `WindowPlanner`: the same, a few global batches at a time, for a runtime whose jobs join and leave."""
 
 from __future__ import annotations
