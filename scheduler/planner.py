@@ -103,8 +103,8 @@ class WindowPlanner:
     between windows; a job that comes back must continue at the global batch after its last one.
     Arguments as `plan`, except time_limit_s: the CP-SAT limit of a whole window, shared evenly by its
     packings that greedy cannot prove optimal (deterministic time when `deterministic`, see SolverParams).
-    The default 0.3 took 0.66 s of CPU (median, max 0.73) per window of 8 jobs x 16 samples, capacity 8192,
-    S=4, on a 2-core EPYC (benchmarks/bench_scheduler.py, solve_8x16): inside the 1 s a window may take.
+    The default 0.3 took 0.77 s of CPU (median, max 1.12; compaction ~0.1-0.2 s of it) per window of 8 jobs x
+    16 samples, capacity 8192, S=4, on a shared 2-core EPYC (benchmarks/bench_scheduler.py, solve_8x16).
     """
 
     def __init__(
