@@ -1,10 +1,11 @@
-"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, verify.
+"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, compact, verify.
 `WindowPlanner`: the same, a few global batches at a time, for a runtime whose jobs join and leave."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from scheduler.compact import compact
 from scheduler.cost import CostBudget, CostModel
 from scheduler.cpsat import pack
 from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
@@ -73,6 +74,10 @@ def _plan(
                 statuses.append(packing.status)
     microbatches = order_packs(packs, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
                                pad_multiple=pad_multiple, budget=budget, ready=ready)
+    lengths = {(job.name, g, i): n for job in jobs
+               for g, batch in enumerate(job.global_batches, start=job.first_global_batch) for i, n in enumerate(batch)}
+    microbatches = compact(microbatches, lengths, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
+                           pad_multiple=pad_multiple, budget=budget, ready=ready)
     real = sum(n for job in jobs for batch in job.global_batches for n in batch)
     padded = sum(microbatch_padded_tokens(microbatches, microbatch_lengths(microbatches, jobs), pad_multiple))
     stats = PlanStats(
@@ -98,8 +103,8 @@ class WindowPlanner:
     between windows; a job that comes back must continue at the global batch after its last one.
     Arguments as `plan`, except time_limit_s: the CP-SAT limit of a whole window, shared evenly by its
     packings that greedy cannot prove optimal (deterministic time when `deterministic`, see SolverParams).
-    The default 0.3 took 0.66 s of CPU (median, max 0.73) per window of 8 jobs x 16 samples, capacity 8192,
-    S=4, on a 2-core EPYC (benchmarks/bench_scheduler.py, solve_8x16): inside the 1 s a window may take.
+    The default 0.3 took 0.77 s of CPU (median, max 1.12; compaction ~0.1-0.2 s of it) per window of 8 jobs x
+    16 samples, capacity 8192, S=4, on a shared 2-core EPYC (benchmarks/bench_scheduler.py, solve_8x16).
     """
 
     def __init__(

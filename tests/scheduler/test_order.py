@@ -64,8 +64,11 @@ def test_two_small_jobs_are_interleaved_rather_than_packed_together():
     # One group: [a0+b0, -, a1+b1] (a no-op each round at S=2). Two groups: a0 b0 a1 b1, no waiting.
     jobs = [Job("a", [[5], [5]]), Job("b", [[5], [5]])]
     assert choose_groups(jobs, capacity_tokens=16, pipeline_depth=2, pad_multiple=1) == [["a"], ["b"]]
+    packs = [[_pack(0, g, "a", 5) for g in range(2)], [_pack(1, g, "b", 5) for g in range(2)]]
+    assert _stream(order_packs(packs, pipeline_depth=2, **ORDER)) == ["a0", "b0", "a1", "b1"]
+    # Compaction then counts slots, no-ops included: three (a0+b0, -, a1+b1) waste less capacity than four.
     p = plan(jobs, capacity_tokens=16, pipeline_depth=2, pad_multiple=1, time_limit_s=0.1)
-    assert _stream(p.microbatches) == ["a0", "b0", "a1", "b1"]
+    assert _stream(p.microbatches) == ["a0+b0", "-", "a1+b1"]
 
 
 def test_without_a_pipeline_everything_is_one_group():
