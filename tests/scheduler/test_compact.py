@@ -111,3 +111,19 @@ def test_random_streams_stay_valid_and_never_grow(case):
     for position, mb in enumerate(after):
         assert all(position >= ready.get(job, 0) for job, _, _ in mb.samples)
     assert compact(before, _lengths(jobs), **limits, ready=ready) == after  # same input, same stream
+
+
+def test_load_is_levelled_at_the_same_count():
+    # C=16, 18 tokens: two microbatches either way. a0's 2-token sample moves beside b0 (14 + 4 → 12 + 6):
+    # Σ load² falls from 212 to 180; the 12-token sample cannot follow (6 + 12 > 16).
+    jobs = [Job("a", [[12, 2]]), Job("b", [[4]])]
+    stream = _stream([("a", 0, 0), ("a", 0, 1)], [("b", 0, 0)])
+    out = compact(stream, _lengths(jobs), pipeline_depth=1, capacity_tokens=16, pad_multiple=1)
+    assert [mb.samples for mb in out] == [[("a", 0, 0)], [("a", 0, 1), ("b", 0, 0)]]
+
+
+def test_levelling_keeps_the_distance_rule():
+    # S=2: a0's 2-token sample would level 12, 3, 10 better beside b0, but a0 would then end at 1, one before a1.
+    jobs = [Job("a", [[10, 2], [10]]), Job("b", [[3]])]
+    stream = _stream([("a", 0, 0), ("a", 0, 1)], [("b", 0, 0)], [("a", 1, 0)])
+    assert compact(stream, _lengths(jobs), pipeline_depth=2, capacity_tokens=16, pad_multiple=1) == stream
