@@ -110,6 +110,8 @@ class ProviderResult:
     """Each job's loss at step 1 (LoRA B starts at 0, so every provider must agree: a fidelity check)."""
     padded_tokens: int | None = None
     """Tokens including padding (provider c only)."""
+    bubble_fraction: float | None = None
+    """The fit's measured bubble fraction, mean over its stages (run_metrics.json; providers a and b)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,8 +167,9 @@ def run_ours(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, output_
     if failed:
         raise RuntimeError(f"jobs {failed} failed in the benchmark fit: {[result[n].error for n in failed]}")
     tokens = sum(j.tokens for j in result.jobs.values())
+    bubble = (load_run(output_dir).run_metrics or {}).get("bubble_fraction")
     return ProviderResult(tokens=tokens, wall_s=result.wall_time_s,
-                          first_loss=_first_losses(output_dir, [j.name for j in jobs]))
+                          first_loss=_first_losses(output_dir, [j.name for j in jobs]), bubble_fraction=bubble)
 
 
 def _padded_batch(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,6 +296,8 @@ def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]]) -> di
         runs = results.get(name)
         row[f"{name}_tokens_per_s"] = round(_median_rate(runs), 1) if runs else ""
         row[f"{name}_wall_s"] = round(statistics.median(r.wall_s for r in runs), 2) if runs else ""
+    a = results.get("a")
+    row["a_bubble_fraction"] = round(statistics.median(r.bubble_fraction for r in a), 4) if a else ""
     c = results.get("c")
     row["c_padding_fraction"] = round(1 - c[0].tokens / c[0].padded_tokens, 3) if c else ""
     for other in ("b", "c"):
@@ -330,8 +335,9 @@ def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
         return 3
     for name, runs in results.items():
         for result in runs:
+            bubble = "" if result.bubble_fraction is None else f"bubble {result.bubble_fraction:.1%}; "
             print(f"({name}) {result.tokens} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:.0f} tokens/s; "
-                  f"step-1 losses {({k: round(v, 4) for k, v in result.first_loss.items()})}")
+                  f"{bubble}step-1 losses {({k: round(v, 4) for k, v in result.first_loss.items()})}")
     row = result_row(cfg, results)
     if record:
         append_rows("end_to_end", [row], **({} if results_dir is None else {"results_dir": results_dir}))

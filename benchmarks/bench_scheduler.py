@@ -1,6 +1,6 @@
 """Scheduler benchmark: mLoRA-style baseline vs greedy FFD vs ours (CP-SAT + grouping + windows), side by side.
 
-    python -m benchmarks.bench_scheduler [--global-batches 8] [--time-limit-s 0.3] [--pad-multiple 1]
+    python -m benchmarks.bench_scheduler [--global-batches 8] [--time-limit-s 0.2] [--pad-multiple 1]
 
 Workloads (4 jobs each; sample lengths in tokens, lognormal, capped at 4096). The means come from the
 datasets' papers' word counts (document + summary) times ~1.3 subword tokens per word, the spreads are
@@ -202,7 +202,7 @@ def _times(times: list[tuple[float, float]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--global-batches", type=int, default=8, help="global batches per job")
-    parser.add_argument("--time-limit-s", type=float, default=0.3, help="CP-SAT limit per window (ours)")
+    parser.add_argument("--time-limit-s", type=float, default=0.2, help="CP-SAT limit per window (ours)")
     parser.add_argument("--pad-multiple", type=int, default=1)
     parser.add_argument("--window-batches", type=int, default=4, help="global batches per job in a window (ours)")
     parser.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])

@@ -103,12 +103,13 @@ class WindowPlanner:
     between windows; a job that comes back must continue at the global batch after its last one.
     Arguments as `plan`, except time_limit_s: the CP-SAT limit of a whole window, shared evenly by its
     packings that greedy cannot prove optimal (deterministic time when `deterministic`, see SolverParams).
-    The default 0.3 took 0.77 s of CPU (median, max 1.12; compaction ~0.1-0.2 s of it) per window of 8 jobs x
-    16 samples, capacity 8192, S=4, on a shared 2-core EPYC (benchmarks/bench_scheduler.py, solve_8x16).
+    The default 0.2 took 0.55 s of CPU (median, max 0.79; compaction and levelling ~0.05 s of it) per window
+    of 8 jobs x 16 samples, capacity 8192, S=4, on an idle 2-core EPYC (benchmarks/bench_scheduler.py,
+    solve_8x16); 0.3 took 0.79 s (max 1.11), over the 1 s a window may take, for about the same waste.
     """
 
     def __init__(
-        self, *, capacity_tokens: int, pipeline_depth: int, pad_multiple: int = 1, time_limit_s: float = 0.3,
+        self, *, capacity_tokens: int, pipeline_depth: int, pad_multiple: int = 1, time_limit_s: float = 0.2,
         num_workers: int = 1, seed: int = 0, deterministic: bool = True,
         cost_model: CostModel | None = None, capacity_cost: float | None = None,
     ) -> None:

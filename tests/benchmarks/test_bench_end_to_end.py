@@ -59,7 +59,9 @@ def test_main_appends_one_row_of_medians(tmp_path, ray_session, monkeypatch):
 def test_pipeline_stages_2_is_measured(tmp_path, ray_session):
     assert main(_argv(tmp_path / "cache", pipeline_stages=2, providers="a"), results_dir=tmp_path / "results") == 0
     with (tmp_path / "results" / "end_to_end.csv").open() as handle:
-        assert [r["pipeline_stages"] for r in csv.DictReader(handle)] == ["2"]
+        rows = list(csv.DictReader(handle))
+    assert [r["pipeline_stages"] for r in rows] == ["2"]
+    assert 0.0 <= float(rows[0]["a_bubble_fraction"]) < 1.0  # the fit's measured bubble, from run_metrics.json
 
 
 def test_refused_parallelism_is_reported_and_records_nothing(tmp_path, capsys, ray_session):
