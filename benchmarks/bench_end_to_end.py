@@ -38,7 +38,7 @@ import lorafusion as lf  # noqa: E402
 from benchmarks.results_csv import append_rows  # noqa: E402
 from lorafusion.data import IGNORE_INDEX, Sample  # noqa: E402
 from lorafusion.prepare import PreparedJob, prepare_run  # noqa: E402
-from lorafusion.report import load_run  # noqa: E402
+from lorafusion.report import RunReport, load_run  # noqa: E402
 
 __all__ = ["BenchConfig", "ProviderResult", "ParallelismRefused", "bench_checkpoint", "bench_jobs",
            "run_ours", "run_hf_peft", "run_benchmark", "result_row", "main"]
@@ -150,8 +150,7 @@ def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunC
                         pipeline_stages=cfg.pipeline_stages)
 
 
-def _first_losses(output_dir: Path, names: list[str]) -> dict[str, float]:
-    report = load_run(output_dir)
+def _first_losses(report: RunReport, names: list[str]) -> dict[str, float]:
     return {job.name: job.train[0]["loss"] for job in report.jobs if job.name in names and job.train}
 
 
@@ -167,9 +166,10 @@ def run_ours(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, output_
     if failed:
         raise RuntimeError(f"jobs {failed} failed in the benchmark fit: {[result[n].error for n in failed]}")
     tokens = sum(j.tokens for j in result.jobs.values())
-    bubble = (load_run(output_dir).run_metrics or {}).get("bubble_fraction")
+    report = load_run(output_dir)
     return ProviderResult(tokens=tokens, wall_s=result.wall_time_s,
-                          first_loss=_first_losses(output_dir, [j.name for j in jobs]), bubble_fraction=bubble)
+                          first_loss=_first_losses(report, [j.name for j in jobs]),
+                          bubble_fraction=(report.run_metrics or {}).get("bubble_fraction"))
 
 
 def _padded_batch(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -335,12 +335,13 @@ class _Stream:
         return False
 
     def _gain(self, ref: SampleRef, p: int, q: int) -> int:
-        """Change of Σ padded² when `ref` moves from p to q."""
-        before = self.bins[p].padded ** 2 + self.bins[q].padded ** 2
-        self.move(ref, q)
-        after = self.bins[p].padded ** 2 + self.bins[q].padded ** 2
-        self.move(ref, p)
-        return after - before
+        """Change of Σ padded² when `ref` moves from p to q (computed, not tried: the search calls it often)."""
+        job, n, pad = ref[0], self.lengths[ref], self.pad
+        source, target = self.bins[p], self.bins[q]
+        had, has = source.tokens[job], target.tokens.get(job, 0)
+        new_source = source.padded - (pad_up(had, pad) - pad_up(had - n, pad))
+        new_target = target.padded + pad_up(has + n, pad) - pad_up(has, pad)
+        return new_source ** 2 + new_target ** 2 - source.padded ** 2 - target.padded ** 2
 
     def consolidate_pairs(self) -> bool:
         """One pass of pair repacks, emptiest source first: fill a fuller microbatch q from the samples of q

@@ -77,9 +77,8 @@ def _dropout_keep_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    seg = tl.load(row_seg_ptr + rows, mask=row_ok, other=0)
-    in_seg = row_ok & (rows >= tl.load(seg_start_ptr + seg, mask=row_ok, other=0)) \
-        & (rows < tl.load(seg_end_ptr + seg, mask=row_ok, other=0))
+    seg = tl.load(row_seg_ptr + rows, mask=row_ok, other=0)  # per row: rows past M read segment 0, in bounds
+    in_seg = _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok)
     p = tl.load(p_ptr + seg, mask=row_ok, other=0.0)
     seeds = tl.load(row_seed_ptr + rows, mask=row_ok, other=0)
     pos = tl.load(row_pos_ptr + rows, mask=row_ok, other=0)
