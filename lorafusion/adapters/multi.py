@@ -21,7 +21,7 @@ from torch import nn
 from lorafusion.adapters.base import AdapterLayer
 from lorafusion.ops.utils import resolve_backend
 
-__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key", "mix_seed"]
+__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "drop_threshold", "job_key", "mix_seed"]
 
 
 def job_key(name: str) -> str:
@@ -31,6 +31,16 @@ def job_key(name: str) -> str:
     allowed in module names and '%' never occurs in job names, so the mapping is one-to-one.
     """
     return "job_" + name.replace(".", "%2E")
+
+
+_INT16_VALUES = 1 << 16
+_INT16_MIN = -(1 << 15)
+
+
+def drop_threshold(p: float) -> int:
+    """How many of the 2^16 values of a 16-bit uniform draw drop an entry: dropout p is honoured to 1/65536
+    (p = 0.05 drops with probability 3277/65536), and the kept entries are scaled by the exact inverse."""
+    return min(round(p * _INT16_VALUES), _INT16_VALUES - 1)
 
 
 def mix_seed(*values: int) -> int:
@@ -120,16 +130,18 @@ class MultiAdapterLinear(nn.Module):
             b_eff[rows, start:start + b.shape[1]] = b
         return a_eff, b_eff, p
 
-    def _dropout_mask(self, x: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
-        """Keep-mask / (1-p) for the segment's rows [tokens, K].
+    def _dropped(self, x: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
+        """Which of the segment's entries dropout zeroes: bool [tokens, K].
 
-        Each sample's mask comes from its own seed (set by the driver from the job's seed, step and the
-        sample's place in its global batch) and this layer's id, so it does not depend on which other
+        Each sample's draws come from its own seed (set by the driver from the job's seed, step and the
+        sample's place in its global batch) and this layer's id, so they do not depend on which other
         samples or jobs share the microbatch, nor on how the job's batch was split into microbatches.
-        One generator is reseeded per sample (a fresh one per sample draws the same values) and each
-        sample's draws go straight into its rows of one mask.
+        An entry drops when its 16-bit uniform falls below drop_threshold(p): one 64-bit draw decides four
+        entries, several times cheaper than a float Bernoulli draw per entry on CPU.
         """
-        mask = torch.empty((seg.end - seg.start, x.shape[1]), dtype=x.dtype, device=x.device)  # [tokens, K]
+        k = x.shape[1]
+        dropped = torch.empty((seg.end - seg.start, k), dtype=torch.bool, device=x.device)
+        below = _INT16_MIN + drop_threshold(p)  # int16 draws under this drop
         generator = torch.Generator(device=x.device)
         cursor = seg.start
         for start, end, seed in seg.samples or ((seg.start, seg.end, 0),):
@@ -137,29 +149,45 @@ class MultiAdapterLinear(nn.Module):
                 raise ValueError(f"job '{seg.job}': sample rows [{start}, {end}) do not continue the segment's samples "
                                  f"at row {cursor}; a segment's samples must tile its rows [{seg.start}, {seg.end})")
             generator.manual_seed(mix_seed(seed, self.site_id))
-            mask[start - seg.start:end - seg.start].bernoulli_(1.0 - p, generator=generator)
+            count = (end - start) * k
+            words = torch.empty(-(-count // 4), dtype=torch.int64, device=x.device)
+            words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: four uniform int16
+            uniform = words.view(torch.int16)[:count].view(end - start, k)
+            torch.lt(uniform, below, out=dropped[start - seg.start:end - seg.start])
             cursor = end
         if cursor != seg.end:
             raise ValueError(f"job '{seg.job}': its samples end at row {cursor}, its segment at {seg.end}; "
                              "a segment's samples must tile its rows")
-        return mask.div_(1.0 - p)
+        return dropped
+
+    def _segment_update(self, x: torch.Tensor, seg: Segment):
+        """(A, B, dropped) of a job on its rows x [tokens, K]: dropout(x) Aᵀ Bᵀ is its update with the
+        entries `dropped` (bool [tokens, K], None without dropout) zeroed; dropout's 1/keep rides on the small A."""
+        a_eff, b_eff, p = self.job_factors(seg.job, x.dtype)
+        if p == 0.0 or not self.training:
+            return a_eff, b_eff, None
+        return a_eff / (1.0 - drop_threshold(p) / _INT16_VALUES), b_eff, self._dropped(x, seg, p)
 
     def _delta(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
         # x: [tokens, K] -> [tokens, N]
-        a_eff, b_eff, p = self.job_factors(seg.job, x.dtype)
-        if p > 0.0 and self.training:
-            x = x * self._dropout_mask(x, seg, p)
+        a_eff, b_eff, dropped = self._segment_update(x, seg)
+        if dropped is not None:
+            x = x.masked_fill(dropped, 0.0)
         return F.linear(F.linear(x, a_eff), b_eff)  # [tokens, R] -> [tokens, N]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         segments = [s for s in self.batch.segments if job_key(s.job) in self.adapters]
         if not segments:
             return self.base(x, *args, **kwargs)
+        plain = not args and all(v is None for v in kwargs.values()) and self._unsharded(x)
         if resolve_backend(self.kernels, x.device) == "triton":
-            if args or any(v is not None for v in kwargs.values()):
-                raise RuntimeError(f"site {self.site_id}: the fused LoRA path takes the input only, got extra "
-                                   f"arguments {list(kwargs) or len(args)}; run with kernels='torch'")
+            if not plain:
+                raise RuntimeError(f"site {self.site_id}: the fused LoRA kernels need the input only (got "
+                                   f"{list(kwargs) or len(args)} extra) and an unsharded layer (tensor parallel "
+                                   "size 1, no sequence parallelism); run with kernels='torch'")
             return self._forward_fused(x)
+        if plain:
+            return self._forward_torch(x, segments)
         out, bias = self.base(x, *args, **kwargs)
         # x: [tokens, 1, K] (packed row, sequence-first) -> per-job row slices
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
@@ -176,19 +204,37 @@ class MultiAdapterLinear(nn.Module):
         delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]
         return (flat_out + delta).reshape(out.shape), bias
 
+    def _unsharded(self, x: torch.Tensor) -> bool:
+        """Whether the base layer holds its whole weight (the fused paths compute x Wᵀ themselves)."""
+        base = self.base
+        n, k = base.weight.shape[0], x.shape[-1]
+        return not (getattr(base, "sequence_parallel", False) or n != getattr(base, "output_size", n)
+                    or k != getattr(base, "input_size", k))
+
+    def _bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bias added to the output here, bias returned beside it), megatron's skip_bias_add convention."""
+        bias = getattr(self.base, "bias", None)
+        return (None, bias) if getattr(self.base, "skip_bias_add", False) else (bias, None)
+
+    def _forward_torch(self, x: torch.Tensor, segments: list[Segment]):
+        """Base GEMM and every job's update in one autograd node of torch ops (see _MultiLoRALinear)."""
+        add_bias, returned_bias = self._bias()
+        rows, dropped, factors = [], [], []
+        flat = x.reshape(-1, x.shape[-1])
+        for seg in segments:
+            a_eff, b_eff, mask = self._segment_update(flat[seg.start:seg.end], seg)
+            rows.append((seg.start, seg.end))
+            dropped.append(mask)
+            factors += [a_eff, b_eff]
+        y = _MultiLoRALinear.apply(flat, self.base.weight, add_bias, rows, dropped, *factors)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), returned_bias
+
     def _forward_fused(self, x: torch.Tensor):
         """Base GEMM and every job's update in one Triton op over the whole packed microbatch."""
         from lorafusion.ops.fused_lora import fused_multi_lora_linear
 
-        base = self.base
         k = x.shape[-1]
-        n = base.weight.shape[0]
-        if (getattr(base, "sequence_parallel", False) or n != getattr(base, "output_size", n)
-                or k != getattr(base, "input_size", k)):
-            raise RuntimeError(f"site {self.site_id}: the fused LoRA kernels need an unsharded layer (tensor "
-                               "parallel size 1, no sequence parallelism); run with kernels='torch'")
-        skip_bias_add = getattr(base, "skip_bias_add", False)
-        add_bias = None if skip_bias_add else getattr(base, "bias", None)
+        add_bias, returned_bias = self._bias()
         table = self.batch.segment_table(x.numel() // k, x.device)
         a_list, b_list, ps = [], [], []
         for seg in self.batch.segments:
@@ -199,6 +245,47 @@ class MultiAdapterLinear(nn.Module):
             a_list.append(a_eff)
             b_list.append(b_eff)
             ps.append(p if self.training else 0.0)
-        y = fused_multi_lora_linear(x, base.weight, a_list, b_list, table, scalings=[1.0] * len(a_list),
+        y = fused_multi_lora_linear(x, self.base.weight, a_list, b_list, table, scalings=[1.0] * len(a_list),
                                     dropout_ps=ps, site_id=self.site_id, bias=add_bias)
-        return y, (getattr(base, "bias", None) if skip_bias_add else None)
+        return y, returned_bias
+
+
+class _MultiLoRALinear(torch.autograd.Function):
+    """y = x Wᵀ (+ bias), then per job segment y[rows] += (x[rows] with its dropped entries zeroed) Aᵀ Bᵀ.
+
+    The torch path's one node per layer (what the Triton op fuses on CUDA): each job's update is added into
+    its rows of y in place, and its input gradient into its rows of dx = dy W, so no full-size zero, cat or
+    add is built. x [M, K]; weight [N, K] (frozen); factors: A_0 [R_0, K], B_0 [N, R_0], A_1, B_1, ... with
+    the scale (and dropout's 1/keep) already folded in; dropped: per segment a bool [rows, K] or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, dropped, *factors):
+        y = F.linear(x, weight, bias)  # [M, N]
+        lows = []  # per segment T = x̂ Aᵀ [rows, R]
+        for (start, end), mask, a, b in zip(rows, dropped, factors[0::2], factors[1::2]):
+            xs = x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0)
+            lows.append(xs @ a.t())
+            y[start:end].addmm_(lows[-1], b.t())
+        ctx.save_for_backward(x, weight, *factors, *lows)
+        ctx.rows, ctx.dropped = rows, dropped
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, *rest = ctx.saved_tensors
+        count = len(ctx.rows)
+        factors, lows = rest[:2 * count], rest[2 * count:]
+        dx = dy @ weight if ctx.needs_input_grad[0] else None  # [M, K]
+        grads = []
+        for (start, end), mask, a, b, t in zip(ctx.rows, ctx.dropped, factors[0::2], factors[1::2], lows):
+            dys = dy[start:end]
+            g = dys @ b  # [rows, R]
+            xs = x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0)
+            grads += [g.t() @ xs, dys.t() @ t]  # dA [R, K], dB [N, R]
+            if dx is not None:
+                if mask is None:
+                    dx[start:end].addmm_(g, a)
+                else:
+                    dx[start:end] += (g @ a).masked_fill_(mask, 0.0)
+        return dx, None, None, None, None, *grads

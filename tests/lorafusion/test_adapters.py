@@ -260,3 +260,116 @@ def test_remove_job_keeps_the_others_and_restores_the_base_output(qwen):
     assert torch.equal(removed, base), "a removed job's segment must get the base output"
     adapters.add_job("a.b", lf.LoRAConfig(rank=3), seed=0)  # the name is free again
     assert adapters.configs["a.b"].rank == 3
+
+
+class _Base(torch.nn.Module):
+    """A frozen linear layer with megatron's (output, bias) return convention."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x, weight=None):
+        return x @ (self.weight if weight is None else weight).t(), None
+
+
+def _dropout_layer(p: float, k: int = 64, n: int = 48, rank: int = 8, site_id: int = 3):
+    from lorafusion.adapters.lora.layer import LoRALayer
+    from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear
+
+    gen = torch.Generator().manual_seed(0)
+    layer = MultiAdapterLinear(_Base(torch.randn(n, k, generator=gen)), {"q_proj": torch.arange(n)}, AdapterBatch(),
+                               site_id=site_id, kernels="torch")
+    lora = LoRALayer(lf.LoRAConfig(rank=rank, alpha=rank, dropout=p), k, n, generator=gen)
+    with torch.no_grad():
+        lora.lora_B.copy_(torch.randn(n, rank, generator=gen))
+    layer.add_adapter("a", "q_proj", lora)
+    return layer, lora
+
+
+def test_torch_dropout_rate_scale_and_sample_streams():
+    """The torch path's dropout: each entry drops with probability p (to 1/65536) and kept entries are scaled
+    so the update is unbiased; a sample's mask depends only on its seed, the layer and its position in the
+    sample, not on its row in the microbatch or on the samples around it."""
+    from lorafusion.adapters.multi import drop_threshold
+
+    p, k = 0.25, 64
+    layer, lora = _dropout_layer(p, k=k)
+    assert drop_threshold(0.05) == 3277 and drop_threshold(0.0) == 0 and drop_threshold(0.99999999) == 65535
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(1))
+    seg = Segment("a", 0, 300, ((0, 100, 11), (100, 300, 12)))
+    dropped = layer._dropped(x, seg, p)
+    assert abs(dropped.float().mean().item() - drop_threshold(p) / 65536) < 0.01  # 19200 draws: 4 std
+    # The same sample behind other rows, with other neighbours: the same mask on its rows.
+    moved = Segment("a", 40, 340, ((40, 240, 12), (240, 340, 77)))
+    x_moved = torch.randn(340, k)
+    assert torch.equal(layer._dropped(x_moved, moved, p)[:200], dropped[100:300])
+    assert not torch.equal(layer._dropped(x_moved, moved, p)[200:300], dropped[:100])  # another seed
+    other_site, _ = _dropout_layer(p, k=k, site_id=4)
+    assert not torch.equal(other_site._dropped(x, seg, p), dropped)
+    # The update equals (x ⊙ keep / (1 - p')) Aᵀ Bᵀ · scaling with the mask drawn, in training mode only.
+    layer.batch.segments = [seg]
+    layer.train()
+    out, _ = layer(x)
+    keep = (~dropped).float() / (1.0 - drop_threshold(p) / 65536)
+    expected = x @ layer.base.weight.t() + ((x * keep) @ lora.lora_A.t()) @ lora.lora_B.t() * lora.config.scaling
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    layer.eval()
+    out, _ = layer(x)
+    expected = x @ layer.base.weight.t() + (x @ lora.lora_A.t()) @ lora.lora_B.t() * lora.config.scaling
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_dropout_is_unbiased_over_many_seeds():
+    """Averaged over sample seeds, dropout's update approaches the undropped one (the 1/keep scale is exact)."""
+    p, k = 0.5, 16
+    layer, lora = _dropout_layer(p, k=k, n=8, rank=4)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(2))
+    layer.train()
+    total = torch.zeros(4, 8)
+    for seed in range(2000):
+        layer.batch.segments = [Segment("a", 0, 4, ((0, 4, seed),))]
+        total += layer(x)[0].detach()
+    base = x @ layer.base.weight.t()
+    update = (x @ lora.lora_A.t()) @ lora.lora_B.t() * lora.config.scaling
+    mean_update = total / 2000 - base
+    assert (mean_update - update).abs().max().item() < 0.1 * update.abs().max().item()
+
+
+def test_torch_fast_path_matches_the_generic_path():
+    """The one-node torch path (update added in place into each job's rows) gives the output and gradients of
+    the generic path (base layer, then a cat of per-job updates), which megatron's extra arguments select:
+    several jobs, rows of no job, a fused layer with two targets, dropout on one job."""
+    from lorafusion.adapters.lora.layer import LoRALayer
+    from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear
+
+    k, n = 24, 20
+    gen = torch.Generator().manual_seed(5)
+    layer = MultiAdapterLinear(_Base(torch.randn(n, k, generator=gen)),
+                               {"gate_proj": torch.arange(0, 12), "up_proj": torch.arange(12, 20)}, AdapterBatch(),
+                               site_id=1, kernels="torch")
+    for job, targets, rank, p in (("a", ("gate_proj", "up_proj"), 4, 0.3), ("b", ("up_proj",), 2, 0.0)):
+        for target in targets:
+            lora = LoRALayer(lf.LoRAConfig(rank=rank, alpha=2 * rank, dropout=p), k, len(layer.out_rows[target]),
+                             generator=gen)
+            with torch.no_grad():
+                lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=gen))
+            layer.add_adapter(job, target, lora)
+    layer.batch.segments = [Segment("a", 2, 9, ((2, 5, 7), (5, 9, 8))), Segment("b", 9, 15), Segment("a", 17, 20)]
+    layer.train()
+    x = torch.randn(22, 1, k, generator=gen)
+    dy = torch.randn(22, 1, n, generator=gen)
+    params = list(layer.adapters.parameters())
+
+    def run(**kwargs):
+        xi = x.clone().requires_grad_()
+        out, _ = layer(xi, **kwargs)
+        grads = torch.autograd.grad(out, [xi, *params], dy)
+        return out.detach(), grads
+
+    fast, fast_grads = run()
+    generic, generic_grads = run(weight=layer.base.weight)
+    torch.testing.assert_close(fast, generic, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(fast, x @ layer.base.weight.t())  # the updates are there
+    for got, want in zip(fast_grads, generic_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
