@@ -262,26 +262,25 @@ class _MultiLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rows, dropped, *factors):
         y = F.linear(x, weight, bias)  # [M, N]
-        lows = []  # per segment T = x̂ Aᵀ [rows, R]
+        inputs, lows = [], []  # per segment x̂ [rows, K] (a view of x without dropout) and T = x̂ Aᵀ [rows, R]
         for (start, end), mask, a, b in zip(rows, dropped, factors[0::2], factors[1::2]):
-            xs = x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0)
-            lows.append(xs @ a.t())
+            inputs.append(x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0))
+            lows.append(inputs[-1] @ a.t())
             y[start:end].addmm_(lows[-1], b.t())
-        ctx.save_for_backward(x, weight, *factors, *lows)
+        ctx.save_for_backward(weight, *factors, *inputs, *lows)  # x̂ instead of x: dA needs x̂, dx needs neither
         ctx.rows, ctx.dropped = rows, dropped
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, *rest = ctx.saved_tensors
+        weight, *rest = ctx.saved_tensors
         count = len(ctx.rows)
-        factors, lows = rest[:2 * count], rest[2 * count:]
+        factors, inputs, lows = rest[:2 * count], rest[2 * count:3 * count], rest[3 * count:]
         dx = dy @ weight if ctx.needs_input_grad[0] else None  # [M, K]
         grads = []
-        for (start, end), mask, a, b, t in zip(ctx.rows, ctx.dropped, factors[0::2], factors[1::2], lows):
+        for (start, end), mask, a, b, xs, t in zip(ctx.rows, ctx.dropped, factors[0::2], factors[1::2], inputs, lows):
             dys = dy[start:end]
             g = dys @ b  # [rows, R]
-            xs = x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0)
             grads += [g.t() @ xs, dys.t() @ t]  # dA [R, K], dB [N, R]
             if dx is not None:
                 if mask is None:
