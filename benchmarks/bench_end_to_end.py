@@ -83,6 +83,9 @@ class BenchConfig:
     """Which providers to run; the ratios need 'a' and the provider divided by."""
     cache_dir: str = str(REPO / "runs" / "bench_cache")
     """Where the checkpoint is built once (keyed by its shape)."""
+    balance_pipeline: bool = True
+    """run.balance_pipeline for (a) and (b) (with pipeline_stages > 1: plan at the capacity the simulated 1F1B
+    finishes soonest; False: always fill microbatches to max_tokens_per_microbatch)."""
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in ("a", "b", "c")]
@@ -112,6 +115,8 @@ class ProviderResult:
     """Tokens including padding (provider c only)."""
     bubble_fraction: float | None = None
     """The fit's measured bubble fraction, mean over its stages (run_metrics.json; providers a and b)."""
+    capacities: list[int] = field(default_factory=list)
+    """Capacities run.balance_pipeline chose (run_metrics.json capacity_choices; empty at 1 stage or when off)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,7 +152,7 @@ def bench_jobs(cfg: BenchConfig) -> list[lf.JobSpec]:
 def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunConfig:
     return lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), progress=False, overwrite=True,
                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch,
-                        pipeline_stages=cfg.pipeline_stages)
+                        pipeline_stages=cfg.pipeline_stages, balance_pipeline=cfg.balance_pipeline)
 
 
 def _first_losses(report: RunReport, names: list[str]) -> dict[str, float]:
@@ -167,9 +172,11 @@ def run_ours(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, output_
         raise RuntimeError(f"jobs {failed} failed in the benchmark fit: {[result[n].error for n in failed]}")
     tokens = sum(j.tokens for j in result.jobs.values())
     report = load_run(output_dir)
+    metrics = report.run_metrics or {}
     return ProviderResult(tokens=tokens, wall_s=result.wall_time_s,
                           first_loss=_first_losses(report, [j.name for j in jobs]),
-                          bubble_fraction=(report.run_metrics or {}).get("bubble_fraction"))
+                          bubble_fraction=metrics.get("bubble_fraction"),
+                          capacities=[c["capacity_tokens"] for c in metrics.get("capacity_choices", [])])
 
 
 def _padded_batch(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,13 +298,14 @@ def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]]) -> di
     row = {"model": cfg.model_name, "jobs": "+".join(JOB_NAMES), "steps": cfg.steps, "repeats": cfg.repeats,
            "global_batch_size": cfg.global_batch_size, "rank": cfg.rank, "pipeline_stages": cfg.pipeline_stages,
            "threads": cfg.threads, "max_tokens_per_microbatch": cfg.max_tokens_per_microbatch,
-           "tokens": next(iter(results.values()))[0].tokens}
+           "balance_pipeline": cfg.balance_pipeline, "tokens": next(iter(results.values()))[0].tokens}
     for name in ("a", "b", "c"):
         runs = results.get(name)
         row[f"{name}_tokens_per_s"] = round(_median_rate(runs), 1) if runs else ""
         row[f"{name}_wall_s"] = round(statistics.median(r.wall_s for r in runs), 2) if runs else ""
     a = results.get("a")
     row["a_bubble_fraction"] = round(statistics.median(r.bubble_fraction for r in a), 4) if a else ""
+    row["a_capacities"] = ";".join(str(c) for c in a[0].capacities) if a else ""
     c = results.get("c")
     row["c_padding_fraction"] = round(1 - c[0].tokens / c[0].padded_tokens, 3) if c else ""
     for other in ("b", "c"):
@@ -318,9 +326,12 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--providers", default=",".join(defaults.providers), help="comma-separated subset of a,b,c")
     parser.add_argument("--cache-dir", default=defaults.cache_dir)
+    parser.add_argument("--no-balance-pipeline", action="store_true",
+                        help="run.balance_pipeline=False: always fill microbatches to the capacity")
     parser.add_argument("--no-record", action="store_true", help="print the row without appending it to the CSV")
     args = vars(parser.parse_args(argv))
     record = not args.pop("no_record")
+    args["balance_pipeline"] = not args.pop("no_balance_pipeline")
     args["providers"] = tuple(p.strip() for p in args["providers"].split(",") if p.strip())
     return BenchConfig(**args), record
 
@@ -336,6 +347,8 @@ def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
     for name, runs in results.items():
         for result in runs:
             bubble = "" if result.bubble_fraction is None else f"bubble {result.bubble_fraction:.1%}; "
+            if result.capacities:
+                bubble += f"capacities {result.capacities}; "
             print(f"({name}) {result.tokens} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:.0f} tokens/s; "
                   f"{bubble}step-1 losses {({k: round(v, 4) for k, v in result.first_loss.items()})}")
     row = result_row(cfg, results)

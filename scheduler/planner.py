@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from scheduler.compact import compact
@@ -125,6 +126,16 @@ class WindowPlanner:
         """Microbatches planned so far, all windows together."""
         self._ready: dict[str, int] = {}  # job -> first stream position its next global batch may take
         self._next_batch: dict[str, int] = {}  # job -> the global batch it must continue with
+
+    def with_capacity(self, capacity_tokens: int) -> "WindowPlanner":
+        """A planner that continues this stream (same position, carry-over and global-batch order) but packs its
+        later windows into `capacity_tokens`; this planner is left as it is. The runtime tries several
+        capacities on a window and keeps the planner of the one it picks."""
+        validate_limits(capacity_tokens, self.limits["pipeline_depth"], self.limits["pad_multiple"])
+        other = copy.copy(self)
+        other.limits = dict(self.limits, capacity_tokens=capacity_tokens)
+        other._ready, other._next_batch = dict(self._ready), dict(self._next_batch)
+        return other
 
     def next_window(self, jobs: list[Job]) -> Plan:
         """The verified plan of `jobs`' global batches, to run right after the previous window."""

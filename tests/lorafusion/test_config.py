@@ -241,6 +241,8 @@ def test_check_jobs_rejects_duplicates_and_empty():
         ("dtype", "fp8"),
         ("base_model", ""),
         ("output_dir", None),
+        ("balance_pipeline", "yes"),
+        ("resume", 1),
     ],
 )
 def test_bad_run_field_names_field_and_value(field, value):
