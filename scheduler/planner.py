@@ -126,6 +126,12 @@ class WindowPlanner:
         self._ready: dict[str, int] = {}  # job -> first stream position its next global batch may take
         self._next_batch: dict[str, int] = {}  # job -> the global batch it must continue with
 
+    @property
+    def ready(self) -> dict[str, int]:
+        """ready[job]: the first position of the next window the job may take (the distance rule after
+        its last global batch in earlier windows); jobs free from position 0 are left out."""
+        return {job: at - self.position for job, at in self._ready.items() if at > self.position}
+
     def next_window(self, jobs: list[Job]) -> Plan:
         """The verified plan of `jobs`' global batches, to run right after the previous window."""
         for job in jobs:
@@ -135,7 +141,7 @@ class WindowPlanner:
                     f"job {job.name!r} first_global_batch={job.first_global_batch}, but its previous window ended "
                     f"at global batch {expected - 1}; give it first_global_batch={expected}"
                 )
-        ready = {job: at - self.position for job, at in self._ready.items() if at > self.position}
+        ready = self.ready
         window = _plan(jobs, **self.limits, params=self.params, budget=self.budget, ready=ready, windowed=True)
         verify(window, jobs, **self.limits, **self.cost)
         _check_ready(window, ready)
