@@ -117,7 +117,8 @@ def test_floor_is_the_optimum_of_tiny_windows(case):
 @st.composite
 def window_runs(draw: st.DrawFn):
     capacity = draw(st.sampled_from([16, 32]))
-    limits = dict(capacity_tokens=capacity, pipeline_depth=draw(st.integers(1, 4)), pad_multiple=draw(st.sampled_from([1, 4])))
+    limits = dict(capacity_tokens=capacity, pipeline_depth=draw(st.integers(1, 4)),
+                  pad_multiple=draw(st.sampled_from([1, 4])))
     lengths = st.lists(st.integers(1, capacity), min_size=1, max_size=5)
     names = [f"j{j}" for j in range(draw(st.integers(1, 4)))]
     windows = [[Job(name, draw(st.lists(lengths, min_size=1, max_size=3)), first_global_batch=3 * w) for name in names]
