@@ -175,7 +175,7 @@ class WindowPlanner:
 def _check_time(seconds: float) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
         raise ValueError(f"shorten_time_limit_s={seconds!r} must be a number of seconds ≥ 0, "
-                         "e.g. 0.3 (0 skips the whole-window CP-SAT step)")
+                         "e.g. 0.15 (0 skips the whole-window CP-SAT step)")
     return float(seconds)
 
 
