@@ -117,6 +117,9 @@ class WindowPlanner:
     The default 0.2 took 0.55 s of CPU (median, max 0.79; compaction and levelling ~0.05 s of it) per window
     of 8 jobs x 16 samples, capacity 8192, S=4, on an idle 2-core EPYC (benchmarks/bench_scheduler.py,
     solve_8x16); 0.3 took 0.79 s (max 1.11), over the 1 s a window may take, for about the same waste.
+    shorten_time_limit_s: see `plan`; with the default, solve_8x16 took 0.60-0.62 s (max 0.77-0.80) where the
+    planner without the shorten step took 0.68-0.73 s (max 0.79-1.04), side by side on the same 2-core EPYC
+    shared with other work (load ~2.7; the bench run at commit 2198c01 there: 0.72 s, max 0.96).
     """
 
     def __init__(
