@@ -1,6 +1,7 @@
 """Scheduler benchmark: mLoRA-style baseline vs greedy FFD vs ours (CP-SAT + grouping + windows), side by side.
 
     python -m benchmarks.bench_scheduler [--global-batches 8] [--time-limit-s 0.2] [--pad-multiple 1]
+                                         [--shorten-time-limit-s 0.15] [--floor-time-limit-s 1.0]
 
 Workloads (4 jobs each; sample lengths in tokens, lognormal, capped at 4096). The means come from the
 datasets' papers' word counts (document + summary) times ~1.3 subword tokens per word, the spreads are
@@ -18,7 +19,9 @@ Methods, each on the same samples:
   greedy  every job's global batch g packed together by first-fit decreasing, rounds in order, no-ops
           where needed (what the runtime did before the scheduler)
   ours    scheduler.WindowPlanner, --window-batches global batches of every job per window (CP-SAT,
-          grouping, interleaving, merged remainders, compaction). Default 4, as the runtime plans
+          grouping, interleaving, merged remainders, compaction, then scheduler.improve.shorten: filling
+          and --shorten-time-limit-s of whole-window CP-SAT; the last window is planned with last=True,
+          as no window follows it). Default 4, as the runtime plans
           several per window (runtime/fit.py: enough for 16 microbatches per pipeline slot, up to 16):
           with 1 no microbatch can take two rounds' samples (waste 3.9-24% at commit 5c9ec5f); 4 gave
           waste within ~1 point of 8 (the whole run as one window) at 0.3-0.5 s of compaction per window.
@@ -29,8 +32,13 @@ The baseline's microbatches are padded rectangles: n samples x longest length L 
 n·L² attention. Throughput = real tokens / makespan; speedup = ours (or greedy) over mlora at the same S.
 Waste = 1 - real tokens / (microbatches x capacity), no-ops included; padding waste = (padded - real)
 tokens over the same capacity; window_bound_microbatches = Σ over ours' windows of ceil(window tokens /
-capacity), the fewest microbatches those windows can have; capacity_bound_microbatches = ceil(all tokens /
-capacity). Solve time: wall and CPU time of each window's planning (ours); the solve_8x16 row plans
+capacity); capacity_bound_microbatches = ceil(all tokens / capacity). floor_microbatches = Σ over ours'
+windows of scheduler.bound.window_floor: no valid schedule of that window (capacity, one global batch of a
+job per microbatch, the distance rule, the carry-in ours' planner had from the window before) has fewer
+microbatches; it is the best of the tokens, Martello-Toth L2 and per-job chain bounds
+(floor_cheap_microbatches) raised by each count CP-SAT proves infeasible within --floor-time-limit-s
+deterministic seconds per window (untimed; ours' length stops it). waste_floor = the waste at the floor.
+Solve time: wall and CPU time of each window's planning (ours); the solve_8x16 row plans
 windows of one global batch of 8 jobs x 16 samples (the ≤ 1 s target).
 """
 
@@ -45,7 +53,9 @@ import numpy as np
 
 from benchmarks.results_csv import append_rows
 from scheduler import CostModel, Job, Microbatch, WindowPlanner, simulate_1f1b, token_imbalance, verify
+from scheduler.bound import Floor, window_floor
 from scheduler.greedy import first_fit_decreasing_padded
+from scheduler.improve import SHORTEN_TIME_LIMIT_S
 from scheduler.order import group_problems, make_pack, order_packs
 from scheduler.problem import PlanStats, Plan, waste_fraction
 from scheduler.simulate import microbatch_lengths, microbatch_padded_tokens
@@ -117,15 +127,26 @@ def greedy_stream(jobs: list[Job], capacity: int, depth: int, pad: int) -> list[
 
 
 def ours_stream(
-    jobs: list[Job], capacity: int, depth: int, pad: int, time_limit_s: float, window_batches: int
-) -> tuple[list[Microbatch], list[tuple[float, float]]]:
-    planner = WindowPlanner(capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad, time_limit_s=time_limit_s)
-    stream, times = [], []
-    for g in range(0, max(len(job.global_batches) for job in jobs), window_batches):
+    jobs: list[Job], capacity: int, depth: int, pad: int, args: argparse.Namespace, window_batches: int,
+    floor_time_limit_s: float = 0.0,
+) -> tuple[list[Microbatch], list[tuple[float, float]], list[Floor]]:
+    """Ours' stream, each window's (wall, CPU) planning seconds, and each window's floor (none when
+    floor_time_limit_s is 0): computed after the window is planned, untimed, from the carry-in the
+    planner had and with ours' length as the known schedule."""
+    planner = WindowPlanner(capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad,
+                            time_limit_s=args.time_limit_s, shorten_time_limit_s=args.shorten_time_limit_s)
+    stream, times, floors = [], [], []
+    starts = range(0, max(len(job.global_batches) for job in jobs), window_batches)
+    for g in starts:
+        window, ready = _window(jobs, g, window_batches), planner.ready
         start, cpu = time.perf_counter(), time.process_time()
-        stream += planner.next_window(_window(jobs, g, window_batches)).microbatches
+        planned = planner.next_window(window, last=g == starts[-1]).microbatches
         times.append((time.perf_counter() - start, time.process_time() - cpu))
-    return stream, times
+        stream += planned
+        if floor_time_limit_s > 0:
+            floors.append(window_floor(window, capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad,
+                                       ready=ready, upper=len(planned), time_limit_s=floor_time_limit_s))
+    return stream, times, floors
 
 
 def measure(jobs: list[Job], stream: list[Microbatch], capacity: int, depth: int, pad: int, rectangular: bool) -> dict:
@@ -160,13 +181,18 @@ def run_case(workload: str, capacity: int, depth: int, args: argparse.Namespace)
     jobs = make_jobs(workload, args.global_batches, args.seed)
     base = {"workload": workload, "capacity": capacity, "stages": depth, "pad_multiple": args.pad_multiple,
             "global_batches": args.global_batches, "time_limit_s": args.time_limit_s,
-            "window_batches": args.window_batches}
+            "window_batches": args.window_batches, "shorten_time_limit_s": args.shorten_time_limit_s}
     results = {"mlora": measure(jobs, mlora_stream(jobs, capacity, depth), capacity, depth, 1, rectangular=True),
                "greedy": measure(jobs, greedy_stream(jobs, capacity, depth, args.pad_multiple), capacity, depth,
                                  args.pad_multiple, rectangular=False)}
-    stream, times = ours_stream(jobs, capacity, depth, args.pad_multiple, args.time_limit_s, args.window_batches)
+    stream, times, floors = ours_stream(jobs, capacity, depth, args.pad_multiple, args, args.window_batches,
+                                        args.floor_time_limit_s)
     results["ours"] = measure(jobs, stream, capacity, depth, args.pad_multiple, rectangular=False)
     results["ours"].update(_times(times))
+    if floors:
+        floor = sum(f.microbatches for f in floors)
+        results["ours"].update(floor_microbatches=floor, floor_cheap_microbatches=sum(f.cheap for f in floors),
+                               waste_floor=round(waste_fraction(results["ours"]["real_tokens"], floor, capacity), 4))
     # No window of ours can use fewer microbatches than its tokens over the capacity, rounded up.
     size = args.window_batches
     bound = sum(math.ceil(sum(sum(map(sum, job.global_batches[g:g + size])) for job in jobs) / capacity)
@@ -184,9 +210,10 @@ def solve_time_case(args: argparse.Namespace) -> dict:
     """Solve time per window for 8 jobs x 16 samples (mixed lengths), capacity 8192, S = 4."""
     rng = np.random.default_rng([args.seed, 99])
     jobs = [Job(f"job{j}", [_lengths(rng, "mixed", 16) for _ in range(args.global_batches)]) for j in range(8)]
-    _, times = ours_stream(jobs, 8192, 4, args.pad_multiple, args.time_limit_s, 1)
+    _, times, _ = ours_stream(jobs, 8192, 4, args.pad_multiple, args, 1)
     return {"workload": "solve_8x16", "capacity": 8192, "stages": 4, "pad_multiple": args.pad_multiple,
             "global_batches": args.global_batches, "time_limit_s": args.time_limit_s, "window_batches": 1,
+            "shorten_time_limit_s": args.shorten_time_limit_s,
             "method": "ours",
             **_times(times)}
 
@@ -203,6 +230,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--global-batches", type=int, default=8, help="global batches per job")
     parser.add_argument("--time-limit-s", type=float, default=0.2, help="CP-SAT limit per window (ours)")
+    parser.add_argument("--shorten-time-limit-s", type=float, default=SHORTEN_TIME_LIMIT_S,
+                        help="CP-SAT limit of ours' whole-window step per window (0 skips it)")
+    parser.add_argument("--floor-time-limit-s", type=float, default=1.0,
+                        help="CP-SAT limit of each window's floor (0: no floor columns)")
     parser.add_argument("--pad-multiple", type=int, default=1)
     parser.add_argument("--window-batches", type=int, default=4, help="global batches per job in a window (ours)")
     parser.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from scheduler.cost import CostBudget
+from scheduler.greedy import subset_sum
 from scheduler.problem import Microbatch, SampleRef, pad_up
 
 __all__ = ["compact"]
@@ -361,7 +362,7 @@ class _Stream:
         fixed = [r for r in samples if not self._allowed(r, q if self.where[r] == p else p)]
         free = [r for r in samples if r not in fixed]
         base = sum(self.lengths[r] for r in fixed if self.where[r] == q)
-        chosen = _subset_sum([self.lengths[r] for r in free], self.capacity - base)
+        chosen = subset_sum([self.lengths[r] for r in free], self.capacity - base)
         if not free or base + sum(self.lengths[free[i]] for i in chosen) <= self.bins[q].padded:
             return False
         before = self.bins[q].padded
@@ -400,19 +401,3 @@ class _Stream:
                 return False
         return True
 
-
-def _subset_sum(sizes: list[int], room: int) -> set[int]:
-    """Indices of a subset of `sizes` with the largest sum ≤ room (bitset dynamic programme, exact)."""
-    if room < 0:
-        return set()
-    mask = (1 << (room + 1)) - 1
-    reach = [1]
-    for n in sizes:
-        reach.append((reach[-1] | (reach[-1] << n)) & mask)
-    total = reach[-1].bit_length() - 1
-    chosen: set[int] = set()
-    for i in reversed(range(len(sizes))):
-        if not (reach[i] >> total) & 1:
-            chosen.add(i)
-            total -= sizes[i]
-    return chosen

@@ -14,6 +14,7 @@ __all__ = [
     "canonical_bins",
     "is_provably_optimal",
     "lower_bounds",
+    "subset_sum",
 ]
 
 
@@ -144,3 +145,21 @@ def lower_bounds(problem: PackingProblem) -> tuple[int, int, int]:
 def is_provably_optimal(problem: PackingProblem, bins: list[list[int]]) -> bool:
     """True when `bins` meets every bound of `lower_bounds`, so no solver can do better."""
     return packing_cost(problem, bins) == lower_bounds(problem)
+
+
+def subset_sum(sizes: list[int], room: int) -> set[int]:
+    """Indices of a subset of `sizes` with the largest sum ≤ room (bitset dynamic programme, exact);
+    among the best subsets, the one that uses the earliest indices (later items only where needed)."""
+    if room < 0:
+        return set()
+    mask = (1 << (room + 1)) - 1
+    reach = [1]
+    for n in sizes:
+        reach.append((reach[-1] | (reach[-1] << n)) & mask)
+    total = reach[-1].bit_length() - 1
+    chosen: set[int] = set()
+    for i in reversed(range(len(sizes))):
+        if not (reach[i] >> total) & 1:
+            chosen.add(i)
+            total -= sizes[i]
+    return chosen

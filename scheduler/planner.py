@@ -1,4 +1,4 @@
-"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, compact, verify.
+"""`plan`: group the jobs, pack every (global batch, group) with CP-SAT, order, compact, shorten, verify.
 `WindowPlanner`: the same, a few global batches at a time, for a runtime whose jobs join and leave."""
 
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from scheduler.bound import window_problem
 from scheduler.compact import compact
 from scheduler.cost import CostBudget, CostModel
 from scheduler.cpsat import pack
 from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
+from scheduler.improve import SHORTEN_TIME_LIMIT_S, shorten
 from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
 from scheduler.problem import Job, Plan, PlanStats, SolverParams, validate_limits, validate_problem, waste_fraction
 from scheduler.simulate import microbatch_lengths, microbatch_padded_tokens
@@ -29,6 +31,7 @@ def plan(
     deterministic: bool = True,
     cost_model: CostModel | None = None,
     capacity_cost: float | None = None,
+    shorten_time_limit_s: float = SHORTEN_TIME_LIMIT_S,
 ) -> Plan:
     """Pack and order every global batch of `jobs` into one verified microbatch stream.
 
@@ -37,11 +40,13 @@ def plan(
     pad_multiple: each job's tokens in a microbatch are padded to a multiple of it (kernel tile rows).
     time_limit_s, num_workers, seed, deterministic: CP-SAT settings per (global batch, group) solve,
     see `SolverParams`. cost_model, capacity_cost: a second capacity, in cost units (see `CostModel`);
-    each microbatch must fit both. The same arguments give the same plan.
+    each microbatch must fit both. shorten_time_limit_s: CP-SAT deterministic seconds of the whole-run step
+    of `improve.shorten` (0 skips that step). The same arguments give the same plan.
     """
     params = SolverParams(time_limit_s=time_limit_s, num_workers=num_workers, seed=seed, deterministic=deterministic)
     budget = cost_budget(cost_model, capacity_cost, pad_multiple)
-    result = _plan(jobs, capacity_tokens, pipeline_depth, pad_multiple, params, budget, ready={})
+    result = _plan(jobs, capacity_tokens, pipeline_depth, pad_multiple, params, budget, ready={},
+                   shorten_time_limit_s=_check_time(shorten_time_limit_s))
     verify(result, jobs, capacity_tokens=capacity_tokens, pipeline_depth=pipeline_depth, pad_multiple=pad_multiple,
            cost_model=cost_model, capacity_cost=capacity_cost)
     return result
@@ -49,10 +54,12 @@ def plan(
 
 def _plan(
     jobs: list[Job], capacity_tokens: int, pipeline_depth: int, pad_multiple: int, params: SolverParams,
-    budget: CostBudget | None, ready: dict[str, int], windowed: bool = False,
+    budget: CostBudget | None, ready: dict[str, int], windowed: bool = False, shorten_time_limit_s: float = 0.0,
+    keep_carry: bool = False,
 ) -> Plan:
     """An unverified plan whose jobs may start no earlier than ready[job] (see `order_packs`); `windowed`:
-    more windows like this one follow, so the grouping is chosen for a stream of two of them."""
+    more windows like this one follow, so the grouping is chosen for a stream of two of them;
+    shorten_time_limit_s: see `plan`; keep_carry: see `improve.shorten`."""
     validate_problem(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget)
     groups = choose_groups(jobs, capacity_tokens, pipeline_depth, pad_multiple, budget, ready,
                            repeat=2 if windowed else 1)
@@ -79,6 +86,10 @@ def _plan(
                for g, batch in enumerate(job.global_batches, start=job.first_global_batch) for i, n in enumerate(batch)}
     microbatches = compact(microbatches, lengths, pipeline_depth=pipeline_depth, capacity_tokens=capacity_tokens,
                            pad_multiple=pad_multiple, budget=budget, ready=ready)
+    problem = window_problem(jobs, capacity_tokens=capacity_tokens, pipeline_depth=pipeline_depth,
+                             pad_multiple=pad_multiple, ready=ready, budget=budget)
+    microbatches = shorten(microbatches, problem, time_limit_s=shorten_time_limit_s, seed=params.seed,
+                           keep_carry=keep_carry)
     real = sum(n for job in jobs for batch in job.global_batches for n in batch)
     padded = sum(microbatch_padded_tokens(microbatches, microbatch_lengths(microbatches, jobs), pad_multiple))
     stats = PlanStats(
@@ -107,14 +118,20 @@ class WindowPlanner:
     The default 0.2 took 0.55 s of CPU (median, max 0.79; compaction and levelling ~0.05 s of it) per window
     of 8 jobs x 16 samples, capacity 8192, S=4, on an idle 2-core EPYC (benchmarks/bench_scheduler.py,
     solve_8x16); 0.3 took 0.79 s (max 1.11), over the 1 s a window may take, for about the same waste.
+    shorten_time_limit_s: see `plan`; with the default, solve_8x16 took 0.60-0.62 s (max 0.77-0.80) where the
+    planner without the shorten step took 0.68-0.73 s (max 0.79-1.04), side by side on the same 2-core EPYC
+    shared with other work (load ~2.7; the bench run at commit 2198c01 there: 0.72 s, max 0.96).
     """
 
     def __init__(
         self, *, capacity_tokens: int, pipeline_depth: int, pad_multiple: int = 1, time_limit_s: float = 0.2,
         num_workers: int = 1, seed: int = 0, deterministic: bool = True,
         cost_model: CostModel | None = None, capacity_cost: float | None = None,
+        shorten_time_limit_s: float = SHORTEN_TIME_LIMIT_S,
     ) -> None:
         validate_limits(capacity_tokens, pipeline_depth, pad_multiple)
+        self.shorten_time_limit_s = _check_time(shorten_time_limit_s)
+        """CP-SAT deterministic seconds of a window's whole-window step (`improve.shorten`; 0 skips it)."""
         self.params = SolverParams(time_limit_s=time_limit_s, num_workers=num_workers, seed=seed,
                                    deterministic=deterministic)
         self.budget = cost_budget(cost_model, capacity_cost, pad_multiple)
@@ -137,8 +154,15 @@ class WindowPlanner:
         other._ready, other._next_batch = dict(self._ready), dict(self._next_batch)
         return other
 
-    def next_window(self, jobs: list[Job]) -> Plan:
-        """The verified plan of `jobs`' global batches, to run right after the previous window."""
+    @property
+    def ready(self) -> dict[str, int]:
+        """ready[job]: the first position of the next window the job may take (the distance rule after
+        its last global batch in earlier windows); jobs free from position 0 are left out."""
+        return {job: at - self.position for job, at in self._ready.items() if at > self.position}
+
+    def next_window(self, jobs: list[Job], *, last: bool = False) -> Plan:
+        """The verified plan of `jobs`' global batches, to run right after the previous window. last: no
+        window follows, so how late the jobs end does not matter (see `improve.shorten`'s keep_carry)."""
         for job in jobs:
             expected = self._next_batch.get(getattr(job, "name", None))
             if expected is not None and job.first_global_batch != expected:
@@ -146,8 +170,9 @@ class WindowPlanner:
                     f"job {job.name!r} first_global_batch={job.first_global_batch}, but its previous window ended "
                     f"at global batch {expected - 1}; give it first_global_batch={expected}"
                 )
-        ready = {job: at - self.position for job, at in self._ready.items() if at > self.position}
-        window = _plan(jobs, **self.limits, params=self.params, budget=self.budget, ready=ready, windowed=True)
+        ready = self.ready
+        window = _plan(jobs, **self.limits, params=self.params, budget=self.budget, ready=ready, windowed=True,
+                       shorten_time_limit_s=self.shorten_time_limit_s, keep_carry=not last)
         verify(window, jobs, **self.limits, **self.cost)
         _check_ready(window, ready)
         depth = self.limits["pipeline_depth"]
@@ -159,6 +184,13 @@ class WindowPlanner:
         self.position += len(window.microbatches)
         self._ready = {job: at for job, at in self._ready.items() if at > self.position}
         return window
+
+
+def _check_time(seconds: float) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise ValueError(f"shorten_time_limit_s={seconds!r} must be a number of seconds ≥ 0, "
+                         "e.g. 0.15 (0 skips the whole-window CP-SAT step)")
+    return float(seconds)
 
 
 def _check_ready(window: Plan, ready: dict[str, int]) -> None:

@@ -56,6 +56,15 @@ def test_bad_planner_arguments():
         WindowPlanner(capacity_tokens=16, pipeline_depth=0)
     with pytest.raises(ValueError, match="time_limit_s=0"):
         WindowPlanner(capacity_tokens=16, pipeline_depth=1, time_limit_s=0)
+    with pytest.raises(ValueError, match="shorten_time_limit_s=-1 must be a number of seconds ≥ 0"):
+        WindowPlanner(capacity_tokens=16, pipeline_depth=1, shorten_time_limit_s=-1)
+
+
+def test_ready_is_the_carry_in_of_the_next_window():
+    planner = WindowPlanner(**LIMITS, time_limit_s=0.1)
+    assert planner.ready == {}
+    planner.next_window([Job("a", [[5]]), Job("b", [[16]])])  # a and b cannot share: a | b, or b | a
+    assert sorted(planner.ready.values()) == [1, 2]  # S=3 after positions 0 and 1 of a 2-long window
 
 
 @st.composite

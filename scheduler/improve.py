@@ -1,0 +1,174 @@
+"""Shortening a window's compacted stream when it is above the window's cheap floor (`bound.cheap_floor`).
+
+Two steps, each kept only when it gives fewer microbatches (or as many with fewer no-ops):
+1. Filling (`fill.FILL_ORDERS`, tokens only): the position-by-position streams, the shortest compacted.
+   Why: every pack leaves a remainder and the packs fix which global batches meet; at S ≤ 2 filling
+   often reaches the floor where packing did not (bench_scheduler, cnndm-like, C=8192: 35 -> 34 per window).
+2. CP-SAT on the whole window (`bound.build_window_model`) in one microbatch fewer, hinted with the stream
+   minus its lightest removable microbatch; each schedule found is compacted and taken and the next count
+   tried, while deterministic time is left and the count is above the floor. Why: under the distance rule
+   the best schedules stagger the jobs' global batches so that every microbatch mixes the jobs allowed
+   there (xsum-like, C=8192, S=4, first window: CP-SAT finds 21 and 20 microbatches where the stream had 22,
+   0.1-0.2 deterministic seconds each).
+"""
+
+from __future__ import annotations
+
+from ortools.sat.python import cp_model
+
+from scheduler.bound import WindowModel, WindowProblem, build_window_model, cheap_floor
+from scheduler.compact import compact
+from scheduler.fill import FILL_ORDERS, fill
+from scheduler.problem import Microbatch, SampleRef
+
+__all__ = ["shorten", "blocked_start", "SHORTEN_TIME_LIMIT_S", "MAX_PLACEMENTS"]
+
+SHORTEN_TIME_LIMIT_S = 0.15
+"""Default CP-SAT deterministic seconds of step 2 per window (plan and WindowPlanner). A window of 8 jobs x
+16 samples takes ~0.5 s of CPU before this step, and a deterministic second took 1.5-2.3 s of CPU here
+(2-core EPYC, shared), so 0.15 keeps such a window under 1 s even where the step runs to its limit. 0.3
+shortened bench_scheduler's xsum-like C=8192 S=4 stream to 42 microbatches where 0.15 gives 44, and
+changed no other case."""
+
+MAX_PLACEMENTS = 3000
+"""Step 2 is skipped when the model has more sample-position variables x[s, q] than this, or when one
+microbatch fewer leaves less than half a microbatch of room over the tokens. On bench_scheduler's windows
+(4 jobs x 4 global batches) CP-SAT found a schedule one microbatch shorter in 0.5 deterministic seconds in
+5 of the 44 windows above the cheap floor, all with 1200-2800 variables and ≥ 0.75 microbatches of room,
+and in none of the 30 with more variables (3000-7200: C=4096, or S=1); those only spent the time."""
+
+
+def shorten(microbatches: list[Microbatch], problem: WindowProblem, *, time_limit_s: float, seed: int = 0,
+            keep_carry: bool = False) -> list[Microbatch]:
+    """The shortest valid stream of the window the two steps find (`microbatches` when none is shorter).
+
+    time_limit_s: CP-SAT deterministic seconds of step 2 (0 skips it); one worker, so the same input gives
+    the same stream. keep_carry: a window with the same jobs follows, so a stream counts as its length plus
+    the no-ops it forces on the next window (`blocked_start`), and on a tie the one forcing fewer wins
+    (those no-ops are the least it costs the next window); bench_scheduler, hetero-like, C=8192, S=4: a
+    23-microbatch window that ended every job late made the next one 26 long, where 24 + 23 was possible.
+    """
+    def key(stream: list[Microbatch]) -> tuple[int, int, int]:
+        blocked = blocked_start(stream, problem) if keep_carry else 0
+        return len(stream) + blocked, blocked, sum(mb.is_noop for mb in stream)
+
+    floor, best = cheap_floor(problem), microbatches
+    if len(best) > floor and problem.pad_multiple == 1 and problem.budget is None:
+        candidate = _best_fill(problem, len(best))
+        best = candidate if candidate is not None and key(candidate) < key(best) else best
+    spent = 0.0
+    while len(best) > floor and spent < time_limit_s:
+        limit = blocked_start(best, problem) if keep_carry else None
+        found, used = _solve(problem, best, time_limit_s - spent, seed, limit)
+        spent += used
+        if found is None:
+            break
+        candidate = _compact(found, problem)
+        best = candidate if key(candidate) < key(best) else best
+    return best
+
+
+def blocked_start(microbatches: list[Microbatch], problem: WindowProblem) -> int:
+    """Positions at the start of the next window where none of this window's jobs may run yet: the least,
+    over the jobs, of last position + S - length (0 when some job is free at once)."""
+    last: dict[str, int] = {}
+    for q, mb in enumerate(microbatches):
+        for job, _, _ in mb.samples:
+            last[job] = q
+    return max(0, min(last.values(), default=0) + problem.pipeline_depth - len(microbatches))
+
+
+def _best_fill(problem: WindowProblem, length: int) -> list[Microbatch] | None:
+    """The shortest filled stream, compacted; None when even uncompacted it is over length + 1 (compaction
+    rarely removes more than one microbatch from those, and costs most of the time here)."""
+    streams = [fill(problem, order) for order in FILL_ORDERS]
+    shortest = min(streams, key=len)
+    return _compact(shortest, problem) if len(shortest) <= length + 1 else None
+
+
+def _compact(microbatches: list[Microbatch], problem: WindowProblem) -> list[Microbatch]:
+    lengths = {item.ref: item.length for item in problem.items}
+    return compact(microbatches, lengths, pipeline_depth=problem.pipeline_depth,
+                   capacity_tokens=problem.capacity_tokens, pad_multiple=problem.pad_multiple,
+                   budget=problem.budget, ready=problem.ready)
+
+
+def _solve(problem: WindowProblem, microbatches: list[Microbatch], time_limit_s: float, seed: int,
+           limit: int | None) -> tuple[list[Microbatch] | None, float]:
+    """(A stream of len(microbatches) - 1 microbatches or fewer whose blocked_start is ≤ limit, None when
+    CP-SAT finds none; deterministic seconds spent)."""
+    room = (len(microbatches) - 1) * problem.capacity_tokens - sum(item.length for item in problem.items)
+    if 2 * room < problem.capacity_tokens:
+        return None, 0.0
+    built = build_window_model(problem, len(microbatches) - 1)
+    if built is None or len(built.x) > MAX_PLACEMENTS:
+        return None, 0.0
+    if limit is not None:
+        _limit_blocked_start(built, limit)
+    _hint(built, microbatches)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_deterministic_time = time_limit_s
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = seed
+    solver.parameters.cp_model_probing_level = 0  # probing took most of the time to a first solution here
+    status = solver.solve(built.model)
+    if status == cp_model.MODEL_INVALID:
+        raise RuntimeError(f"CP-SAT rejected the window model: {built.model.validate()}")
+    found = _stream(built, built.positions(solver)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
+    return found, solver.deterministic_time
+
+
+def _limit_blocked_start(built: WindowModel, limit: int) -> None:
+    """blocked_start ≤ limit: some job j ends early enough, last(j) + S - N ≤ limit."""
+    model, problem = built.model, built.problem
+    early = []
+    for job, chain in problem.chains.items():
+        ends_early = model.new_bool_var(f"early[{job}]")
+        model.add(built.last[(job, chain.stop - 1)] + problem.pipeline_depth - built.num_microbatches <= limit
+                  ).only_enforce_if(ends_early)
+        early.append(ends_early)
+    model.add_bool_or(early)
+
+
+def _hint(built: WindowModel, microbatches: list[Microbatch]) -> None:
+    """Hint every sample with its position in `microbatches` once the lightest removable microbatch is
+    removed (its samples are left to the solver)."""
+    problem = built.problem
+    index = {item.ref: s for s, item in enumerate(problem.items)}
+    drop = _lightest_removable(microbatches, problem, index)
+    for q, mb in enumerate(microbatches):
+        if q != drop:
+            for ref in mb.samples:
+                var = built.x.get((index[ref], q if q < drop else q - 1))
+                if var is not None:
+                    built.model.add_hint(var, True)
+
+
+def _lightest_removable(microbatches: list[Microbatch], problem: WindowProblem, index: dict[SampleRef, int]) -> int:
+    """The lightest position whose removal (later positions moving up one) keeps the distance rule and
+    the carry-in; the lightest of all when none does."""
+    span: dict[tuple[str, int], list[int]] = {}
+    for q, mb in enumerate(microbatches):
+        for job, g, _ in mb.samples:
+            span.setdefault((job, g), [q, q])[1] = q
+
+    def removable(p: int) -> bool:
+        for (job, g), (first, last) in span.items():
+            after = span.get((job, g + 1))
+            if after is not None and last < p < after[0] and after[0] - last - 1 < problem.pipeline_depth:
+                return False
+            if g == problem.chains[job].start and first > p and first - 1 < problem.ready.get(job, 0):
+                return False
+        return True
+
+    load = [sum(problem.items[index[ref]].length for ref in mb.samples) for mb in microbatches]
+    order = sorted(range(len(microbatches)), key=lambda q: (load[q], q))
+    return next((p for p in order if removable(p)), order[0])
+
+
+def _stream(built: WindowModel, where: list[int]) -> list[Microbatch]:
+    """Microbatches of a solution: no-ops where a position is empty, none after the last sample."""
+    samples: list[list[SampleRef]] = [[] for _ in range(max(where) + 1)]
+    for s, q in enumerate(where):
+        samples[q].append(built.problem.items[s].ref)
+    return [Microbatch(samples=sorted(refs), is_noop=not refs) for refs in samples]
