@@ -126,18 +126,19 @@ def window_planner(run: RunConfig) -> scheduler.WindowPlanner:
 
 
 def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
-                planner: scheduler.WindowPlanner | None = None, flush: bool = True) -> _WindowPlan:
+                planner: scheduler.WindowPlanner | None = None, flush: bool = True, last: bool = False) -> _WindowPlan:
     """Pack and order the global batches `steps[job]` of each named job into one window for the actors.
 
     planner: the stream's planner when the window continues earlier ones without a flush (None: a stream of
-    its own). flush: the window drains the pipeline at its end (see Window.flush).
+    its own). flush: the window drains the pipeline at its end (see Window.flush). last: no training window
+    follows (the planner need not keep room for one).
     """
     planner = planner or window_planner(run)
     by_name = {job.name: job for job in prepared_jobs}
     batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
     replicas = run.data_parallel
     jobs = scheduler_jobs(prepared_jobs, steps)
-    plan = planner.next_window(jobs)
+    plan = planner.next_window(jobs, last=last)
     weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
     slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
              for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
@@ -175,7 +176,7 @@ class CapacityChoice:
 
 
 def balanced_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
-                    planner: scheduler.WindowPlanner, flush: bool = True
+                    planner: scheduler.WindowPlanner, flush: bool = True, last: bool = False
                     ) -> tuple[_WindowPlan, scheduler.WindowPlanner, CapacityChoice]:
     """plan_window at the capacity the pipeline runs fastest: max_tokens_per_microbatch or a fraction of it.
 
@@ -193,7 +194,7 @@ def balanced_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], r
     trials: dict[int, tuple[_WindowPlan, scheduler.WindowPlanner, float]] = {}
     for capacity in [c for c in capacities if c >= longest]:
         trial = planner.with_capacity(capacity)
-        planned = plan_window(prepared_jobs, steps, run, trial, flush)
+        planned = plan_window(prepared_jobs, steps, run, trial, flush, last)
         trials[capacity] = (planned, trial, simulated_makespan(planned, run))
     full = capacities[0]  # ≥ every sample: prepare_run refuses longer ones
     best = min(trials, key=lambda c: trials[c][2])
@@ -275,10 +276,12 @@ class _Trainer:
             state.planned = window_steps[state.job.name].stop
         evaluate = [s for s in active if s.eval_every and s.planned % s.eval_every == 0]
         checkpoint = bool(every) and any(s.planned % every == 0 for s in active)
-        flush = bool(evaluate) or checkpoint or not any(s.plannable for s in self.states.values())
+        last = not any(s.plannable for s in self.states.values())
+        flush = bool(evaluate) or checkpoint or last
         names = sorted(window_steps)
         if self.run.pipeline_stages > 1 and self.run.balance_pipeline and names != self._balanced_for:
-            planned, planner, choice = balanced_window(self.prepared.jobs, window_steps, self.run, planner, flush)
+            planned, planner, choice = balanced_window(self.prepared.jobs, window_steps, self.run, planner, flush,
+                                                       last)
             self._balanced_for = names
             self.capacity_choices.append({"window": self.planned_windows, "jobs": names,
                                           "capacity_tokens": choice.capacity_tokens,
@@ -288,7 +291,7 @@ class _Trainer:
                                    f"{', '.join(names)} (simulated {choice.gain:.0%} sooner than at "
                                    f"{self.run.max_tokens_per_microbatch})")
         else:
-            planned = plan_window(self.prepared.jobs, window_steps, self.run, planner, flush)
+            planned = plan_window(self.prepared.jobs, window_steps, self.run, planner, flush, last)
         self.planned_windows += 1
         return planned, (evaluate, checkpoint), planner
 

@@ -126,8 +126,9 @@ def plan_windows(
         jobs = scheduler_jobs(prepared_jobs, window_steps)
         if not jobs:
             break
+        last = all(r.stop >= job.total_steps for job, r in zip(prepared_jobs, window_steps.values()))
         start = time.perf_counter()
-        window = planner.next_window(jobs)
+        window = planner.next_window(jobs, last=last)
         elapsed = time.perf_counter() - start
         stats = window.stats
         sim = simulate_plan(window.microbatches, jobs, cost_model, stages, planner.limits["pad_multiple"])
