@@ -332,7 +332,6 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     parser.add_argument("--no-record", action="store_true", help="print the row without appending it to the CSV")
     args = vars(parser.parse_args(argv))
     record = not args.pop("no_record")
-
     args["providers"] = tuple(p.strip() for p in args["providers"].split(",") if p.strip())
     return BenchConfig(**args), record
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from lorafusion.data import Sample
 from lorafusion.prepare import PreparedJob
 from scheduler import CostModel, Job, Microbatch, Plan, WindowPlanner, microbatch_lengths, simulate_plan, token_imbalance
+from scheduler.problem import batch_spans
 
 __all__ = ["scheduler_jobs", "window_items", "last_microbatch", "WindowSummary", "RunPlan", "plan_windows",
            "format_run_plan"]
@@ -68,11 +69,7 @@ def window_items(plan: Plan, prepared_jobs: list[PreparedJob]) -> list[list[Item
 def last_microbatch(plan: Plan) -> dict[tuple[str, int], int]:
     """(job, step) -> index of the window microbatch whose backward completes that global batch (then the
     job's optimizer steps)."""
-    last: dict[tuple[str, int], int] = {}
-    for position, mb in enumerate(plan.microbatches):
-        for name, step, _ in mb.samples:
-            last[(name, step)] = position
-    return last
+    return {key: end for key, (_, end) in batch_spans(plan.microbatches).items()}
 
 
 @dataclass
@@ -126,7 +123,7 @@ def plan_windows(
         jobs = scheduler_jobs(prepared_jobs, window_steps)
         if not jobs:
             break
-        last = all(r.stop >= job.total_steps for job, r in zip(prepared_jobs, window_steps.values()))
+        last = all(window_steps[job.name].stop >= job.total_steps for job in prepared_jobs)
         start = time.perf_counter()
         window = planner.next_window(jobs, last=last)
         elapsed = time.perf_counter() - start

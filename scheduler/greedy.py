@@ -67,7 +67,6 @@ def first_fit_decreasing_padded(problem: PackingProblem) -> list[list[int]]:
     Returns canonical bins (see `canonical_bins`), so it can be used directly as a CP-SAT hint.
     """
     items, pad, budget = problem.items, problem.pad_multiple, problem.budget
-    capacity = problem.capacity_blocks
     bins: list[list[int]] = []
     tokens: list[dict[str, int]] = []  # per bin: job -> tokens
     loads: list[int] = []  # per bin: padded blocks

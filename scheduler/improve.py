@@ -19,7 +19,7 @@ from ortools.sat.python import cp_model
 from scheduler.bound import WindowModel, WindowProblem, build_window_model, cheap_floor
 from scheduler.compact import compact
 from scheduler.fill import FILL_ORDERS, fill
-from scheduler.problem import Microbatch, SampleRef
+from scheduler.problem import Microbatch, SampleRef, batch_spans
 
 __all__ = ["shorten", "blocked_start", "SHORTEN_TIME_LIMIT_S", "MAX_PLACEMENTS"]
 
@@ -147,10 +147,7 @@ def _hint(built: WindowModel, microbatches: list[Microbatch]) -> None:
 def _lightest_removable(microbatches: list[Microbatch], problem: WindowProblem, index: dict[SampleRef, int]) -> int:
     """The lightest position whose removal (later positions moving up one) keeps the distance rule and
     the carry-in; the lightest of all when none does."""
-    span: dict[tuple[str, int], list[int]] = {}
-    for q, mb in enumerate(microbatches):
-        for job, g, _ in mb.samples:
-            span.setdefault((job, g), [q, q])[1] = q
+    span = batch_spans(microbatches)
 
     def removable(p: int) -> bool:
         for (job, g), (first, last) in span.items():

@@ -26,6 +26,7 @@ __all__ = [
     "Packing",
     "pad_up",
     "padded_size",
+    "batch_spans",
     "waste_fraction",
     "validate_problem",
     "validate_limits",
@@ -44,6 +45,17 @@ def pad_up(tokens: int, pad_multiple: int) -> int:
 def waste_fraction(real_tokens: int, num_microbatches: int, capacity_tokens: int) -> float:
     """Share of the stream's capacity (no-ops included) not holding real tokens."""
     return 1.0 - real_tokens / (num_microbatches * capacity_tokens) if num_microbatches else 0.0
+
+
+def batch_spans(microbatches: list[Microbatch], start: int = 0,
+                spans: dict[tuple[str, int], list[int]] | None = None) -> dict[tuple[str, int], list[int]]:
+    """(job, global batch) -> [first, last] stream position of the microbatches holding it. Positions count
+    from `start`; `spans`, when given, is extended in place (a stream of windows) and returned."""
+    spans = {} if spans is None else spans
+    for pos, mb in enumerate(microbatches, start=start):
+        for job, g, _ in mb.samples:
+            spans.setdefault((job, g), [pos, pos])[1] = pos
+    return spans
 
 
 def padded_size(tokens_per_job: dict[str, int], pad_multiple: int) -> int:

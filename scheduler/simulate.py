@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scheduler.cost import CostModel
-from scheduler.problem import Job, Microbatch, padded_size
+from scheduler.problem import Job, Microbatch, batch_spans, padded_size
 
 __all__ = ["Simulation", "simulate_1f1b", "simulate_plan", "stage_order", "microbatch_lengths",
            "microbatch_padded_tokens", "token_imbalance"]
@@ -53,10 +53,7 @@ def stage_order(num_microbatches: int, stages: int, stage: int) -> list[tuple[st
 
 def _step_dependencies(microbatches: list[Microbatch]) -> list[list[int]]:
     """deps[i]: microbatches whose backward must finish before microbatch i's forward (optimizer steps)."""
-    last: dict[tuple[str, int], int] = {}
-    for i, mb in enumerate(microbatches):
-        for job, g, _ in mb.samples:
-            last[(job, g)] = i
+    last = {key: end for key, (_, end) in batch_spans(microbatches).items()}
     deps: list[list[int]] = []
     for i, mb in enumerate(microbatches):
         before = {last[(job, g - 1)] for job, g, _ in mb.samples if (job, g - 1) in last}

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 
 from scheduler.cost import CostBudget, CostModel
-from scheduler.problem import Job, Plan, SampleRef, padded_size, validate_problem, waste_fraction
+from scheduler.problem import Job, Plan, SampleRef, batch_spans, padded_size, validate_problem, waste_fraction
 
 __all__ = ["verify", "verify_windows", "cost_budget"]
 
@@ -41,7 +41,6 @@ def verify(
         for i, n in enumerate(batch)
     }
     where: dict[SampleRef, int] = {}
-    span: dict[tuple[str, int], list[int]] = {}  # (job, global batch) -> [first, last] position
     padded_total = 0
     for pos, mb in enumerate(plan.microbatches):
         tokens = _check_microbatch(pos, mb.samples, mb.is_noop, lengths, where)
@@ -53,12 +52,10 @@ def verify(
             cost = cost_model.cost([lengths[ref] for ref in mb.samples], padded)
             if cost > capacity_cost * (1 + 1e-9):
                 raise ValueError(f"microbatch {pos} costs {cost:.6g} > capacity_cost={capacity_cost}")
-        for job, g, _ in mb.samples:
-            span.setdefault((job, g), [pos, pos])[1] = pos
     missing = [ref for ref in lengths if ref not in where]
     if missing:
         raise ValueError(f"{len(missing)} samples are in no microbatch, first (job, global batch, sample): {missing[0]}")
-    _check_distance(span, pipeline_depth)
+    _check_distance(batch_spans(plan.microbatches), pipeline_depth)
     _check_stats(plan, lengths, padded_total, capacity_tokens)
 
 
@@ -119,9 +116,7 @@ def verify_windows(
             if job.name in seen and (job.name, job.first_global_batch - 1) not in span:
                 raise ValueError(f"job {job.name!r} window {w} starts at global batch {job.first_global_batch}, "
                                  "not right after its global batch in an earlier window")
-        for pos, mb in enumerate(window.microbatches, start=offset):
-            for job_name, g, _ in mb.samples:
-                span.setdefault((job_name, g), [pos, pos])[1] = pos
+        batch_spans(window.microbatches, offset, span)
         offset += len(window.microbatches)
     _check_distance(span, pipeline_depth)
 
