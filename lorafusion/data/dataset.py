@@ -36,7 +36,6 @@ import functools
 import json
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
