@@ -13,7 +13,7 @@ trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the 
 
     python benchmarks/bench_end_to_end.py                       # CPU, hidden 512 × 8 layers
     python benchmarks/bench_end_to_end.py --pipeline-stages 2   # (a) and (b) with run.pipeline_stages=2
-    python benchmarks/bench_end_to_end.py --pipeline-stages 2 --balance-pipeline   # and run.balance_pipeline
+    python benchmarks/bench_end_to_end.py --pipeline-stages 2 --no-balance-pipeline   # full microbatches only
 
 One row per run is appended to benchmarks/results/end_to_end.csv, with the ratios a/b and a/c.
 """
@@ -84,9 +84,9 @@ class BenchConfig:
     """Which providers to run; the ratios need 'a' and the provider divided by."""
     cache_dir: str = str(REPO / "runs" / "bench_cache")
     """Where the checkpoint is built once (keyed by its shape)."""
-    balance_pipeline: bool = False
+    balance_pipeline: bool = True
     """run.balance_pipeline for (a) and (b) (with pipeline_stages > 1: plan at the capacity the simulated 1F1B
-    finishes soonest; False, the run's default: always fill microbatches to max_tokens_per_microbatch)."""
+    finishes soonest, the run's default; False: always fill microbatches to max_tokens_per_microbatch)."""
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in ("a", "b", "c")]
@@ -327,8 +327,9 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--providers", default=",".join(defaults.providers), help="comma-separated subset of a,b,c")
     parser.add_argument("--cache-dir", default=defaults.cache_dir)
-    parser.add_argument("--balance-pipeline", action="store_true",
-                        help="run.balance_pipeline=True: plan at the capacity the simulated 1F1B finishes soonest")
+    parser.add_argument("--balance-pipeline", action=argparse.BooleanOptionalAction, default=defaults.balance_pipeline,
+                        help="run.balance_pipeline (default on, as in the run: plan at the capacity the simulated "
+                             "1F1B finishes soonest); --no-balance-pipeline fills every microbatch to capacity")
     parser.add_argument("--no-record", action="store_true", help="print the row without appending it to the CSV")
     args = vars(parser.parse_args(argv))
     record = not args.pop("no_record")

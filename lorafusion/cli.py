@@ -73,7 +73,8 @@ def _plan(args: argparse.Namespace) -> int:
                             pad_multiple=args.pad_multiple, time_limit_s=args.time_limit_s)
     cost_model = CostModel() if args.attn_coef is None else CostModel(attn_coef=args.attn_coef)
     result = plan_windows(prepared.jobs, planner, steps_per_window=args.steps_per_window,
-                          stages=run.pipeline_stages, max_windows=args.windows, cost_model=cost_model)
+                          stages=run.pipeline_stages, max_windows=args.windows, cost_model=cost_model,
+                          replicas=run.data_parallel, balance=run.balance_pipeline)
     print(format_run_plan(result))
     return 0
 

@@ -117,11 +117,13 @@ def _expected_files(jobs: dict[str, dict]) -> list[str]:
     return files
 
 
-def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str, Any], jobs: dict[str, dict]) -> Path:
+def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str, Any], jobs: dict[str, dict],
+                        stream: dict[str, Any] | None = None) -> Path:
     """Write the manifest that marks the staged checkpoint complete, then rename it into place; returns its path.
 
     `config` is the run's `run_manifest` record; `jobs` maps each job to {"status", "stages": number of shards}
-    (0 for a failed job). RuntimeError if a stage or the driver did not write its file.
+    (0 for a failed job); `stream`, when given, the driver's planning state that a resume must continue with
+    (kept as the manifest's "stream"). RuntimeError if a stage or the driver did not write its file.
     """
     staging = Path(ckpt_dir)
     final = checkpoint_dir(staging.parent.parent, counter)
@@ -136,6 +138,8 @@ def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str,
                                "before finalize_checkpoint")
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "step": counter, "config": config, "jobs": jobs, "files": files}
+    if stream is not None:
+        manifest["stream"] = stream
     atomic_write_text(staging / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))
     if final.exists():  # the same counter saved again (e.g. at the end right after a periodic save)
         old = final.with_name(f".{final.name}.old")

@@ -25,9 +25,9 @@ from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_r
 from lorafusion.result import FitResult, JobResult
 from runtime.backend import StageGroup, StageLost, ray_connection
 from runtime.checkpointing import begin_checkpoint
-from runtime.resume import JobProgress, Resumed, commit_checkpoint, open_checkpoint, trim_metrics
+from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
-from runtime.planning import last_microbatch, scheduler_jobs, window_items
+from runtime.planning import CapacityChoice, balanced_plan, last_microbatch, scheduler_jobs, window_items
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
 from runtime.telemetry import summarise_gpu
@@ -39,13 +39,6 @@ RUN_METRICS = "run_metrics.json"
 # window's ends cost ~(S - 1) slots, so ≥ 16 per slot keeps that under ~1/16 of the window.
 _SLOTS_PER_WINDOW = 16
 _MAX_STEPS_PER_WINDOW = 16
-# Capacities a pipelined stream may plan at (run.balance_pipeline), as fractions of max_tokens_per_microbatch.
-_CAPACITY_FRACTIONS = (1.0, 0.75, 0.625, 0.5)
-# A smaller capacity is taken only when the 1F1B simulation finishes the window at least this much sooner.
-_MIN_BALANCE_GAIN = 0.02
-# Per-microbatch cost in that simulation, in tokens: the sends, receives and per-op work of a microbatch
-# that do not shrink with it (on CPU, per-token speed measured flat from 700 to 2048 tokens per microbatch).
-_MICROBATCH_OVERHEAD_TOKENS = 64
 
 
 def _start_output(prepared: PreparedRun, resuming: bool) -> None:
@@ -134,11 +127,26 @@ def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: 
     follows (the planner need not keep room for one).
     """
     planner = planner or window_planner(run)
+    jobs = scheduler_jobs(prepared_jobs, steps)
+    return _window_plan(prepared_jobs, steps, run, jobs, planner.next_window(jobs, last=last), flush)
+
+
+def balanced_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
+                    planner: scheduler.WindowPlanner, flush: bool = True, last: bool = False
+                    ) -> tuple[_WindowPlan, scheduler.WindowPlanner, CapacityChoice]:
+    """plan_window at the capacity the pipeline runs fastest (runtime.planning.balanced_plan): the window,
+    the planner that continues the stream at that capacity, and the choice."""
+    jobs = scheduler_jobs(prepared_jobs, steps)
+    plan, chosen, choice = balanced_plan(jobs, planner, run.pipeline_stages, run.data_parallel, last)
+    return _window_plan(prepared_jobs, steps, run, jobs, plan, flush), chosen, choice
+
+
+def _window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
+                 jobs: list[scheduler.Job], plan: scheduler.Plan, flush: bool) -> _WindowPlan:
+    """The actors' Window of `plan` (the scheduler's plan of `jobs`, the global batches `steps`)."""
     by_name = {job.name: job for job in prepared_jobs}
     batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
     replicas = run.data_parallel
-    jobs = scheduler_jobs(prepared_jobs, steps)
-    plan = planner.next_window(jobs, last=last)
     weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
     slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
              for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
@@ -149,59 +157,6 @@ def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: 
     real = sum(1 for mb in plan.microbatches if not mb.is_noop)
     window = Window(slots=_deal(slots, replicas), steps_after=steps_after, flush=flush)
     return _WindowPlan(window, tokens, real, plan, jobs)
-
-
-def simulated_makespan(planned: _WindowPlan, run: RunConfig) -> float:
-    """How long the window takes as 1F1B on run.pipeline_stages stages, in token units (scheduler.CostModel
-    with a per-microbatch overhead); with replicas, the slowest replica's share (they run side by side)."""
-    model = scheduler.CostModel(overhead=_MICROBATCH_OVERHEAD_TOKENS)
-    microbatches, replicas = planned.plan.microbatches, run.data_parallel
-    return max(scheduler.simulate_plan(microbatches[r::replicas], planned.jobs, model, run.pipeline_stages).makespan
-               for r in range(replicas))
-
-
-@dataclass
-class CapacityChoice:
-    """Which capacity `balanced_window` planned a window at, and why."""
-
-    capacity_tokens: int
-    simulated: dict[int, float]
-    """Each capacity tried -> the window's simulated makespan (token units)."""
-
-    @property
-    def gain(self) -> float:
-        """How much sooner the chosen capacity finishes than the largest one, in the simulation."""
-        full = self.simulated[max(self.simulated)]
-        return 1.0 - self.simulated[self.capacity_tokens] / full if full else 0.0
-
-
-def balanced_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
-                    planner: scheduler.WindowPlanner, flush: bool = True, last: bool = False
-                    ) -> tuple[_WindowPlan, scheduler.WindowPlanner, CapacityChoice]:
-    """plan_window at the capacity the pipeline runs fastest: max_tokens_per_microbatch or a fraction of it.
-
-    A 1F1B stage waits whenever consecutive microbatches differ in size. When one job holds most of the
-    tokens, the distance rule leaves every few microbatches without it, so full microbatches alternate with
-    light ones; smaller microbatches can spread that job over more of them and even the stream out (4 jobs
-    at 2 stages, bench_end_to_end: simulated bubble 14% at 2048 tokens, 5% at 1280, makespan -10%). Each
-    candidate is planned on its own copy of `planner` and simulated (`simulated_makespan`); a smaller one
-    wins only by at least _MIN_BALANCE_GAIN. Returns the window, the planner that continues the stream at
-    the chosen capacity, and the choice.
-    """
-    longest = max(len(s) for job in prepared_jobs if job.name in steps
-                  for step in steps[job.name] for s in job.global_batch(step))
-    capacities = sorted({int(run.max_tokens_per_microbatch * f) for f in _CAPACITY_FRACTIONS}, reverse=True)
-    trials: dict[int, tuple[_WindowPlan, scheduler.WindowPlanner, float]] = {}
-    for capacity in [c for c in capacities if c >= longest]:
-        trial = planner.with_capacity(capacity)
-        planned = plan_window(prepared_jobs, steps, run, trial, flush, last)
-        trials[capacity] = (planned, trial, simulated_makespan(planned, run))
-    full = capacities[0]  # ≥ every sample: prepare_run refuses longer ones
-    best = min(trials, key=lambda c: trials[c][2])
-    if trials[best][2] > trials[full][2] * (1.0 - _MIN_BALANCE_GAIN):
-        best = full
-    planned, trial, _ = trials[best]
-    return planned, trial, CapacityChoice(best, {c: round(m, 1) for c, (_, _, m) in trials.items()})
 
 
 def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
@@ -225,7 +180,7 @@ class _Trainer:
         self.tokens: dict[tuple[str, int], int] = {}  # (job, step) -> tokens, for global batches sent, not stepped
         self.microbatches = 0
         self.planned_windows = 0
-        self._balanced_for: list[str] | None = None  # the jobs the stream's capacity was chosen for
+        self._stream: StreamState | None = None  # the capacity run.balance_pipeline chose, and for which jobs
         self.capacity_choices: list[dict] = []  # balanced_window's choices, for run_metrics.json
         self.busy = [0.0] * len(group.places)
         self.span = [0.0] * len(group.places)
@@ -239,6 +194,9 @@ class _Trainer:
             state.restore(resumed.progress[name] if resumed is not None else JobProgress())
             trim_metrics(self.run.output_dir, name, state.step)
         if resumed is not None:
+            stream = resumed.stream  # with the same layout, the stream goes on at the capacity chosen before
+            if stream is not None and self.run.balance_pipeline and stream.layout == self._layout:
+                self._stream = stream
             self.group.restore(resumed)
             done = sum(s.step for s in self.states.values())
             self.progress.note(f"resumed from {resumed.path} ({done} job steps already done)")
@@ -247,19 +205,27 @@ class _Trainer:
         """Plan and send windows until every job is planned to its end, one window ahead of the actors;
         evaluate and checkpoint where a drained window brings the jobs to those points."""
         sent: deque[tuple[_WindowPlan, list]] = deque()
-        planner = window_planner(self.run)
+        planner = self._new_planner()
         while any(s.plannable for s in self.states.values()):
             planned, boundary, planner = self._plan_next(planner)
             sent.append((planned, self.group.submit_window(planned.window)))
             while len(sent) > (0 if planned.window.flush else 1):
                 self._collect(*sent.popleft())
             if planned.window.flush:
-                # A drained stream starts again without carry-over, at the capacity chosen for these jobs.
-                planner = window_planner(self.run).with_capacity(planner.limits["capacity_tokens"])
+                planner = self._new_planner()  # a drained stream starts again without carry-over
                 self._at_boundary(*boundary)
         self._evaluate([s for s in self.states.values()
                         if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
         self.checkpoint()
+
+    @property
+    def _layout(self) -> tuple[int, int]:
+        return (self.run.pipeline_stages, self.run.data_parallel)
+
+    def _new_planner(self) -> scheduler.WindowPlanner:
+        """The planner of a fresh stream, at the capacity run.balance_pipeline chose (when it has)."""
+        planner = window_planner(self.run)
+        return planner.with_capacity(self._stream.capacity_tokens) if self._stream is not None else planner
 
     def _plan_next(self, planner: scheduler.WindowPlanner
                    ) -> tuple[_WindowPlan, tuple[list[_JobState], bool], scheduler.WindowPlanner]:
@@ -278,12 +244,13 @@ class _Trainer:
         checkpoint = bool(every) and any(s.planned % every == 0 for s in active)
         last = not any(s.plannable for s in self.states.values())
         flush = bool(evaluate) or checkpoint or last
-        names = sorted(window_steps)
-        if self.run.pipeline_stages > 1 and self.run.balance_pipeline and names != self._balanced_for:
+        names = tuple(sorted(window_steps))
+        if self.run.pipeline_stages > 1 and self.run.balance_pipeline and (
+                self._stream is None or names != self._stream.jobs):
             planned, planner, choice = balanced_window(self.prepared.jobs, window_steps, self.run, planner, flush,
                                                        last)
-            self._balanced_for = names
-            self.capacity_choices.append({"window": self.planned_windows, "jobs": names,
+            self._stream = StreamState(capacity_tokens=choice.capacity_tokens, jobs=names, layout=self._layout)
+            self.capacity_choices.append({"window": self.planned_windows, "jobs": list(names),
                                           "capacity_tokens": choice.capacity_tokens,
                                           "simulated_makespan": {str(c): m for c, m in choice.simulated.items()}})
             if choice.capacity_tokens != self.run.max_tokens_per_microbatch:
@@ -305,7 +272,7 @@ class _Trainer:
         progress = {name: state.progress() for name, state in self.states.items()}
         staging = begin_checkpoint(self.run.output_dir, self.windows)
         self.group.save_shards(staging, progress)
-        commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages)
+        commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages, self._stream)
 
     def _window_steps(self, active: list[_JobState]) -> int:
         """Global batches per job in the next window: enough microbatches to keep every pipeline slot busy."""

@@ -17,8 +17,16 @@ from lorafusion.prepare import PreparedJob
 from scheduler import CostModel, Job, Microbatch, Plan, WindowPlanner, microbatch_lengths, simulate_plan, token_imbalance
 from scheduler.problem import batch_spans
 
-__all__ = ["scheduler_jobs", "window_items", "last_microbatch", "WindowSummary", "RunPlan", "plan_windows",
-           "format_run_plan"]
+__all__ = ["scheduler_jobs", "window_items", "last_microbatch", "simulated_makespan", "CapacityChoice",
+           "balanced_plan", "WindowSummary", "RunPlan", "plan_windows", "format_run_plan"]
+
+# Capacities a pipelined stream may plan at (run.balance_pipeline), as fractions of max_tokens_per_microbatch.
+CAPACITY_FRACTIONS = (1.0, 0.75, 0.625, 0.5)
+# A smaller capacity is taken only when the 1F1B simulation finishes the window at least this much sooner.
+MIN_BALANCE_GAIN = 0.02
+# Per-microbatch cost in that simulation, in tokens: the sends, receives and per-op work of a microbatch
+# that do not shrink with it (on CPU, per-token speed measured flat from 700 to 2048 tokens per microbatch).
+MICROBATCH_OVERHEAD_TOKENS = 64
 
 Item = tuple[str, Sample, int]
 """(job name, sample, dropout seed): one entry of a microbatch as the stage worker consumes it."""
@@ -72,12 +80,65 @@ def last_microbatch(plan: Plan) -> dict[tuple[str, int], int]:
     return {key: end for key, (_, end) in batch_spans(plan.microbatches).items()}
 
 
+def simulated_makespan(plan: Plan, jobs: list[Job], stages: int, replicas: int = 1) -> float:
+    """How long the window takes as 1F1B on `stages` stages, in token units (CostModel with a per-microbatch
+    overhead); with replicas (microbatches dealt round-robin), the slowest replica's share."""
+    model = CostModel(overhead=MICROBATCH_OVERHEAD_TOKENS)
+    return max(simulate_plan(plan.microbatches[r::replicas], jobs, model, stages).makespan for r in range(replicas))
+
+
+@dataclass
+class CapacityChoice:
+    """Which capacity `balanced_plan` planned a window at, and why."""
+
+    capacity_tokens: int
+    simulated: dict[int, float]
+    """Each capacity tried -> the window's simulated makespan (token units)."""
+
+    @property
+    def gain(self) -> float:
+        """How much sooner the chosen capacity finishes than the largest one, in the simulation."""
+        full = self.simulated[max(self.simulated)]
+        return 1.0 - self.simulated[self.capacity_tokens] / full if full else 0.0
+
+
+def balanced_plan(jobs: list[Job], planner: WindowPlanner, stages: int, replicas: int = 1, last: bool = False
+                  ) -> tuple[Plan, WindowPlanner, CapacityChoice]:
+    """The window planned at the capacity its pipeline runs fastest: the planner's capacity or a fraction of it
+    (run.balance_pipeline).
+
+    A 1F1B stage waits whenever consecutive microbatches differ in size. When one job holds most of the
+    tokens, the distance rule leaves every few microbatches without it, so full microbatches alternate with
+    light ones; smaller microbatches can spread that job over more of them and even the stream out (4 jobs
+    at 2 stages, bench_end_to_end: measured bubble 13.1% at 2048 tokens, 6.8% at 1024). Each candidate no
+    shorter than the window's longest sample is planned on its own copy of `planner` and simulated
+    (`simulated_makespan`); a smaller one wins only by at least MIN_BALANCE_GAIN. Returns the plan, the
+    planner that continues the stream at the chosen capacity (`planner` itself is left as it was), and the
+    choice.
+    """
+    full = planner.limits["capacity_tokens"]
+    longest = max(n for job in jobs for batch in job.global_batches for n in batch)
+    capacities = sorted({int(full * f) for f in CAPACITY_FRACTIONS}, reverse=True)
+    trials: dict[int, tuple[Plan, WindowPlanner, float]] = {}
+    for capacity in [c for c in capacities if c >= longest or c == full]:
+        trial = planner.with_capacity(capacity)
+        plan = trial.next_window(jobs, last=last)
+        trials[capacity] = (plan, trial, simulated_makespan(plan, jobs, stages, replicas))
+    best = min(trials, key=lambda c: trials[c][2])
+    if trials[best][2] > trials[full][2] * (1.0 - MIN_BALANCE_GAIN):
+        best = full
+    plan, trial, _ = trials[best]
+    return plan, trial, CapacityChoice(best, {c: round(m, 1) for c, (_, _, m) in trials.items()})
+
+
 @dataclass
 class WindowSummary:
     """Statistics of one planned window."""
 
     microbatches: int
     noops: int
+    capacity_tokens: int
+    """The capacity the window was planned at (below run.max_tokens_per_microbatch where balanced_plan chose)."""
     real_tokens: int
     padded_tokens: int
     waste_fraction: float
@@ -96,6 +157,7 @@ class RunPlan:
 
     windows: list[WindowSummary]
     capacity_tokens: int
+    """run.max_tokens_per_microbatch (windows balanced_plan planned smaller say so in their summary)."""
     stages: int
     bubble_fraction: float
     """Simulated 1F1B bubble of all windows as one stream (no flush between windows)."""
@@ -105,10 +167,14 @@ class RunPlan:
 
 def plan_windows(
     prepared_jobs: list[PreparedJob], planner: WindowPlanner, *, steps_per_window: int, stages: int,
-    max_windows: int | None = None, cost_model: CostModel | None = None,
+    max_windows: int | None = None, cost_model: CostModel | None = None, replicas: int = 1, balance: bool = False,
 ) -> RunPlan:
     """Plan the whole run (or its first `max_windows` windows) window by window, every job starting at
-    step 0 and running to its total_steps; summarise each window and simulate the whole stream."""
+    step 0 and running to its total_steps; summarise each window and simulate the whole stream.
+
+    balance (run.balance_pipeline, with stages > 1): as the fit does, choose the capacity by `balanced_plan`
+    whenever the set of jobs in the window changes, and go on at it.
+    """
     if isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int) or steps_per_window < 1:
         raise ValueError(f"steps_per_window={steps_per_window!r} must be a positive integer (global batches of "
                          "each job per window)")
@@ -117,6 +183,8 @@ def plan_windows(
     summaries: list[WindowSummary] = []
     stream: list[Microbatch] = []
     lengths: dict[str, list[list[int]]] = {}
+    balanced_for: list[str] | None = None
+    configured = planner.limits["capacity_tokens"]
     while max_windows is None or len(summaries) < max_windows:
         window_steps = {job.name: range(step[job.name], min(step[job.name] + steps_per_window, job.total_steps))
                         for job in prepared_jobs}
@@ -125,12 +193,18 @@ def plan_windows(
             break
         last = all(window_steps[job.name].stop >= job.total_steps for job in prepared_jobs)
         start = time.perf_counter()
-        window = planner.next_window(jobs, last=last)
+        names = sorted(job.name for job in jobs)
+        if balance and stages > 1 and names != balanced_for:
+            window, planner, _ = balanced_plan(jobs, planner, stages, replicas, last)
+            balanced_for = names
+        else:
+            window = planner.next_window(jobs, last=last)
         elapsed = time.perf_counter() - start
         stats = window.stats
         sim = simulate_plan(window.microbatches, jobs, cost_model, stages, planner.limits["pad_multiple"])
         summaries.append(WindowSummary(
-            microbatches=stats.num_microbatches, noops=stats.num_noops, real_tokens=stats.real_tokens,
+            microbatches=stats.num_microbatches, noops=stats.num_noops,
+            capacity_tokens=planner.limits["capacity_tokens"], real_tokens=stats.real_tokens,
             padded_tokens=stats.padded_tokens, waste_fraction=stats.waste_fraction,
             imbalance=token_imbalance(microbatch_lengths(window.microbatches, jobs)), solve_time_s=elapsed,
             bubble_fraction=sim.bubble_fraction,
@@ -141,7 +215,7 @@ def plan_windows(
             lengths.setdefault(job.name, []).extend(job.global_batches)  # consecutive from step 0
     whole = simulate_plan(stream, [Job(name, batches) for name, batches in lengths.items()], cost_model, stages,
                           planner.limits["pad_multiple"]) if stream else None
-    return RunPlan(windows=summaries, capacity_tokens=planner.limits["capacity_tokens"], stages=stages,
+    return RunPlan(windows=summaries, capacity_tokens=configured, stages=stages,
                    bubble_fraction=whole.bubble_fraction if whole else 0.0, makespan=whole.makespan if whole else 0.0)
 
 
@@ -150,19 +224,21 @@ def format_run_plan(run_plan: RunPlan) -> str:
     bubble of the whole stream simulated at once)."""
     summaries, capacity_tokens = run_plan.windows, run_plan.capacity_tokens
     header = f"{'window':>6} {'mbs':>5} {'no-ops':>6} {'real tok':>9} {'padded':>9} {'waste':>7} " \
-             f"{'imbal':>6} {'solve s':>8} {'bubble':>7}"
+             f"{'imbal':>6} {'solve s':>8} {'bubble':>7} {'capacity':>8}"
     lines = [header, "-" * len(header)]
     for w, s in enumerate(summaries):
         lines.append(f"{w:>6} {s.microbatches:>5} {s.noops:>6} {s.real_tokens:>9} {s.padded_tokens:>9} "
-                     f"{s.waste_fraction:>7.1%} {s.imbalance:>6.2f} {s.solve_time_s:>8.3f} {s.bubble_fraction:>7.1%}")
+                     f"{s.waste_fraction:>7.1%} {s.imbalance:>6.2f} {s.solve_time_s:>8.3f} {s.bubble_fraction:>7.1%} "
+                     f"{s.capacity_tokens:>8}")
     mbs = sum(s.microbatches for s in summaries)
     real = sum(s.real_tokens for s in summaries)
-    waste = 1 - real / (mbs * capacity_tokens) if mbs else 0.0
+    room = sum(s.microbatches * s.capacity_tokens for s in summaries)
+    waste = 1 - real / room if room else 0.0
     lines += ["-" * len(header),
               f"{'total':>6} {mbs:>5} {sum(s.noops for s in summaries):>6} {real:>9} "
               f"{sum(s.padded_tokens for s in summaries):>9} {waste:>7.1%} "
               f"{max((s.imbalance for s in summaries), default=1.0):>6.2f} "
               f"{sum(s.solve_time_s for s in summaries):>8.3f} {run_plan.bubble_fraction:>7.1%}",
               f"pipeline stages {run_plan.stages}, capacity {capacity_tokens} tokens; bubble per window: that "
-              "window alone, total: the whole stream"]
+              "window alone, total: the whole stream; waste against each window's capacity"]
     return "\n".join(lines)

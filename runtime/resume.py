@@ -31,7 +31,7 @@ from runtime.optim import lr_at
 from runtime.worker import StageWorker
 
 __all__ = [
-    "JobProgress", "Resumed", "save_checkpoint", "stage_states", "commit_checkpoint", "load_checkpoint",
+    "JobProgress", "StreamState", "Resumed", "save_checkpoint", "stage_states", "commit_checkpoint", "load_checkpoint",
     "open_checkpoint", "restore_worker", "trim_metrics",
 ]
 
@@ -89,17 +89,22 @@ def stage_states(worker: StageWorker, progress: Mapping[str, JobProgress]) -> di
 
 
 def commit_checkpoint(
-    prepared: PreparedRun, staging: Path, counter: int, progress: Mapping[str, JobProgress], num_stages: int
+    prepared: PreparedRun, staging: Path, counter: int, progress: Mapping[str, JobProgress], num_stages: int,
+    stream: StreamState | None = None,
 ) -> Path:
     """The driver's half of a save, after every stage wrote its shard into `staging`: the job records, the
-    manifest (the checkpoint is then complete) and pruning to run.keep_checkpoints. Returns the folder."""
+    manifest (the checkpoint is then complete, with `stream` when given) and pruning to run.keep_checkpoints.
+    Returns the folder."""
     run = prepared.run
     for job in prepared.jobs:
         write_driver_state(staging, job.name, _driver_record(job, progress[job.name]))
     jobs = {job.name: {"status": _status(job, progress[job.name]),
                        "stages": num_stages if progress[job.name].error is None else 0} for job in prepared.jobs}
     path = finalize_checkpoint(staging, counter=counter, jobs=jobs,
-                               config=run_manifest(run, [job.spec for job in prepared.jobs]))
+                               config=run_manifest(run, [job.spec for job in prepared.jobs]),
+                               stream=None if stream is None else {"capacity_tokens": stream.capacity_tokens,
+                                                                   "jobs": list(stream.jobs),
+                                                                   "layout": list(stream.layout)})
     prune_checkpoints(run.output_dir, run.keep_checkpoints)
     return path
 
@@ -150,6 +155,17 @@ def _read_progress(job: PreparedJob, path: Path) -> JobProgress:
                        eval_loss=record["eval_loss"], error=record["error"])
 
 
+@dataclass(frozen=True)
+class StreamState:
+    """What the driver's planning carries across a checkpoint: the capacity the stream is planned at and the
+    set of jobs run.balance_pipeline chose it for (it is chosen again only when that set changes)."""
+
+    capacity_tokens: int
+    jobs: tuple[str, ...]
+    layout: tuple[int, int]
+    """(pipeline stages, data-parallel replicas) it was chosen for: a resume with another layout chooses again."""
+
+
 @dataclass(kw_only=True)
 class Resumed:
     """A checkpoint checked by the driver, ready for the stages to load."""
@@ -159,6 +175,8 @@ class Resumed:
     """Driver rounds completed when it was taken."""
     progress: dict[str, JobProgress]
     manifest: dict[str, Any]
+    stream: StreamState | None = None
+    """The capacity run.balance_pipeline had chosen, and for which jobs (None: none chosen yet)."""
 
 
 def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
@@ -176,7 +194,24 @@ def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
         raise ValueError(f"checkpoint '{path}' was taken with other settings: {'; '.join(diffs)}. Use those "
                          "settings to resume, or set run.overwrite=true to start over")
     progress = {job.name: _read_progress(job, path) for job in prepared.jobs}
-    return Resumed(path=path, counter=manifest["step"], progress=progress, manifest=manifest)
+    return Resumed(path=path, counter=manifest["step"], progress=progress, manifest=manifest,
+                   stream=_read_stream(manifest.get("stream"), prepared, path))
+
+
+def _read_stream(record: Any, prepared: PreparedRun, path: Path) -> StreamState | None:
+    if record is None:
+        return None
+    names = {job.name for job in prepared.jobs}
+    record = record if isinstance(record, dict) else {}
+    capacity, jobs, layout = record.get("capacity_tokens"), record.get("jobs"), record.get("layout")
+    if not (isinstance(capacity, int) and 0 < capacity <= prepared.run.max_tokens_per_microbatch
+            and isinstance(jobs, list) and jobs and set(jobs) <= names
+            and isinstance(layout, list) and len(layout) == 2 and all(isinstance(n, int) and n > 0 for n in layout)):
+        raise ValueError(f"checkpoint '{path}' has a damaged \"stream\" record {record!r} in its manifest (expected "
+                         f"capacity_tokens in 1..{prepared.run.max_tokens_per_microbatch}, a list of this run's job "
+                         f"names and a [stages, replicas] layout); delete '{path}' to resume from the previous "
+                         "checkpoint, or set run.overwrite=true to start over")
+    return StreamState(capacity_tokens=capacity, jobs=tuple(jobs), layout=(layout[0], layout[1]))
 
 
 def restore_worker(worker: StageWorker, resumed: Resumed) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import pytest
+import torch
 
 import lorafusion as lf
-from lorafusion.prepare import prepare_run
+from lorafusion.prepare import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR, prepare_run
+from runtime.planning import MIN_BALANCE_GAIN, format_run_plan, plan_windows, simulated_makespan
 from scheduler import verify_windows
 from tests.runtime.test_isolation import fit_adapters, max_rel_diff
 
@@ -43,9 +46,9 @@ def test_a_dominated_stream_is_planned_at_a_smaller_capacity(prepared):
     full = fit_module.plan_window(jobs, steps, run, fit_module.window_planner(run))
     assert planner.position == 0, "the caller's planner must be left as it was"
     assert set(choice.simulated) == {2048, 1536, 1280, 1024}
-    assert choice.capacity_tokens < CAPACITY and choice.gain >= fit_module._MIN_BALANCE_GAIN
+    assert choice.capacity_tokens < CAPACITY and choice.gain >= MIN_BALANCE_GAIN
     assert choice.simulated[choice.capacity_tokens] == min(choice.simulated.values())
-    assert fit_module.simulated_makespan(full, run) == pytest.approx(choice.simulated[CAPACITY], rel=1e-6)
+    assert simulated_makespan(full.plan, full.jobs, 2) == pytest.approx(choice.simulated[CAPACITY], rel=1e-6)
     assert planned.microbatches > full.microbatches  # the same samples in more, evener microbatches
     for slot in planned.window.slots[0]:
         assert sum(len(sample) for _, sample, _ in slot.items) <= choice.capacity_tokens
@@ -67,14 +70,34 @@ def test_an_even_stream_keeps_the_full_capacity(prepared):
     assert choice.capacity_tokens == CAPACITY and continued.limits["capacity_tokens"] == CAPACITY
 
 
+def test_lorafusion_plan_shows_the_capacity_the_fit_would_choose(prepared):
+    """plan_windows (`lorafusion plan`) balances as the fit does: the first window at balanced_window's choice,
+    the stream going on at it; with balance off, every window at the full capacity."""
+    run, jobs = prepared.run, prepared.jobs
+    _, _, choice = fit_module.balanced_window(jobs, {job.name: range(0, 2) for job in jobs}, run,
+                                              fit_module.window_planner(run))
+    balanced = plan_windows(jobs, fit_module.window_planner(run), steps_per_window=2, stages=2, balance=True)
+    assert [w.capacity_tokens for w in balanced.windows] == [choice.capacity_tokens] * 2
+    assert balanced.capacity_tokens == CAPACITY
+    full = plan_windows(jobs, fit_module.window_planner(run), steps_per_window=2, stages=2)
+    assert [w.capacity_tokens for w in full.windows] == [CAPACITY] * 2
+    assert sum(w.microbatches for w in balanced.windows) > sum(w.microbatches for w in full.windows)
+    assert balanced.bubble_fraction < full.bubble_fraction
+    rows = [line.split() for line in format_run_plan(balanced).splitlines() if line.split()[0].isdigit()]
+    assert [int(row[-1]) for row in rows] == [choice.capacity_tokens] * 2
+    real = sum(w.real_tokens for w in balanced.windows)
+    room = sum(w.microbatches * w.capacity_tokens for w in balanced.windows)
+    total = next(line.split() for line in format_run_plan(balanced).splitlines() if line.split()[0] == "total")
+    assert total[5] == f"{1 - real / room:.1%}"
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_balanced_fit_trains_the_same_jobs(train_checkpoint, examples_data, tmp_path):
-    """The fit records its choice and trains every job to the adapters of a 1-stage fit, up to the fp32
+    """The fit (balanced by default) records its choice and trains every job to the adapters of a 1-stage fit, up to the fp32
     rounding of gradient sums over a different packing (Adam amplifies it; ~1e-4 seen)."""
     jobs = dominated_jobs(examples_data, steps=3)
     single = fit_adapters(train_checkpoint, tmp_path / "single", jobs, CAPACITY)
-    balanced = fit_adapters(train_checkpoint, tmp_path / "balanced", jobs, CAPACITY, pipeline_stages=2,
-                            balance_pipeline=True)
+    balanced = fit_adapters(train_checkpoint, tmp_path / "balanced", jobs, CAPACITY, pipeline_stages=2)
     metrics = json.loads((tmp_path / "balanced" / "run_metrics.json").read_text())
     [choice] = metrics["capacity_choices"]  # one set of jobs, one choice
     assert choice["window"] == 0 and choice["jobs"] == sorted(NAMES)
@@ -83,3 +106,39 @@ def test_balanced_fit_trains_the_same_jobs(train_checkpoint, examples_data, tmp_
         worst, key = max_rel_diff(balanced[name]["tensors"], single[name]["tensors"])
         assert worst <= 1e-3, f"job {name}: balanced 2-stage vs 1 process differ by {worst:.3e} in {key}"
         assert [m["step"] for m in balanced[name]["metrics"]] == [1, 2, 3]
+    # Off: no choice, every microbatch filled up to the full capacity, so fewer of them.
+    fit_adapters(train_checkpoint, tmp_path / "full", jobs, CAPACITY, pipeline_stages=2, balance_pipeline=False)
+    full = json.loads((tmp_path / "full" / "run_metrics.json").read_text())
+    assert full["capacity_choices"] == [] and full["microbatches"] < metrics["microbatches"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_resumed_fit_goes_on_at_the_chosen_capacity(train_checkpoint, examples_data, tmp_path):
+    """The checkpoint keeps the stream's capacity choice, so a fit resumed from it plans its later windows
+    as the uninterrupted fit did (and gets its adapters bit for bit) instead of choosing again; a damaged
+    record is refused before anything is written."""
+    jobs = dominated_jobs(examples_data, steps=3)
+    fields = dict(pipeline_stages=2, checkpoint_every_steps=1, keep_checkpoints=5)
+    straight = fit_adapters(train_checkpoint, tmp_path / "straight", jobs, CAPACITY, **fields)
+    [choice] = json.loads((tmp_path / "straight" / "run_metrics.json").read_text())["capacity_choices"]
+    assert choice["capacity_tokens"] < CAPACITY
+    first = tmp_path / "straight" / CHECKPOINTS_DIR / "step-00000001"
+    stream = json.loads((first / CHECKPOINT_MANIFEST).read_text())["stream"]
+    assert stream == {"capacity_tokens": choice["capacity_tokens"], "jobs": sorted(NAMES), "layout": [2, 1]}
+
+    # Interrupted after the first checkpoint: its output as it stood then (later checkpoints never written).
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for later in (tmp_path / "resumed" / CHECKPOINTS_DIR).glob("step-*"):
+        if later.name != first.name:
+            shutil.rmtree(later)
+    manifest_path = tmp_path / "resumed" / CHECKPOINTS_DIR / first.name / CHECKPOINT_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "stream": {**stream, "capacity_tokens": 2 * CAPACITY}}))
+    with pytest.raises(ValueError, match=r"damaged \"stream\" record .* delete '.*step-00000001' to resume"):
+        fit_adapters(train_checkpoint, tmp_path / "resumed", jobs, CAPACITY, **fields)
+    manifest_path.write_text(json.dumps(manifest))
+    resumed = fit_adapters(train_checkpoint, tmp_path / "resumed", jobs, CAPACITY, **fields)
+    assert json.loads((tmp_path / "resumed" / "run_metrics.json").read_text())["capacity_choices"] == []
+    for name in NAMES:
+        for key, tensor in straight[name]["tensors"].items():
+            assert torch.equal(resumed[name]["tensors"][key], tensor), f"{name}: {key} differs after the resume"

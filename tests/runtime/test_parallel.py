@@ -5,6 +5,10 @@ model, trained by `lf.fit` on 1 stage x 1 replica, on 2 stages (layers 2 + 1), o
 2 stages x 2 replicas with the layers split the other way by `run.stage_layers` (1 + 2); the last two
 layouts also with one global batch per job per window, so the 1F1B stream runs on across four windows
 without draining (backwards and steps of one window completing in the next).
+
+The layouts run with run.balance_pipeline off: it is a planning choice, not the layout, that may pack a
+pipelined stream into smaller microbatches (tests/runtime/test_balance.py), and a different packing sums each
+job's gradients in a different fp32 order (5.8e-5 relative after Adam in the continuous 2-stage case here).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def test_parallel_fit_equals_single_process(single, checkpoint, examples_data, t
     if steps_per_window is not None:
         monkeypatch.setattr(importlib.import_module("runtime.fit"), "_MAX_STEPS_PER_WINDOW", steps_per_window)
     jobs = three_jobs(examples_data)
-    parallel = fit_adapters(checkpoint, tmp_path / "run", jobs, CAPACITY, **layout)
+    parallel = fit_adapters(checkpoint, tmp_path / "run", jobs, CAPACITY, balance_pipeline=False, **layout)
     for spec in jobs:
         worst, key = max_rel_diff(parallel[spec.name]["tensors"], single[spec.name]["tensors"])
         assert worst <= RTOL, f"job {spec.name}: {layout} vs 1 process differ by {worst:.3e} (relative) in {key}"
