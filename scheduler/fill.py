@@ -12,11 +12,12 @@ Tokens only: with pad_multiple > 1 or a cost capacity the planner does not use i
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from scheduler.bound import WindowProblem
 from scheduler.greedy import subset_sum
-from scheduler.problem import Item, Microbatch
+from scheduler.problem import Item, Microbatch, SampleRef
 
 __all__ = ["FILL_ORDERS", "fill"]
 
@@ -27,6 +28,10 @@ and S - 1 gaps of their later global batches), longer samples first; started: gl
 started first (finish them, so their next one may start), longer first; shortest: shorter samples first
 (keeps long ones together for later positions). On bench_scheduler's windows each was the best of the
 three on some windows."""
+
+JITTER_MICROBATCHES = 2.0
+"""With an rng, `critical` adds up to this much random work (in microbatches) to each sample's job's: jobs whose
+work differs by less may swap places."""
 
 
 class _Chain:
@@ -61,10 +66,14 @@ class _Chain:
         return sum(item.length for item in self.left) / capacity + sum(self.least[g] + depth - 1 for g in later)
 
 
-def fill(problem: WindowProblem, order: str) -> list[Microbatch]:
-    """The window's stream built position by position (see the module docstring); `order` from FILL_ORDERS."""
+def fill(problem: WindowProblem, order: str, rng: random.Random | None = None) -> list[Microbatch]:
+    """The window's stream built position by position (see the module docstring); `order` from FILL_ORDERS.
+
+    rng: a perturbed `order` (see `_preference`): each seed gives another stream, the same seed the same one.
+    """
     if order not in FILL_ORDERS:
         raise ValueError(f"order={order!r} is not one of {FILL_ORDERS}")
+    rank = None if rng is None else {item.ref: rng.random() for item in problem.items}
     chains = {job: _Chain(problem, job) for job in problem.chains}
     capacity, depth = problem.capacity_tokens, problem.pipeline_depth
     stream: list[Microbatch] = []
@@ -72,7 +81,7 @@ def fill(problem: WindowProblem, order: str) -> list[Microbatch]:
         position = len(stream)
         allowed = {job: chain for job, chain in chains.items() if chain.left and chain.ready <= position}
         candidates = [item for chain in allowed.values() for item in chain.left]
-        candidates.sort(key=_preference(order, allowed, capacity, depth))
+        candidates.sort(key=_preference(order, allowed, capacity, depth, rank))
         chosen = [candidates[i] for i in sorted(subset_sum([item.length for item in candidates], capacity))]
         for job, chain in allowed.items():
             taken = [item for item in chosen if item.job == job]
@@ -82,11 +91,22 @@ def fill(problem: WindowProblem, order: str) -> list[Microbatch]:
     return stream
 
 
-def _preference(order: str, allowed: dict[str, _Chain], capacity: int, depth: int) -> Callable[[Item], tuple]:
-    """Sort key of the candidates: preferred samples first (subset_sum uses later ones only where needed)."""
+def _preference(order: str, allowed: dict[str, _Chain], capacity: int, depth: int,
+                rank: dict[SampleRef, float] | None) -> Callable[[Item], tuple]:
+    """Sort key of the candidates: preferred samples first (subset_sum uses later ones only where needed).
+
+    rank[ref] ∈ [0, 1), when given, perturbs the order: `critical` adds JITTER_MICROBATCHES · rank to each
+    sample's work; `started` and `shortest` sort by rank where they sort by length (so `shortest` becomes a
+    random order)."""
     if order == "critical":
         work = {job: chain.work(capacity, depth) for job, chain in allowed.items()}
+        if rank is not None:
+            return lambda item: (-work[item.job] + JITTER_MICROBATCHES * rank[item.ref], -item.length, item.ref)
         return lambda item: (-work[item.job], -item.length, item.ref)
     if order == "started":
+        if rank is not None:
+            return lambda item: (not allowed[item.job].started, rank[item.ref], item.ref)
         return lambda item: (not allowed[item.job].started, -item.length, item.ref)
+    if rank is not None:
+        return lambda item: (rank[item.ref], item.ref)
     return lambda item: (item.length, item.ref)

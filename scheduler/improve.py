@@ -1,18 +1,24 @@
 """Shortening a window's compacted stream when it is above the window's cheap floor (`bound.cheap_floor`).
 
 Two steps, each kept only when it gives fewer microbatches (or as many with fewer no-ops):
-1. Filling (`fill.FILL_ORDERS`, tokens only): the position-by-position streams, the shortest compacted.
-   Why: every pack leaves a remainder and the packs fix which global batches meet; at S ≤ 2 filling
-   often reaches the floor where packing did not (bench_scheduler, cnndm-like, C=8192: 35 -> 34 per window).
+1. Filling (`fill.FILL_ORDERS`, tokens only): the position-by-position streams, plain and then perturbed
+   (FILL_RESTARTS), the best compacted. Why: every pack leaves a remainder and the packs fix which global
+   batches meet; at S ≤ 2 filling often reaches the floor where packing did not (bench_scheduler, cnndm-like,
+   C=8192: 35 -> 34 per window), and a perturbed order now and then where the plain ones did not (wikisum-like
+   C=8192 S=2 31 -> 30, mixed-like C=8192 S=2 33 -> 32: a few in a hundred perturbed fills reach it).
 2. CP-SAT on the whole window (`bound.build_window_model`) in one microbatch fewer, hinted with the stream
-   minus its lightest removable microbatch; each schedule found is compacted and taken and the next count
-   tried, while deterministic time is left and the count is above the floor. Why: under the distance rule
+   minus its lightest removable microbatch, each global batch kept near its place in the stream (see
+   MAX_SPAN_MARGIN); each schedule found is compacted and taken and the next count tried, while
+   deterministic time is left and the count is above the floor. Why: under the distance rule
    the best schedules stagger the jobs' global batches so that every microbatch mixes the jobs allowed
    there (xsum-like, C=8192, S=4, first window: CP-SAT finds 21 and 20 microbatches where the stream had 22,
    0.1-0.2 deterministic seconds each).
 """
 
 from __future__ import annotations
+
+import random
+from collections.abc import Callable
 
 from ortools.sat.python import cp_model
 
@@ -21,7 +27,18 @@ from scheduler.compact import compact
 from scheduler.fill import FILL_ORDERS, fill
 from scheduler.problem import Microbatch, SampleRef, batch_spans
 
-__all__ = ["shorten", "blocked_start", "SHORTEN_TIME_LIMIT_S", "MAX_PLACEMENTS"]
+__all__ = ["shorten", "blocked_start", "SHORTEN_TIME_LIMIT_S", "MAX_PLACEMENTS", "FILL_RESTARTS"]
+
+MAX_SPAN_MARGIN = 2
+"""Step 2 keeps each (job, global batch) within 1 position of where the hinted stream has it, and within 2
+when CP-SAT proves 1 infeasible. bench_scheduler's windows at commit 2198c01 (0.15 deterministic s): margin 1
+shortened hetero-like C=8192 S=2 23 -> 22 and xsum-like C=8192 S=2 21 -> 20; 2 missed the first but
+shortened hetero-like S=4 24 -> 23 (after 1 was refuted in 0.03 s) and xsum-like S=4 22 -> 21; the whole
+span (no margin) shortened none of these in the same time."""
+
+FILL_RESTARTS = 64
+"""Perturbed fills (`fill`'s rng, seeded by the planner's seed and the restart) tried after the three plain
+ones, stopping at the first that reaches the cheap floor."""
 
 SHORTEN_TIME_LIMIT_S = 0.15
 """Default CP-SAT deterministic seconds of step 2 per window (plan and WindowPlanner). A window of 8 jobs x
@@ -54,17 +71,19 @@ def shorten(microbatches: list[Microbatch], problem: WindowProblem, *, time_limi
 
     floor, best = cheap_floor(problem), microbatches
     if len(best) > floor and problem.pad_multiple == 1 and problem.budget is None:
-        candidate = _best_fill(problem, len(best))
+        candidate = _best_fill(problem, len(best), key, floor, seed)
         best = candidate if candidate is not None and key(candidate) < key(best) else best
-    spent = 0.0
+    spent, margin = 0.0, 1
     while len(best) > floor and spent < time_limit_s:
         limit = blocked_start(best, problem) if keep_carry else None
-        found, used = _solve(problem, best, time_limit_s - spent, seed, limit)
+        found, used, refuted = _solve(problem, best, time_limit_s - spent, seed, limit, margin)
         spent += used
         if found is None:
-            break
-        candidate = _compact(found, problem)
-        best = candidate if key(candidate) < key(best) else best
+            if not refuted or margin == MAX_SPAN_MARGIN:
+                break
+            margin += 1
+            continue
+        best = min(best, _compact(found, problem), found, key=key)  # compaction's levelling may end jobs later
     return best
 
 
@@ -78,12 +97,21 @@ def blocked_start(microbatches: list[Microbatch], problem: WindowProblem) -> int
     return max(0, min(last.values(), default=0) + problem.pipeline_depth - len(microbatches))
 
 
-def _best_fill(problem: WindowProblem, length: int) -> list[Microbatch] | None:
-    """The shortest filled stream, compacted; None when even uncompacted it is over length + 1 (compaction
-    rarely removes more than one microbatch from those, and costs most of the time here)."""
-    streams = [fill(problem, order) for order in FILL_ORDERS]
-    shortest = min(streams, key=len)
-    return _compact(shortest, problem) if len(shortest) <= length + 1 else None
+def _best_fill(problem: WindowProblem, length: int, key: Callable[[list[Microbatch]], tuple], floor: int,
+               seed: int) -> list[Microbatch] | None:
+    """The best filled stream by `key`, compacted; None when even uncompacted it is over length + 1 (compaction
+    rarely removes more than one microbatch from those, and costs most of the time here). The plain orders
+    come first, then FILL_RESTARTS perturbed ones, until a stream reaches the floor."""
+    best: list[Microbatch] | None = None
+    for k in range(len(FILL_ORDERS) + FILL_RESTARTS):
+        rng = None if k < len(FILL_ORDERS) else random.Random(f"fill:{seed}:{k}")
+        stream = fill(problem, FILL_ORDERS[k % len(FILL_ORDERS)], rng)
+        if best is None or key(stream) < key(best):
+            best = stream
+        if k >= len(FILL_ORDERS) - 1 and len(best) <= floor:
+            break
+    assert best is not None  # FILL_ORDERS is not empty
+    return _compact(best, problem) if len(best) <= length + 1 else None
 
 
 def _compact(microbatches: list[Microbatch], problem: WindowProblem) -> list[Microbatch]:
@@ -94,18 +122,22 @@ def _compact(microbatches: list[Microbatch], problem: WindowProblem) -> list[Mic
 
 
 def _solve(problem: WindowProblem, microbatches: list[Microbatch], time_limit_s: float, seed: int,
-           limit: int | None) -> tuple[list[Microbatch] | None, float]:
-    """(A stream of len(microbatches) - 1 microbatches or fewer whose blocked_start is ≤ limit, None when
-    CP-SAT finds none; deterministic seconds spent)."""
+           limit: int | None, margin: int) -> tuple[list[Microbatch] | None, float, bool]:
+    """(A stream of len(microbatches) - 1 microbatches or fewer whose blocked_start is ≤ limit and whose global
+    batches stay within `margin` positions of where `microbatches` has them, None when CP-SAT finds none;
+    deterministic seconds spent; whether CP-SAT proved there is none)."""
     room = (len(microbatches) - 1) * problem.capacity_tokens - sum(item.length for item in problem.items)
     if 2 * room < problem.capacity_tokens:
-        return None, 0.0
+        return None, 0.0, False
     built = build_window_model(problem, len(microbatches) - 1)
     if built is None or len(built.x) > MAX_PLACEMENTS:
-        return None, 0.0
+        return None, 0.0, False
+    index = {item.ref: s for s, item in enumerate(problem.items)}
+    drop = _lightest_removable(microbatches, problem, index)
+    _near_spans(built, microbatches, drop, margin)
     if limit is not None:
         _limit_blocked_start(built, limit)
-    _hint(built, microbatches)
+    _hint(built, microbatches, index, drop)
     solver = cp_model.CpSolver()
     solver.parameters.max_deterministic_time = time_limit_s
     solver.parameters.num_workers = 1
@@ -115,7 +147,7 @@ def _solve(problem: WindowProblem, microbatches: list[Microbatch], time_limit_s:
     if status == cp_model.MODEL_INVALID:
         raise RuntimeError(f"CP-SAT rejected the window model: {built.model.validate()}")
     found = _stream(built, built.positions(solver)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
-    return found, solver.deterministic_time
+    return found, solver.deterministic_time, status == cp_model.INFEASIBLE
 
 
 def _limit_blocked_start(built: WindowModel, limit: int) -> None:
@@ -130,12 +162,20 @@ def _limit_blocked_start(built: WindowModel, limit: int) -> None:
     model.add_bool_or(early)
 
 
-def _hint(built: WindowModel, microbatches: list[Microbatch]) -> None:
-    """Hint every sample with its position in `microbatches` once the lightest removable microbatch is
-    removed (its samples are left to the solver)."""
-    problem = built.problem
-    index = {item.ref: s for s, item in enumerate(problem.items)}
-    drop = _lightest_removable(microbatches, problem, index)
+def _near_spans(built: WindowModel, microbatches: list[Microbatch], drop: int, margin: int) -> None:
+    """Keep each (job, g) within `margin` positions of its span in `microbatches` once position `drop` is
+    removed (later positions moving up one)."""
+    span = batch_spans(microbatches)
+    for (s, q), var in built.x.items():
+        item = built.problem.items[s]
+        first, last = (p if p < drop else p - 1 for p in span[(item.job, item.global_batch)])
+        if not first - margin <= q <= last + margin:
+            built.model.add(var == 0)
+
+
+def _hint(built: WindowModel, microbatches: list[Microbatch], index: dict[SampleRef, int], drop: int) -> None:
+    """Hint every sample with its position in `microbatches` once position `drop` is removed (its samples
+    are left to the solver)."""
     for q, mb in enumerate(microbatches):
         if q != drop:
             for ref in mb.samples:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,9 +64,11 @@ def test_random_fills_keep_every_invariant(case):
     jobs, limits, ready = case
     problem = window_problem(jobs, **limits, ready=ready)
     for order in FILL_ORDERS:
-        stream = fill(problem, order)
-        _verify(stream, jobs, limits)
-        for position, mb in enumerate(stream):
-            assert all(position >= ready.get(job, 0) for job, _, _ in mb.samples)
-        assert stream and not stream[-1].is_noop
-        assert fill(problem, order) == stream  # same input, same stream
+        for seed in (None, 0, 1):
+            stream = fill(problem, order, None if seed is None else random.Random(seed))
+            _verify(stream, jobs, limits)
+            for position, mb in enumerate(stream):
+                assert all(position >= ready.get(job, 0) for job, _, _ in mb.samples)
+            assert stream and not stream[-1].is_noop
+            again = fill(problem, order, None if seed is None else random.Random(seed))
+            assert again == stream  # same input and seed, same stream

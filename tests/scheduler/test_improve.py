@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from scheduler import Job, Microbatch
 from scheduler.bound import window_problem
-from scheduler.improve import blocked_start, shorten
+from scheduler.improve import _solve, blocked_start, shorten
 
 
 def _stream(*microbatches: list[tuple[str, int, int]]) -> list[Microbatch]:
@@ -52,3 +52,15 @@ def test_never_longer_and_deterministic():
     best = _stream([("a", 0, 0), ("b", 0, 0)], [], [], [("a", 1, 0), ("b", 1, 0)])
     assert shorten(best, problem, time_limit_s=1.0) == best  # at the floor already: untouched
     assert shorten(APART, problem, time_limit_s=1.0) == shorten(APART, problem, time_limit_s=1.0)
+
+
+def test_cp_sat_widens_the_margin_when_the_near_one_is_refuted():
+    # C=8, S=1, pad_multiple=2 (no filling): a and e of 3 tokens (4 padded), b, c, d of 7 (8 padded). The stream
+    # a | b | c | d | e is one too long: a and e must share a microbatch. Dropping position 0 (the lightest),
+    # margin 1 keeps a at position 0 and e at 2 or 3, which CP-SAT refutes; margin 2 lets both take position 1.
+    jobs = [Job(name, [[n]]) for name, n in zip("abcde", [3, 7, 7, 7, 3])]
+    problem = window_problem(jobs, capacity_tokens=8, pipeline_depth=1, pad_multiple=2)
+    stream = _stream(*([(name, 0, 0)] for name in "abcde"))
+    found, _, refuted = _solve(problem, stream, 5.0, 0, None, margin=1)
+    assert found is None and refuted
+    assert [len(mb.samples) for mb in shorten(stream, problem, time_limit_s=5.0)] == [1, 2, 1, 1]
