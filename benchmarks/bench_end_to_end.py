@@ -1,6 +1,7 @@
 """End to end: real (unpadded) training tokens/s of four LoRA jobs with different length distributions.
 
-Providers, all fp32 on the same device with the same torch thread count, same steps, same samples:
+Providers, all in --dtype (default fp32) on the same device (the GPU when torch sees one: ours' stage actors
+take one each, (c) runs on cuda:0) with the same torch thread count, same steps, same samples:
   (a) `lf.fit` with the four jobs together (packed microbatches shared by all jobs);
   (b) `lf.fit` with each job alone, one after another;
   (c) HF transformers `LlamaForCausalLM` + PEFT LoRA, each job alone, one padded batch of
@@ -14,6 +15,7 @@ trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the 
     python benchmarks/bench_end_to_end.py                       # CPU, hidden 512 × 8 layers
     python benchmarks/bench_end_to_end.py --pipeline-stages 2   # (a) and (b) with run.pipeline_stages=2
     python benchmarks/bench_end_to_end.py --pipeline-stages 2 --no-balance-pipeline   # full microbatches only
+    python benchmarks/bench_end_to_end.py --dtype bfloat16 --hidden-size 2048 --num-layers 16 ...  # on a GPU
 
 One row per run is appended to benchmarks/results/end_to_end.csv, with the ratios a/b and a/c.
 """
@@ -37,6 +39,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 
 import lorafusion as lf  # noqa: E402
 from benchmarks.results_csv import append_rows  # noqa: E402
+from lorafusion.config import DTYPES  # noqa: E402
 from lorafusion.data import IGNORE_INDEX, Sample  # noqa: E402
 from lorafusion.prepare import PreparedJob, prepare_run  # noqa: E402
 from lorafusion.report import RunReport, load_run  # noqa: E402
@@ -84,6 +87,9 @@ class BenchConfig:
     """Which providers to run; the ratios need 'a' and the provider divided by."""
     cache_dir: str = str(REPO / "runs" / "bench_cache")
     """Where the checkpoint is built once (keyed by its shape)."""
+    dtype: str = "float32"
+    """Base-model compute dtype of every provider (run.dtype; (c) loads the model in it and PEFT keeps its
+    adapter weights in fp32, as ours does)."""
     balance_pipeline: bool = True
     """run.balance_pipeline for (a) and (b) (with pipeline_stages > 1: plan at the capacity the simulated 1F1B
     finishes soonest, the run's default; False: always fill microbatches to max_tokens_per_microbatch)."""
@@ -95,6 +101,8 @@ class BenchConfig:
         for name in ("steps", "repeats", "global_batch_size", "rank", "pipeline_stages", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {list(DTYPES)}")
 
     @property
     def model_name(self) -> str:
@@ -153,7 +161,7 @@ def bench_jobs(cfg: BenchConfig) -> list[lf.JobSpec]:
 def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunConfig:
     return lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), progress=False, overwrite=True,
                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch,
-                        pipeline_stages=cfg.pipeline_stages, balance_pipeline=cfg.balance_pipeline)
+                        pipeline_stages=cfg.pipeline_stages, balance_pipeline=cfg.balance_pipeline, dtype=cfg.dtype)
 
 
 def _first_losses(report: RunReport, names: list[str]) -> dict[str, float]:
@@ -193,13 +201,17 @@ def _padded_batch(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, labels, mask
 
 
-def _peft_model(job: lf.JobSpec, checkpoint: Path) -> torch.nn.Module:
+def _device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _peft_model(job: lf.JobSpec, checkpoint: Path, dtype: torch.dtype) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).to(_device())
     adapter = job.adapter
     torch.manual_seed(job.seed)
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
@@ -207,10 +219,11 @@ def _peft_model(job: lf.JobSpec, checkpoint: Path) -> torch.nn.Module:
     return get_peft_model(model, config).train()
 
 
-def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int) -> ProviderResult:
+def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int, dtype: str = "float32") -> ProviderResult:
     """Provider (c) for one job: transformers + PEFT, one padded global batch per optimizer step."""
     job = prepared.spec
-    model = _peft_model(job, checkpoint)
+    device = _device()
+    model = _peft_model(job, checkpoint, DTYPES[dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.learning_rate, betas=job.adam_betas, eps=job.adam_eps,
                                   weight_decay=job.weight_decay)
@@ -219,10 +232,11 @@ def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int) -> Provide
     start = time.perf_counter()
     for step in range(prepared.total_steps):
         samples = prepared.global_batch(step)
-        ids, labels, mask = _padded_batch(samples, pad_id)
+        ids, labels, mask = (t.to(device) for t in _padded_batch(samples, pad_id))
         logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, vocab]
         # Our labels are already shifted (labels[t] is the token after t), so no shift here.
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
         loss.backward()
         if job.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, job.max_grad_norm)
@@ -231,6 +245,8 @@ def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int) -> Provide
         first_loss = loss.item() if first_loss is None else first_loss
         tokens += sum(len(s) for s in samples)
         padded += ids.numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     return ProviderResult(tokens=tokens, wall_s=wall, first_loss={job.name: first_loss}, padded_tokens=padded)
 
@@ -248,7 +264,7 @@ def _run_hf_all(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, scra
     prepared = prepare_run(jobs, run)
     pad_id = prepared.tokenizer.pad_id
     pad_id = 0 if pad_id is None else pad_id
-    return _sum_results([run_hf_peft(job, checkpoint, pad_id) for job in prepared.jobs])
+    return _sum_results([run_hf_peft(job, checkpoint, pad_id, cfg.dtype) for job in prepared.jobs])
 
 
 def _measure(provider: str, jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path,
@@ -299,7 +315,7 @@ def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]]) -> di
     row = {"model": cfg.model_name, "jobs": "+".join(JOB_NAMES), "steps": cfg.steps, "repeats": cfg.repeats,
            "global_batch_size": cfg.global_batch_size, "rank": cfg.rank, "pipeline_stages": cfg.pipeline_stages,
            "threads": cfg.threads, "max_tokens_per_microbatch": cfg.max_tokens_per_microbatch,
-           "balance_pipeline": cfg.balance_pipeline, "tokens": next(iter(results.values()))[0].tokens}
+           "balance_pipeline": cfg.balance_pipeline, "dtype": cfg.dtype, "tokens": next(iter(results.values()))[0].tokens}
     for name in ("a", "b", "c"):
         runs = results.get(name)
         row[f"{name}_tokens_per_s"] = round(_median_rate(runs), 1) if runs else ""
@@ -327,6 +343,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--providers", default=",".join(defaults.providers), help="comma-separated subset of a,b,c")
     parser.add_argument("--cache-dir", default=defaults.cache_dir)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES), help="base-model compute dtype")
     parser.add_argument("--balance-pipeline", action=argparse.BooleanOptionalAction, default=defaults.balance_pipeline,
                         help="run.balance_pipeline (default on, as in the run: plan at the capacity the simulated "
                              "1F1B finishes soonest); --no-balance-pipeline fills every microbatch to capacity")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from benchmarks import bench_end_to_end as bench
 from benchmarks.bench_end_to_end import BenchConfig, main, result_row, run_benchmark
@@ -75,3 +76,20 @@ def test_refused_parallelism_is_reported_and_records_nothing(tmp_path, capsys, r
 def test_bad_provider_is_refused():
     with pytest.raises(ValueError, match="providers=.*choose from a, b, c"):
         BenchConfig(providers=("a", "d"))
+
+
+def test_bfloat16_providers_train_the_same_tokens(tmp_path, ray_session):
+    """--dtype bfloat16 (the GPU setting): ours and HF + PEFT both compute in bf16 over fp32 adapter weights and
+    agree on the step-1 loss to bf16 precision."""
+    cfg = BenchConfig(**{**TOY, "providers": ("a", "c")}, dtype="bfloat16", cache_dir=str(tmp_path / "cache"))
+    results = run_benchmark(cfg)
+    (a,), (c,) = results["a"], results["c"]
+    assert a.tokens == c.tokens > 0
+    for job, loss in a.first_loss.items():
+        assert c.first_loss[job] == pytest.approx(loss, rel=2e-2)
+    assert result_row(cfg, results)["dtype"] == "bfloat16"
+    model = bench._peft_model(bench.bench_jobs(cfg)[0], bench.bench_checkpoint(cfg), torch.bfloat16)
+    dtypes = {("lora" if "lora_" in name else "base", p.dtype) for name, p in model.named_parameters()}
+    assert dtypes == {("base", torch.bfloat16), ("lora", torch.float32)}  # (c) as ours: bf16 base, fp32 adapters
+    with pytest.raises(ValueError, match="dtype='fp8'; choose one of"):
+        BenchConfig(dtype="fp8")
