@@ -73,12 +73,14 @@ def evaluate(
     from lorafusion.adapters.attach import ModelAdapters
     from lorafusion.checkpoint import read_peft_adapter
     from lorafusion.models import build_model, read_architecture
+    from lorafusion.models.builder import warn_if_slow_on_cpu
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {list(DTYPES)}")
     read_architecture(base_model)
     samples = load_jsonl_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow)
     loaded = read_peft_adapter(adapter) if adapter is not None else None
+    warn_if_slow_on_cpu(DTYPES[dtype])  # evaluation runs on the CPU
     model, arch = build_model(base_model, dtype=DTYPES[dtype])
     if loaded is None:
         return evaluate_samples(model, samples, job=None, capacity=max_tokens_per_microbatch)

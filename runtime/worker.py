@@ -13,6 +13,7 @@ from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import Microbatch, token_losses
 from lorafusion.config import DTYPES, JobSpec, RunConfig
 from lorafusion.models import build_model
+from lorafusion.models.builder import warn_if_slow_on_cpu
 from runtime.comm import StagePlace
 from runtime.optim import JobOptimizer
 
@@ -36,6 +37,8 @@ class StageWorker:
         """jobs: (spec, total optimizer steps) of every job; layers: this chunk's [start, end), None = all."""
         self.run, self.place = run, place
         self.device = local_device()
+        if self.device.type == "cpu":
+            warn_if_slow_on_cpu(DTYPES[run.dtype])
         self.model, self.arch = build_model(run.base_model, dtype=DTYPES[run.dtype], pre_process=place.is_first,
                                             post_process=place.is_last, layers=layers)
         self.model.to(self.device).train()
