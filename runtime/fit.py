@@ -27,7 +27,7 @@ from runtime.backend import StageGroup, StageLost, ray_connection
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
-from runtime.planning import CapacityChoice, balanced_plan, last_microbatch, scheduler_jobs, window_items
+from runtime.planning import last_microbatch, scheduler_jobs, stream_window, window_items
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
 from runtime.telemetry import summarise_gpu
@@ -96,10 +96,6 @@ class _WindowPlan:
     """(job, step) -> tokens of that global batch."""
     microbatches: int
     """Microbatches that run (no-ops not counted)."""
-    plan: scheduler.Plan
-    """The scheduler's plan of the window (before dealing to replicas)."""
-    jobs: list[scheduler.Job]
-    """The scheduler's view of the window's global batches (what `plan` refers to)."""
 
 
 def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
@@ -120,30 +116,21 @@ def window_planner(run: RunConfig) -> scheduler.WindowPlanner:
 
 def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
                 planner: scheduler.WindowPlanner | None = None, flush: bool = True, last: bool = False) -> _WindowPlan:
-    """Pack and order the global batches `steps[job]` of each named job into one window for the actors.
+    """Pack and order the global batches `steps[job]` of each named job into one window for the actors, at the
+    planner's capacity.
 
     planner: the stream's planner when the window continues earlier ones without a flush (None: a stream of
     its own). flush: the window drains the pipeline at its end (see Window.flush). last: no training window
     follows (the planner need not keep room for one).
     """
     planner = planner or window_planner(run)
-    jobs = scheduler_jobs(prepared_jobs, steps)
-    return _window_plan(prepared_jobs, steps, run, jobs, planner.next_window(jobs, last=last), flush)
+    return window_plan(prepared_jobs, steps, run, planner.next_window(scheduler_jobs(prepared_jobs, steps), last=last),
+                       flush)
 
 
-def balanced_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
-                    planner: scheduler.WindowPlanner, flush: bool = True, last: bool = False
-                    ) -> tuple[_WindowPlan, scheduler.WindowPlanner, CapacityChoice]:
-    """plan_window at the capacity the pipeline runs fastest (runtime.planning.balanced_plan): the window,
-    the planner that continues the stream at that capacity, and the choice."""
-    jobs = scheduler_jobs(prepared_jobs, steps)
-    plan, chosen, choice = balanced_plan(jobs, planner, run.pipeline_stages, run.data_parallel, last)
-    return _window_plan(prepared_jobs, steps, run, jobs, plan, flush), chosen, choice
-
-
-def _window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
-                 jobs: list[scheduler.Job], plan: scheduler.Plan, flush: bool) -> _WindowPlan:
-    """The actors' Window of `plan` (the scheduler's plan of `jobs`, the global batches `steps`)."""
+def window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig, plan: scheduler.Plan,
+                flush: bool = True) -> _WindowPlan:
+    """The actors' Window of `plan`, the scheduler's plan of the global batches `steps` (scheduler_jobs)."""
     by_name = {job.name: job for job in prepared_jobs}
     batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
     replicas = run.data_parallel
@@ -156,7 +143,7 @@ def _window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run:
     tokens = {key: sum(len(s) for s in batch) for key, batch in batches.items()}
     real = sum(1 for mb in plan.microbatches if not mb.is_noop)
     window = Window(slots=_deal(slots, replicas), steps_after=steps_after, flush=flush)
-    return _WindowPlan(window, tokens, real, plan, jobs)
+    return _WindowPlan(window, tokens, real)
 
 
 def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
@@ -181,7 +168,7 @@ class _Trainer:
         self.microbatches = 0
         self.planned_windows = 0
         self._stream: StreamState | None = None  # the capacity run.balance_pipeline chose, and for which jobs
-        self.capacity_choices: list[dict] = []  # balanced_window's choices, for run_metrics.json
+        self.capacity_choices: list[dict] = []  # stream_window's choices, for run_metrics.json
         self.busy = [0.0] * len(group.places)
         self.span = [0.0] * len(group.places)
         self.peak_memory = 0
@@ -231,7 +218,7 @@ class _Trainer:
                    ) -> tuple[_WindowPlan, tuple[list[_JobState], bool], scheduler.WindowPlanner]:
         """The next window of the plannable jobs, what falls due after it (jobs to evaluate, checkpoint?), and
         the planner of the windows after it. The window drains the pipeline when anything falls due or no job
-        has global batches left. With run.balance_pipeline, the capacity is chosen again (balanced_window)
+        has global batches left. With run.balance_pipeline, the capacity is chosen again (stream_window)
         whenever the set of jobs in the window changes."""
         every = self.run.checkpoint_every_steps
         active = [s for s in self.states.values() if s.plannable]
@@ -244,21 +231,20 @@ class _Trainer:
         checkpoint = bool(every) and any(s.planned % every == 0 for s in active)
         last = not any(s.plannable for s in self.states.values())
         flush = bool(evaluate) or checkpoint or last
-        names = tuple(sorted(window_steps))
-        if self.run.pipeline_stages > 1 and self.run.balance_pipeline and (
-                self._stream is None or names != self._stream.jobs):
-            planned, planner, choice = balanced_window(self.prepared.jobs, window_steps, self.run, planner, flush,
-                                                       last)
-            self._stream = StreamState(capacity_tokens=choice.capacity_tokens, jobs=names, layout=self._layout)
-            self.capacity_choices.append({"window": self.planned_windows, "jobs": list(names),
+        jobs = scheduler_jobs(self.prepared.jobs, window_steps)
+        plan, planner, choice = stream_window(jobs, planner, stages=self.run.pipeline_stages,
+                                              replicas=self.run.data_parallel, balance=self.run.balance_pipeline,
+                                              chosen_for=self._stream.jobs if self._stream else None, last=last)
+        if choice is not None:
+            self._stream = StreamState(capacity_tokens=choice.capacity_tokens, jobs=choice.jobs, layout=self._layout)
+            self.capacity_choices.append({"window": self.planned_windows, "jobs": list(choice.jobs),
                                           "capacity_tokens": choice.capacity_tokens,
                                           "simulated_makespan": {str(c): m for c, m in choice.simulated.items()}})
             if choice.capacity_tokens != self.run.max_tokens_per_microbatch:
                 self.progress.note(f"pipeline balance: microbatches of ≤ {choice.capacity_tokens} tokens for "
-                                   f"{', '.join(names)} (simulated {choice.gain:.0%} sooner than at "
+                                   f"{', '.join(choice.jobs)} (simulated {choice.gain:.0%} sooner than at "
                                    f"{self.run.max_tokens_per_microbatch})")
-        else:
-            planned = plan_window(self.prepared.jobs, window_steps, self.run, planner, flush, last)
+        planned = window_plan(self.prepared.jobs, window_steps, self.run, plan, flush)
         self.planned_windows += 1
         return planned, (evaluate, checkpoint), planner
 

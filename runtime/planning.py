@@ -18,7 +18,7 @@ from scheduler import CostModel, Job, Microbatch, Plan, WindowPlanner, microbatc
 from scheduler.problem import batch_spans
 
 __all__ = ["scheduler_jobs", "window_items", "last_microbatch", "simulated_makespan", "CapacityChoice",
-           "balanced_plan", "WindowSummary", "RunPlan", "plan_windows", "format_run_plan"]
+           "balanced_plan", "stream_window", "WindowSummary", "RunPlan", "plan_windows", "format_run_plan"]
 
 # Capacities a pipelined stream may plan at (run.balance_pipeline), as fractions of max_tokens_per_microbatch.
 CAPACITY_FRACTIONS = (1.0, 0.75, 0.625, 0.5)
@@ -94,6 +94,8 @@ class CapacityChoice:
     capacity_tokens: int
     simulated: dict[int, float]
     """Each capacity tried -> the window's simulated makespan (token units)."""
+    jobs: tuple[str, ...]
+    """The window's jobs (sorted names): the stream keeps the capacity until this set changes."""
 
     @property
     def gain(self) -> float:
@@ -128,7 +130,23 @@ def balanced_plan(jobs: list[Job], planner: WindowPlanner, stages: int, replicas
     if trials[best][2] > trials[full][2] * (1.0 - MIN_BALANCE_GAIN):
         best = full
     plan, trial, _ = trials[best]
-    return plan, trial, CapacityChoice(best, {c: round(m, 1) for c, (_, _, m) in trials.items()})
+    return plan, trial, CapacityChoice(best, {c: round(m, 1) for c, (_, _, m) in trials.items()}, _names(jobs))
+
+
+def stream_window(jobs: list[Job], planner: WindowPlanner, *, stages: int, replicas: int = 1, balance: bool = False,
+                  chosen_for: tuple[str, ...] | None = None, last: bool = False
+                  ) -> tuple[Plan, WindowPlanner, CapacityChoice | None]:
+    """The next window of a stream (as `lf.fit` and `lorafusion plan` plan it), the planner of the windows after
+    it, and the capacity choice when one was made: with `balance` (run.balance_pipeline) and stages > 1, the
+    capacity is chosen by `balanced_plan` whenever the window's set of jobs is not `chosen_for` (the set of the
+    stream's last choice); otherwise the window is planned at the planner's capacity."""
+    if balance and stages > 1 and _names(jobs) != chosen_for:
+        return balanced_plan(jobs, planner, stages, replicas, last)
+    return planner.next_window(jobs, last=last), planner, None
+
+
+def _names(jobs: list[Job]) -> tuple[str, ...]:
+    return tuple(sorted(job.name for job in jobs))
 
 
 @dataclass
@@ -172,8 +190,7 @@ def plan_windows(
     """Plan the whole run (or its first `max_windows` windows) window by window, every job starting at
     step 0 and running to its total_steps; summarise each window and simulate the whole stream.
 
-    balance (run.balance_pipeline, with stages > 1): as the fit does, choose the capacity by `balanced_plan`
-    whenever the set of jobs in the window changes, and go on at it.
+    balance (run.balance_pipeline): choose the capacity as the fit does (`stream_window`).
     """
     if isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int) or steps_per_window < 1:
         raise ValueError(f"steps_per_window={steps_per_window!r} must be a positive integer (global batches of "
@@ -183,7 +200,7 @@ def plan_windows(
     summaries: list[WindowSummary] = []
     stream: list[Microbatch] = []
     lengths: dict[str, list[list[int]]] = {}
-    balanced_for: list[str] | None = None
+    chosen_for: tuple[str, ...] | None = None
     configured = planner.limits["capacity_tokens"]
     while max_windows is None or len(summaries) < max_windows:
         window_steps = {job.name: range(step[job.name], min(step[job.name] + steps_per_window, job.total_steps))
@@ -193,12 +210,9 @@ def plan_windows(
             break
         last = all(window_steps[job.name].stop >= job.total_steps for job in prepared_jobs)
         start = time.perf_counter()
-        names = sorted(job.name for job in jobs)
-        if balance and stages > 1 and names != balanced_for:
-            window, planner, _ = balanced_plan(jobs, planner, stages, replicas, last)
-            balanced_for = names
-        else:
-            window = planner.next_window(jobs, last=last)
+        window, planner, choice = stream_window(jobs, planner, stages=stages, replicas=replicas, balance=balance,
+                                                chosen_for=chosen_for, last=last)
+        chosen_for = choice.jobs if choice is not None else chosen_for
         elapsed = time.perf_counter() - start
         stats = window.stats
         sim = simulate_plan(window.microbatches, jobs, cost_model, stages, planner.limits["pad_multiple"])

@@ -102,9 +102,7 @@ def commit_checkpoint(
                        "stages": num_stages if progress[job.name].error is None else 0} for job in prepared.jobs}
     path = finalize_checkpoint(staging, counter=counter, jobs=jobs,
                                config=run_manifest(run, [job.spec for job in prepared.jobs]),
-                               stream=None if stream is None else {"capacity_tokens": stream.capacity_tokens,
-                                                                   "jobs": list(stream.jobs),
-                                                                   "layout": list(stream.layout)})
+                               stream=None if stream is None else stream.record())
     prune_checkpoints(run.output_dir, run.keep_checkpoints)
     return path
 
@@ -164,6 +162,10 @@ class StreamState:
     jobs: tuple[str, ...]
     layout: tuple[int, int]
     """(pipeline stages, data-parallel replicas) it was chosen for: a resume with another layout chooses again."""
+
+    def record(self) -> dict[str, Any]:
+        """The checkpoint manifest's "stream" (read back, and checked, by open_checkpoint)."""
+        return {"capacity_tokens": self.capacity_tokens, "jobs": list(self.jobs), "layout": list(self.layout)}
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,8 @@ import torch
 
 import lorafusion as lf
 from lorafusion.prepare import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR, prepare_run
-from runtime.planning import MIN_BALANCE_GAIN, format_run_plan, plan_windows, simulated_makespan
+from runtime.planning import (MIN_BALANCE_GAIN, balanced_plan, format_run_plan, plan_windows, scheduler_jobs,
+                              simulated_makespan, stream_window)
 from scheduler import verify_windows
 from tests.runtime.test_isolation import fit_adapters, max_rel_diff
 
@@ -42,40 +43,51 @@ def test_a_dominated_stream_is_planned_at_a_smaller_capacity(prepared):
     run, jobs = prepared.run, prepared.jobs
     planner = fit_module.window_planner(run)
     steps = {job.name: range(0, 2) for job in jobs}
-    planned, continued, choice = fit_module.balanced_window(jobs, steps, run, planner)
-    full = fit_module.plan_window(jobs, steps, run, fit_module.window_planner(run))
+    window_jobs = scheduler_jobs(jobs, steps)
+    plan, continued, choice = stream_window(window_jobs, planner, stages=2, balance=True)
+    full = fit_module.window_planner(run).next_window(window_jobs)
     assert planner.position == 0, "the caller's planner must be left as it was"
+    assert choice.jobs == tuple(sorted(NAMES))
     assert set(choice.simulated) == {2048, 1536, 1280, 1024}
     assert choice.capacity_tokens < CAPACITY and choice.gain >= MIN_BALANCE_GAIN
     assert choice.simulated[choice.capacity_tokens] == min(choice.simulated.values())
-    assert simulated_makespan(full.plan, full.jobs, 2) == pytest.approx(choice.simulated[CAPACITY], rel=1e-6)
-    assert planned.microbatches > full.microbatches  # the same samples in more, evener microbatches
+    assert simulated_makespan(full, window_jobs, 2) == pytest.approx(choice.simulated[CAPACITY], rel=1e-6)
+    planned = fit_module.window_plan(jobs, steps, run, plan)
+    assert planned.microbatches > fit_module.window_plan(jobs, steps, run, full).microbatches  # more, evener ones
     for slot in planned.window.slots[0]:
         assert sum(len(sample) for _, sample, _ in slot.items) <= choice.capacity_tokens
-    # The stream goes on at the chosen capacity, and the distance rule holds across the window boundary.
+    # The stream goes on at the chosen capacity while its set of jobs stays, and the distance rule holds across
+    # the window boundary.
     assert continued.limits["capacity_tokens"] == choice.capacity_tokens
-    later = {job.name: range(2, 4) for job in jobs}
-    second = fit_module.plan_window(jobs, later, run, continued)
-    verify_windows([planned.plan, second.plan], [planned.jobs, second.jobs], capacity_tokens=choice.capacity_tokens,
+    later_jobs = scheduler_jobs(jobs, {job.name: range(2, 4) for job in jobs})
+    second, after, again = stream_window(later_jobs, continued, stages=2, balance=True, chosen_for=choice.jobs)
+    assert again is None and after is continued
+    verify_windows([plan, second], [window_jobs, later_jobs], capacity_tokens=choice.capacity_tokens,
                    pipeline_depth=2, pad_multiple=1)
+    # Another set of jobs is chosen for again; 1 stage or balance off never chooses.
+    fewer = [job for job in window_jobs if job.name != "arith"]
+    assert stream_window(fewer, fit_module.window_planner(run), stages=2, balance=True,
+                         chosen_for=choice.jobs)[2].jobs == ("chat", "greet", "reverse")
+    for stages, balance in ((1, True), (2, False)):
+        _, kept, none = stream_window(window_jobs, fit_module.window_planner(run), stages=stages, balance=balance)
+        assert none is None and kept.limits["capacity_tokens"] == CAPACITY
 
 
 def test_an_even_stream_keeps_the_full_capacity(prepared):
     """Four jobs of one distribution: full microbatches are already even, smaller ones only add overhead."""
-    run = prepared.run
     reverse = next(job for job in prepared.jobs if job.name == "reverse")
-    _, continued, choice = fit_module.balanced_window([reverse], {"reverse": range(0, 4)}, run,
-                                                      fit_module.window_planner(run))
+    _, continued, choice = balanced_plan(scheduler_jobs([reverse], {"reverse": range(0, 4)}),
+                                         fit_module.window_planner(prepared.run), stages=2)
     assert len(choice.simulated) == 4  # every candidate was planned and simulated
     assert choice.capacity_tokens == CAPACITY and continued.limits["capacity_tokens"] == CAPACITY
 
 
 def test_lorafusion_plan_shows_the_capacity_the_fit_would_choose(prepared):
-    """plan_windows (`lorafusion plan`) balances as the fit does: the first window at balanced_window's choice,
+    """plan_windows (`lorafusion plan`) balances as the fit does: the first window at balanced_plan's choice,
     the stream going on at it; with balance off, every window at the full capacity."""
     run, jobs = prepared.run, prepared.jobs
-    _, _, choice = fit_module.balanced_window(jobs, {job.name: range(0, 2) for job in jobs}, run,
-                                              fit_module.window_planner(run))
+    _, _, choice = balanced_plan(scheduler_jobs(jobs, {job.name: range(0, 2) for job in jobs}),
+                                 fit_module.window_planner(run), stages=2)
     balanced = plan_windows(jobs, fit_module.window_planner(run), steps_per_window=2, stages=2, balance=True)
     assert [w.capacity_tokens for w in balanced.windows] == [choice.capacity_tokens] * 2
     assert balanced.capacity_tokens == CAPACITY
@@ -93,8 +105,9 @@ def test_lorafusion_plan_shows_the_capacity_the_fit_would_choose(prepared):
 
 @pytest.mark.usefixtures("ray_session")
 def test_balanced_fit_trains_the_same_jobs(train_checkpoint, examples_data, tmp_path):
-    """The fit (balanced by default) records its choice and trains every job to the adapters of a 1-stage fit, up to the fp32
-    rounding of gradient sums over a different packing (Adam amplifies it; ~1e-4 seen)."""
+    """The fit (balanced by default) records its choice and trains every job to the adapters of a 1-stage fit, up
+    to the fp32 rounding of gradient sums over a different packing (Adam amplifies it: 9.4e-5 measured here, so
+    3e-4 leaves a margin for other CPUs' kernels and nothing for a real difference)."""
     jobs = dominated_jobs(examples_data, steps=3)
     single = fit_adapters(train_checkpoint, tmp_path / "single", jobs, CAPACITY)
     balanced = fit_adapters(train_checkpoint, tmp_path / "balanced", jobs, CAPACITY, pipeline_stages=2)
@@ -104,7 +117,7 @@ def test_balanced_fit_trains_the_same_jobs(train_checkpoint, examples_data, tmp_
     assert choice["capacity_tokens"] < CAPACITY
     for name in NAMES:
         worst, key = max_rel_diff(balanced[name]["tensors"], single[name]["tensors"])
-        assert worst <= 1e-3, f"job {name}: balanced 2-stage vs 1 process differ by {worst:.3e} in {key}"
+        assert worst <= 3e-4, f"job {name}: balanced 2-stage vs 1 process differ by {worst:.3e} in {key}"
         assert [m["step"] for m in balanced[name]["metrics"]] == [1, 2, 3]
     # Off: no choice, every microbatch filled up to the full capacity, so fewer of them.
     fit_adapters(train_checkpoint, tmp_path / "full", jobs, CAPACITY, pipeline_stages=2, balance_pipeline=False)
