@@ -38,7 +38,7 @@ from scheduler.greedy import lower_bounds
 from scheduler.problem import Item, Job, PackingProblem, pad_up, validate_problem
 
 __all__ = ["WindowProblem", "WindowModel", "Floor", "window_problem", "cheap_floor", "bin_packing_bound",
-           "build_window_model", "window_floor"]
+           "build_window_model", "solve_window_model", "window_floor"]
 
 _Key = tuple[str, int]
 """(job, absolute global batch)."""
@@ -195,6 +195,24 @@ def build_window_model(problem: WindowProblem, num_microbatches: int) -> WindowM
     return WindowModel(problem, model, N, x, y, last)
 
 
+def solve_window_model(built: WindowModel, time_limit_s: float, seed: int, *, probing: bool = True
+                       ) -> tuple[cp_model.CpSolver, cp_model.CpSolverStatus]:
+    """CP-SAT on `built` for `time_limit_s` deterministic seconds with one worker (the same input, the same
+    answer); probing=False skips CP-SAT's probing (it can take most of the time to a first solution). Returns
+    the solver (for the solution and the deterministic time spent) and the status; RuntimeError when CP-SAT
+    rejects the model."""
+    solver = cp_model.CpSolver()
+    solver.parameters.max_deterministic_time = time_limit_s
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = seed
+    if not probing:
+        solver.parameters.cp_model_probing_level = 0
+    status = solver.solve(built.model)
+    if status == cp_model.MODEL_INVALID:
+        raise RuntimeError(f"CP-SAT rejected the window model: {built.model.validate()}")
+    return solver, status
+
+
 def _add_capacity(model: cp_model.CpModel, problem: WindowProblem, at_q: list, q: int) -> None:
     """Position q's padded tokens ≤ C' (raw tokens when P = 1, else padded blocks per job), and its cost."""
     pad, capacity, budget = problem.pad_multiple, problem.capacity_tokens, problem.budget
@@ -249,11 +267,5 @@ def _refute(problem: WindowProblem, num_microbatches: int, time_limit_s: float, 
     built = build_window_model(problem, num_microbatches)
     if built is None:
         return cp_model.INFEASIBLE, 0.0
-    solver = cp_model.CpSolver()
-    solver.parameters.max_deterministic_time = time_limit_s
-    solver.parameters.num_workers = 1
-    solver.parameters.random_seed = seed
-    status = solver.solve(built.model)
-    if status == cp_model.MODEL_INVALID:
-        raise RuntimeError(f"CP-SAT rejected the window model: {built.model.validate()}")
+    solver, status = solve_window_model(built, time_limit_s, seed)
     return status, solver.deterministic_time

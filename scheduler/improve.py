@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from ortools.sat.python import cp_model
 
-from scheduler.bound import WindowModel, WindowProblem, build_window_model, cheap_floor
+from scheduler.bound import WindowModel, WindowProblem, build_window_model, cheap_floor, solve_window_model
 from scheduler.compact import compact
 from scheduler.fill import FILL_ORDERS, fill
 from scheduler.problem import Microbatch, SampleRef, batch_spans
@@ -91,9 +91,8 @@ def blocked_start(microbatches: list[Microbatch], problem: WindowProblem) -> int
     """Positions at the start of the next window where none of this window's jobs may run yet: the least,
     over the jobs, of last position + S - length (0 when some job is free at once)."""
     last: dict[str, int] = {}
-    for q, mb in enumerate(microbatches):
-        for job, _, _ in mb.samples:
-            last[job] = q
+    for (job, _), (_, end) in batch_spans(microbatches).items():
+        last[job] = max(last.get(job, 0), end)
     return max(0, min(last.values(), default=0) + problem.pipeline_depth - len(microbatches))
 
 
@@ -138,14 +137,7 @@ def _solve(problem: WindowProblem, microbatches: list[Microbatch], time_limit_s:
     if limit is not None:
         _limit_blocked_start(built, limit)
     _hint(built, microbatches, index, drop)
-    solver = cp_model.CpSolver()
-    solver.parameters.max_deterministic_time = time_limit_s
-    solver.parameters.num_workers = 1
-    solver.parameters.random_seed = seed
-    solver.parameters.cp_model_probing_level = 0  # probing took most of the time to a first solution here
-    status = solver.solve(built.model)
-    if status == cp_model.MODEL_INVALID:
-        raise RuntimeError(f"CP-SAT rejected the window model: {built.model.validate()}")
+    solver, status = solve_window_model(built, time_limit_s, seed, probing=False)  # probing: most of the time here
     found = _stream(built, built.positions(solver)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
     return found, solver.deterministic_time, status == cp_model.INFEASIBLE
 

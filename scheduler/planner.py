@@ -120,7 +120,8 @@ class WindowPlanner:
     solve_8x16); 0.3 took 0.79 s (max 1.11), over the 1 s a window may take, for about the same waste.
     shorten_time_limit_s: see `plan`; with the default, solve_8x16 took 0.60-0.62 s (max 0.77-0.80) where the
     planner without the shorten step took 0.68-0.73 s (max 0.79-1.04), side by side on the same 2-core EPYC
-    shared with other work (load ~2.7; the bench run at commit 2198c01 there: 0.72 s, max 0.96).
+    shared with other work (load ~2.7; the bench run at commit 2198c01 there: 0.72 s, max 0.96); with the
+    perturbed fills of commit d8eaf15, 0.76 s (max 0.93) in the bench run, again on a shared machine.
     """
 
     def __init__(

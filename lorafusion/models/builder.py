@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,13 +29,14 @@ def slow_cpu_dtype(dtype: torch.dtype, cpuinfo: str | Path = "/proc/cpuinfo") ->
     """Why `dtype` would compute slowly on this CPU (a message naming the missing instructions and the fix),
     or None: float32, a CPU with the instructions, or no /proc/cpuinfo to tell."""
     needed = _NATIVE_FLAGS.get(dtype)
+    if needed is None:
+        return None
     try:
-        text = Path(cpuinfo).read_text() if needed else ""
+        lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return None
-    lines = text.splitlines()
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
-    if not needed or flags is None or any(flag in flags for flag in needed):
+    if flags is None or any(flag in flags for flag in needed):
         return None
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "this CPU")
     name = str(dtype).removeprefix("torch.")
@@ -45,8 +47,6 @@ def slow_cpu_dtype(dtype: torch.dtype, cpuinfo: str | Path = "/proc/cpuinfo") ->
 
 def warn_if_slow_on_cpu(dtype: torch.dtype) -> None:
     """A RuntimeWarning when `dtype` would compute slowly on this CPU (see slow_cpu_dtype)."""
-    import warnings
-
     why = slow_cpu_dtype(dtype)
     if why is not None:
         warnings.warn(why, RuntimeWarning, stacklevel=2)
