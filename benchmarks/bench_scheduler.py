@@ -18,13 +18,12 @@ Methods, each on the same samples:
           jobs round-robin one microbatch at a time, no-ops where the distance rule needs them
   greedy  every job's global batch g packed together by first-fit decreasing, rounds in order, no-ops
           where needed (what the runtime did before the scheduler)
-  ours    scheduler.WindowPlanner, --window-batches global batches of every job per window (CP-SAT,
+  ours    scheduler.WindowPlanner, windows as lf.fit sizes them (scheduler.window_global_batches of the
+          next global batches' tokens, slots = S: at least 64 microbatches and 16 per slot, so 4 to 16
+          global batches here; --window-batches N fixes N instead), each planned by CP-SAT,
           grouping, interleaving, merged remainders, compaction, then scheduler.improve.shorten: filling
           and --shorten-time-limit-s of whole-window CP-SAT; the last window is planned with last=True,
-          as no window follows it). Default 4, as the runtime plans
-          several per window (runtime/fit.py: enough for 16 microbatches per pipeline slot, up to 16):
-          with 1 no microbatch can take two rounds' samples (waste 3.9-24% at commit 5c9ec5f); 4 gave
-          waste within ~1 point of 8 (the whole run as one window) at 0.3-0.5 s of compaction per window.
+          as no window follows it. The window_batches column lists the windows' sizes ("4+4").
 
 Simulated time: scheduler.CostModel() per microbatch (tokens + 1.7e-5·Σlen²), split evenly over S
 stages, backward = 2 x forward, 1F1B with the optimizer-step dependencies (scheduler.simulate_1f1b).
@@ -52,7 +51,8 @@ import time
 import numpy as np
 
 from benchmarks.results_csv import append_rows
-from scheduler import CostModel, Job, Microbatch, WindowPlanner, simulate_1f1b, token_imbalance, verify
+from scheduler import (CostModel, Job, Microbatch, WindowPlanner, simulate_1f1b, token_imbalance, verify,
+                       window_global_batches)
 from scheduler.bound import Floor, window_floor
 from scheduler.greedy import first_fit_decreasing_padded
 from scheduler.improve import SHORTEN_TIME_LIMIT_S
@@ -127,26 +127,31 @@ def greedy_stream(jobs: list[Job], capacity: int, depth: int, pad: int) -> list[
 
 
 def ours_stream(
-    jobs: list[Job], capacity: int, depth: int, pad: int, args: argparse.Namespace, window_batches: int,
+    jobs: list[Job], capacity: int, depth: int, pad: int, args: argparse.Namespace, window_batches: int | None,
     floor_time_limit_s: float = 0.0,
-) -> tuple[list[Microbatch], list[tuple[float, float]], list[Floor]]:
-    """Ours' stream, each window's (wall, CPU) planning seconds, and each window's floor (none when
-    floor_time_limit_s is 0): computed after the window is planned, untimed, from the carry-in the
-    planner had and with ours' length as the known schedule."""
+) -> tuple[list[Microbatch], list[tuple[float, float]], list[Floor], list[int]]:
+    """Ours' stream, each window's (wall, CPU) planning seconds, each window's floor (none when
+    floor_time_limit_s is 0: computed after the window is planned, untimed, from the carry-in the
+    planner had and with ours' length as the known schedule) and each window's global batches per job
+    (window_batches, or as lf.fit sizes them when None)."""
     planner = WindowPlanner(capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad,
                             time_limit_s=args.time_limit_s, shorten_time_limit_s=args.shorten_time_limit_s)
-    stream, times, floors = [], [], []
-    starts = range(0, max(len(job.global_batches) for job in jobs), window_batches)
-    for g in starts:
-        window, ready = _window(jobs, g, window_batches), planner.ready
+    stream, times, floors, sizes = [], [], [], []
+    g, end = 0, max(len(job.global_batches) for job in jobs)
+    while g < end:
+        size = window_batches or window_global_batches(
+            sum(sum(job.global_batches[g]) for job in jobs if g < len(job.global_batches)), capacity, depth)
+        window, ready = _window(jobs, g, size), planner.ready
         start, cpu = time.perf_counter(), time.process_time()
-        planned = planner.next_window(window, last=g == starts[-1]).microbatches
+        planned = planner.next_window(window, last=g + size >= end).microbatches
         times.append((time.perf_counter() - start, time.process_time() - cpu))
         stream += planned
+        sizes.append(min(size, end - g))
+        g += size
         if floor_time_limit_s > 0:
             floors.append(window_floor(window, capacity_tokens=capacity, pipeline_depth=depth, pad_multiple=pad,
                                        ready=ready, upper=len(planned), time_limit_s=floor_time_limit_s))
-    return stream, times, floors
+    return stream, times, floors, sizes
 
 
 def measure(jobs: list[Job], stream: list[Microbatch], capacity: int, depth: int, pad: int, rectangular: bool) -> dict:
@@ -181,12 +186,13 @@ def run_case(workload: str, capacity: int, depth: int, args: argparse.Namespace)
     jobs = make_jobs(workload, args.global_batches, args.seed)
     base = {"workload": workload, "capacity": capacity, "stages": depth, "pad_multiple": args.pad_multiple,
             "global_batches": args.global_batches, "time_limit_s": args.time_limit_s,
-            "window_batches": args.window_batches, "shorten_time_limit_s": args.shorten_time_limit_s}
+            "shorten_time_limit_s": args.shorten_time_limit_s}
     results = {"mlora": measure(jobs, mlora_stream(jobs, capacity, depth), capacity, depth, 1, rectangular=True),
                "greedy": measure(jobs, greedy_stream(jobs, capacity, depth, args.pad_multiple), capacity, depth,
                                  args.pad_multiple, rectangular=False)}
-    stream, times, floors = ours_stream(jobs, capacity, depth, args.pad_multiple, args, args.window_batches,
-                                        args.floor_time_limit_s)
+    stream, times, floors, sizes = ours_stream(jobs, capacity, depth, args.pad_multiple, args, args.window_batches,
+                                               args.floor_time_limit_s)
+    base["window_batches"] = "+".join(map(str, sizes))
     results["ours"] = measure(jobs, stream, capacity, depth, args.pad_multiple, rectangular=False)
     results["ours"].update(_times(times))
     if floors:
@@ -194,9 +200,9 @@ def run_case(workload: str, capacity: int, depth: int, args: argparse.Namespace)
         results["ours"].update(floor_microbatches=floor, floor_cheap_microbatches=sum(f.cheap for f in floors),
                                waste_floor=round(waste_fraction(results["ours"]["real_tokens"], floor, capacity), 4))
     # No window of ours can use fewer microbatches than its tokens over the capacity, rounded up.
-    size = args.window_batches
+    starts = [sum(sizes[:w]) for w in range(len(sizes))]
     bound = sum(math.ceil(sum(sum(map(sum, job.global_batches[g:g + size])) for job in jobs) / capacity)
-                for g in range(0, args.global_batches, size))
+                for g, size in zip(starts, sizes))
     fewest = math.ceil(sum(sum(map(sum, job.global_batches)) for job in jobs) / capacity)
     rows = []
     for method, r in results.items():
@@ -210,7 +216,7 @@ def solve_time_case(args: argparse.Namespace) -> dict:
     """Solve time per window for 8 jobs x 16 samples (mixed lengths), capacity 8192, S = 4."""
     rng = np.random.default_rng([args.seed, 99])
     jobs = [Job(f"job{j}", [_lengths(rng, "mixed", 16) for _ in range(args.global_batches)]) for j in range(8)]
-    _, times, _ = ours_stream(jobs, 8192, 4, args.pad_multiple, args, 1)
+    _, times, _, _ = ours_stream(jobs, 8192, 4, args.pad_multiple, args, 1)
     return {"workload": "solve_8x16", "capacity": 8192, "stages": 4, "pad_multiple": args.pad_multiple,
             "global_batches": args.global_batches, "time_limit_s": args.time_limit_s, "window_batches": 1,
             "shorten_time_limit_s": args.shorten_time_limit_s,
@@ -235,7 +241,8 @@ def main() -> None:
     parser.add_argument("--floor-time-limit-s", type=float, default=1.0,
                         help="CP-SAT limit of each window's floor (0: no floor columns)")
     parser.add_argument("--pad-multiple", type=int, default=1)
-    parser.add_argument("--window-batches", type=int, default=4, help="global batches per job in a window (ours)")
+    parser.add_argument("--window-batches", type=int, default=None,
+                        help="global batches per job in a window (ours; default: as lf.fit sizes windows)")
     parser.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))

@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a field, as for train: run.pipeline_stages=4 plans for 4 stages")
     plan.add_argument("--windows", type=int, default=None, help="plan only the first N windows (default: the whole run)")
-    plan.add_argument("--steps-per-window", type=int, default=1, help="global batches of each job per window")
+    plan.add_argument("--steps-per-window", type=int, default=None,
+                      help="global batches of each job per window (default: as train chooses them)")
     plan.add_argument("--capacity", type=int, default=None,
                       help="tokens per microbatch (default: run.max_tokens_per_microbatch)")
     plan.add_argument("--pad-multiple", type=int, default=1, help="pad each job's tokens to a multiple (kernel tile rows)")

@@ -31,14 +31,12 @@ from runtime.planning import last_microbatch, scheduler_jobs, stream_window, win
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
 from runtime.telemetry import summarise_gpu
+from scheduler.planner import MAX_WINDOW_GLOBAL_BATCHES
 
 __all__ = ["fit", "RUN_METRICS"]
 
 RUN_METRICS = "run_metrics.json"
-# Microbatches a window should hold per pipeline slot (stages × replicas): the 1F1B fill and drain at a
-# window's ends cost ~(S - 1) slots, so ≥ 16 per slot keeps that under ~1/16 of the window.
-_SLOTS_PER_WINDOW = 16
-_MAX_STEPS_PER_WINDOW = 16
+_MAX_STEPS_PER_WINDOW = MAX_WINDOW_GLOBAL_BATCHES  # tests set 1 for a stream of one-step windows
 
 
 def _start_output(prepared: PreparedRun, resuming: bool) -> None:
@@ -261,13 +259,11 @@ class _Trainer:
         commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages, self._stream)
 
     def _window_steps(self, active: list[_JobState]) -> int:
-        """Global batches per job in the next window: enough microbatches to keep every pipeline slot busy."""
-        slots = self.run.pipeline_stages * self.run.data_parallel
-        if slots == 1:
-            return 1
+        """Global batches per job in the next window (`scheduler.window_global_batches`, from the next one's tokens)."""
         tokens = sum(len(s) for st in active for s in st.job.global_batch(st.planned))
-        per_round = max(1, math.ceil(tokens / self.run.max_tokens_per_microbatch))
-        return max(1, min(_MAX_STEPS_PER_WINDOW, math.ceil(_SLOTS_PER_WINDOW * slots / per_round)))
+        return scheduler.window_global_batches(tokens, self.run.max_tokens_per_microbatch,
+                                               self.run.pipeline_stages * self.run.data_parallel,
+                                               most=_MAX_STEPS_PER_WINDOW)
 
     def _collect(self, planned: _WindowPlan, calls: list) -> None:
         """Wait for a window sent earlier and record the steps its calls completed (steps of earlier windows'

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from lorafusion.data import Sample
 from lorafusion.prepare import PreparedJob
-from scheduler import CostModel, Job, Microbatch, Plan, WindowPlanner, microbatch_lengths, simulate_plan, token_imbalance
+from scheduler import (CostModel, Job, Microbatch, Plan, WindowPlanner, microbatch_lengths, simulate_plan,
+                       token_imbalance, window_global_batches)
 from scheduler.problem import batch_spans
 
 __all__ = ["scheduler_jobs", "window_items", "last_microbatch", "simulated_makespan", "CapacityChoice",
@@ -184,17 +185,20 @@ class RunPlan:
 
 
 def plan_windows(
-    prepared_jobs: list[PreparedJob], planner: WindowPlanner, *, steps_per_window: int, stages: int,
+    prepared_jobs: list[PreparedJob], planner: WindowPlanner, *, steps_per_window: int | None = None, stages: int,
     max_windows: int | None = None, cost_model: CostModel | None = None, replicas: int = 1, balance: bool = False,
 ) -> RunPlan:
     """Plan the whole run (or its first `max_windows` windows) window by window, every job starting at
     step 0 and running to its total_steps; summarise each window and simulate the whole stream.
 
-    balance (run.balance_pipeline): choose the capacity as the fit does (`stream_window`).
+    steps_per_window: global batches of each job per window; None: as the fit chooses them
+    (`scheduler.window_global_batches` of the next global batches' tokens). balance (run.balance_pipeline):
+    choose the capacity as the fit does (`stream_window`).
     """
-    if isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int) or steps_per_window < 1:
+    if steps_per_window is not None and (isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int)
+                                         or steps_per_window < 1):
         raise ValueError(f"steps_per_window={steps_per_window!r} must be a positive integer (global batches of "
-                         "each job per window)")
+                         "each job per window) or None (as the fit chooses)")
     cost_model = cost_model or CostModel()
     step = {job.name: 0 for job in prepared_jobs}
     summaries: list[WindowSummary] = []
@@ -203,7 +207,10 @@ def plan_windows(
     chosen_for: tuple[str, ...] | None = None
     configured = planner.limits["capacity_tokens"]
     while max_windows is None or len(summaries) < max_windows:
-        window_steps = {job.name: range(step[job.name], min(step[job.name] + steps_per_window, job.total_steps))
+        size = steps_per_window or window_global_batches(
+            sum(len(s) for job in prepared_jobs if step[job.name] < job.total_steps
+                for s in job.global_batch(step[job.name])), configured, stages * replicas)
+        window_steps = {job.name: range(step[job.name], min(step[job.name] + size, job.total_steps))
                         for job in prepared_jobs}
         jobs = scheduler_jobs(prepared_jobs, window_steps)
         if not jobs:

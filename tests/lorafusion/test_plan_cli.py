@@ -30,7 +30,8 @@ def test_plan_prints_one_row_per_window(train_checkpoint, tmp_path, capsys):
     config = _config(tmp_path, train_checkpoint)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("an earlier run")  # plan writes nothing, so this is fine
-    assert main(["plan", str(config), "--set", "run.pipeline_stages=2", "--time-limit-s", "0.05"]) == 0
+    assert main(["plan", str(config), "--set", "run.pipeline_stages=2", "--time-limit-s", "0.05",
+                 "--steps-per-window", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["0", "1", "2"]  # arith runs 3 steps
@@ -38,6 +39,11 @@ def test_plan_prints_one_row_per_window(train_checkpoint, tmp_path, capsys):
     assert int(total[1]) == sum(int(row[1]) for row in rows)
     assert "pipeline stages 2, capacity 256 tokens" in lines[-1]
     assert not (tmp_path / "out" / "run.json").exists()
+    # By default windows are sized as train sizes them: these few short samples make a 64-microbatch window
+    # hold every step.
+    assert main(["plan", str(config), "--set", "run.pipeline_stages=2", "--time-limit-s", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].isdigit()] == ["0"]
 
 
 def test_plan_windows_and_capacity(train_checkpoint, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import lorafusion as lf
 from lorafusion.prepare import prepare_run
 from runtime.planning import format_run_plan, last_microbatch, plan_windows, scheduler_jobs, window_items
-from scheduler import WindowPlanner, verify_windows
+from scheduler import WindowPlanner, verify_windows, window_global_batches
 
 LIMITS = dict(capacity_tokens=256, pipeline_depth=2, pad_multiple=1)
 
@@ -90,3 +90,13 @@ def test_plan_windows_summarises_the_run(prepared):
                             max_windows=1).windows) == 1
     with pytest.raises(ValueError, match="steps_per_window=0 must be a positive integer"):
         plan_windows(prepared, planner, steps_per_window=0, stages=2)
+
+
+def test_plan_windows_sizes_windows_as_the_fit(prepared):
+    # Without steps_per_window each window takes scheduler.window_global_batches of its first round, as lf.fit.
+    first = plan_windows(prepared, WindowPlanner(**LIMITS, time_limit_s=0.05), stages=2, max_windows=1).windows[0]
+    size = window_global_batches(sum(len(s) for job in prepared for s in job.global_batch(0)),
+                                 LIMITS["capacity_tokens"], 2)
+    assert size > 1
+    assert first.real_tokens == sum(len(s) for job in prepared for g in range(min(size, job.total_steps))
+                                    for s in job.global_batch(g))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import subprocess
+import sys
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,6 +70,26 @@ def test_same_input_same_plan():
     assert first.microbatches == second.microbatches
     assert first.stats.groups == second.stats.groups
     assert first.stats.solver_statuses == second.stats.solver_statuses
+
+
+_PLAN_IN_A_PROCESS = """
+import random
+from scheduler import Job, WindowPlanner, plan
+rng = random.Random(5)
+jobs = [Job(f"job{j}", [[rng.randint(20, 700) for _ in range(8)] for _ in range(3)]) for j in range(4)]
+print([mb.samples for mb in plan(jobs, capacity_tokens=1024, pipeline_depth=3, pad_multiple=1).microbatches])
+planner = WindowPlanner(capacity_tokens=1024, pipeline_depth=2, pad_multiple=32)
+print([[mb.samples for mb in planner.next_window([Job(j.name, j.global_batches[g:g + 1], first_global_batch=g)
+                                                   for j in jobs]).microbatches] for g in range(3)])
+"""
+
+
+def test_the_plan_does_not_depend_on_the_process():
+    """A resumed fit plans its windows in a new driver process: set and dict orders that vary with the
+    process's string hashing (PYTHONHASHSEED) must not reach the plan."""
+    plans = [subprocess.run([sys.executable, "-c", _PLAN_IN_A_PROCESS], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert plans[0] == plans[1] and plans[0].count("job") > 96
 
 
 def test_stats_describe_the_stream():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler import CostModel, Job, WindowPlanner, plan, verify_windows
+from scheduler import CostModel, Job, WindowPlanner, plan, verify_windows, window_global_batches
 
 LIMITS = dict(capacity_tokens=16, pipeline_depth=3, pad_multiple=1)
 
@@ -106,3 +106,17 @@ def test_window_planner_keeps_a_cost_capacity():
     windows = [planner.next_window(js) for js in jobs]
     assert [len(w.microbatches) for w in windows] == [2, 2]
     verify_windows(windows, jobs, **limits, cost_model=model, capacity_cost=201.0)
+
+
+def test_window_global_batches_fills_every_slot_and_64_microbatches():
+    # 5 microbatches a round: 64 / 5 -> 13 at one slot, as at 4 (16 x 4 = 64); 8 slots want 128 -> 26, capped.
+    assert [window_global_batches(37_000, 8192, slots) for slots in (1, 4, 8)] == [13, 13, 16]
+    assert window_global_batches(100_000, 4096, 1) == 3  # 25 microbatches a round: 2 rounds fall short of 64
+    assert window_global_batches(10**7, 8192, 2) == 1  # one round is more than enough
+    assert window_global_batches(0, 8192, 1) == 16
+    assert window_global_batches(37_000, 8192, 4, most=1) == 1
+    for bad in (dict(round_tokens=-1), dict(capacity_tokens=0), dict(slots=True), dict(most=1.5)):
+        args = {**dict(round_tokens=100, capacity_tokens=64, slots=1, most=16), **bad}
+        name, value = next(iter(bad.items()))
+        with pytest.raises(ValueError, match=f"{name}={value!r} must be a"):
+            window_global_batches(**args)
