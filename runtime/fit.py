@@ -10,7 +10,6 @@ checkpoint or the end is due drains the pipeline. The driver records each job's 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections import deque
@@ -27,7 +26,7 @@ from runtime.backend import StageGroup, StageLost, ray_connection
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
-from runtime.planning import last_microbatch, scheduler_jobs, stream_window, window_items
+from runtime.planning import last_microbatch, scheduler_jobs, stream_window, window_items, window_size
 from runtime.progress import MetricsWriter, Progress
 from runtime.stage import Slot, Window, WindowResult
 from runtime.telemetry import summarise_gpu
@@ -259,11 +258,10 @@ class _Trainer:
         commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages, self._stream)
 
     def _window_steps(self, active: list[_JobState]) -> int:
-        """Global batches per job in the next window (`scheduler.window_global_batches`, from the next one's tokens)."""
-        tokens = sum(len(s) for st in active for s in st.job.global_batch(st.planned))
-        return scheduler.window_global_batches(tokens, self.run.max_tokens_per_microbatch,
-                                               self.run.pipeline_stages * self.run.data_parallel,
-                                               most=_MAX_STEPS_PER_WINDOW)
+        """Global batches per job in the next window (`planning.window_size`)."""
+        return window_size(self.prepared.jobs, {st.job.name: st.planned for st in active},
+                           self.run.max_tokens_per_microbatch, self.run.pipeline_stages * self.run.data_parallel,
+                           most=_MAX_STEPS_PER_WINDOW)
 
     def _collect(self, planned: _WindowPlan, calls: list) -> None:
         """Wait for a window sent earlier and record the steps its calls completed (steps of earlier windows'

@@ -16,9 +16,10 @@ from lorafusion.data import Sample
 from lorafusion.prepare import PreparedJob
 from scheduler import (CostModel, Job, Microbatch, Plan, WindowPlanner, microbatch_lengths, simulate_plan,
                        token_imbalance, window_global_batches)
+from scheduler.planner import MAX_WINDOW_GLOBAL_BATCHES
 from scheduler.problem import batch_spans
 
-__all__ = ["scheduler_jobs", "window_items", "last_microbatch", "simulated_makespan", "CapacityChoice",
+__all__ = ["scheduler_jobs", "window_size", "window_items", "last_microbatch", "simulated_makespan", "CapacityChoice",
            "balanced_plan", "stream_window", "WindowSummary", "RunPlan", "plan_windows", "format_run_plan"]
 
 # Capacities a pipelined stream may plan at (run.balance_pipeline), as fractions of max_tokens_per_microbatch.
@@ -55,6 +56,15 @@ def scheduler_jobs(prepared_jobs: list[PreparedJob], steps: dict[str, range]) ->
             jobs.append(Job(name, [[len(s) for s in job.global_batch(step)] for step in window_steps],
                             first_global_batch=window_steps.start))
     return jobs
+
+
+def window_size(prepared_jobs: list[PreparedJob], next_step: dict[str, int], capacity_tokens: int, slots: int,
+                most: int = MAX_WINDOW_GLOBAL_BATCHES) -> int:
+    """Global batches of each job in the window whose jobs start at next_step[name] (lf.fit's rule:
+    `scheduler.window_global_batches` of the tokens of those global batches)."""
+    by_name = {job.name: job for job in prepared_jobs}
+    tokens = sum(len(s) for name, step in next_step.items() for s in by_name[name].global_batch(step))
+    return window_global_batches(tokens, capacity_tokens, slots, most)
 
 
 def window_items(plan: Plan, prepared_jobs: list[PreparedJob]) -> list[list[Item]]:
@@ -192,7 +202,7 @@ def plan_windows(
     step 0 and running to its total_steps; summarise each window and simulate the whole stream.
 
     steps_per_window: global batches of each job per window; None: as the fit chooses them
-    (`scheduler.window_global_batches` of the next global batches' tokens). balance (run.balance_pipeline):
+    (`window_size`). balance (run.balance_pipeline):
     choose the capacity as the fit does (`stream_window`).
     """
     if steps_per_window is not None and (isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int)
@@ -207,14 +217,13 @@ def plan_windows(
     chosen_for: tuple[str, ...] | None = None
     configured = planner.limits["capacity_tokens"]
     while max_windows is None or len(summaries) < max_windows:
-        size = steps_per_window or window_global_batches(
-            sum(len(s) for job in prepared_jobs if step[job.name] < job.total_steps
-                for s in job.global_batch(step[job.name])), configured, stages * replicas)
+        left = {job.name: step[job.name] for job in prepared_jobs if step[job.name] < job.total_steps}
+        if not left:
+            break
+        size = steps_per_window or window_size(prepared_jobs, left, configured, stages * replicas)
         window_steps = {job.name: range(step[job.name], min(step[job.name] + size, job.total_steps))
                         for job in prepared_jobs}
         jobs = scheduler_jobs(prepared_jobs, window_steps)
-        if not jobs:
-            break
         last = all(window_steps[job.name].stop >= job.total_steps for job in prepared_jobs)
         start = time.perf_counter()
         window, planner, choice = stream_window(jobs, planner, stages=stages, replicas=replicas, balance=balance,

@@ -101,12 +101,13 @@ def _best_fill(problem: WindowProblem, length: int, key: Callable[[list[Microbat
     """The best filled stream by `key`, compacted; None when even uncompacted it is over length + 1 (compaction
     rarely removes more than one microbatch from those, and costs most of the time here). The plain orders
     come first, then FILL_RESTARTS perturbed ones, until a stream reaches the floor."""
-    best: list[Microbatch] | None = None
+    best, best_key = None, None
     for k in range(len(FILL_ORDERS) + FILL_RESTARTS):
         rng = None if k < len(FILL_ORDERS) else random.Random(f"fill:{seed}:{k}")
         stream = fill(problem, FILL_ORDERS[k % len(FILL_ORDERS)], rng)
-        if best is None or key(stream) < key(best):
-            best = stream
+        stream_key = key(stream)
+        if best_key is None or stream_key < best_key:
+            best, best_key = stream, stream_key
         if k >= len(FILL_ORDERS) - 1 and len(best) <= floor:
             break
     assert best is not None  # FILL_ORDERS is not empty

@@ -15,7 +15,8 @@ from scheduler.cpsat import pack
 from scheduler.greedy import first_fit_decreasing_padded, is_provably_optimal
 from scheduler.improve import SHORTEN_TIME_LIMIT_S, shorten
 from scheduler.order import Pack, choose_groups, group_problems, make_pack, order_packs
-from scheduler.problem import Job, Plan, PlanStats, SolverParams, validate_limits, validate_problem, waste_fraction
+from scheduler.problem import (Job, Plan, PlanStats, SolverParams, positive_int, validate_limits, validate_problem,
+                               waste_fraction)
 from scheduler.simulate import microbatch_lengths, microbatch_padded_tokens
 from scheduler.verify import cost_budget, verify
 
@@ -39,16 +40,14 @@ MAX_WINDOW_GLOBAL_BATCHES = 16
 def window_global_batches(round_tokens: int, capacity_tokens: int, slots: int,
                           most: int = MAX_WINDOW_GLOBAL_BATCHES) -> int:
     """Global batches of each job in the next window: enough for max(WINDOW_MICROBATCHES_PER_SLOT x slots,
-    MIN_WINDOW_MICROBATCHES) microbatches, between 1 and `most`. round_tokens: the tokens of one global batch
-    of every job in the window (its next one); slots: pipeline stages x data-parallel replicas."""
-    for name, value in (("round_tokens", round_tokens), ("capacity_tokens", capacity_tokens), ("slots", slots),
-                        ("most", most)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "round_tokens" else 1):
-            raise ValueError(f"{name}={value!r} must be a {'non-negative' if name == 'round_tokens' else 'positive'}"
-                             " integer")
-    per_round = max(1, math.ceil(round_tokens / capacity_tokens))
+    MIN_WINDOW_MICROBATCHES) microbatches, at most `most`. round_tokens: the tokens of one global batch of every
+    job in the window (its next one); slots: pipeline stages x data-parallel replicas."""
+    positive_int("round_tokens", round_tokens, "the tokens of the window's next global batch of every job")
+    positive_int("capacity_tokens", capacity_tokens, "4096")
+    positive_int("slots", slots, "4 (pipeline stages x data-parallel replicas)")
+    positive_int("most", most, str(MAX_WINDOW_GLOBAL_BATCHES))
     wanted = max(WINDOW_MICROBATCHES_PER_SLOT * slots, MIN_WINDOW_MICROBATCHES)
-    return max(1, min(most, math.ceil(wanted / per_round)))
+    return min(most, math.ceil(wanted / math.ceil(round_tokens / capacity_tokens)))
 
 
 def plan(

@@ -30,6 +30,7 @@ __all__ = [
     "waste_fraction",
     "validate_problem",
     "validate_limits",
+    "positive_int",
     "packing_problem",
 ]
 
@@ -218,7 +219,8 @@ class Packing:
     solve_time_s: float
 
 
-def _positive_int(name: str, value: object, example: str) -> None:
+def positive_int(name: str, value: object, example: str) -> None:
+    """Raise ValueError naming `name` unless `value` is an int > 0 (bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {example}")
 
@@ -243,9 +245,9 @@ def validate_problem(
 
 def validate_limits(capacity_tokens: int, pipeline_depth: int, pad_multiple: int) -> None:
     """Raise ValueError naming a bad capacity, pipeline depth or padding multiple."""
-    _positive_int("capacity_tokens", capacity_tokens, "4096")
-    _positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
-    _positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
+    positive_int("capacity_tokens", capacity_tokens, "4096")
+    positive_int("pipeline_depth", pipeline_depth, "4 (pipeline stages x data-parallel)")
+    positive_int("pad_multiple", pad_multiple, "128 (kernel tile rows) or 1 for no padding")
     if pad_multiple > capacity_tokens:
         raise ValueError(
             f"pad_multiple={pad_multiple} > capacity_tokens={capacity_tokens}; no sample would fit, "

@@ -113,10 +113,11 @@ def test_window_global_batches_fills_every_slot_and_64_microbatches():
     assert [window_global_batches(37_000, 8192, slots) for slots in (1, 4, 8)] == [13, 13, 16]
     assert window_global_batches(100_000, 4096, 1) == 3  # 25 microbatches a round: 2 rounds fall short of 64
     assert window_global_batches(10**7, 8192, 2) == 1  # one round is more than enough
-    assert window_global_batches(0, 8192, 1) == 16
+    assert window_global_batches(1, 8192, 1) == 16
     assert window_global_batches(37_000, 8192, 4, most=1) == 1
-    for bad in (dict(round_tokens=-1), dict(capacity_tokens=0), dict(slots=True), dict(most=1.5)):
+    for bad in (dict(round_tokens=0), dict(round_tokens=-1), dict(capacity_tokens=0), dict(slots=True),
+                dict(most=1.5)):
         args = {**dict(round_tokens=100, capacity_tokens=64, slots=1, most=16), **bad}
         name, value = next(iter(bad.items()))
-        with pytest.raises(ValueError, match=f"{name}={value!r} must be a"):
+        with pytest.raises(ValueError, match=f"{name}={value!r} must be a positive integer"):
             window_global_batches(**args)
