@@ -21,8 +21,8 @@ Methods, each on the same samples:
   ours    scheduler.WindowPlanner, windows as lf.fit sizes them (scheduler.window_global_batches of the
           next global batches' tokens, slots = S: at least 64 microbatches and 16 per slot, so 4 to 8
           of the 8 global batches here; --window-batches N fixes N instead), each planned by CP-SAT,
-          grouping, interleaving, merged remainders, compaction, then scheduler.improve.shorten: filling
-          and --shorten-time-limit-s of whole-window CP-SAT; the last window is planned with last=True,
+          grouping, interleaving, merged remainders, compaction, then scheduler.improve.shorten: filling,
+          squeezing (scheduler.squeeze) and --shorten-time-limit-s of whole-window CP-SAT; the last window is planned with last=True,
           as no window follows it. The window_batches column lists the windows' sizes ("4+4").
 
 Simulated time: scheduler.CostModel() per microbatch (tokens + 1.7e-5·Σlen²), split evenly over S

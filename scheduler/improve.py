@@ -1,12 +1,17 @@
 """Shortening a window's compacted stream when it is above the window's cheap floor (`bound.cheap_floor`).
 
-Two steps, each kept only when it gives fewer microbatches (or as many with fewer no-ops):
+Three steps, each kept only when it gives fewer microbatches (or as many with fewer no-ops):
 1. Filling (`fill.FILL_ORDERS`, tokens only): the position-by-position streams, plain and then perturbed
    (FILL_RESTARTS), the best compacted. Why: every pack leaves a remainder and the packs fix which global
    batches meet; at S ≤ 2 filling often reaches the floor where packing did not (bench_scheduler, cnndm-like,
    C=8192: 35 -> 34 per window), and a perturbed order now and then where the plain ones did not (wikisum-like
    C=8192 S=2 31 -> 30, mixed-like C=8192 S=2 33 -> 32: a few in a hundred perturbed fills reach it).
-2. CP-SAT on the whole window (`bound.build_window_model`) in one microbatch fewer, hinted with the stream
+2. Squeezing (`squeeze`, tokens only): remove a light position and search out the overflow its samples
+   cause elsewhere, one microbatch at a time, from the first SQUEEZE_DROPS removable positions. Why: where
+   the room is a few hundred tokens in each of many microbatches, a shorter stream needs many samples to
+   move at once; the overflow search finds such moves where steps 1 and 3 do not (bench_scheduler, first
+   windows: wikisum-like C=4096 S=1 62 -> 61, mixed-like C=8192 S=4 64 -> 63, ~0.1-0.5 s each).
+3. CP-SAT on the whole window (`bound.build_window_model`) in one microbatch fewer, hinted with the stream
    minus its lightest removable microbatch, each global batch kept near its place in the stream (see
    MAX_SPAN_MARGIN); each schedule found is compacted and taken and the next count tried, while
    deterministic time is left and the count is above the floor. Why: under the distance rule
@@ -26,8 +31,18 @@ from scheduler.bound import WindowModel, WindowProblem, build_window_model, chea
 from scheduler.compact import compact
 from scheduler.fill import FILL_ORDERS, fill
 from scheduler.problem import Microbatch, SampleRef, batch_spans
+from scheduler.squeeze import removable_positions, squeeze
 
 __all__ = ["shorten", "blocked_start", "SHORTEN_TIME_LIMIT_S", "MAX_PLACEMENTS", "FILL_RESTARTS"]
+
+SQUEEZE_ROUNDS = 1000
+SQUEEZE_WORK = 300_000
+"""`squeeze.squeeze` stops after this many rounds or move evaluations (~0.3 s of CPU here), whichever comes
+first, for each removed position. On bench_scheduler's first windows it found its shorter streams after 58-756
+rounds and 24000-137000 evaluations, and one (wikisum-like C=4096 S=4) after 4941 and 908000."""
+
+SQUEEZE_DROPS = 4
+"""The lightest removable positions tried for each microbatch `squeeze` takes out."""
 
 MAX_SPAN_MARGIN = 2
 """Step 2 keeps each (job, global batch) within 1 position of where the hinted stream has it, and within 2
@@ -73,6 +88,7 @@ def shorten(microbatches: list[Microbatch], problem: WindowProblem, *, time_limi
     if len(best) > floor and problem.pad_multiple == 1 and problem.budget is None:
         candidate = _best_fill(problem, len(best), key, floor, seed)
         best = candidate if candidate is not None and key(candidate) < key(best) else best
+        best = _squeezed(best, problem, key, floor, seed)
     spent, margin = 0.0, 1
     while len(best) > floor and spent < time_limit_s:
         limit = blocked_start(best, problem) if keep_carry else None
@@ -114,6 +130,24 @@ def _best_fill(problem: WindowProblem, length: int, key: Callable[[list[Microbat
     return _compact(best, problem) if len(best) <= length + 1 else None
 
 
+def _squeezed(microbatches: list[Microbatch], problem: WindowProblem, key: Callable[[list[Microbatch]], tuple],
+              floor: int, seed: int) -> list[Microbatch]:
+    """`microbatches` shortened by `squeeze.squeeze` one microbatch at a time, each from the lightest of the first
+    SQUEEZE_DROPS removable positions that gives a shorter stream by `key`, while above the floor."""
+    best = microbatches
+    while len(best) > floor:
+        for drop in removable_positions(best, problem)[:SQUEEZE_DROPS]:
+            found = squeeze(best, problem, drop, rounds=SQUEEZE_ROUNDS, work=SQUEEZE_WORK, seed=seed)
+            if found is not None:
+                found = min(_compact(found, problem), found, key=key)
+                if key(found) < key(best):
+                    best = found
+                    break
+        else:
+            return best
+    return best
+
+
 def _compact(microbatches: list[Microbatch], problem: WindowProblem) -> list[Microbatch]:
     lengths = {item.ref: item.length for item in problem.items}
     return compact(microbatches, lengths, pipeline_depth=problem.pipeline_depth,
@@ -133,7 +167,8 @@ def _solve(problem: WindowProblem, microbatches: list[Microbatch], time_limit_s:
     if built is None or len(built.x) > MAX_PLACEMENTS:
         return None, 0.0, False
     index = {item.ref: s for s, item in enumerate(problem.items)}
-    drop = _lightest_removable(microbatches, problem, index)
+    removable = removable_positions(microbatches, problem)
+    drop = removable[0] if removable else _lightest(microbatches, problem)
     _near_spans(built, microbatches, drop, margin)
     if limit is not None:
         _limit_blocked_start(built, limit)
@@ -177,23 +212,9 @@ def _hint(built: WindowModel, microbatches: list[Microbatch], index: dict[Sample
                     built.model.add_hint(var, True)
 
 
-def _lightest_removable(microbatches: list[Microbatch], problem: WindowProblem, index: dict[SampleRef, int]) -> int:
-    """The lightest position whose removal (later positions moving up one) keeps the distance rule and
-    the carry-in; the lightest of all when none does."""
-    span = batch_spans(microbatches)
-
-    def removable(p: int) -> bool:
-        for (job, g), (first, last) in span.items():
-            after = span.get((job, g + 1))
-            if after is not None and last < p < after[0] and after[0] - last - 1 < problem.pipeline_depth:
-                return False
-            if g == problem.chains[job].start and first > p and first - 1 < problem.ready.get(job, 0):
-                return False
-        return True
-
-    load = [sum(problem.items[index[ref]].length for ref in mb.samples) for mb in microbatches]
-    order = sorted(range(len(microbatches)), key=lambda q: (load[q], q))
-    return next((p for p in order if removable(p)), order[0])
+def _lightest(microbatches: list[Microbatch], problem: WindowProblem) -> int:
+    lengths = {item.ref: item.length for item in problem.items}
+    return min(range(len(microbatches)), key=lambda q: (sum(lengths[ref] for ref in microbatches[q].samples), q))
 
 
 def _stream(built: WindowModel, where: list[int]) -> list[Microbatch]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from scheduler import Job, Microbatch
 from scheduler.bound import window_problem
-from scheduler.improve import _solve, blocked_start, shorten
+from scheduler.improve import _solve, _squeezed, blocked_start, shorten
 
 
 def _stream(*microbatches: list[tuple[str, int, int]]) -> list[Microbatch]:
@@ -64,3 +64,13 @@ def test_cp_sat_widens_the_margin_when_the_near_one_is_refuted():
     found, _, refuted = _solve(problem, stream, 5.0, 0, None, margin=1)
     assert found is None and refuted
     assert [len(mb.samples) for mb in shorten(stream, problem, time_limit_s=5.0)] == [1, 2, 1, 1]
+
+
+def test_squeezing_takes_out_microbatches_while_above_the_floor():
+    # C=10, S=1: a = [6, 4], b = [4, 6], one sample per microbatch (4 long); the floor is 2 (a6 b4 | a4 b6).
+    jobs = [Job("a", [[6, 4]]), Job("b", [[4, 6]])]
+    problem = window_problem(jobs, capacity_tokens=10, pipeline_depth=1)
+    stream = _stream([("a", 0, 0)], [("a", 0, 1)], [("b", 0, 0)], [("b", 0, 1)])
+    short = _squeezed(stream, problem, key=lambda s: (len(s),), floor=2, seed=0)
+    assert len(short) == 2 and sorted(map(len, _names(short))) == [2, 2]
+    assert _squeezed(stream, problem, key=lambda s: (len(s),), floor=4, seed=0) == stream  # at the floor: kept
