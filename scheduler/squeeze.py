@@ -88,7 +88,8 @@ class _Search:
         self.hi: dict[tuple[str, int], int] = {}
         for key in self.members:
             self._bounds(key)
-        self.valid = all(self.lo[key] <= self.hi[key] for key in self.members)
+        self.valid = all(self.lo[self.key[s]] <= q <= self.hi[self.key[s]]
+                         for s, q in enumerate(self.position) if q >= 0)
         for s in sorted(loose, key=lambda s: (-self.length[s], s)):
             lo, hi = self.lo[self.key[s]], self.hi[self.key[s]]
             if lo > hi:

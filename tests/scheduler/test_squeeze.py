@@ -46,12 +46,22 @@ def test_no_position_of_a_tight_gap_is_removed():
     assert all(squeeze(stream, problem, drop, rounds=100, work=10_000) is None for drop in (0, 2))
 
 
+def test_a_position_that_is_not_removable_gives_none():
+    # S=2: a0 | a0 | b | a1 | b | b. Without position 2, a1 would follow a0 at once (and b's sample fits anywhere).
+    jobs = [Job("a", [[5, 5], [5]]), Job("b", [[5, 5, 5]])]
+    problem = window_problem(jobs, capacity_tokens=10, pipeline_depth=2)
+    stream = _stream([("a", 0, 0)], [("a", 0, 1)], [("b", 0, 0)], [("a", 1, 0)], [("b", 0, 1)], [("b", 0, 2)])
+    assert 2 not in removable_positions(stream, problem)
+    assert squeeze(stream, problem, 2, rounds=100, work=10_000) is None
+
+
 def test_the_carry_in_is_kept():
     # b may not start before position 1 (ready); a | b cannot become a b, although both fit one microbatch.
     jobs = [Job("a", [[4]]), Job("b", [[4]])]
     problem = window_problem(jobs, capacity_tokens=8, pipeline_depth=1, ready={"b": 1})
     stream = _stream([("a", 0, 0)], [("b", 0, 0)])
-    assert all(squeeze(stream, problem, drop, rounds=100, work=10_000) is None for drop in removable_positions(stream, problem))
+    drops = removable_positions(stream, problem)
+    assert all(squeeze(stream, problem, drop, rounds=100, work=10_000) is None for drop in drops)
 
 
 def test_a_search_out_of_work_gives_none():
