@@ -22,8 +22,9 @@ Methods, each on the same samples:
           next global batches' tokens, slots = S: at least 64 microbatches and 16 per slot, so 4 to 8
           of the 8 global batches here; --window-batches N fixes N instead), each planned by CP-SAT,
           grouping, interleaving, merged remainders, compaction, then scheduler.improve.shorten: filling,
-          squeezing (scheduler.squeeze) and --shorten-time-limit-s of whole-window CP-SAT; the last window is planned with last=True,
-          as no window follows it. The window_batches column lists the windows' sizes ("4+4").
+          squeezing (scheduler.squeeze) and --shorten-time-limit-s of whole-window CP-SAT; the last window
+          is planned with last=True, as no window follows it. The window_batches column lists the windows'
+          sizes ("4+4").
 
 Simulated time: scheduler.CostModel() per microbatch (tokens + 1.7e-5·Σlen²), split evenly over S
 stages, backward = 2 x forward, 1F1B with the optimizer-step dependencies (scheduler.simulate_1f1b).

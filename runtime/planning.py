@@ -17,7 +17,7 @@ from lorafusion.prepare import PreparedJob
 from scheduler import (CostModel, Job, Microbatch, Plan, WindowPlanner, microbatch_lengths, simulate_plan,
                        token_imbalance, window_global_batches)
 from scheduler.planner import MAX_WINDOW_GLOBAL_BATCHES
-from scheduler.problem import batch_spans
+from scheduler.problem import batch_spans, positive_int
 
 __all__ = ["scheduler_jobs", "window_size", "window_items", "last_microbatch", "simulated_makespan", "CapacityChoice",
            "balanced_plan", "stream_window", "WindowSummary", "RunPlan", "plan_windows", "format_run_plan"]
@@ -205,10 +205,9 @@ def plan_windows(
     (`window_size`). balance (run.balance_pipeline):
     choose the capacity as the fit does (`stream_window`).
     """
-    if steps_per_window is not None and (isinstance(steps_per_window, bool) or not isinstance(steps_per_window, int)
-                                         or steps_per_window < 1):
-        raise ValueError(f"steps_per_window={steps_per_window!r} must be a positive integer (global batches of "
-                         "each job per window) or None (as the fit chooses)")
+    if steps_per_window is not None:
+        positive_int("steps_per_window", steps_per_window, "4 (global batches of each job per window; None: as "
+                     "the fit chooses)")
     cost_model = cost_model or CostModel()
     step = {job.name: 0 for job in prepared_jobs}
     summaries: list[WindowSummary] = []

@@ -92,8 +92,8 @@ class _Search:
                          for s, q in enumerate(self.position) if q >= 0)
         for s in sorted(loose, key=lambda s: (-self.length[s], s)):
             lo, hi = self.lo[self.key[s]], self.hi[self.key[s]]
-            if lo > hi:
-                self.valid = False
+            self.valid = self.valid and lo <= hi
+            if not self.valid:
                 return
             self._put(s, min(range(lo, hi + 1), key=lambda q: (max(0, self.load[q] + self.length[s] - self.capacity),
                                                                self.load[q], q)))
@@ -120,8 +120,7 @@ class _Search:
             self.lo[key] = max(before) + self.depth
         else:  # the chain's first global batch, or one whose previous one's samples are all still to place
             self.lo[key] = self.problem.ready.get(job, 0) if g == chain.start else 0
-        self.hi[key] = min(after) - self.depth if g + 1 < chain.stop and after else self.size - 1
-        self.hi[key] = min(self.hi[key], self.size - 1)
+        self.hi[key] = min(min(after) - self.depth, self.size - 1) if after else self.size - 1
 
     def _moved(self, key: tuple[str, int]) -> None:
         """A sample of `key` moved: its neighbours' bounds may change."""
