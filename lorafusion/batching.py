@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
-
 from lorafusion.adapters.multi import Segment
 from lorafusion.data import IGNORE_INDEX, Sample
+from lorafusion.models.attention import PackedLayout, PackedParams
 
 __all__ = ["Microbatch", "build_microbatch", "token_losses"]
 
@@ -24,22 +23,21 @@ class Microbatch:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T], restarting at 0 for every sample
     labels: torch.Tensor  # [1, T], IGNORE_INDEX where no loss
-    cu_seqlens: torch.Tensor  # [samples + 1] int32
-    max_seqlen: int
+    layout: PackedLayout
+    """Where each sample lies, for attention and RoPE (built once, shared by every layer)."""
     segments: list[Segment]
     """Token rows of each job, in order."""
 
-    def packed_seq_params(self) -> PackedSeqParams:
-        return PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-            max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen,
-        )
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.layout.cu_seqlens  # [samples + 1] int32
+
+    def packed_seq_params(self) -> PackedParams:
+        return PackedParams(self.layout)
 
     def to(self, device: torch.device) -> "Microbatch":
-        return Microbatch(
-            self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device),
-            self.cu_seqlens.to(device), self.max_seqlen, self.segments,
-        )
+        return Microbatch(self.input_ids.to(device, non_blocking=True), self.position_ids.to(device, non_blocking=True),
+                          self.labels.to(device, non_blocking=True), self.layout.to(device), self.segments)
 
 
 def build_microbatch(items: list[tuple]) -> Microbatch:
@@ -63,8 +61,7 @@ def build_microbatch(items: list[tuple]) -> Microbatch:
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([pos], dtype=torch.long),
         labels=torch.tensor([labels], dtype=torch.long),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
+        layout=PackedLayout.build([b - a for a, b in zip(bounds[:-1], bounds[1:])]),
         segments=segments,
     )
 

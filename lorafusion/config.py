@@ -20,7 +20,7 @@ import yaml
 import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
-from lorafusion.ops.utils import BACKENDS as KERNEL_BACKENDS
+from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from lorafusion.validation import is_number
 
 __all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
@@ -177,8 +177,10 @@ class RunConfig:
     plan_time_limit_s: float = 0.5
     """CP-SAT time limit per planning window, shared by its packings that greedy cannot prove optimal (greedy
     packing is the floor); the next window is planned while the current one trains."""
-    dtype: str = "float32"
-    """Base-model compute dtype: 'float32', 'bfloat16' or 'float16' (adapters keep fp32 master weights)."""
+    dtype: str = "auto"
+    """Base-model compute dtype: 'auto' = bfloat16 where the hardware multiplies it natively (CUDA compute
+    capability 8.0+, CPUs with AMX or AVX512-BF16), float32 elsewhere; or 'float32', 'bfloat16', 'float16'.
+    Adapters keep fp32 master weights and optimizer state either way."""
     log_every_steps: int = 1
     """Print each job's progress every this many of its optimizer steps."""
     progress: bool = True
@@ -194,6 +196,9 @@ class RunConfig:
     """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
     max_restarts: int = 2
     """How often a fit whose stage actor died is started again from its last checkpoint before it gives up."""
+    attention: str = "auto"
+    """Packed attention: 'auto' = torch's varlen flash attention on CUDA (one call per layer over the whole
+    row), length-bucketed SDPA elsewhere; 'buckets' or 'varlen' to force one."""
     kernels: str = "auto"
     """LoRA layer implementation: 'auto' = fused Triton kernels on CUDA, torch elsewhere; 'triton' = force
     Triton (on CPU only under TRITON_INTERPRET=1, else a clear error); 'torch' = force the torch reference."""
@@ -218,8 +223,11 @@ class RunConfig:
             for count in self.stage_layers:
                 _positive_int("run", "stage_layers", count, "[4, 4]")
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"run.dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"run.dtype={self.dtype!r}; choose one of {['auto', *DTYPES]}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"run.attention={self.attention!r}; choose one of {list(ATTENTION_BACKENDS)} ('auto' "
+                             "takes varlen flash attention on CUDA and length buckets elsewhere)")
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"run.kernels={self.kernels!r}; choose one of {list(KERNEL_BACKENDS)} "
                              "('auto' picks Triton on CUDA and torch elsewhere)")

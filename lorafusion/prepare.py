@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafusion.adapters.multi import mix_seed
+from lorafusion.adapters.dropout import mix_seed
 from lorafusion.config import JobSpec, RunConfig, check_jobs
 from lorafusion.data import Sample, SampleStream, TextTokenizer, load_jsonl_dataset, load_tokenizer
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture

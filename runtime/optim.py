@@ -28,28 +28,38 @@ def lr_at(spec: JobSpec, step: int, total_steps: int) -> float:
 
 
 class JobOptimizer:
-    """AdamW for one job; the gradient norm is the job's own (never mixed with other jobs')."""
+    """AdamW for one job; the gradient norm is the job's own (never mixed with other jobs').
+
+    The step runs over all the job's tensors at once: torch's fused AdamW on CUDA, its foreach (multi-tensor)
+    AdamW elsewhere, so its cost does not grow with one kernel launch per parameter."""
 
     def __init__(self, spec: JobSpec, params: list[torch.nn.Parameter], total_steps: int) -> None:
         self.spec, self.params, self.total_steps = spec, params, total_steps
         self.step_count = 0
+        self.fused = bool(params) and params[0].device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             params, lr=spec.learning_rate, betas=spec.adam_betas, eps=spec.adam_eps,
-            weight_decay=spec.weight_decay, foreach=False,
+            weight_decay=spec.weight_decay, **({"fused": True} if self.fused else {"foreach": True}),
         )
 
-    def grad_norm_sq(self) -> float:
-        """Squared L2 norm of this job's gradients held here (summed across stages by the caller)."""
-        return float(sum(p.grad.double().pow(2).sum() for p in self.params if p.grad is not None))
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Squared L2 norm of this job's gradients held here, an fp64 scalar on their device (no host sync;
+        summed across stages by the caller)."""
+        grads = self._grads()
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        norms = torch._foreach_norm(grads)
+        return torch.stack(norms).double().pow(2).sum()
 
     def step(self, total_norm: float) -> float:
         """Clip to max_grad_norm using `total_norm`, apply one AdamW step, zero the gradients; returns the LR."""
         lr = lr_at(self.spec, self.step_count, self.total_steps)
         if self.spec.max_grad_norm is not None and total_norm > self.spec.max_grad_norm:
             factor = self.spec.max_grad_norm / (total_norm + 1e-6)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+            torch._foreach_mul_(self._grads(), factor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -84,13 +94,13 @@ class JobOptimizer:
         self.optimizer.state.update({p: s for p, s in restored.items() if s})
         self.step_count = count
 
-    @staticmethod
-    def _placed(param: torch.nn.Parameter, key: str, value: torch.Tensor, where: str) -> torch.Tensor:
-        # AdamW keeps `step` as a CPU float tensor (not capturable/fused); the moments live beside the parameter.
+    def _placed(self, param: torch.nn.Parameter, key: str, value: torch.Tensor, where: str) -> torch.Tensor:
+        # AdamW keeps `step` as a float tensor, on the CPU for foreach and beside the parameter when fused; the
+        # moments live beside the parameter.
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{where}: expected a tensor, got {type(value).__name__}")
         if key == "step":
-            return value.detach().to("cpu", torch.float32).clone()
+            return value.detach().to(param.device if self.fused else "cpu", torch.float32).clone()
         if value.shape != param.shape:
             raise ValueError(f"{where}: shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         return value.detach().to(param.device, param.dtype).clone()

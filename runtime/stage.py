@@ -147,8 +147,8 @@ class StageRunner:
                 mb = self._microbatch(slot)
                 if mb is not None:
                     out, sums, hidden_in = self._forward(mb, slot.weights, result)
-                    for job, value in sums.items():
-                        self._loss[job] = self._loss.get(job, 0.0) + value
+                    for job, value in sums.items():  # device scalars: read once, at the job's step
+                        self._loss[job] = self._loss[job] + value if job in self._loss else value
                     self._in_flight[i] = (out, hidden_in)
                 continue
             if i in self._in_flight:
@@ -199,18 +199,21 @@ class StageRunner:
         if job not in self.worker.optimizers:
             return
         tic = time.perf_counter()
+        self.worker.collect_grads(job)
         params = self.worker.optimizers[job].params
-        loss = self._loss.pop(job, 0.0)
+        device = self.worker.device
+        loss = self._loss.pop(job, None)
+        loss = torch.zeros((), dtype=torch.float64, device=device) if loss is None else loss
         if self.place.dp_size > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+            flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.float().reshape(1)])
             self.comm.sum_over_replicas(flat)
             offset = 0
             for p in params:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
-            loss = float(flat[-1])
-        totals = torch.tensor([self.worker.grad_norm_sq(job), loss], dtype=torch.float64, device=self.worker.device)
+            loss = flat[-1].double()
+        totals = torch.stack([self.worker.grad_norm_sq(job).to(device, torch.float64), loss])  # stays on the device
         self._pending[job] = (self.comm.start_sum_over_stages(totals), totals)
         self._span_to = time.perf_counter()
         result.busy_s += self._span_to - tic
@@ -244,8 +247,10 @@ class StageRunner:
                 _, sums, _ = self._forward(mb, None, result)
                 for job, total in sums.items():  # last stage only: the others have no sums
                     acc = result.eval_sums.setdefault(job, [0.0, 0])
-                    acc[0] += total
+                    acc[0] = acc[0] + total
                     acc[1] += sum(s.num_loss_tokens for name, s, _ in slot.items if name == job)
+            for acc in result.eval_sums.values():  # one read of each device sum, after every forward
+                acc[0] = float(acc[0])
         finally:
             self.worker.model.train()
 

@@ -11,9 +11,9 @@ import torch
 
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import Microbatch, token_losses
-from lorafusion.config import DTYPES, JobSpec, RunConfig
+from lorafusion.config import JobSpec, RunConfig
 from lorafusion.models import build_model
-from lorafusion.models.builder import warn_if_slow_on_cpu
+from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 from runtime.comm import StagePlace
 from runtime.optim import JobOptimizer
 
@@ -37,10 +37,11 @@ class StageWorker:
         """jobs: (spec, total optimizer steps) of every job; layers: this chunk's [start, end), None = all."""
         self.run, self.place = run, place
         self.device = local_device()
+        self.dtype = resolve_dtype(run.dtype, self.device)
         if self.device.type == "cpu":
-            warn_if_slow_on_cpu(DTYPES[run.dtype])
-        self.model, self.arch = build_model(run.base_model, dtype=DTYPES[run.dtype], pre_process=place.is_first,
-                                            post_process=place.is_last, layers=layers)
+            warn_if_slow_on_cpu(self.dtype)
+        self.model, self.arch = build_model(run.base_model, dtype=self.dtype, pre_process=place.is_first,
+                                            post_process=place.is_last, layers=layers, attention=run.attention)
         self.model.to(self.device).train()
         self.adapters = ModelAdapters(self.model, self.arch, kernels=self.run.kernels)
         self.optimizers: dict[str, JobOptimizer] = {}
@@ -54,17 +55,18 @@ class StageWorker:
 
     @property
     def hidden_dtype(self) -> torch.dtype:
-        return DTYPES[self.run.dtype]
+        return self.dtype
 
     def forward(
         self, mb: Microbatch, loss_weight: dict[str, float] | None, hidden_in: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run this chunk on `mb` (already on the device); `hidden_in` is the previous stage's output.
 
         Returns (what the backward needs, per-job sums): on the last stage the weighted loss (each job's
-        token losses times 1 / its loss tokens in its global batch) and each job's weighted loss sum; on
-        other stages the hidden states [T, 1, H] to send on, and no sums. Without `loss_weight` (evaluation)
-        the sums are each job's unweighted token-loss sum and nothing is kept for a backward.
+        token losses times 1 / its loss tokens in its global batch) and each job's weighted loss sum (fp64
+        scalars on the device: nothing waits for the device here); on other stages the hidden states [T, 1, H]
+        to send on, and no sums. Without `loss_weight` (evaluation) the sums are each job's unweighted
+        token-loss sum and nothing is kept for a backward.
         """
         if hidden_in is not None:
             self.model.set_input_tensor(hidden_in)
@@ -80,9 +82,11 @@ class StageWorker:
         for seg in mb.segments:
             weights[seg.start:seg.end] = loss_weight[seg.job] if loss_weight is not None else 1.0
         weighted = losses * weights
-        # One host transfer for all jobs' sums (build_microbatch gives each job one segment).
-        sums = torch.stack([weighted[s.start:s.end].detach().double().sum() for s in mb.segments]).tolist()
-        return weighted.sum(), {seg.job: total for seg, total in zip(mb.segments, sums)}
+        sums = {}
+        for seg in mb.segments:  # build_microbatch gives each job one segment
+            total = weighted[seg.start:seg.end].detach().double().sum()
+            sums[seg.job] = sums[seg.job] + total if seg.job in sums else total
+        return weighted.sum(), sums
 
     def backward(
         self, out: torch.Tensor, grad_out: torch.Tensor | None, hidden_in: torch.Tensor | None
@@ -97,12 +101,19 @@ class StageWorker:
         return hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
 
     def forward_backward(self, mb: Microbatch, loss_weight: dict[str, float]) -> dict[str, float]:
-        """Forward and backward of one microbatch on a single-stage worker; each job's weighted loss sum."""
+        """Forward and backward of one microbatch on a single-stage worker, gradients collected into .grad;
+        each job's weighted loss sum."""
         out, sums = self.forward(mb.to(self.device), loss_weight)
         self.backward(out, None, None)
-        return sums
+        for job in sums:
+            self.adapters.collect_grads(job)
+        return {job: float(total) for job, total in sums.items()}
 
-    def grad_norm_sq(self, job: str) -> float:
+    def collect_grads(self, job: str) -> None:
+        """Put the job's gradients of its microbatches since its last step into its parameters' .grad."""
+        self.adapters.collect_grads(job)
+
+    def grad_norm_sq(self, job: str) -> torch.Tensor:
         return self.optimizers[job].grad_norm_sq()
 
     def step(self, job: str, total_norm: float) -> float:

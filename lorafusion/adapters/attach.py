@@ -88,6 +88,13 @@ class ModelAdapters:
                 _, attr, hf_parent = SITES[target]
                 yield f"base_model.model.model.layers.{index}.{hf_parent}.{target}", self.layers[index][attr].adapters[key][target]
 
+    def collect_grads(self, name: str) -> None:
+        """Hand the job's gradients summed over the microbatches since the last call to its parameters' .grad
+        (each layer caches the job's factors per optimizer step; see MultiAdapterLinear.collect_grads)."""
+        for sites in self.layers.values():
+            for wrapper in sites.values():
+                wrapper.collect_grads(name)
+
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The job's trainable parameters, in a fixed order (layer, target, parameter)."""
         return [p for _, layer in self._job_layers(name) for p in layer.parameters()]

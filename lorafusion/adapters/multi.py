@@ -5,6 +5,10 @@ base GEMM over all rows, then adds each job's low-rank update to its own rows on
 several HF modules fused into one megatron layer (q/k/v → linear_qkv, gate/up → linear_fc1) gets one
 low-rank product: A_eff stacks the A's, B_eff places each B into that module's output rows.
 
+Each job's (A_eff, B_eff) is built once per optimizer step, in the compute dtype (`_JobFactors`), not per
+microbatch: the microbatches' gradients with respect to them are summed in fp32 and handed back through the
+factors' construction to the job's parameters by `collect_grads`, which the optimizer step calls first.
+
 Two paths compute the same thing (`kernels`, see RunConfig.kernels): on CUDA the fused Triton
 multi-adapter op (lorafusion.ops), which runs the base GEMM and every job's update in one pass; elsewhere
 the torch path below (one base GEMM, then each job's update on its rows).
@@ -19,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafusion.adapters.base import AdapterLayer
+from lorafusion.adapters.dropout import dropped_entries, keep_scale, row_keys
 from lorafusion.ops.utils import resolve_backend
 
-__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "drop_threshold", "job_key", "mix_seed"]
+__all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key"]
 
 
 def job_key(name: str) -> str:
@@ -31,25 +36,6 @@ def job_key(name: str) -> str:
     allowed in module names and '%' never occurs in job names, so the mapping is one-to-one.
     """
     return "job_" + name.replace(".", "%2E")
-
-
-_INT16_VALUES = 1 << 16
-_INT16_MIN = -(1 << 15)
-
-
-def drop_threshold(p: float) -> int:
-    """How many of the 2^16 values of a 16-bit uniform draw drop an entry: dropout p is honoured to 1/65536
-    (p = 0.05 drops with probability 3277/65536), and the kept entries are scaled by the exact inverse."""
-    return min(round(p * _INT16_VALUES), _INT16_VALUES - 1)
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), stable across processes and runs."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return state >> 1
 
 
 @dataclass(frozen=True)
@@ -63,23 +49,91 @@ class Segment:
     """(start, end, dropout seed) of each sample in the segment; empty = one sample, seed 0."""
 
 
+def _segment_samples(segments: list[Segment]) -> list[tuple[int, int, int]]:
+    """Every sample of the segments, in row order; ValueError when a segment's samples do not tile its rows."""
+    out = []
+    for seg in segments:
+        cursor = seg.start
+        for start, end, seed in seg.samples or ((seg.start, seg.end, 0),):
+            if start != cursor or end < start:
+                raise ValueError(f"job '{seg.job}': sample rows [{start}, {end}) do not continue the segment's "
+                                 f"samples at row {cursor}; a segment's samples must tile its rows "
+                                 f"[{seg.start}, {seg.end})")
+            out.append((start, end, seed))
+            cursor = end
+        if cursor != seg.end:
+            raise ValueError(f"job '{seg.job}': its samples end at row {cursor}, its segment at {seg.end}; "
+                             "a segment's samples must tile its rows")
+    return out
+
+
 @dataclass
 class AdapterBatch:
-    """What every adapted layer needs to know about the microbatch being run (shared by reference)."""
+    """What every adapted layer needs to know about the microbatch being run (shared by reference).
+
+    Its tables (dropout row keys, the kernels' SegmentTable) are built on first use and kept until
+    `segments` is replaced, so each is built once per microbatch and shared by every layer."""
 
     segments: list[Segment] = field(default_factory=list)
-    _table: tuple | None = field(default=None, repr=False)  # (segments list, rows, device, SegmentTable)
+    _tables: dict = field(default_factory=dict, repr=False)
+    _for: list | None = field(default=None, repr=False)
+
+    def _cached(self, key: tuple, build):
+        if self._for is not self.segments:
+            self._tables, self._for = {}, self.segments
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+    def dropout_keys(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        """[num_rows] int64 on `device`: each row's dropout key (see adapters.dropout.row_keys)."""
+        return self._cached(("keys", num_rows, device), lambda: row_keys(
+            num_rows, _segment_samples(self.segments)).to(device, non_blocking=True))
 
     def segment_table(self, num_rows: int, device: torch.device):
-        """The kernels' SegmentTable of the current segments, built on `device` once per microbatch."""
+        """The kernels' SegmentTable of the current segments on `device`."""
         from lorafusion.ops.segments import SegmentTable
 
-        cached = self._table
-        if cached is None or cached[0] is not self.segments or cached[1] != num_rows or cached[2] != device:
-            table = SegmentTable.build(num_rows, [(s.start, s.end) for s in self.segments],
-                                       [s.samples for s in self.segments], device=device)
-            self._table = cached = (self.segments, num_rows, device, table)
-        return cached[3]
+        return self._cached(("table", num_rows, device), lambda: SegmentTable.build(
+            num_rows, [(s.start, s.end) for s in self.segments], [s.samples for s in self.segments], device=device))
+
+
+class _JobFactors:
+    """One job's (A_eff [R, K], B_eff [N, R]) on one layer in the compute dtype, built once per optimizer step,
+    and the fp32 sums of the gradients the microbatches since then sent to them."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, dropout_p: float, versions: tuple[int, ...]) -> None:
+        # Leaves that require grad only so autograd records the nodes that use them; _GradSink diverts their
+        # gradients into the fp32 sums.
+        self.a, self.b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        self.dropout_p, self.versions = dropout_p, versions
+        self.grads: list[torch.Tensor | None] = [None, None]
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) for this microbatch's autograd graph: their gradients land in `grads`."""
+        if not torch.is_grad_enabled():
+            return self.a.detach(), self.b.detach()
+        return _GradSink.apply(self.a, self, 0), _GradSink.apply(self.b, self, 1)
+
+    def add_grad(self, index: int, grad: torch.Tensor) -> None:
+        if self.grads[index] is None:
+            self.grads[index] = grad.float().clone() if grad.dtype != torch.float32 else grad.clone()
+        else:
+            self.grads[index].add_(grad)
+
+
+class _GradSink(torch.autograd.Function):
+    """Identity on a cached factor whose backward adds the gradient to the factor's fp32 sum."""
+
+    @staticmethod
+    def forward(ctx, factor: torch.Tensor, owner: _JobFactors, index: int) -> torch.Tensor:
+        ctx.owner, ctx.index = owner, index
+        return factor.view_as(factor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.owner.add_grad(ctx.index, grad)
+        return None, None, None
 
 
 class MultiAdapterLinear(nn.Module):
@@ -94,6 +148,7 @@ class MultiAdapterLinear(nn.Module):
         self.out_rows = out_rows  # HF target name -> its rows in the base output
         self.batch = batch
         self.adapters = nn.ModuleDict()  # job key -> ModuleDict(target -> AdapterLayer)
+        self._factors: dict[str, _JobFactors] = {}  # job key -> its factors of the current optimizer step
 
     @property
     def weight(self) -> torch.Tensor:
@@ -104,14 +159,17 @@ class MultiAdapterLinear(nn.Module):
         if key not in self.adapters:
             self.adapters[key] = nn.ModuleDict()
         self.adapters[key][target] = layer
+        self._factors.pop(key, None)
 
     def remove_adapter(self, job: str) -> None:
         key = job_key(job)
         if key in self.adapters:
             del self.adapters[key]
+        self._factors.pop(key, None)
 
-    def job_factors(self, job: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p) of one job on this layer."""
+    def job_factors(self, job: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p) of one job on this layer, built from its
+        parameters (differentiable)."""
         layers = self.adapters[job_key(job)]
         n_out = self.base.weight.shape[0]
         a_parts, b_blocks, p = [], [], 0.0
@@ -130,50 +188,47 @@ class MultiAdapterLinear(nn.Module):
             b_eff[rows, start:start + b.shape[1]] = b
         return a_eff, b_eff, p
 
-    def _dropped(self, x: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
-        """Which of the segment's entries dropout zeroes: bool [tokens, K].
+    def factors(self, job: str, dtype: torch.dtype) -> _JobFactors:
+        """The job's factors in `dtype`, rebuilt only when a parameter changed (an optimizer step, a load)."""
+        key = job_key(job)
+        versions = tuple(p._version for p in self.adapters[key].parameters())
+        cached = self._factors.get(key)
+        if cached is not None and cached.versions == versions and cached.a.dtype == dtype:
+            return cached
+        if cached is not None:
+            self.collect_grads(job)  # gradients owed to the parameters as they were
+        with torch.no_grad():
+            a, b, p = self.job_factors(job, dtype)
+        self._factors[key] = _JobFactors(a, b, p, versions)
+        return self._factors[key]
 
-        Each sample's draws come from its own seed (set by the driver from the job's seed, step and the
-        sample's place in its global batch) and this layer's id, so they do not depend on which other
-        samples or jobs share the microbatch, nor on how the job's batch was split into microbatches.
-        An entry drops when its 16-bit uniform falls below drop_threshold(p): one 64-bit draw decides four
-        entries, several times cheaper than a float Bernoulli draw per entry on CPU.
-        """
-        k = x.shape[1]
-        dropped = torch.empty((seg.end - seg.start, k), dtype=torch.bool, device=x.device)
-        below = _INT16_MIN + drop_threshold(p)  # int16 draws under this drop
-        generator = torch.Generator(device=x.device)
-        cursor = seg.start
-        for start, end, seed in seg.samples or ((seg.start, seg.end, 0),):
-            if start != cursor:
-                raise ValueError(f"job '{seg.job}': sample rows [{start}, {end}) do not continue the segment's samples "
-                                 f"at row {cursor}; a segment's samples must tile its rows [{seg.start}, {seg.end})")
-            generator.manual_seed(mix_seed(seed, self.site_id))
-            count = (end - start) * k
-            words = torch.empty(-(-count // 4), dtype=torch.int64, device=x.device)
-            words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: four uniform int16
-            uniform = words.view(torch.int16)[:count].view(end - start, k)
-            torch.lt(uniform, below, out=dropped[start - seg.start:end - seg.start])
-            cursor = end
-        if cursor != seg.end:
-            raise ValueError(f"job '{seg.job}': its samples end at row {cursor}, its segment at {seg.end}; "
-                             "a segment's samples must tile its rows")
-        return dropped
+    def collect_grads(self, job: str) -> None:
+        """Add the job's gradient sums since the last call to its parameters' .grad (through the factors'
+        construction, once per optimizer step) and reset them."""
+        cached = self._factors.get(job_key(job))
+        if cached is None or cached.grads == [None, None]:
+            return
+        a_eff, b_eff, _ = self.job_factors(job, torch.float32)
+        pairs = [(t, g) for t, g in zip((a_eff, b_eff), cached.grads) if g is not None and t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        cached.grads = [None, None]
 
-    def _segment_update(self, x: torch.Tensor, seg: Segment):
-        """(A, B, dropped) of a job on its rows x [tokens, K]: dropout(x) Aᵀ Bᵀ is its update with the
-        entries `dropped` (bool [tokens, K], None without dropout) zeroed; dropout's 1/keep rides on the small A."""
-        a_eff, b_eff, p = self.job_factors(seg.job, x.dtype)
+    def _dropped(self, flat: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
+        """Which of the segment's entries of the microbatch's input flat [M, K] dropout p zeroes: bool [tokens, K]
+        (see adapters.dropout)."""
+        keys = self.batch.dropout_keys(flat.shape[0], flat.device)[seg.start:seg.end]
+        return dropped_entries(keys, self.site_id, flat.shape[1], p)
+
+    def _segment_update(self, flat: torch.Tensor, seg: Segment):
+        """(A, B, dropped, 1/keep) of a job on its rows of flat [M, K]: dropout(x) Aᵀ Bᵀ is its update with the
+        entries `dropped` (bool [tokens, K], None without dropout) zeroed and the product scaled by 1/keep."""
+        factors = self.factors(seg.job, flat.dtype)
+        a, b = factors.inputs()
+        p = factors.dropout_p
         if p == 0.0 or not self.training:
-            return a_eff, b_eff, None
-        return a_eff / (1.0 - drop_threshold(p) / _INT16_VALUES), b_eff, self._dropped(x, seg, p)
-
-    def _delta(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
-        # x: [tokens, K] -> [tokens, N]
-        a_eff, b_eff, dropped = self._segment_update(x, seg)
-        if dropped is not None:
-            x = x.masked_fill(dropped, 0.0)
-        return F.linear(F.linear(x, a_eff), b_eff)  # [tokens, R] -> [tokens, N]
+            return a, b, None, 1.0
+        return a, b, self._dropped(flat, seg, p), keep_scale(p)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         segments = [s for s in self.batch.segments if job_key(s.job) in self.adapters]
@@ -187,22 +242,13 @@ class MultiAdapterLinear(nn.Module):
                                    "size 1, no sequence parallelism); run with kernels='torch'")
             return self._forward_fused(x)
         if plain:
-            return self._forward_torch(x, segments)
+            add_bias, returned_bias = self._bias()
+            y = self._apply_torch(x.reshape(-1, x.shape[-1]), segments, self.base.weight, add_bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1]), returned_bias
         out, bias = self.base(x, *args, **kwargs)
-        # x: [tokens, 1, K] (packed row, sequence-first) -> per-job row slices
-        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        # One add of every job's update (zeros on rows of no job): the backward hands dy to the base output
-        # whole, where adding slices of it would build a full-size zero gradient per slice.
-        deltas, cursor = [], 0  # [rows, N] pieces in row order
-        for seg in segments:
-            if seg.start > cursor:
-                deltas.append(flat_out.new_zeros(seg.start - cursor, flat_out.shape[1]))
-            deltas.append(self._delta(flat_x[seg.start:seg.end], seg))
-            cursor = seg.end
-        if cursor < flat_out.shape[0]:
-            deltas.append(flat_out.new_zeros(flat_out.shape[0] - cursor, flat_out.shape[1]))
-        delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]
-        return (flat_out + delta).reshape(out.shape), bias
+        # x: [tokens, 1, K] (packed row, sequence-first): every job's update added to the base output
+        y = self._apply_torch(x.reshape(-1, x.shape[-1]), segments, None, None, out.reshape(-1, out.shape[-1]))
+        return y.reshape(out.shape), bias
 
     def _unsharded(self, x: torch.Tensor) -> bool:
         """Whether the base layer holds its whole weight (the fused paths compute x Wᵀ themselves)."""
@@ -216,18 +262,17 @@ class MultiAdapterLinear(nn.Module):
         bias = getattr(self.base, "bias", None)
         return (None, bias) if getattr(self.base, "skip_bias_add", False) else (bias, None)
 
-    def _forward_torch(self, x: torch.Tensor, segments: list[Segment]):
-        """Base GEMM and every job's update in one autograd node of torch ops (see _MultiLoRALinear)."""
-        add_bias, returned_bias = self._bias()
-        rows, dropped, factors = [], [], []
-        flat = x.reshape(-1, x.shape[-1])
+    def _apply_torch(self, flat: torch.Tensor, segments: list[Segment], weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The base GEMM (or the given base output) and every job's update in one autograd node (_MultiLoRALinear)."""
+        rows, dropped, scales, factors = [], [], [], []
         for seg in segments:
-            a_eff, b_eff, mask = self._segment_update(flat[seg.start:seg.end], seg)
+            a, b, mask, scale = self._segment_update(flat, seg)
             rows.append((seg.start, seg.end))
             dropped.append(mask)
-            factors += [a_eff, b_eff]
-        y = _MultiLoRALinear.apply(flat, self.base.weight, add_bias, rows, dropped, *factors)
-        return y.reshape(*x.shape[:-1], y.shape[-1]), returned_bias
+            scales.append(scale)
+            factors += [a, b]
+        return _MultiLoRALinear.apply(flat, weight, bias, base_out, rows, dropped, scales, *factors)
 
     def _forward_fused(self, x: torch.Tensor):
         """Base GEMM and every job's update in one Triton op over the whole packed microbatch."""
@@ -238,12 +283,12 @@ class MultiAdapterLinear(nn.Module):
         table = self.batch.segment_table(x.numel() // k, x.device)
         a_list, b_list, ps = [], [], []
         for seg in self.batch.segments:
+            a, b, p = None, None, 0.0
             if job_key(seg.job) in self.adapters:
-                a_eff, b_eff, p = self.job_factors(seg.job, x.dtype)
-            else:
-                a_eff, b_eff, p = None, None, 0.0
-            a_list.append(a_eff)
-            b_list.append(b_eff)
+                factors = self.factors(seg.job, x.dtype)
+                (a, b), p = factors.inputs(), factors.dropout_p
+            a_list.append(a)
+            b_list.append(b)
             ps.append(p if self.training else 0.0)
         y = fused_multi_lora_linear(x, self.base.weight, a_list, b_list, table, scalings=[1.0] * len(a_list),
                                     dropout_ps=ps, site_id=self.site_id, bias=add_bias)
@@ -251,24 +296,27 @@ class MultiAdapterLinear(nn.Module):
 
 
 class _MultiLoRALinear(torch.autograd.Function):
-    """y = x Wᵀ (+ bias), then per job segment y[rows] += (x[rows] with its dropped entries zeroed) Aᵀ Bᵀ.
+    """y = x Wᵀ (+ bias) (or a given base output), then per job segment
+    y[rows] += (1/keep) · (x[rows] with its dropped entries zeroed) Aᵀ Bᵀ.
 
     The torch path's one node per layer (what the Triton op fuses on CUDA): each job's update is added into
     its rows of y in place, and its input gradient into its rows of dx = dy W, so no full-size zero, cat or
-    add is built. x [M, K]; weight [N, K] (frozen); factors: A_0 [R_0, K], B_0 [N, R_0], A_1, B_1, ... with
-    the scale (and dropout's 1/keep) already folded in; dropped: per segment a bool [rows, K] or None.
+    add is built. x [M, K]; weight [N, K] (frozen) or None with base_out [M, N]; factors: A_0 [R_0, K],
+    B_0 [N, R_0], A_1, B_1, ... with the adapter's scale folded in; dropped: per segment a bool [rows, K] or
+    None; scales: per segment dropout's 1/keep (1.0 without dropout).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, dropped, *factors):
-        y = F.linear(x, weight, bias)  # [M, N]
-        inputs, lows = [], []  # per segment x̂ [rows, K] (a view of x without dropout) and T = x̂ Aᵀ [rows, R]
-        for (start, end), mask, a, b in zip(rows, dropped, factors[0::2], factors[1::2]):
+    def forward(ctx, x, weight, bias, base_out, rows, dropped, scales, *factors):
+        y = F.linear(x, weight, bias) if weight is not None else base_out.clone()  # [M, N]
+        inputs, lows = [], []  # per segment x̂ [rows, K] (a view of x without dropout) and T = x̂ Aᵀ / keep [rows, R]
+        for (start, end), mask, scale, a, b in zip(rows, dropped, scales, factors[0::2], factors[1::2]):
             inputs.append(x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0))
-            lows.append(inputs[-1] @ a.t())
+            low = inputs[-1] @ a.t()
+            lows.append(low if scale == 1.0 else low.mul_(scale))
             y[start:end].addmm_(lows[-1], b.t())
         ctx.save_for_backward(weight, *factors, *inputs, *lows)  # x̂ instead of x: dA needs x̂, dx needs neither
-        ctx.rows, ctx.dropped = rows, dropped
+        ctx.rows, ctx.dropped, ctx.scales = rows, dropped, scales
         return y
 
     @staticmethod
@@ -276,15 +324,21 @@ class _MultiLoRALinear(torch.autograd.Function):
         weight, *rest = ctx.saved_tensors
         count = len(ctx.rows)
         factors, inputs, lows = rest[:2 * count], rest[2 * count:3 * count], rest[3 * count:]
-        dx = dy @ weight if ctx.needs_input_grad[0] else None  # [M, K]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight if weight is not None else dy.new_zeros(dy.shape[0], inputs[0].shape[1])  # [M, K]
         grads = []
-        for (start, end), mask, a, b, xs, t in zip(ctx.rows, ctx.dropped, factors[0::2], factors[1::2], inputs, lows):
+        for (start, end), mask, scale, a, b, xs, t in zip(ctx.rows, ctx.dropped, ctx.scales, factors[0::2],
+                                                          factors[1::2], inputs, lows):
             dys = dy[start:end]
             g = dys @ b  # [rows, R]
+            if scale != 1.0:
+                g.mul_(scale)
             grads += [g.t() @ xs, dys.t() @ t]  # dA [R, K], dB [N, R]
             if dx is not None:
                 if mask is None:
                     dx[start:end].addmm_(g, a)
                 else:
                     dx[start:end] += (g @ a).masked_fill_(mask, 0.0)
-        return dx, None, None, None, None, *grads
+        base_grad = dy if ctx.needs_input_grad[3] else None
+        return dx, None, None, base_grad, None, None, None, *grads

@@ -1,11 +1,22 @@
-"""Core attention for megatron's `SelfAttention`: causal SDPA, block-diagonal for packed rows.
+"""Core attention for megatron's `SelfAttention`: RoPE at per-token positions, then causal attention that never
+crosses samples, in one call per layer whatever the number of samples packed in the row.
 
-A packed microbatch holds several samples in one row (megatron's 'thd' layout with `cu_seqlens`).
-Each sample attends only to its own earlier tokens, so we run causal SDPA per sample segment: the
-work is Σ len² instead of T², and no token can see another sample.
+A packed microbatch holds several samples in one row (megatron's 'thd' layout). Everything attention needs to
+know about that row is a `PackedLayout`, built once per microbatch (on the host, from the sample lengths, then
+moved to the device) and shared by every layer:
+- RoPE's cos/sin at each token's position within its sample (one broadcast multiply-add over all tokens; the
+  model itself is built without RoPE so megatron never splits the row per sample);
+- on CUDA with torch's varlen flash attention: `cu_seqlens` and the longest sample, one varlen call per layer;
+- elsewhere, length buckets: samples of similar length (same power of two) are gathered into one right-padded
+  [samples, heads, length, d] batch and run through causal SDPA together (right padding needs no mask: a real
+  token never attends to a later position), then one gather puts every token back in row order. The number of
+  SDPA calls is the number of length classes present (at most ~log2 of the longest sample), not the number of
+  samples; the padded work is under 4x Σ len² (each sample at least half its bucket's length).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +25,144 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["PackedCoreAttention"]
+from lorafusion.ops.utils import ATTENTION_BACKENDS
+
+__all__ = ["PackedCoreAttention", "PackedLayout", "PackedParams", "apply_rope", "rope_cos_sin", "attention_backend"]
+
+# Samples up to this length share one bucket: below it SDPA's cost is its per-call overhead, not the padding.
+_MIN_BUCKET = 16
+
+
+def _varlen_attn():
+    """torch's varlen flash attention (CUDA only), or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def attention_backend(requested: str, device: torch.device, dropout_p: float = 0.0) -> str:
+    """'varlen' or 'buckets' for a requested backend on `device` (see ATTENTION_BACKENDS).
+
+    'auto' takes varlen flash attention on CUDA when torch has it (one kernel over the whole row, no padding)
+    and length buckets elsewhere; varlen has no attention dropout, so a run with one takes buckets.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {requested!r}; choose one of {list(ATTENTION_BACKENDS)}")
+    varlen_ok = device.type == "cuda" and _varlen_attn() is not None and dropout_p == 0.0
+    if requested == "varlen" and not varlen_ok:
+        raise RuntimeError(f"varlen attention needs CUDA and torch.nn.attention.varlen without attention dropout "
+                           f"(device {device}, dropout {dropout_p}); use attention backend 'auto' or 'buckets'")
+    if requested == "auto":
+        return "varlen" if varlen_ok else "buckets"
+    return requested
+
+
+@dataclass
+class _Bucket:
+    gather: torch.Tensor  # [n * length] long: the row of each padded position (padding repeats the sample's first)
+    samples: int
+    length: int
+
+
+@dataclass
+class PackedLayout:
+    """Where each sample of a packed row lies, in the forms attention and RoPE use; built once per microbatch."""
+
+    cu_seqlens: torch.Tensor  # [samples + 1] int32
+    max_seqlen: int
+    positions: torch.Tensor  # [T] long: each token's index within its sample
+    buckets: list[_Bucket]
+    unpack: torch.Tensor  # [T] long: each token's row in the buckets' outputs, concatenated in bucket order
+    _rope: dict = field(default_factory=dict, repr=False)  # (base, dim, dtype) -> (cos, sin) [T, 1, dim]
+
+    @classmethod
+    def build(cls, lengths: list[int]) -> "PackedLayout":
+        """The layout of samples of `lengths` (each ≥ 1) packed back to back, on the CPU."""
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a packed row needs samples of at least one token; got lengths {lengths}")
+        lens = torch.tensor(lengths, dtype=torch.long)
+        starts = torch.cumsum(lens, 0) - lens
+        total = int(lens.sum())
+        sample_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # [T]
+        positions = torch.arange(total) - starts[sample_of]
+        # Length class: samples up to _MIN_BUCKET share class 0, then one class per power of two.
+        classes = torch.ceil(torch.log2(lens.clamp(min=_MIN_BUCKET).double() / _MIN_BUCKET)).long()
+        buckets, out_row, offset = [], torch.empty(len(lengths), dtype=torch.long), 0
+        for c in torch.unique(classes).tolist():
+            members = torch.nonzero(classes == c).flatten()
+            length = int(lens[members].max())
+            cols = torch.arange(length)
+            gather = starts[members, None] + cols  # [n, length]
+            gather = torch.where(cols < lens[members, None], gather, starts[members, None])
+            buckets.append(_Bucket(gather.flatten(), len(members), length))
+            out_row[members] = offset + torch.arange(len(members)) * length  # first output row of each member
+            offset += len(members) * length
+        unpack = out_row[sample_of] + positions
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lens, 0).int()])
+        return cls(cu, int(lens.max()), positions, buckets, unpack)
+
+    def to(self, device: torch.device) -> "PackedLayout":
+        if self.positions.device == device:
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PackedLayout(move(self.cu_seqlens), self.max_seqlen, move(self.positions),
+                            [_Bucket(move(b.gather), b.samples, b.length) for b in self.buckets], move(self.unpack))
+
+    def rope(self, base: float, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) at every token's position, [T, 1, dim], computed once per microbatch."""
+        key = (base, dim, dtype)
+        if key not in self._rope:
+            self._rope[key] = rope_cos_sin(self.positions, base, dim, dtype)
+        return self._rope[key]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa) -> torch.Tensor:
+        """Causal attention within each sample: q [T, heads, d], k, v [T, groups, d] -> [T, heads * d].
+
+        `sdpa(q, k, v)` takes [n, heads, len, d] / [n, groups, len, d] and is causal."""
+        outs = []
+        for b in self.buckets:
+            def batch(t: torch.Tensor) -> torch.Tensor:  # [n * len, h, d] -> [n, h, len, d]
+                return t.index_select(0, b.gather).view(b.samples, b.length, *t.shape[1:]).transpose(1, 2)
+
+            out = sdpa(batch(q), batch(k), batch(v))  # [n, heads, len, d]
+            outs.append(out.transpose(1, 2).reshape(b.samples * b.length, -1))
+        flat = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return flat.index_select(0, self.unpack)  # [T, heads * d]
+
+
+class PackedParams(PackedSeqParams):
+    """megatron's PackedSeqParams ('thd') carrying the row's PackedLayout to our core attention."""
+
+    def __init__(self, layout: PackedLayout) -> None:
+        super().__init__(qkv_format="thd", cu_seqlens_q=layout.cu_seqlens, cu_seqlens_kv=layout.cu_seqlens,
+                         max_seqlen_q=layout.max_seqlen, max_seqlen_kv=layout.max_seqlen)
+        self.layout = layout
+
+
+def rope_cos_sin(positions: torch.Tensor, base: float, dim: int, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [*positions.shape, 1, dim] of RoPE (HF's and megatron's non-interleaved layout), computed in
+    fp32 and cast to `dtype` as both do; sin carries rotate-half's sign (-sin on the first half)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    angles = positions.float()[..., None] * inv_freq  # [..., dim / 2]
+    emb = torch.cat([angles, angles], dim=-1)[..., None, :]  # [..., 1, dim]
+    sign = torch.ones(dim, device=positions.device)
+    sign[: dim // 2] = -1.0
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
+
+
+def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """t·cos + rotate_half(t)·sin over the whole tensor (t [..., heads, dim], cos/sin [..., 1, dim] from
+    rope_cos_sin): rotating by half the dimension is a roll, whose sign rode into `sin`."""
+    return torch.addcmul(t * cos, t.roll(t.shape[-1] // 2, dims=-1), sin)
 
 
 class PackedCoreAttention(MegatronModule):
-    """Drop-in for megatron's `DotProductAttention` (same constructor and forward signature)."""
+    """Drop-in for megatron's `DotProductAttention` (same constructor and forward signature) that also applies
+    RoPE (the model is built with position_embedding_type 'none'): at per-token positions from the row's
+    PackedLayout for packed rows, at 0..s-1 for ordinary [s, b] batches."""
 
     def __init__(
         self,
@@ -30,6 +174,8 @@ class PackedCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        rotary_base: float = 10000.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -38,9 +184,12 @@ class PackedCoreAttention(MegatronModule):
         self.num_groups = config.num_query_groups or config.num_attention_heads
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.rotary_base = rotary_base
+        self.backend = backend
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [batch, heads, len, d]; k, v: [batch, groups, len, d]
+        # q: [batch, heads, len, d]; k, v: [batch, groups, len, d]. With a batch dimension torch runs its fused
+        # CPU (flash) kernel, which also takes GQA directly.
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
@@ -60,24 +209,27 @@ class PackedCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention takes no attention_bias; pass None.")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            return self._forward_packed(query, key, value, packed_seq_params.cu_seqlens_q)
-        # query: [s, b, heads, d] -> [b, heads, s, d]
+            if not isinstance(packed_seq_params, PackedParams):
+                raise TypeError("packed rows need lorafusion's PackedParams (Microbatch.packed_seq_params()), which "
+                                f"carries the row's layout; got {type(packed_seq_params).__name__}")
+            return self._forward_packed(query, key, value, packed_seq_params.layout)
+        # query: [s, b, heads, d]
+        cos, sin = rope_cos_sin(torch.arange(query.shape[0], device=query.device)[:, None], self.rotary_base,
+                                query.shape[-1], query.dtype)  # [s, 1, 1, d]
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         out = self._sdpa(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, heads*d]
 
-    def _forward_packed(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor
-    ) -> torch.Tensor:
+    def _forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        layout: PackedLayout) -> torch.Tensor:
         # query: [t, heads, d]; key, value: [t, groups, d]
-        bounds = cu_seqlens.tolist()
-        pieces = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            # [1, heads, len, d]: with a batch dimension torch runs its fused CPU (flash) kernel, which also takes
-            # GQA directly; 3-D inputs fall back to the unfused math path (about 2x slower at 1000 tokens).
-            q = query[start:end].transpose(0, 1).unsqueeze(0)
-            k = key[start:end].transpose(0, 1).unsqueeze(0)
-            v = value[start:end].transpose(0, 1).unsqueeze(0)
-            pieces.append(self._sdpa(q, k, v)[0].transpose(0, 1))  # [len, heads, d]
-        out = torch.cat(pieces, dim=0)
-        return out.reshape(out.shape[0], -1)  # [t, heads*d]
+        cos, sin = layout.rope(self.rotary_base, query.shape[-1], query.dtype)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        dropout = self.dropout_p if self.training else 0.0
+        if attention_backend(self.backend, query.device, dropout) == "varlen":
+            out = _varlen_attn()(query, key, value, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
+                                 layout.max_seqlen, scale=self.softmax_scale, window_size=(-1, 0),
+                                 enable_gqa=self.num_groups != self.num_heads)
+            return out.reshape(out.shape[0], -1)  # [t, heads*d]
+        return layout.attend(query, key, value, self._sdpa)

@@ -12,12 +12,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from lorafusion.config import DTYPES
 from lorafusion.models.attention import PackedCoreAttention
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture
 from lorafusion.models.megatron_compat import ensure_model_parallel
 
 __all__ = ["transformer_config", "layer_spec", "build_model", "load_hf_weights", "qkv_rows", "fc1_rows",
-           "slow_cpu_dtype", "warn_if_slow_on_cpu"]
+           "slow_cpu_dtype", "warn_if_slow_on_cpu", "resolve_dtype"]
 
 # CPU flags (Linux /proc/cpuinfo) of the instructions torch's 16-bit matrix products need to be fast; without
 # them it falls back to a slow path (bfloat16 2048x2048 products: 0.3 GFLOP/s on an AVX2-only AMD EPYC, where
@@ -31,18 +32,35 @@ def slow_cpu_dtype(dtype: torch.dtype, cpuinfo: str | Path = "/proc/cpuinfo") ->
     needed = _NATIVE_FLAGS.get(dtype)
     if needed is None:
         return None
-    try:
-        lines = Path(cpuinfo).read_text().splitlines()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
+    flags = _cpu_flags(cpuinfo)
     if flags is None or any(flag in flags for flag in needed):
         return None
+    lines = Path(cpuinfo).read_text().splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "this CPU")
     name = str(dtype).removeprefix("torch.")
     return (f"{name} on {model}: the CPU has none of {', '.join(needed)}, so torch multiplies {name} matrices in a "
             f"slow fallback (hundreds of times slower than float32 on an AVX2-only CPU); use dtype float32 on "
             "this machine (run.dtype: float32)")
+
+
+def _cpu_flags(cpuinfo: str | Path) -> list[str] | None:
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
+
+
+def resolve_dtype(name: str, device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> torch.dtype:
+    """The compute dtype of run.dtype `name` on `device`: 'auto' is bfloat16 where the hardware multiplies it
+    natively (CUDA compute capability 8.0+; a CPU listing avx512_bf16 or amx_bf16), float32 elsewhere (and
+    where the CPU cannot be read); any other name is taken as given."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
+    flags = _cpu_flags(cpuinfo) or []
+    return torch.bfloat16 if any(flag in flags for flag in _NATIVE_FLAGS[torch.bfloat16]) else torch.float32
 
 
 def warn_if_slow_on_cpu(dtype: torch.dtype) -> None:
@@ -84,10 +102,12 @@ def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32
     )
 
 
-def layer_spec() -> ModuleSpec:
-    """megatron's local layer spec with our packed-sequence core attention."""
+def layer_spec(rotary_base: float = 10000.0, attention: str = "auto") -> ModuleSpec:
+    """megatron's local layer spec with our packed-sequence core attention, which also applies RoPE (base
+    `rotary_base`) at per-token positions; `attention` picks its kernel (see attention.attention_backend)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=PackedCoreAttention, params={"rotary_base": rotary_base, "backend": attention})
     return spec
 
 
@@ -174,12 +194,14 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     layers: tuple[int, int] | None = None,
+    attention: str = "auto",
 ) -> tuple[GPTModel, Architecture]:
     """The frozen base model, or one pipeline chunk of it, with the checkpoint's weights.
 
     layers: the chunk's decoder layers [start, end) in global numbering (default: all). A chunk is built
     as a model of end - start layers whose layers then carry their global numbers, so weights, adapter
-    names and adapter seeds follow the global layer and not the chunk's place.
+    names and adapter seeds follow the global layer and not the chunk's place. attention: the packed
+    attention kernel, 'auto' (varlen flash on CUDA, length buckets elsewhere), 'buckets' or 'varlen'.
     """
     arch = read_architecture(checkpoint_dir)
     weights = HFWeights(checkpoint_dir)
@@ -189,16 +211,16 @@ def build_model(
     ensure_model_parallel()
     config = transformer_config(arch, dtype=dtype)
     config.num_layers = end - start
+    # RoPE is applied by our core attention at per-token positions (megatron's own splits packed rows per sample).
     model = GPTModel(
         config,
-        layer_spec(),
+        layer_spec(arch.rope_theta, attention),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=arch.rope_theta,
+        position_embedding_type="none",
     )
     for i, layer in enumerate(model.decoder.layers):
         layer.layer_number = start + i + 1

@@ -9,12 +9,13 @@ from typing import Callable
 import torch
 
 __all__ = [
-    "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
+    "ATTENTION_BACKENDS", "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
     "autotune_enabled", "jit_helper", "lazy_kernel", "next_pow2", "pick_config", "resolve_backend",
     "split_length", "triton_available", "tuned",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
+ATTENTION_BACKENDS = ("auto", "buckets", "varlen")  # RunConfig.attention, see models.attention.attention_backend
 
 
 def triton_available() -> bool:

@@ -291,22 +291,27 @@ def test_torch_dropout_rate_scale_and_sample_streams():
     """The torch path's dropout: each entry drops with probability p (to 1/65536) and kept entries are scaled
     so the update is unbiased; a sample's mask depends only on its seed, the layer and its position in the
     sample, not on its row in the microbatch or on the samples around it."""
-    from lorafusion.adapters.multi import drop_threshold
+    from lorafusion.adapters.dropout import drop_threshold
 
     p, k = 0.25, 64
     layer, lora = _dropout_layer(p, k=k)
     assert drop_threshold(0.05) == 3277 and drop_threshold(0.0) == 0 and drop_threshold(0.99999999) == 65535
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(1))
     seg = Segment("a", 0, 300, ((0, 100, 11), (100, 300, 12)))
-    dropped = layer._dropped(x, seg, p)
+
+    def dropped_in(layer, x, seg):  # the mask of `seg`'s rows when it is the microbatch's only segment
+        layer.batch.segments = [seg]
+        return layer._dropped(x, seg, p)
+
+    dropped = dropped_in(layer, x, seg)
     assert abs(dropped.float().mean().item() - drop_threshold(p) / 65536) < 0.01  # 19200 draws: 4 std
     # The same sample behind other rows, with other neighbours: the same mask on its rows.
     moved = Segment("a", 40, 340, ((40, 240, 12), (240, 340, 77)))
     x_moved = torch.randn(340, k)
-    assert torch.equal(layer._dropped(x_moved, moved, p)[:200], dropped[100:300])
-    assert not torch.equal(layer._dropped(x_moved, moved, p)[200:300], dropped[:100])  # another seed
+    assert torch.equal(dropped_in(layer, x_moved, moved)[:200], dropped[100:300])
+    assert not torch.equal(dropped_in(layer, x_moved, moved)[200:300], dropped[:100])  # another seed
     other_site, _ = _dropout_layer(p, k=k, site_id=4)
-    assert not torch.equal(other_site._dropped(x, seg, p), dropped)
+    assert not torch.equal(dropped_in(other_site, x, seg), dropped)
     # The update equals (x ⊙ keep / (1 - p')) Aᵀ Bᵀ · scaling with the mask drawn, in training mode only.
     layer.batch.segments = [seg]
     layer.train()
@@ -363,9 +368,13 @@ def test_torch_fast_path_matches_the_generic_path():
 
     def run(**kwargs):
         xi = x.clone().requires_grad_()
+        for p in params:
+            p.grad = None
         out, _ = layer(xi, **kwargs)
-        grads = torch.autograd.grad(out, [xi, *params], dy)
-        return out.detach(), grads
+        out.backward(dy)
+        for job in ("a", "b"):
+            layer.collect_grads(job)
+        return out.detach(), [xi.grad, *(p.grad for p in params)]
 
     fast, fast_grads = run()
     generic, generic_grads = run(weight=layer.base.weight)

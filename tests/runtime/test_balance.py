@@ -35,7 +35,8 @@ def dominated_jobs(examples_data, steps: int = 4) -> list[lf.JobSpec]:
 @pytest.fixture(scope="module")
 def prepared(train_checkpoint, examples_data, tmp_path_factory):
     run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path_factory.mktemp("out") / "run"),
-                       max_tokens_per_microbatch=CAPACITY, pipeline_stages=2, balance_pipeline=True, progress=False)
+                       max_tokens_per_microbatch=CAPACITY, pipeline_stages=2, balance_pipeline=True, progress=False,
+                       dtype="float32")
     return prepare_run(dominated_jobs(examples_data), run)
 
 

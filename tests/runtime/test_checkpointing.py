@@ -40,7 +40,7 @@ def specs(examples_data: Path, greet_data: Path | None = None) -> list[lf.JobSpe
 
 def prepare(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], **run_fields) -> PreparedRun:
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(out), max_tokens_per_microbatch=CAPACITY,
-                       progress=False, **run_fields)
+                       progress=False, dtype="float32", **run_fields)
     prepared = prepare_run(jobs, run)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MANIFEST).write_text(json.dumps(run_manifest(run, jobs)))  # as the fit driver writes it

@@ -48,7 +48,8 @@ def fit_adapters(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], cap
                  **run_fields) -> dict[str, dict]:
     """job -> {tensors, metrics} after lf.fit."""
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir),
-                       max_tokens_per_microbatch=capacity, progress=False, **run_fields)
+                       max_tokens_per_microbatch=capacity, progress=False, dtype="float32",
+                       **run_fields)
     result = lf.fit(jobs, run)
     out = {}
     for spec in jobs:
@@ -117,7 +118,7 @@ def randomize(adapters: ModelAdapters, name: str, seed: int, std: float = 0.05) 
 def first_round(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capacity: int):
     """Each job's gradient after the engine's first window (one global batch per job), and its microbatches."""
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir),
-                       max_tokens_per_microbatch=capacity, progress=False)
+                       max_tokens_per_microbatch=capacity, progress=False, dtype="float32")
     prepared = prepare_run(jobs, run)
     runner = local_runner(run, [(j.spec, j.total_steps) for j in prepared.jobs])
     for spec in jobs:
@@ -125,6 +126,8 @@ def first_round(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], capa
     planned = plan_window(prepared.jobs, {j.name: range(0, 1) for j in prepared.jobs}, run)
     planned.window.steps_after = {}  # keep the gradients instead of stepping
     runner.run_window(planned.window)
+    for spec in jobs:
+        runner.worker.collect_grads(spec.name)
     grads = {
         spec.name: {f"{i}": p.grad.detach().clone()
                     for i, p in enumerate(runner.worker.adapters.parameters(spec.name))}
@@ -167,7 +170,7 @@ def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, exampl
     target = job(examples_data, "arith", "arith", rank=4, batch=6, seed=5, steps=2)  # prompts: few loss tokens
     other = job(examples_data, "greet", "greet", rank=2, batch=3, seed=6, steps=2)
     run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path / "run"),
-                       max_tokens_per_microbatch=capacity, progress=False)
+                       max_tokens_per_microbatch=capacity, progress=False, dtype="float32")
     prepared = prepare_run([target, other], run)
     runner = local_runner(run, [(j.spec, j.total_steps) for j in prepared.jobs])
     seen: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
@@ -206,6 +209,7 @@ def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, exampl
                                         ignore_index=IGNORE_INDEX, reduction="sum").double()
     adapters.batch.segments = []
     (total / loss_tokens).backward()
+    adapters.collect_grads("arith")
 
     engine_loss = losses[1]["arith"]
     assert engine_loss == pytest.approx(float(total / loss_tokens), rel=1e-5)

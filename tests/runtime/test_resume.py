@@ -36,7 +36,7 @@ def jobs(examples_data: Path) -> list[lf.JobSpec]:
 def run_config(checkpoint: Path, out: Path, **fields) -> lf.RunConfig:
     fields = {"progress": False, **fields}
     return lf.RunConfig(base_model=str(checkpoint), output_dir=str(out), max_tokens_per_microbatch=256,
-                        checkpoint_every_steps=1, **fields)
+                        checkpoint_every_steps=1, dtype="float32", **fields)
 
 
 def adapters(out: Path) -> dict[str, dict]:

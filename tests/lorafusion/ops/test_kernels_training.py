@@ -23,7 +23,8 @@ def _two_steps(checkpoint: Path, examples_data: Path, output_dir: Path, kernels:
                    adapter=lf.LoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
                    learning_rate=1e-2),
     ]
-    run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), kernels=kernels, progress=False)
+    run = lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), kernels=kernels, progress=False,
+                       dtype="float32")
     prepared = prepare_run(jobs, run)
     worker = StageWorker(run, [(job.spec, job.total_steps) for job in prepared.jobs])
     # one sample of each job, with its own dropout seed (unused at p = 0 but carried into the segment table)

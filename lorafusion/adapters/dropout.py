@@ -1,0 +1,104 @@
+"""Dropout masks of the torch multi-adapter path: counter-based, so a whole segment's mask is a few tensor ops.
+
+An entry (row, column) of a layer drops when a 16-bit uniform falls below `drop_threshold(p)`. The uniform is a
+hash of (the row's key, the layer's site id, the column), where the row's key depends only on its sample's seed
+and its index within the sample. So a sample's masks do not depend on its row in the microbatch, on the samples
+or jobs around it, nor on how its job's global batch was split into microbatches (promise 1), and no Python loop
+over samples runs per layer. (The Triton kernels draw theirs from Philox with the same inputs; the two streams
+differ, each is consistent with itself.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["drop_threshold", "mix_seed", "keep_scale", "row_keys", "dropped_entries", "INT16_VALUES"]
+
+INT16_VALUES = 1 << 16
+_INT16_MIN = -(1 << 15)
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch stores."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# murmur3's 64-bit finaliser constants, and the golden-ratio increment.
+_C1, _C2, _GOLDEN = _signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53), _signed(0x9E3779B97F4A7C15)
+_LOW31 = (1 << 31) - 1
+
+
+def drop_threshold(p: float) -> int:
+    """How many of the 2^16 values of a 16-bit uniform draw drop an entry: dropout p is honoured to 1/65536
+    (p = 0.05 drops with probability 3277/65536), and the kept entries are scaled by the exact inverse."""
+    return min(round(p * INT16_VALUES), INT16_VALUES - 1)
+
+
+def keep_scale(p: float) -> float:
+    """1 / the exact keep probability of dropout p (see drop_threshold)."""
+    return 1.0 / (1.0 - drop_threshold(p) / INT16_VALUES)
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), stable across processes and runs."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & _MASK64
+    return state >> 1
+
+
+def _fmix64(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on an int64 tensor (products wrap; `>>` is arithmetic, so its sign bits are masked)."""
+    x = x ^ ((x >> 33) & _LOW31)
+    x = x * _C1
+    x = x ^ ((x >> 33) & _LOW31)
+    x = x * _C2
+    return x ^ ((x >> 33) & _LOW31)
+
+
+def row_keys(num_rows: int, samples: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Each row's dropout key ([num_rows] int64, on the CPU): a hash of its sample's seed and its index within
+    the sample. `samples`: (start, end, seed) of every sample, in row order; rows of no sample get key 0."""
+    seeds = torch.zeros(num_rows, dtype=torch.int64)
+    first = torch.zeros(num_rows, dtype=torch.int64)
+    if samples:
+        starts = torch.tensor([s for s, _, _ in samples])
+        lengths = torch.tensor([e - s for s, e, _ in samples])
+        first_of_row = torch.repeat_interleave(starts, lengths)  # [rows in samples]
+        packed_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        rows = first_of_row + torch.arange(len(first_of_row)) - packed_start
+        mixed = _fmix64(torch.tensor([_signed(seed) for _, _, seed in samples], dtype=torch.int64))
+        seeds[rows] = torch.repeat_interleave(mixed, lengths)
+        first[rows] = first_of_row
+    positions = torch.arange(num_rows) - first
+    return _fmix64(seeds + positions * _GOLDEN)
+
+
+_COLUMN_KEYS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _column_keys(pairs: int, device: torch.device) -> torch.Tensor:
+    """[pairs] int64: one well-mixed key per pair of columns (each hash gives two 16-bit uniforms)."""
+    key = (pairs, device)
+    if key not in _COLUMN_KEYS:
+        _COLUMN_KEYS[key] = _fmix64(torch.arange(1, pairs + 1, dtype=torch.int64, device=device) * _GOLDEN)
+    return _COLUMN_KEYS[key]
+
+
+def dropped_entries(keys: torch.Tensor, site_id: int, columns: int, p: float) -> torch.Tensor:
+    """Which entries of a [rows, columns] input dropout zeroes at layer `site_id` (bool [rows, columns]).
+
+    keys: the rows' keys from row_keys (on the input's device). Each entry's uniform is the high half of
+    (row key ^ column key) · C: the row and column keys are fully mixed, so one multiply gives two 16-bit
+    uniforms per 64-bit word, three passes over the mask in all.
+    """
+    rows = keys.shape[0]
+    pairs = -(-columns // 2)
+    site = _fmix64(keys ^ _signed(mix_seed(site_id, 0x5EED)))  # [rows]
+    words = (site[:, None] ^ _column_keys(pairs, keys.device)[None, :]) * _C1  # [rows, pairs]
+    uniform = words.view(torch.int16).view(rows, pairs, 4)[..., 2:]  # the high 32 bits as two int16
+    dropped = (uniform < _INT16_MIN + drop_threshold(p)).view(rows, 2 * pairs)
+    return dropped if 2 * pairs == columns else dropped[:, :columns]

@@ -1,0 +1,80 @@
+"""Packed attention (length buckets) and per-token RoPE against plain per-sample references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafusion.models.attention import PackedLayout, apply_rope, attention_backend, rope_cos_sin
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # fp32: summation order only; bf16: one rounding of the output
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _per_sample(q, k, v, lengths):
+    """The reference: one causal SDPA per sample ([T, heads, d] in, [T, heads * d] out)."""
+    outs, start = [], 0
+    for length in lengths:
+        sl = slice(start, start + length)
+        out = _causal(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None])
+        outs.append(out[0].transpose(0, 1).reshape(length, -1))
+        start += length
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("lengths", [[7], [1, 1, 1], [3, 40, 17, 16, 17, 129, 2], [64] * 5 + [5] * 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_buckets_match_one_call_per_sample(lengths, dtype):
+    """Output and the gradients of q, k, v (GQA: 4 heads on 2 groups)."""
+    gen = torch.Generator().manual_seed(len(lengths))
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, 8, generator=gen).to(dtype).requires_grad_() for h in (4, 2, 2))
+    dy = torch.randn(total, 32, generator=gen).to(dtype)
+    layout = PackedLayout.build(lengths)
+    got = layout.attend(q, k, v, _causal)
+    got_grads = torch.autograd.grad(got, [q, k, v], dy)
+    want = _per_sample(q, k, v, lengths)
+    want_grads = torch.autograd.grad(want, [q, k, v], dy)
+    torch.testing.assert_close(got, want, atol=ATOL[dtype], rtol=ATOL[dtype])
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=ATOL[dtype], rtol=ATOL[dtype], msg=f"d{name}")
+
+
+def test_layout_buckets_by_length_class_and_pads_to_the_longest_member():
+    layout = PackedLayout.build([3, 16, 17, 30, 100, 5])
+    assert [(b.samples, b.length) for b in layout.buckets] == [(3, 16), (2, 30), (1, 100)]
+    assert layout.max_seqlen == 100 and layout.cu_seqlens.tolist() == [0, 3, 19, 36, 66, 166, 171]
+    assert layout.positions.tolist()[:5] == [0, 1, 2, 0, 1]
+    # Every token comes back from exactly one bucket row.
+    assert sorted(layout.unpack.tolist()) == sorted(set(layout.unpack.tolist()))
+    with pytest.raises(ValueError, match="at least one token"):
+        PackedLayout.build([4, 0])
+
+
+def test_rope_matches_rotate_half_at_each_tokens_position():
+    """HF's formula, q·cos + rotate_half(q)·sin, at positions restarting per sample."""
+    gen = torch.Generator().manual_seed(0)
+    layout = PackedLayout.build([5, 3])
+    q = torch.randn(8, 2, 6, generator=gen)
+    cos, sin = layout.rope(10000.0, 6, torch.float32)
+    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 6, 2).float() / 6)
+    emb = torch.cat([positions[:, None] * inv] * 2, dim=-1)[:, None, :]
+    rotated = torch.cat([-q[..., 3:], q[..., :3]], dim=-1)
+    torch.testing.assert_close(apply_rope(q, cos, sin), q * emb.cos() + rotated * emb.sin())
+    assert layout.rope(10000.0, 6, torch.float32)[0] is cos  # built once per microbatch
+    assert rope_cos_sin(positions, 10000.0, 6, torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+def test_backend_choice():
+    cpu = torch.device("cpu")
+    assert attention_backend("auto", cpu) == "buckets"
+    assert attention_backend("buckets", cpu) == "buckets"
+    with pytest.raises(RuntimeError, match="varlen attention needs CUDA"):
+        attention_backend("varlen", cpu)
+    with pytest.raises(ValueError, match="choose one of"):
+        attention_backend("flash", cpu)
