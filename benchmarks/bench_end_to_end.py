@@ -7,7 +7,11 @@ take one each, (c) runs on cuda:0) with the same torch thread count, same steps,
   (c) HF transformers `LlamaForCausalLM` + PEFT LoRA, each job alone, one padded batch of
       global_batch_size samples per step (right-padded to the batch's longest sample), loss on the
       completion tokens only, AdamW with the same hyper-parameters and gradient clipping — what a user
-      would otherwise run.
+      would otherwise run;
+  (cp) the same without padding: each global batch packed into one row with position_ids restarting per
+      sample, which transformers turns into a per-sample causal mask (its sdpa path).
+Beside them the row records the run's GEMM-bound ceiling (benchmarks/ceiling.py: FLOPs per real token over the
+matmul rate measured in this process at the run's shapes and dtype) and the fraction of it (a) reaches.
 The samples of each step come from lorafusion's own tokenisation and data order, so every provider
 trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the training loop (for
 `lf.fit` its own wall time, which also covers writing the adapters), not model loading.
@@ -17,7 +21,7 @@ trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the 
     python benchmarks/bench_end_to_end.py --pipeline-stages 2 --no-balance-pipeline   # full microbatches only
     python benchmarks/bench_end_to_end.py --dtype bfloat16 --hidden-size 2048 --num-layers 16 ...  # on a GPU
 
-One row per run is appended to benchmarks/results/end_to_end.csv, with the ratios a/b and a/c.
+One row per run is appended to benchmarks/results/end_to_end.csv, with the ratios a/b, a/c and a/cp.
 """
 
 from __future__ import annotations
@@ -38,19 +42,22 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
     sys.path.insert(0, str(REPO))
 
 import lorafusion as lf  # noqa: E402
+from benchmarks.ceiling import Ceiling, ModelDims, ceiling  # noqa: E402
 from benchmarks.results_csv import append_rows  # noqa: E402
 from lorafusion.config import DTYPES  # noqa: E402
+from lorafusion.models.builder import resolve_dtype  # noqa: E402
 from lorafusion.data import IGNORE_INDEX, Sample  # noqa: E402
 from lorafusion.prepare import PreparedJob, prepare_run  # noqa: E402
 from lorafusion.report import RunReport, load_run  # noqa: E402
 
 __all__ = ["BenchConfig", "ProviderResult", "ParallelismRefused", "bench_checkpoint", "bench_jobs",
-           "run_ours", "run_hf_peft", "run_benchmark", "result_row", "main"]
+           "run_ours", "run_hf_peft", "run_benchmark", "measure_ceiling", "result_row", "main"]
 
 DATA = REPO / "examples" / "data"
 # Four clearly different length distributions (mean tokens per sample): arith ~11, greet ~28,
 # reverse ~100, chat ~350 (chat format, loss on the assistant turn only).
 JOB_NAMES = ("arith", "greet", "reverse", "chat")
+PROVIDERS = ("a", "b", "c", "cp")
 
 
 @dataclass(kw_only=True)
@@ -83,26 +90,27 @@ class BenchConfig:
     """run.pipeline_stages for (a) and (b)."""
     threads: int = 2
     """torch intra-op threads for every provider."""
-    providers: tuple[str, ...] = ("a", "b", "c")
+    providers: tuple[str, ...] = PROVIDERS
     """Which providers to run; the ratios need 'a' and the provider divided by."""
     cache_dir: str = str(REPO / "runs" / "bench_cache")
     """Where the checkpoint is built once (keyed by its shape)."""
-    dtype: str = "float32"
-    """Base-model compute dtype of every provider (run.dtype; (c) loads the model in it and PEFT keeps its
-    adapter weights in fp32, as ours does)."""
+    dtype: str = "auto"
+    """Base-model compute dtype of every provider (run.dtype, 'auto' as the run resolves it on this machine; (c)
+    loads the model in it and PEFT keeps its adapter weights in fp32, as ours does)."""
     balance_pipeline: bool = True
     """run.balance_pipeline for (a) and (b) (with pipeline_stages > 1: plan at the capacity the simulated 1F1B
     finishes soonest, the run's default; False: always fill microbatches to max_tokens_per_microbatch)."""
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.providers if p not in ("a", "b", "c")]
+        unknown = [p for p in self.providers if p not in PROVIDERS]
         if unknown or not self.providers:
-            raise ValueError(f"providers={list(self.providers)}; choose from a, b, c (e.g. --providers a,c)")
+            raise ValueError(f"providers={list(self.providers)}; choose from {', '.join(PROVIDERS)} "
+                             "(e.g. --providers a,c)")
         for name in ("steps", "repeats", "global_batch_size", "rank", "pipeline_stages", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {['auto', *DTYPES]}")
 
     @property
     def model_name(self) -> str:
@@ -219,11 +227,26 @@ def _peft_model(job: lf.JobSpec, checkpoint: Path, dtype: torch.dtype) -> torch.
     return get_peft_model(model, config).train()
 
 
-def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int, dtype: str = "float32") -> ProviderResult:
-    """Provider (c) for one job: transformers + PEFT, one padded global batch per optimizer step."""
+def _packed_row(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels and position_ids [1, Σ len] of the samples packed back to back (positions restart)."""
+    ids = torch.tensor([[t for s in samples for t in s.input_ids]])
+    labels = torch.tensor([[t for s in samples for t in s.labels]])
+    positions = torch.tensor([[p for s in samples for p in range(len(s))]])
+    return ids, labels, positions
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    """The dtype a run with run.dtype `name` computes in on this machine's device."""
+    return resolve_dtype(name, _device())
+
+
+def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int, dtype: str = "float32",
+                packed: bool = False) -> ProviderResult:
+    """Provider (c) for one job: transformers + PEFT, one padded global batch per optimizer step; with `packed`,
+    provider (cp): the global batch as one row without padding, samples separated by their position_ids."""
     job = prepared.spec
     device = _device()
-    model = _peft_model(job, checkpoint, DTYPES[dtype])
+    model = _peft_model(job, checkpoint, _compute_dtype(dtype))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.learning_rate, betas=job.adam_betas, eps=job.adam_eps,
                                   weight_decay=job.weight_decay)
@@ -232,8 +255,12 @@ def run_hf_peft(prepared: PreparedJob, checkpoint: Path, pad_id: int, dtype: str
     start = time.perf_counter()
     for step in range(prepared.total_steps):
         samples = prepared.global_batch(step)
-        ids, labels, mask = (t.to(device) for t in _padded_batch(samples, pad_id))
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, vocab]
+        if packed:
+            ids, labels, positions = (t.to(device) for t in _packed_row(samples))
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits  # [1, T, vocab]
+        else:
+            ids, labels, mask = (t.to(device) for t in _padded_batch(samples, pad_id))
+            logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, vocab]
         # Our labels are already shifted (labels[t] is the token after t), so no shift here.
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                  ignore_index=IGNORE_INDEX)
@@ -258,13 +285,17 @@ def _sum_results(parts: list[ProviderResult]) -> ProviderResult:
                           padded_tokens=None if None in padded else sum(padded))
 
 
-def _run_hf_all(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, scratch: Path) -> ProviderResult:
-    # lorafusion's own validation, tokenisation and data order give the samples of every step.
-    run = replace(_run_config(cfg, checkpoint, scratch / "hf_unused"), pipeline_stages=1)
-    prepared = prepare_run(jobs, run)
+def _prepared(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, scratch: Path):
+    """lorafusion's own validation, tokenisation and data order: the samples of every step."""
+    return prepare_run(jobs, replace(_run_config(cfg, checkpoint, scratch / "hf_unused"), pipeline_stages=1))
+
+
+def _run_hf_all(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, scratch: Path,
+                packed: bool) -> ProviderResult:
+    prepared = _prepared(jobs, cfg, checkpoint, scratch)
     pad_id = prepared.tokenizer.pad_id
     pad_id = 0 if pad_id is None else pad_id
-    return _sum_results([run_hf_peft(job, checkpoint, pad_id, cfg.dtype) for job in prepared.jobs])
+    return _sum_results([run_hf_peft(job, checkpoint, pad_id, cfg.dtype, packed) for job in prepared.jobs])
 
 
 def _measure(provider: str, jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path,
@@ -273,7 +304,26 @@ def _measure(provider: str, jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint
         return run_ours(jobs, cfg, checkpoint, scratch / "together")
     if provider == "b":
         return _sum_results([run_ours([job], cfg, checkpoint, scratch / f"alone_{job.name}") for job in jobs])
-    return _run_hf_all(jobs, cfg, checkpoint, scratch)
+    return _run_hf_all(jobs, cfg, checkpoint, scratch, packed=provider == "cp")
+
+
+def measure_ceiling(cfg: BenchConfig) -> Ceiling:
+    """The run's GEMM-bound ceiling (benchmarks/ceiling.py), its matmul rate measured now, in this process, with
+    cfg.threads threads, at the run's capacity and compute dtype."""
+    from lorafusion.models import read_architecture
+
+    torch.set_num_threads(cfg.threads)
+    checkpoint = bench_checkpoint(cfg)
+    arch = read_architecture(checkpoint)
+    dims = ModelDims(hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                     num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+                     vocab_size=arch.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="bench_ceiling_") as tmp:
+        prepared = _prepared(bench_jobs(cfg), cfg, checkpoint, Path(tmp))
+    lengths = [len(s) for job in prepared.jobs for step in range(job.total_steps) for s in job.global_batch(step)]
+    adapter = bench_jobs(cfg)[0].adapter
+    return ceiling(dims, cfg.rank, list(adapter.target_modules), lengths, cfg.max_tokens_per_microbatch,
+                   _compute_dtype(cfg.dtype), _device())
 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, list[ProviderResult]]:
@@ -309,14 +359,16 @@ def _median_rate(results: list[ProviderResult]) -> float:
     return statistics.median(r.tokens_per_s for r in results)
 
 
-def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]]) -> dict:
-    """One CSV row: the scenario, each provider's median tokens/s, and the ratios a/b, a/c of the medians
-    (with the per-repeat ratios, so the spread is on record)."""
+def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]], bound: Ceiling | None = None) -> dict:
+    """One CSV row: the scenario, each provider's median tokens/s, the ratios of a to the others' medians (with
+    the per-repeat ratios, so the spread is on record), and with `bound` the GEMM-bound ceiling and the fraction
+    of it (a) reaches."""
+    dtype = str(_compute_dtype(cfg.dtype)).removeprefix("torch.")
     row = {"model": cfg.model_name, "jobs": "+".join(JOB_NAMES), "steps": cfg.steps, "repeats": cfg.repeats,
            "global_batch_size": cfg.global_batch_size, "rank": cfg.rank, "pipeline_stages": cfg.pipeline_stages,
            "threads": cfg.threads, "max_tokens_per_microbatch": cfg.max_tokens_per_microbatch,
-           "balance_pipeline": cfg.balance_pipeline, "dtype": cfg.dtype, "tokens": next(iter(results.values()))[0].tokens}
-    for name in ("a", "b", "c"):
+           "balance_pipeline": cfg.balance_pipeline, "dtype": dtype, "tokens": next(iter(results.values()))[0].tokens}
+    for name in PROVIDERS:
         runs = results.get(name)
         row[f"{name}_tokens_per_s"] = round(_median_rate(runs), 1) if runs else ""
         row[f"{name}_wall_s"] = round(statistics.median(r.wall_s for r in runs), 2) if runs else ""
@@ -325,11 +377,15 @@ def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]]) -> di
     row["a_capacities"] = ";".join(str(c) for c in a[0].capacities) if a else ""
     c = results.get("c")
     row["c_padding_fraction"] = round(1 - c[0].tokens / c[0].padded_tokens, 3) if c else ""
-    for other in ("b", "c"):
+    for other in PROVIDERS[1:]:
         both = "a" in results and other in results
         row[f"a_over_{other}"] = round(_median_rate(results["a"]) / _median_rate(results[other]), 3) if both else ""
         row[f"a_over_{other}_per_repeat"] = ";".join(
             f"{a.tokens_per_s / o.tokens_per_s:.3f}" for a, o in zip(results["a"], results[other])) if both else ""
+    row["gemm_gflops"] = round(bound.matmul_flops_per_s / 1e9, 1) if bound else ""
+    row["flops_per_token_m"] = round(bound.flops_per_token / 1e6, 2) if bound else ""
+    row["ceiling_tokens_per_s"] = round(bound.tokens_per_s, 1) if bound else ""
+    row["a_ceiling_fraction"] = round(_median_rate(results["a"]) / bound.tokens_per_s, 3) if bound and a else ""
     return row
 
 
@@ -341,9 +397,11 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                  "global_batch_size", "rank", "max_tokens_per_microbatch", "pipeline_stages", "threads"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--providers", default=",".join(defaults.providers), help="comma-separated subset of a,b,c")
+    parser.add_argument("--providers", default=",".join(defaults.providers),
+                        help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--cache-dir", default=defaults.cache_dir)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES), help="base-model compute dtype")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", *DTYPES],
+                        help="base-model compute dtype (auto: bf16 where the hardware multiplies it natively)")
     parser.add_argument("--balance-pipeline", action=argparse.BooleanOptionalAction, default=defaults.balance_pipeline,
                         help="run.balance_pipeline (default on, as in the run: plan at the capacity the simulated "
                              "1F1B finishes soonest); --no-balance-pipeline fills every microbatch to capacity")
@@ -369,7 +427,10 @@ def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
                 bubble += f"capacities {result.capacities}; "
             print(f"({name}) {result.tokens} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:.0f} tokens/s; "
                   f"{bubble}step-1 losses {({k: round(v, 4) for k, v in result.first_loss.items()})}")
-    row = result_row(cfg, results)
+    bound = measure_ceiling(cfg)
+    print(f"GEMM-bound ceiling: {bound.flops_per_token / 1e6:.1f} MFLOP per real token at "
+          f"{bound.matmul_flops_per_s / 1e9:.0f} GFLOP/s = {bound.tokens_per_s:.0f} tokens/s")
+    row = result_row(cfg, results, bound)
     if record:
         append_rows("end_to_end", [row], **({} if results_dir is None else {"results_dir": results_dir}))
     else:

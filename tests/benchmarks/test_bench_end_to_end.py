@@ -22,17 +22,22 @@ def _argv(cache_dir, **extra) -> list[str]:
 
 
 def test_providers_train_the_same_tokens(tmp_path, ray_session):
-    cfg = BenchConfig(**TOY, cache_dir=str(tmp_path / "cache"))
+    cfg = BenchConfig(**TOY, cache_dir=str(tmp_path / "cache"), dtype="float32")
     results = run_benchmark(cfg)
-    assert [len(runs) for runs in results.values()] == [1, 1, 1]
-    (a,), (b,), (c,) = results["a"], results["b"], results["c"]
-    assert a.tokens == b.tokens == c.tokens > 0
+    assert [len(runs) for runs in results.values()] == [1, 1, 1, 1]
+    (a,), (b,), (c,), (cp,) = results["a"], results["b"], results["c"], results["cp"]
+    assert a.tokens == b.tokens == c.tokens == cp.tokens > 0
     assert c.padded_tokens > c.tokens  # the chat and reverse batches have unequal lengths
+    assert cp.padded_tokens == cp.tokens  # packed: no padding
     for job, loss in a.first_loss.items():
         assert b.first_loss[job] == pytest.approx(loss, abs=1e-5)
         assert c.first_loss[job] == pytest.approx(loss, abs=1e-4)  # HF + PEFT computes the same loss
+        assert cp.first_loss[job] == pytest.approx(loss, abs=1e-4)  # packed rows: no attention across samples
     assert sorted(a.first_loss) == ["arith", "chat", "greet", "reverse"]
-    row = result_row(cfg, results)
+    bound = bench.measure_ceiling(cfg)
+    row = result_row(cfg, results, bound)
+    assert row["a_over_cp"] == pytest.approx(a.tokens_per_s / cp.tokens_per_s, rel=1e-2)
+    assert row["a_ceiling_fraction"] == pytest.approx(a.tokens_per_s / bound.tokens_per_s, rel=1e-2, abs=1e-3)
     assert row["a_over_b"] == pytest.approx(a.tokens_per_s / b.tokens_per_s, rel=1e-2)
     assert row["a_over_c"] == pytest.approx(a.tokens_per_s / c.tokens_per_s, rel=1e-2)
     assert row["c_padding_fraction"] == pytest.approx(1 - c.tokens / c.padded_tokens, abs=1e-3)
@@ -55,6 +60,7 @@ def test_main_appends_one_row_of_medians(tmp_path, ray_session, monkeypatch):
     assert float(row["a_over_c"]) == pytest.approx(median["a"] / median["c"], rel=1e-2)
     assert len(row["a_over_c_per_repeat"].split(";")) == 2
     assert row["commit"] and row["device"]
+    assert float(row["ceiling_tokens_per_s"]) > 0 and float(row["a_ceiling_fraction"]) > 0
 
 
 def test_pipeline_stages_2_is_measured(tmp_path, ray_session):
@@ -74,7 +80,7 @@ def test_refused_parallelism_is_reported_and_records_nothing(tmp_path, capsys, r
 
 
 def test_bad_provider_is_refused():
-    with pytest.raises(ValueError, match="providers=.*choose from a, b, c"):
+    with pytest.raises(ValueError, match="providers=.*choose from a, b, c, cp"):
         BenchConfig(providers=("a", "d"))
 
 
@@ -93,3 +99,16 @@ def test_bfloat16_providers_train_the_same_tokens(tmp_path, ray_session):
     assert dtypes == {("base", torch.bfloat16), ("lora", torch.float32)}  # (c) as ours: bf16 base, fp32 adapters
     with pytest.raises(ValueError, match="dtype='fp8'; choose one of"):
         BenchConfig(dtype="fp8")
+
+
+def test_flops_per_token_counts_frozen_linears_lora_and_causal_attention():
+    """Hand count for a 1-layer model: base linears and head forward + input gradient, LoRA 6·r·(K + N) per
+    adapted module, attention 6·L²·d per head averaged over the tokens."""
+    from benchmarks.ceiling import ModelDims, flops_per_token
+
+    dims = ModelDims(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1, vocab_size=10)
+    # q 8x8, k 4x8, v 4x8, o 8x8, gate 16x8, up 16x8, down 8x16: 64+32+32+64+128+128+128 = 576 multiply-adds
+    base = 4 * 576 + 4 * 8 * 10
+    lora = 6 * 2 * (8 + 8)  # q_proj only, rank 2
+    attention = 6 * 4 * 2 * (3 * 3 + 1 * 1) / 4  # head_dim 4, 2 heads, samples of 3 and 1 tokens
+    assert flops_per_token(dims, 2, ["q_proj"], [3, 1]) == pytest.approx(base + lora + attention)
