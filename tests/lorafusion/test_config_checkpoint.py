@@ -107,7 +107,7 @@ def test_config_differences_checks_job_order_and_ignores_free_fields(tmp_path):
     assert config_differences(saved, run_manifest(run(tmp_path), jobs(tmp_path)[::-1])) == [
         "job order: ['a', 'b'] before, ['b', 'a'] now"]
     assert config_differences(saved, run_manifest(run(tmp_path, dtype="bfloat16"), jobs(tmp_path))) == [
-        "run.dtype: 'float32' before, 'bfloat16' now"]
+        "run.dtype: 'auto' before, 'bfloat16' now"]
 
 
 def test_unreadable_run_json_names_the_file(tmp_path):
