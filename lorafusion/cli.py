@@ -25,7 +25,7 @@ def _eval(args: argparse.Namespace) -> int:
     import lorafusion as lf
 
     result = lf.evaluate(args.base_model, args.adapter, args.dataset, max_seq_len=args.max_seq_len,
-                         overflow=args.overflow, dtype=args.dtype)
+                         overflow=args.overflow, dtype=args.dtype, device=args.device)
     print(json.dumps({"loss": result.loss, "tokens": result.tokens}))
     return 0
 
@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
     ev.add_argument("--max-seq-len", type=int, default=4096)
     ev.add_argument("--overflow", default="reject", choices=["reject", "truncate"])
-    ev.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ev.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="compute dtype (auto: bfloat16 where the device multiplies it natively, else float32)")
+    ev.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the first GPU torch sees, else cpu)")
     ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="train 4 small jobs together on a tiny built-in model (CPU, ~2 min)")

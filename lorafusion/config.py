@@ -29,6 +29,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OVERFLOW_POLICIES = ("reject", "truncate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RECOMPUTE_MODES = ("none", "selective", "full")  # run.recompute, see lorafusion.models.recompute
 
 
 def _positive_int(owner: str, name: str, value: Any, example: str) -> None:
@@ -196,6 +197,10 @@ class RunConfig:
     """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
     max_restarts: int = 2
     """How often a fit whose stage actor died is started again from its last checkpoint before it gives up."""
+    recompute: str = "none"
+    """Activation recompute: 'none'; 'selective' = each layer's core attention is computed again in the backward
+    instead of kept; 'full' = each decoder layer keeps only its input and runs again in the backward (least
+    memory, one more forward of compute)."""
     attention: str = "auto"
     """Packed attention: 'auto' = torch's varlen flash attention on CUDA (one call per layer over the whole
     row), length-bucketed SDPA elsewhere; 'buckets' or 'varlen' to force one."""
@@ -225,6 +230,8 @@ class RunConfig:
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {['auto', *DTYPES]}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"run.recompute={self.recompute!r}; choose one of {list(RECOMPUTE_MODES)}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"run.attention={self.attention!r}; choose one of {list(ATTENTION_BACKENDS)} ('auto' "
                              "takes varlen flash attention on CUDA and length buckets elsewhere)")

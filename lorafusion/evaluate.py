@@ -67,24 +67,35 @@ def evaluate(
     max_seq_len: int = 4096,
     overflow: str = "reject",
     max_tokens_per_microbatch: int = 4096,
-    dtype: str = "float32",
+    dtype: str = "auto",
+    device: str | torch.device | None = None,
 ) -> EvalResult:
-    """Loss of `base_model` + `adapter` (a PEFT adapter folder, or None for the base model) on `dataset`."""
+    """Loss of `base_model` + `adapter` (a PEFT adapter folder, or None for the base model) on `dataset`.
+
+    device: where to compute (default: the first CUDA GPU when torch sees one, else the CPU); dtype: as
+    run.dtype ('auto' = bfloat16 where the device multiplies it natively, else float32)."""
     from lorafusion.adapters.attach import ModelAdapters
     from lorafusion.checkpoint import read_peft_adapter
     from lorafusion.models import build_model, read_architecture
-    from lorafusion.models.builder import warn_if_slow_on_cpu
+    from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; choose one of {list(DTYPES)}")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype={dtype!r}; choose one of {['auto', *DTYPES]}")
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device} but torch sees no CUDA GPU; leave device unset or pass 'cpu'")
     read_architecture(base_model)
     samples = load_jsonl_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow)
     loaded = read_peft_adapter(adapter) if adapter is not None else None
-    warn_if_slow_on_cpu(DTYPES[dtype])  # evaluation runs on the CPU
-    model, arch = build_model(base_model, dtype=DTYPES[dtype])
+    compute = resolve_dtype(dtype, device)
+    if device.type == "cpu":
+        warn_if_slow_on_cpu(compute)
+    model, arch = build_model(base_model, dtype=compute)
+    model.to(device)
     if loaded is None:
         return evaluate_samples(model, samples, job=None, capacity=max_tokens_per_microbatch)
-    adapters = ModelAdapters(model, arch)
+    adapters = ModelAdapters(model, arch)  # adapters live on the model's device
     adapters.add_job("eval", loaded[0], seed=0)
     adapters.load_peft_state_dict("eval", loaded[1], where=str(adapter))
     return evaluate_samples(model, samples, job="eval", batch=adapters.batch, capacity=max_tokens_per_microbatch)

@@ -21,7 +21,7 @@ from runtime.pipeline import split_layers
 from runtime.stage import StageRunner, Window, WindowResult
 from runtime.worker import StageWorker
 
-__all__ = ["StageActor", "StageGroup", "StageLost", "connect_ray", "ray_connection", "ACTOR_PREFIX", "CPU_THREADS_ENV"]
+__all__ = ["StageActor", "StageGroup", "gpu_per_actor", "StageLost", "connect_ray", "ray_connection", "ACTOR_PREFIX", "CPU_THREADS_ENV"]
 
 ACTOR_PREFIX = "lorafusion-"
 CPU_THREADS_ENV = "LORAFUSION_CPU_THREADS"
@@ -66,14 +66,32 @@ def ray_connection(num_actors: int):
             ray.shutdown()
 
 
+def gpu_per_actor(cluster_gpus: float, actors: int) -> bool:
+    """Whether each stage actor takes a GPU: yes when the cluster has one for every actor, no on a cluster
+    without GPUs; a cluster with some GPUs but fewer than actors is an error (half the stages would run on
+    CPU slots, silently hundreds of times slower)."""
+    if cluster_gpus >= actors:
+        return True
+    if cluster_gpus > 0:
+        raise RuntimeError(f"the Ray cluster has {cluster_gpus:g} GPUs for {actors} stage actors (pipeline_stages x "
+                           f"data_parallel); lower run.pipeline_stages or run.data_parallel to at most {int(cluster_gpus)} "
+                           "actors, or add GPUs")
+    return False
+
+
 class StageActor:
     """One stage of one replica (a Ray actor): builds its model chunk and runs the windows it is sent."""
 
     def __init__(self, run: RunConfig, jobs: list[tuple[JobSpec, int]], place: StagePlace,
-                 layers: tuple[int, int], actors_per_node: int) -> None:
+                 layers: tuple[int, int], actors_per_node: int, wants_gpu: bool = False) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", module="megatron")
+        if wants_gpu and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"stage {place.stage} (replica {place.dp_rank}) was given a GPU by Ray but torch sees none on "
+                f"{ray.util.get_node_ip_address()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+                f"torch {torch.__version__}); install a CUDA build of torch on every node, or run on CPU nodes")
         if not torch.cuda.is_available():
             threads = int(os.environ.get(CPU_THREADS_ENV, 0)) or max(1, (os.cpu_count() or 1) // actors_per_node)
             torch.set_num_threads(threads)
@@ -125,13 +143,13 @@ class StageGroup:
         self.layers = split_layers(num_layers, run.pipeline_stages, run.stage_layers)
         self.actors = []
         try:
-            gpus = ray.cluster_resources().get("GPU", 0) >= len(self.places)
+            gpus = gpu_per_actor(ray.cluster_resources().get("GPU", 0), len(self.places))
             options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
             remote = ray.remote(StageActor)
             per_node = max(1, min(len(self.places), int(ray.cluster_resources().get("CPU", 1))))
             tag = uuid.uuid4().hex[:8]  # named so an operator (or a test) can find and inspect them
             self.actors = [remote.options(name=f"{ACTOR_PREFIX}{tag}-stage{place.stage}-replica{place.dp_rank}",
-                                          **options).remote(run, jobs, place, self.layers[place.stage], per_node)
+                                          **options).remote(run, jobs, place, self.layers[place.stage], per_node, gpus)
                            for place in self.places]
             init_method = self._all([self.actors[0].address.remote()])[0]
             self._all([actor.setup.remote(init_method) for actor in self.actors])

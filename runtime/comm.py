@@ -92,6 +92,24 @@ class StageComm:
     def send_forward(self, hidden: torch.Tensor) -> None:
         self._send(hidden, self.place.rank + 1)
 
+    def send_forward_recv_backward(self, hidden: torch.Tensor, shape: tuple[int, ...],
+                                   dtype: torch.dtype) -> torch.Tensor:
+        """Send `hidden` on and receive a gradient from the next stage as one batch of point-to-point ops.
+
+        In 1F1B a stage sends microbatch i forward and then waits for microbatch j's gradient from the same
+        peer, which sends that gradient before it receives i. Issued one by one, NCCL's blocking sends would
+        cross (each side's send waits for a receive queued behind the other's send); issued together
+        (batch_isend_irecv) both progress. The upstream side of every stage pair pairs them, which suffices.
+        """
+        peer = self.place.rank + 1
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        payload = _as_bytes(hidden)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, payload, peer),
+                                        dist.P2POp(dist.irecv, _as_bytes(out), peer)])
+        for work in works:
+            work.wait()
+        return out
+
     def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self._recv(shape, dtype, self.place.rank - 1)
 

@@ -103,6 +103,7 @@ class StageRunner:
         self._received = 0  # slots of the stream received so far: window slot i is stream microbatch base + i
         self._in_flight = {}  # stream microbatch -> (output, input) until its backward
         self._steps_at = {}  # stream microbatch -> jobs stepping after its backward
+        self._grad_ahead: torch.Tensor | None = None  # the next backward's gradient, received with a forward send
         self._span_from: float | None = None  # where the next call's span starts (None: at its first compute)
         self._span_to: float | None = None  # end of the stream's last op so far
 
@@ -140,13 +141,16 @@ class StageRunner:
         self._received += len(slots)
         for i, jobs in window.steps_after.items():
             self._steps_at[base + i] = jobs
-        for kind, i in self._schedule.ops(self._received, drain=window.flush):
+        ops = self._schedule.ops(self._received, drain=window.flush)
+        for n, (kind, i) in enumerate(ops):
             if kind == "F":
                 slot = slots[i - base]
                 self._finish_steps({item[0] for item in slot.items}, result)
                 mb = self._microbatch(slot)
                 if mb is not None:
-                    out, sums, hidden_in = self._forward(mb, slot.weights, result)
+                    upcoming = ops[n + 1] if n + 1 < len(ops) else None
+                    grad_for = upcoming[1] if upcoming and upcoming[0] == "B" and upcoming[1] in self._in_flight else None
+                    out, sums, hidden_in = self._forward(mb, slot.weights, result, grad_for)
                     for job, value in sums.items():  # device scalars: read once, at the job's step
                         self._loss[job] = self._loss[job] + value if job in self._loss else value
                     self._in_flight[i] = (out, hidden_in)
@@ -167,8 +171,11 @@ class StageRunner:
         result.busy_s += self._span_to - tic
         return out
 
-    def _forward(self, mb, weights: dict[str, float] | None, result: WindowResult):
-        """Receive this stage's input, run the chunk, send its output on; returns (out, sums, input)."""
+    def _forward(self, mb, weights: dict[str, float] | None, result: WindowResult, grad_for: int | None = None):
+        """Receive this stage's input, run the chunk, send its output on; returns (out, sums, input).
+
+        grad_for: the in-flight microbatch whose backward comes next; its gradient is received together with
+        this send (StageComm.send_forward_recv_backward) and kept for that backward."""
         hidden_in = None
         if not self.place.is_first:
             hidden_in = self.comm.recv_forward(self.worker.hidden_shape(mb), self.worker.hidden_dtype)
@@ -176,13 +183,19 @@ class StageRunner:
         out, sums = self._compute(self.worker.forward, mb, weights, hidden_in, result=result)
         result.microbatches += 1
         if not self.place.is_last:
-            self.comm.send_forward(out)
+            if grad_for is None:
+                self.comm.send_forward(out)
+            else:
+                waiting = self._in_flight[grad_for][0]
+                self._grad_ahead = self.comm.send_forward_recv_backward(out, tuple(waiting.shape), waiting.dtype)
         return out, sums, hidden_in
 
     def _backward(self, out, hidden_in, result: WindowResult) -> None:
         grad_out = None
         if not self.place.is_last:
-            grad_out = self.comm.recv_backward(tuple(out.shape), out.dtype)
+            grad_out, self._grad_ahead = self._grad_ahead, None
+            if grad_out is None:
+                grad_out = self.comm.recv_backward(tuple(out.shape), out.dtype)
         grad_in = self._compute(self.worker.backward, out, grad_out, hidden_in, result=result)
         if grad_in is not None:
             self.comm.send_backward(grad_in)

@@ -14,6 +14,8 @@ from lorafusion.batching import Microbatch, token_losses
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.models import build_model
 from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
+from lorafusion.models.recompute import apply_recompute
+from lorafusion.ops.utils import resolve_backend
 from runtime.comm import StagePlace
 from runtime.optim import JobOptimizer
 
@@ -44,10 +46,30 @@ class StageWorker:
                                             post_process=place.is_last, layers=layers, attention=run.attention)
         self.model.to(self.device).train()
         self.adapters = ModelAdapters(self.model, self.arch, kernels=self.run.kernels)
+        apply_recompute(self.model, run.recompute, self.adapters.batch)
         self.optimizers: dict[str, JobOptimizer] = {}
         for spec, total_steps in jobs:
             self.adapters.add_job(spec.name, spec.adapter, seed=spec.seed)
             self.optimizers[spec.name] = JobOptimizer(spec, self.adapters.parameters(spec.name), total_steps)
+        if self.device.type == "cuda" and resolve_backend(run.kernels, self.device) == "triton":
+            self._choose_tiles()
+
+    def _choose_tiles(self) -> None:
+        """Tile choices of the fused kernels for every adapted layer shape, made now, before training, and kept in
+        <output_dir>/tiles/stage<s>.json: a resumed run reads them back and computes with the same tiles."""
+        from pathlib import Path
+
+        from lorafusion.ops.fused_lora import tune_tiles
+        from lorafusion.ops.utils import load_tiles, save_tiles
+
+        path = Path(self.run.output_dir) / "tiles" / f"stage{self.place.stage}.json"
+        if path.is_file():
+            load_tiles(path)
+        shapes = {(wrapper.weight.shape[0], wrapper.weight.shape[1],
+                   sum(wrapper.factors(job, self.dtype).a.shape[0] for job in self.optimizers))
+                  for sites in self.adapters.layers.values() for wrapper in sites.values() if len(wrapper.adapters)}
+        tune_tiles(sorted(shapes), self.run.max_tokens_per_microbatch, self.dtype, self.device)
+        save_tiles(path)
 
     def hidden_shape(self, mb: Microbatch) -> tuple[int, int, int]:
         """Shape of the activations between stages for `mb`: [tokens, 1, hidden]."""

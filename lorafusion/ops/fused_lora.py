@@ -20,9 +20,9 @@ from lorafusion.ops.fused_lora_dyw_dsa import dyw_dsa_backward
 from lorafusion.ops.fused_lora_xw_sb import xw_sb_forward
 from lorafusion.ops.reference import lora_linear_reference
 from lorafusion.ops.segments import LayerParams, SegmentTable
-from lorafusion.ops.utils import pick_config, resolve_backend
+from lorafusion.ops.utils import pick_config, resolve_backend, tile_key, tuned
 
-__all__ = ["FusedMultiLoRAFunction", "fused_multi_lora_linear", "fused_lora_linear", "layer_params"]
+__all__ = ["FusedMultiLoRAFunction", "fused_multi_lora_linear", "fused_lora_linear", "layer_params", "tune_tiles"]
 
 
 class FusedMultiLoRAFunction(torch.autograd.Function):
@@ -33,13 +33,8 @@ class FusedMultiLoRAFunction(torch.autograd.Function):
                 b_cat: torch.Tensor, table: SegmentTable, params: LayerParams, site_id: int, has_dropout: bool,
                 deterministic: bool) -> torch.Tensor:
         n, k, r = weight.shape[0], weight.shape[1], a_cat.shape[0]
-        config = pick_config(n, k, r, x.device)  # tuned or default; tiles of the rank-side kernels
+        config = pick_config(n, k, r, x.device)  # chosen before training (tune_tiles), or the default
         t = dropout_xa_forward(x, a_cat, table, params, site_id, has_dropout, config.block_m, config.block_k)  # [M, r]
-        if x.is_cuda:  # the first call of an (N, K, r) on this GPU times the tile candidates on this very GEMM
-            import triton.testing
-
-            config = pick_config(n, k, r, x.device, bench=lambda cfg: triton.testing.do_bench(
-                lambda: xw_sb_forward(x, weight, t, b_cat, bias, table, params, cfg), warmup=5, rep=25))
         y = xw_sb_forward(x, weight, t, b_cat, bias, table, params, config)  # [M, N]
         ctx.save_for_backward(x, weight, a_cat, b_cat, t)
         ctx.table, ctx.params, ctx.config = table, params, config
@@ -134,3 +129,27 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     table = SegmentTable.build(rows, [(0, rows)], [((0, rows, seed),)], device=x.device)
     return fused_multi_lora_linear(x, weight, [lora_a], [lora_b], table, scalings=[scaling], dropout_ps=[dropout_p],
                                    bias=bias, deterministic=deterministic)
+
+
+def tune_tiles(shapes: list[tuple[int, int, int]], rows: int, dtype: torch.dtype, device: torch.device,
+               bench=None) -> None:
+    """Choose the tiles of every layer shape (N, K, total rank r) before training: each candidate of
+    utils.TUNE_CONFIGS is timed on the base GEMM with its LoRA epilogue at `rows` tokens (synthetic data, one
+    segment), the fastest kept for (GPU, N, K). Shapes already chosen (or loaded with utils.load_tiles) are not
+    timed again. bench(config, run) -> ms replaces timing `run` with triton.testing.do_bench (tests)."""
+    if bench is None:
+        import triton.testing
+
+        def bench(config, run):
+            return triton.testing.do_bench(run, warmup=5, rep=25)
+
+    for n, k, r in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(rows, k, generator=gen, device=device).to(dtype)
+        weight = torch.randn(n, k, generator=gen, device=device).to(dtype)
+        t = torch.randn(rows, r, generator=gen, device=device).to(dtype)
+        b_cat = torch.randn(n, r, generator=gen, device=device).to(dtype)
+        table = SegmentTable.build(rows, [(0, rows)], device=device)
+        params = table.layer_params((r,), (1.0,), (0.0,))
+        tuned(tile_key(n, k, device),
+              lambda cfg: bench(cfg, lambda: xw_sb_forward(x, weight, t, b_cat, None, table, params, cfg)))

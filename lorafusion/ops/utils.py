@@ -10,8 +10,8 @@ import torch
 
 __all__ = [
     "ATTENTION_BACKENDS", "BACKENDS", "TileConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "TUNE_CONFIGS", "interpret_mode",
-    "autotune_enabled", "jit_helper", "lazy_kernel", "next_pow2", "pick_config", "resolve_backend",
-    "split_length", "triton_available", "tuned",
+    "autotune_enabled", "jit_helper", "lazy_kernel", "load_tiles", "next_pow2", "pick_config", "resolve_backend",
+    "save_tiles", "split_length", "tile_key", "triton_available", "tuned",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -143,7 +143,7 @@ INTERPRET_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, n
 # Layers of 64+ features (the tiny test model) still span 2+ tiles at 32, and the interpreter's cost is per
 # program: 32-wide tiles ran the kernels-on training-step test 3x faster than 16 (2-core CPU).
 INTERPRET_CONFIG_WIDE = TileConfig(block_m=32, block_n=32, block_k=32, num_warps=1, num_stages=1)
-# Candidates timed once per (GPU, N, K, r) by pick_config when it is given a bench: the usual large-GEMM tiles
+# Candidates timed once per (GPU, N, K) by fused_lora.tune_tiles before training: the usual large-GEMM tiles
 # for Ampere/Hopper (Triton's matmul tutorial list). Which wins is measured on the GPU, not here; a candidate
 # that does not fit a smaller GPU's shared memory fails its probe and is dropped.
 TUNE_CONFIGS = (
@@ -177,14 +177,49 @@ def tuned(key: tuple, bench: Callable[[TileConfig], float] | None) -> TileConfig
     return _TUNED[key]
 
 
-def pick_config(n: int, k: int, r: int, device: torch.device,
-                bench: Callable[[TileConfig], float] | None = None) -> TileConfig:
-    """Tiles for a layer of shape (N, K) with total rank r on `device`.
+def tile_key(n: int, k: int, device: torch.device) -> tuple:
+    """The key tiles are chosen by: the GPU and the layer's (N, K). Not the total rank, which changes with each
+    microbatch's job mix: a layer keeps one tile choice for the whole run."""
+    return (torch.cuda.get_device_name(device) if device.type == "cuda" else device.type, n, k)
 
-    On CUDA: the config tuned for (GPU name, N, K, r) in this process; with `bench` (ms of one run under a
-    config) an untuned key is tuned now. Never raises: an unknown GPU or shape gets DEFAULT_CONFIG. Off
-    CUDA (the interpreter): INTERPRET_CONFIG, or the wide one for layers of 64+ features.
+
+def pick_config(n: int, k: int, r: int, device: torch.device) -> TileConfig:
+    """Tiles for a layer of shape (N, K) with total rank r on `device`; never times anything (tuning happens
+    before training, fused_lora.tune_tiles).
+
+    On CUDA: the config tuned (or loaded) for (GPU name, N, K), else DEFAULT_CONFIG. Off CUDA (the interpreter):
+    INTERPRET_CONFIG, or the wide one for layers of 64+ features.
     """
     if device.type != "cuda":
         return INTERPRET_CONFIG_WIDE if min(n, k) >= 64 else INTERPRET_CONFIG
-    return tuned((torch.cuda.get_device_name(device), n, k, r), bench)
+    return _TUNED.get(tile_key(n, k, device), DEFAULT_CONFIG)
+
+
+def save_tiles(path: str | os.PathLike) -> None:
+    """Write every tile choice of this process to `path` (JSON, replaced atomically)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"gpu": key[0], "n": key[1], "k": key[2], **asdict(config)}
+               for key, config in sorted(_TUNED.items(), key=str) if len(key) == 3]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, path)
+
+
+def load_tiles(path: str | os.PathLike) -> int:
+    """Take the tile choices saved at `path` (a resumed run computes with the tiles it started with); returns how
+    many were read. ValueError naming the file when it cannot be read."""
+    import json
+
+    try:
+        entries = json.loads(open(path).read())
+        for entry in entries:
+            _TUNED[(entry["gpu"], int(entry["n"]), int(entry["k"]))] = TileConfig(
+                **{field: int(entry[field]) for field in ("block_m", "block_n", "block_k", "num_warps", "num_stages")})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: the saved tile choices cannot be read ({err}); delete the file to tune again") from err
+    return len(entries)

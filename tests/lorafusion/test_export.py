@@ -146,11 +146,11 @@ def eval_rows(examples_data) -> Path:
 def test_evaluate_matches_transformers_peft(exported, eval_rows, load_hf_model):
     samples = load_jsonl_dataset(eval_rows, load_tokenizer(exported.checkpoint), max_seq_len=4096)
     hf_loss, hf_tokens = _hf_mean_loss(_peft_model(load_hf_model, exported.checkpoint, exported.directory), samples)
-    result = lf.evaluate(exported.checkpoint, exported.directory, eval_rows)
+    result = lf.evaluate(exported.checkpoint, exported.directory, eval_rows, dtype="float32")
     assert result.tokens == hf_tokens
     assert abs(result.loss - hf_loss) <= LOSS_RTOL * abs(hf_loss), (result.loss, hf_loss)
 
-    base = lf.evaluate(exported.checkpoint, None, eval_rows)
+    base = lf.evaluate(exported.checkpoint, None, eval_rows, dtype="float32")
     assert base.tokens == hf_tokens
     assert abs(base.loss - result.loss) > 1e-3 * abs(hf_loss), "the adapter should change the loss"
 
@@ -160,7 +160,7 @@ def test_evaluate_base_model_matches_transformers(family, tiny_checkpoints, eval
     checkpoint = tiny_checkpoints[family]
     samples = load_jsonl_dataset(eval_rows, load_tokenizer(checkpoint), max_seq_len=4096)
     hf_loss, hf_tokens = _hf_mean_loss(load_hf_model(checkpoint), samples)
-    result = lf.evaluate(checkpoint, None, eval_rows)
+    result = lf.evaluate(checkpoint, None, eval_rows, dtype="float32")
     assert result.tokens == hf_tokens
     assert abs(result.loss - hf_loss) <= LOSS_RTOL * abs(hf_loss), (result.loss, hf_loss)
 
@@ -178,5 +178,5 @@ def test_adapter_saved_by_peft_evaluates_like_peft(tiny_checkpoints, tmp_path, e
     model.save_pretrained(str(tmp_path / "peft_adapter"))
     samples = load_jsonl_dataset(eval_rows, load_tokenizer(checkpoint), max_seq_len=4096)
     hf_loss, _ = _hf_mean_loss(model.eval(), samples)
-    result = lf.evaluate(checkpoint, tmp_path / "peft_adapter", eval_rows)
+    result = lf.evaluate(checkpoint, tmp_path / "peft_adapter", eval_rows, dtype="float32")
     assert abs(result.loss - hf_loss) <= LOSS_RTOL * abs(hf_loss), (result.loss, hf_loss)

@@ -139,3 +139,63 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_it(tmp_path, flags, ex
     assert resolve_dtype("auto", torch.device("cpu"), cpuinfo) == expected
     assert resolve_dtype("float32", torch.device("cpu"), cpuinfo) == torch.float32
     assert resolve_dtype("auto", torch.device("cpu"), tmp_path / "missing") == torch.float32
+
+
+def test_actors_take_a_gpu_each_or_none():
+    """A cluster with fewer GPUs than stage actors is refused instead of running some stages on CPU slots."""
+    from runtime.backend import gpu_per_actor
+
+    assert gpu_per_actor(4, 4) is True and gpu_per_actor(8, 2) is True and gpu_per_actor(0, 2) is False
+    with pytest.raises(RuntimeError, match="1 GPUs for 2 stage actors.*at most 1"):
+        gpu_per_actor(1, 2)
+
+
+def test_evaluate_refuses_a_gpu_torch_cannot_see(train_checkpoint, examples_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="torch sees no CUDA GPU"):
+        lf.evaluate(train_checkpoint, None, examples_data / "arith_eval.jsonl", device="cuda")
+
+
+@pytest.mark.gpu
+def test_evaluate_runs_on_the_gpu(train_checkpoint, examples_data):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    on_gpu = lf.evaluate(train_checkpoint, None, examples_data / "arith_eval.jsonl", dtype="float32")
+    on_cpu = lf.evaluate(train_checkpoint, None, examples_data / "arith_eval.jsonl", dtype="float32", device="cpu")
+    assert on_gpu.tokens == on_cpu.tokens and on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-4)
+
+
+def _saved_bytes_and_grads(train_checkpoint, examples_data, out, recompute: str):
+    """Bytes the forward keeps for the backward (the storages of the tensors saved for autograd, each counted
+    once), and the adapter gradients."""
+    run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(out), progress=False, dtype="float32",
+                       recompute=recompute)
+    worker = StageWorker(run, [(spec, 2) for spec in _jobs(examples_data, dropout=0.2)])
+    mb = build_microbatch(_items([40, 25, 60, 33, 12, 70]))
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out_, _ = worker.forward(mb, {job: 0.01 for job in JOBS})
+    worker.backward(out_, None, None)
+    for job in JOBS:
+        worker.collect_grads(job)
+    return sum(saved.values()), [p.grad.clone() for job in JOBS for p in worker.adapters.parameters(job)]
+
+
+def test_recompute_keeps_less_and_gives_the_same_gradients(train_checkpoint, examples_data, tmp_path):
+    """run.recompute: 'selective' keeps less than 'none' and 'full' less again, with the same gradients (dropout
+    on: the rerun draws the same masks), though 1F1B may run other microbatches in between."""
+    results = {mode: _saved_bytes_and_grads(train_checkpoint, examples_data, tmp_path / mode, mode)
+               for mode in ("none", "selective", "full")}
+    assert results["none"][0] > results["selective"][0] > results["full"][0]
+    for mode in ("selective", "full"):
+        for got, want in zip(results[mode][1], results["none"][1]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="run.recompute='all'; choose one of"):
+        lf.RunConfig(base_model="m", output_dir="o", recompute="all")
