@@ -100,6 +100,9 @@ class BenchConfig:
     balance_pipeline: bool = True
     """run.balance_pipeline for (a) and (b) (with pipeline_stages > 1: plan at the capacity the simulated 1F1B
     finishes soonest, the run's default; False: always fill microbatches to max_tokens_per_microbatch)."""
+    engine: str = "auto"
+    """run.engine for (a) and (b): 'auto' (the run's default: in this process at one stage, Ray actors at more),
+    'ray' or 'local'."""
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -169,7 +172,8 @@ def bench_jobs(cfg: BenchConfig) -> list[lf.JobSpec]:
 def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunConfig:
     return lf.RunConfig(base_model=str(checkpoint), output_dir=str(output_dir), progress=False, overwrite=True,
                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch,
-                        pipeline_stages=cfg.pipeline_stages, balance_pipeline=cfg.balance_pipeline, dtype=cfg.dtype)
+                        pipeline_stages=cfg.pipeline_stages, balance_pipeline=cfg.balance_pipeline, dtype=cfg.dtype,
+                        engine=cfg.engine)
 
 
 def _first_losses(report: RunReport, names: list[str]) -> dict[str, float]:
@@ -333,16 +337,18 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, list[ProviderResult]]:
     The order alternates between repeats (a b c, c b a, ...) so a slow phase of a shared machine does
     not fall on one provider only.
     """
-    import ray
-
-    from runtime.backend import CPU_THREADS_ENV, connect_ray
+    from runtime.engine import CPU_THREADS_ENV, choose_engine
 
     torch.set_num_threads(cfg.threads)
-    os.environ[CPU_THREADS_ENV] = str(cfg.threads)  # each stage actor gets the same thread count as (c)
+    os.environ[CPU_THREADS_ENV] = str(cfg.threads)  # each stage (actor or thread) gets the same thread count as (c)
     checkpoint = bench_checkpoint(cfg)
     jobs = bench_jobs(cfg)
     results: dict[str, list[ProviderResult]] = {p: [] for p in cfg.providers}
-    started = connect_ray(num_actors=cfg.pipeline_stages)  # once, not per fit (b runs four fits)
+    started = False
+    if choose_engine(_run_config(cfg, checkpoint, Path("unused"))) == "ray":
+        from runtime.backend import connect_ray
+
+        started = connect_ray(num_actors=cfg.pipeline_stages)  # once, not per fit (b runs four fits)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
             for repeat in range(cfg.repeats):
@@ -351,6 +357,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, list[ProviderResult]]:
                     results[provider].append(_measure(provider, jobs, cfg, checkpoint, Path(tmp)))
     finally:
         if started:
+            import ray
+
             ray.shutdown()
     return results
 
@@ -367,7 +375,7 @@ def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]], bound
     row = {"model": cfg.model_name, "jobs": "+".join(JOB_NAMES), "steps": cfg.steps, "repeats": cfg.repeats,
            "global_batch_size": cfg.global_batch_size, "rank": cfg.rank, "pipeline_stages": cfg.pipeline_stages,
            "threads": cfg.threads, "max_tokens_per_microbatch": cfg.max_tokens_per_microbatch,
-           "balance_pipeline": cfg.balance_pipeline, "dtype": dtype, "tokens": next(iter(results.values()))[0].tokens}
+           "balance_pipeline": cfg.balance_pipeline, "engine": cfg.engine, "dtype": dtype, "tokens": next(iter(results.values()))[0].tokens}
     for name in PROVIDERS:
         runs = results.get(name)
         row[f"{name}_tokens_per_s"] = round(_median_rate(runs), 1) if runs else ""
@@ -397,6 +405,8 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                  "global_batch_size", "rank", "max_tokens_per_microbatch", "pipeline_stages", "threads"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--engine", default=defaults.engine, choices=["auto", "ray", "local"],
+                        help="run.engine of (a) and (b) (auto: in this process at one stage)")
     parser.add_argument("--providers", default=",".join(defaults.providers),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--cache-dir", default=defaults.cache_dir)

@@ -7,8 +7,8 @@ product accumulated into the base output with addmm), base (the frozen GEMM alon
     python -m benchmarks.bench_kernels                 # GPU: every registry model, M in {2048, 4096, 8192}
     python -m benchmarks.bench_kernels --quick         # CPU smoke run: torch providers, small shapes
 
-Tile configs are autotuned on the first call of each (N, K, r), inside the warmup (LORAFUSION_AUTOTUNE=0:
-default tiles). Rows go to benchmarks/results/kernels.csv (device, commit and date stamped by results_csv.append_rows).
+Tile configs are chosen before timing, as a fit chooses them before training (fused_lora.tune_tiles;
+LORAFUSION_AUTOTUNE=0: default tiles). Rows go to benchmarks/results/kernels.csv (device, commit and date stamped by results_csv.append_rows).
 Only GPU rows are performance numbers; --quick rows show the script runs.
 """
 
@@ -97,7 +97,9 @@ def make_provider(name: str, x: torch.Tensor, weight: torch.Tensor, p: float, r:
         run = lambda: lora_linear_addmm(x, weight, a_list[0], b_list[0], scaling=2.0, dropout_p=p)  # noqa: E731
     else:
         from lorafusion.ops import fused_multi_lora_linear
+        from lorafusion.ops.fused_lora import tune_tiles
 
+        tune_tiles([(n, k, r * count)], m, x.dtype, x.device)
         bounds = [(i * m // count, (i + 1) * m // count) for i in range(count)]
         table = SegmentTable.build(m, bounds, [((s, e, 17 + i),) for i, (s, e) in enumerate(bounds)], device=x.device)
         run = lambda: fused_multi_lora_linear(x, weight, a_list, b_list, table, scalings=[2.0] * count,  # noqa: E731

@@ -197,6 +197,10 @@ class RunConfig:
     """Resume from the latest complete checkpoint when output_dir holds this same run; False refuses such a dir."""
     max_restarts: int = 2
     """How often a fit whose stage actor died is started again from its last checkpoint before it gives up."""
+    engine: str = "auto"
+    """Where the stages run: 'ray' = one Ray actor per (stage, replica), on the cluster in RAY_ADDRESS or an
+    embedded local Ray instance; 'local' = in this process, without Ray (one stage, one replica only); 'auto' =
+    local for a one-stage, one-replica fit unless a Ray cluster is at hand (RAY_ADDRESS, or Ray initialised)."""
     recompute: str = "none"
     """Activation recompute: 'none'; 'selective' = each layer's core attention is computed again in the backward
     instead of kept; 'full' = each decoder layer keeps only its input and runs again in the backward (least
@@ -230,6 +234,11 @@ class RunConfig:
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {['auto', *DTYPES]}")
+        if self.engine not in ("auto", "ray", "local"):
+            raise ValueError(f"run.engine={self.engine!r}; choose one of ['auto', 'ray', 'local']")
+        if self.engine == "local" and self.pipeline_stages * self.data_parallel != 1:
+            raise ValueError(f"run.engine='local' runs one stage and one replica, but pipeline_stages="
+                             f"{self.pipeline_stages} and data_parallel={self.data_parallel}; use engine 'ray' or 'auto'")
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"run.recompute={self.recompute!r}; choose one of {list(RECOMPUTE_MODES)}")
         if self.attention not in ATTENTION_BACKENDS:

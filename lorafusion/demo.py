@@ -57,8 +57,9 @@ def run_demo(*, output_dir: str = "runs/demo", steps: int | None = None, cache_d
     import lorafusion as lf
 
     checkpoint = demo_checkpoint(cache_dir)
+    # The demo shows the product's runtime: stage actors on an embedded local Ray instance.
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=output_dir, max_tokens_per_microbatch=1024,
-                       log_every_steps=10, overwrite=True)
+                       log_every_steps=10, overwrite=True, engine="ray")
     result = lf.fit(demo_jobs(steps or _DEMO_STEPS), run)
     print(f"\n{len(result.jobs)} jobs, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s")
     for job in result.jobs.values():

@@ -17,6 +17,7 @@ import torch
 
 from lorafusion.config import JobSpec, RunConfig
 from runtime.comm import StageComm, StagePlace
+from runtime.engine import CPU_THREADS_ENV, StageLost
 from runtime.pipeline import split_layers
 from runtime.stage import StageRunner, Window, WindowResult
 from runtime.worker import StageWorker
@@ -24,12 +25,6 @@ from runtime.worker import StageWorker
 __all__ = ["StageActor", "StageGroup", "gpu_per_actor", "StageLost", "connect_ray", "ray_connection", "ACTOR_PREFIX", "CPU_THREADS_ENV"]
 
 ACTOR_PREFIX = "lorafusion-"
-CPU_THREADS_ENV = "LORAFUSION_CPU_THREADS"
-"""Intra-op threads of each CPU actor (default: the node's cores divided among its actors)."""
-
-
-class StageLost(RuntimeError):
-    """A stage actor died (its process or node went away); the driver restarts the group from a checkpoint."""
 
 
 def _code_root() -> str:

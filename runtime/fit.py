@@ -9,6 +9,7 @@ checkpoint or the end is due drains the pipeline. The driver records each job's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -22,7 +23,7 @@ from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
 from lorafusion.result import FitResult, JobResult
-from runtime.backend import StageGroup, StageLost, ray_connection
+from runtime.engine import LocalGroup, StageLost, choose_engine
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
@@ -366,10 +367,16 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     progress.note(f"training {len(prepared.jobs)} job(s) on {run.base_model} "
                   f"({run.pipeline_stages} stage(s) × {run.data_parallel} replica(s))")
     job_steps = [(j.spec, j.total_steps) for j in prepared.jobs]
-    with ray_connection(run.pipeline_stages * run.data_parallel):
+    if choose_engine(run) == "local":
+        group_cls, connection = LocalGroup, contextlib.nullcontext()
+    else:
+        from runtime.backend import StageGroup, ray_connection
+
+        group_cls, connection = StageGroup, ray_connection(run.pipeline_stages * run.data_parallel)
+    with connection:
         for attempt in range(run.max_restarts + 1):
             try:
-                with StageGroup(run, job_steps, prepared.arch.num_layers) as group:
+                with group_cls(run, job_steps, prepared.arch.num_layers) as group:
                     trainer = _Trainer(prepared, group)
                     trainer.resume_from(resumed)
                     trainer.run_all()

@@ -92,12 +92,12 @@ def dropped_entries(keys: torch.Tensor, site_id: int, columns: int, p: float) ->
     """Which entries of a [rows, columns] input dropout zeroes at layer `site_id` (bool [rows, columns]).
 
     keys: the rows' keys from row_keys (on the input's device). Each entry's uniform is the high half of
-    (row key ^ column key) · C: the row and column keys are fully mixed, so one multiply gives two 16-bit
-    uniforms per 64-bit word, three passes over the mask in all.
+    (row key ^ layer key ^ column key) · C: the row and column keys are fully mixed, so one multiply gives two
+    16-bit uniforms per 64-bit word, three passes over the mask in all.
     """
     rows = keys.shape[0]
     pairs = -(-columns // 2)
-    site = _fmix64(keys ^ _signed(mix_seed(site_id, 0x5EED)))  # [rows]
+    site = keys ^ _signed(mix_seed(site_id, 0x5EED))  # [rows]: the layer's own well-mixed row keys
     words = (site[:, None] ^ _column_keys(pairs, keys.device)[None, :]) * _C1  # [rows, pairs]
     uniform = words.view(torch.int16).view(rows, pairs, 4)[..., 2:]  # the high 32 bits as two int16
     dropped = (uniform < _INT16_MIN + drop_threshold(p)).view(rows, 2 * pairs)

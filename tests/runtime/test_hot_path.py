@@ -199,3 +199,22 @@ def test_recompute_keeps_less_and_gives_the_same_gradients(train_checkpoint, exa
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="run.recompute='all'; choose one of"):
         lf.RunConfig(base_model="m", output_dir="o", recompute="all")
+
+
+def test_engine_choice(monkeypatch):
+    from runtime.engine import choose_engine
+
+    def run(**fields):
+        return lf.RunConfig(base_model="m", output_dir="o", **fields)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import sys
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # no Ray imported: nothing is connected
+    assert choose_engine(run()) == "local"
+    assert choose_engine(run(pipeline_stages=2)) == "ray"
+    assert choose_engine(run(engine="ray")) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # under `ray job submit`
+    assert choose_engine(run()) == "ray"
+    with pytest.raises(ValueError, match="engine='local' runs one stage and one replica.*data_parallel=2"):
+        run(engine="local", data_parallel=2)

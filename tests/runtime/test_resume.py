@@ -95,6 +95,30 @@ def test_killed_driver_resumes_to_the_same_adapters(straight, train_checkpoint, 
         assert steps == [line.split(",")[0] for line in text.splitlines()], f"{name}: metrics lines lost or repeated"
 
 
+def test_killed_in_process_fit_resumes_to_the_same_adapters(straight, train_checkpoint, examples_data, tmp_path):
+    """run.engine 'local' (the stage in the driver's process, no Ray): killed mid-run and run again, it ends with
+    the adapters of the uninterrupted fit on Ray actors, bit for bit."""
+    out = tmp_path / "run"
+    config = tmp_path / "jobs.yaml"
+    run = run_config(train_checkpoint, out, engine="local").to_dict()
+    config.write_text(yaml.safe_dump({"run": run, "jobs": [job.to_dict() for job in jobs(examples_data)]}))
+    root = Path(__file__).resolve().parents[2]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    driver = subprocess.Popen([sys.executable, "-m", "lorafusion.cli", "train", str(config)], env=env, cwd=root)
+    try:
+        wait_for(lambda: checkpoints(out) or driver.poll() is not None)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the driver ended before it could be killed mid-run"
+    done = checkpoints(out)
+    assert done and done[-1] < f"step-{STEPS:08d}", f"killed too late to test a resume: {done}"
+    result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local"))
+    assert all(job.status == "finished" for job in result.jobs.values())
+    assert_same(adapters(out), straight["adapters"])
+
+
 def test_dead_stage_actor_restarts_from_the_checkpoint(straight, train_checkpoint, examples_data, tmp_path, capsys):
     out = tmp_path / "run"
     killed = []
