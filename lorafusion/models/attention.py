@@ -7,11 +7,11 @@ moved to the device) and shared by every layer:
 - RoPE's cos/sin at each token's position within its sample (one broadcast multiply-add over all tokens; the
   model itself is built without RoPE so megatron never splits the row per sample);
 - on CUDA with torch's varlen flash attention: `cu_seqlens` and the longest sample, one varlen call per layer;
-- elsewhere, length buckets: samples of similar length (same power of two) are gathered into one right-padded
-  [samples, heads, length, d] batch and run through causal SDPA together (right padding needs no mask: a real
-  token never attends to a later position), then one gather puts every token back in row order. The number of
-  SDPA calls is the number of length classes present (at most ~log2 of the longest sample), not the number of
-  samples; the padded work is under 4x Σ len² (each sample at least half its bucket's length).
+- elsewhere, length buckets: samples of similar length (the same half-octave class: lengths within a factor
+  √2) are gathered into one right-padded [samples, heads, length, d] batch and run through causal SDPA together
+  (right padding needs no mask: a real token never attends to a later position), then one gather puts every
+  token back in row order. The number of SDPA calls is the number of length classes present (at most
+  ~2 log2 of the longest sample), not the number of samples; the padded work is under 2x Σ len².
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ __all__ = ["PackedCoreAttention", "PackedLayout", "PackedParams", "apply_rope", 
 
 # Samples up to this length share one bucket: below it SDPA's cost is its per-call overhead, not the padding.
 _MIN_BUCKET = 16
+# Length classes per doubling of the length: 2 pads less than 1 and makes fewer SDPA calls than 3, and was the
+# fastest of the three on the end-to-end bench's length mix (python -m benchmarks.bench_attention, docs/hot_path.md).
+_CLASSES_PER_OCTAVE = 2
 
 
 def _varlen_attn():
@@ -87,8 +90,8 @@ class PackedLayout:
         total = int(lens.sum())
         sample_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # [T]
         positions = torch.arange(total) - starts[sample_of]
-        # Length class: samples up to _MIN_BUCKET share class 0, then one class per power of two.
-        classes = torch.ceil(torch.log2(lens.clamp(min=_MIN_BUCKET).double() / _MIN_BUCKET)).long()
+        # Length class: samples up to _MIN_BUCKET share class 0, then _CLASSES_PER_OCTAVE classes per doubling.
+        classes = torch.ceil(_CLASSES_PER_OCTAVE * torch.log2(lens.clamp(min=_MIN_BUCKET).double() / _MIN_BUCKET)).long()
         buckets, out_row, offset = [], torch.empty(len(lengths), dtype=torch.long), 0
         for c in torch.unique(classes).tolist():
             members = torch.nonzero(classes == c).flatten()

@@ -45,9 +45,10 @@ def test_buckets_match_one_call_per_sample(lengths, dtype):
 
 
 def test_layout_buckets_by_length_class_and_pads_to_the_longest_member():
-    layout = PackedLayout.build([3, 16, 17, 30, 100, 5])
-    assert [(b.samples, b.length) for b in layout.buckets] == [(3, 16), (2, 30), (1, 100)]
-    assert layout.max_seqlen == 100 and layout.cu_seqlens.tolist() == [0, 3, 19, 36, 66, 166, 171]
+    """Classes: up to 16 tokens, then two per doubling (16-22, 23-32, 33-45, ..., 91-128)."""
+    layout = PackedLayout.build([3, 16, 17, 30, 100, 5, 22, 91])
+    assert [(b.samples, b.length) for b in layout.buckets] == [(3, 16), (2, 22), (1, 30), (2, 100)]
+    assert layout.max_seqlen == 100 and layout.cu_seqlens.tolist() == [0, 3, 19, 36, 66, 166, 171, 193, 284]
     assert layout.positions.tolist()[:5] == [0, 1, 2, 0, 1]
     # Every token comes back from exactly one bucket row.
     assert sorted(layout.unpack.tolist()) == sorted(set(layout.unpack.tolist()))
