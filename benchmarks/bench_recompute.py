@@ -1,8 +1,9 @@
 """Activation memory and step time of run.recompute none / selective / full, side by side in one process.
 
-One microbatch of the end-to-end bench's four jobs (its first window's fullest microbatch) on its model; per mode:
-the bytes kept for the backward (every storage autograd saved, counted once), the process's peak RSS growth over
-the forward and backward, and the forward + backward time (median of --repeats).
+One microbatch of the end-to-end bench's four jobs (its first window's fullest microbatch) on its model, each mode
+in a fresh process: the peak memory of a forward + backward on top of the built model (peak RSS after minus RSS
+before, the process's high-water mark: on a CPU the memory a step needs), the bytes autograd saved outside
+checkpointed regions (counted once per storage), and the forward + backward time (median of --repeats).
 
     python -m benchmarks.bench_recompute             # rows -> benchmarks/results/recompute.csv
 """
@@ -10,7 +11,10 @@ the forward and backward, and the forward + backward time (median of --repeats).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -48,17 +52,34 @@ def measure(mode: str, prepared, repeats: int) -> dict:
     planned = plan_window(prepared.jobs, {j.name: range(0, 1) for j in prepared.jobs}, run)
     slot = max(planned.window.slots[0], key=lambda s: sum(len(sample) for _, sample, _ in s.items))
     mb, weights = build_microbatch(slot.items), slot.weights
+    rss_before = _rss_bytes()
     saved = _saved_bytes(worker, mb, weights)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
         out, _ = worker.forward(mb, weights)
         worker.backward(out, None, None)
         times.append(time.perf_counter() - tic)
-    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    return {"recompute": mode, "tokens": mb.input_ids.shape[1], "saved_mib": round(saved / 2**20, 1),
-            "peak_rss_growth_mib": round(rss_growth / 2**20, 1), "fwd_bwd_s": round(statistics.median(times), 3)}
+    return {"recompute": mode, "tokens": mb.input_ids.shape[1], "peak_step_mib": round(peak / 2**20, 1),
+            "saved_outside_checkpoints_mib": round(saved / 2**20, 1), "fwd_bwd_s": round(statistics.median(times), 3)}
+
+
+def _rss_bytes() -> int:
+    """The process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _child(mode: str, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    cfg = BenchConfig(dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = _prepared(bench_jobs(cfg), cfg, bench_checkpoint(cfg), Path(tmp))
+    from lorafusion.models.megatron_compat import ensure_model_parallel
+
+    ensure_model_parallel()
+    return {**measure(mode, prepared, repeats), "model": cfg.model_name, "threads": threads}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -66,18 +87,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--child", choices=["none", "selective", "full"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = BenchConfig(dtype="float32")
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = _prepared(bench_jobs(cfg), cfg, bench_checkpoint(cfg), Path(tmp))
-    from lorafusion.models.megatron_compat import ensure_model_parallel
-
-    ensure_model_parallel()
-    # Peak RSS only grows: the modes run from the one that keeps least to the one that keeps most.
-    rows = [measure(mode, prepared, args.repeats) for mode in ("full", "selective", "none")]
-    for row in rows:
-        row.update(model=cfg.model_name, threads=args.threads)
+    if args.child:  # one mode in this fresh process: its peak RSS is its own
+        print(json.dumps(_child(args.child, args.repeats, args.threads)))
+        return []
+    rows = []
+    for mode in ("none", "selective", "full"):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_recompute", "--child", mode, "--repeats",
+                               str(args.repeats), "--threads", str(args.threads)], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent.parent)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.no_record:
         for row in rows:
             print(row)
