@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.results_csv import append_rows
+from benchmarks.results_csv import emit_rows
 from lorafusion.models.attention import PackedLayout, _varlen_attn
 
 MIXES = {
@@ -109,12 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     rows = [row for mix in args.mixes for row in bench_mix(mix, args, device, dtype)]
-    if args.no_record:
-        for row in rows:
-            print(row)
-    else:
-        append_rows("attention", rows)
-    return rows
+    return emit_rows("attention", rows, record=not args.no_record)
 
 
 if __name__ == "__main__":

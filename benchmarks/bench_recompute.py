@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_end_to_end import BenchConfig, _prepared, bench_checkpoint, bench_jobs
-from benchmarks.results_csv import append_rows
+from benchmarks.results_csv import emit_rows
 
 
-def _saved_bytes(worker, mb, weights) -> int:
+def saved_bytes(worker, mb, weights) -> int:
+    """Forward and backward of `mb`; the bytes autograd saved for the backward (each storage counted once; what a
+    checkpointed region keeps is not seen)."""
     saved = {}
 
     def pack(tensor):
@@ -53,7 +55,7 @@ def measure(mode: str, prepared, repeats: int) -> dict:
     slot = max(planned.window.slots[0], key=lambda s: sum(len(sample) for _, sample, _ in s.items))
     mb, weights = build_microbatch(slot.items), slot.weights
     rss_before = _rss_bytes()
-    saved = _saved_bytes(worker, mb, weights)
+    saved = saved_bytes(worker, mb, weights)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     times = []
     for _ in range(repeats):
@@ -98,12 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                str(args.repeats), "--threads", str(args.threads)], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).resolve().parent.parent)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    if args.no_record:
-        for row in rows:
-            print(row)
-    else:
-        append_rows("recompute", rows)
-    return rows
+    return emit_rows("recompute", rows, record=not args.no_record)
 
 
 if __name__ == "__main__":

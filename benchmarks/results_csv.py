@@ -9,7 +9,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "device_name", "commit", "append_rows"]
+__all__ = ["RESULTS_DIR", "device_name", "commit", "append_rows", "emit_rows"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -70,3 +70,13 @@ def append_rows(name: str, rows: list[dict], results_dir: Path = RESULTS_DIR) ->
     for row in rows:
         print(", ".join(f"{k}={v}" for k, v in row.items() if k not in stamp))
     return path
+
+
+def emit_rows(name: str, rows: list[dict], record: bool) -> list[dict]:
+    """append_rows when `record`, else only print the rows (a script's --no-record); returns the rows."""
+    if record:
+        append_rows(name, rows)
+    else:
+        for row in rows:
+            print(row)
+    return rows

@@ -172,20 +172,12 @@ def _saved_bytes_and_grads(train_checkpoint, examples_data, out, recompute: str)
     run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(out), progress=False, dtype="float32",
                        recompute=recompute)
     worker = StageWorker(run, [(spec, 2) for spec in _jobs(examples_data, dropout=0.2)])
-    mb = build_microbatch(_items([40, 25, 60, 33, 12, 70]))
-    saved = {}
+    from benchmarks.bench_recompute import saved_bytes
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out_, _ = worker.forward(mb, {job: 0.01 for job in JOBS})
-    worker.backward(out_, None, None)
+    saved = saved_bytes(worker, build_microbatch(_items([40, 25, 60, 33, 12, 70])), {job: 0.01 for job in JOBS})
     for job in JOBS:
         worker.collect_grads(job)
-    return sum(saved.values()), [p.grad.clone() for job in JOBS for p in worker.adapters.parameters(job)]
+    return saved, [p.grad.clone() for job in JOBS for p in worker.adapters.parameters(job)]
 
 
 def test_recompute_keeps_less_and_gives_the_same_gradients(train_checkpoint, examples_data, tmp_path):

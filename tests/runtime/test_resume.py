@@ -69,14 +69,16 @@ def checkpoints(out: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
 
 
-def test_killed_driver_resumes_to_the_same_adapters(straight, train_checkpoint, examples_data, tmp_path):
-    out = tmp_path / "run"
-    config = tmp_path / "jobs.yaml"  # the driver is `lorafusion train`, as a user runs it
-    run = run_config(train_checkpoint, out).to_dict()
-    config.write_text(yaml.safe_dump({"run": run, "jobs": [job.to_dict() for job in jobs(examples_data)]}))
+def kill_driver_after_a_checkpoint(config: Path, out: Path, env_changes: dict[str, str | None]) -> None:
+    """Run `lorafusion train config` as a user would, SIGKILL it once its first checkpoint is complete, and check
+    that it was cut mid-run. env_changes: variables to set (None: to remove) for the driver."""
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     driver = subprocess.Popen([sys.executable, "-m", "lorafusion.cli", "train", str(config)], env=env, cwd=root)
     try:
         wait_for(lambda: checkpoints(out) or driver.poll() is not None)
@@ -86,6 +88,14 @@ def test_killed_driver_resumes_to_the_same_adapters(straight, train_checkpoint, 
     assert driver.returncode == -signal.SIGKILL, "the driver ended before it could be killed mid-run"
     done = checkpoints(out)
     assert done and done[-1] < f"step-{STEPS:08d}", f"killed too late to test a resume: {done}"
+
+
+def test_killed_driver_resumes_to_the_same_adapters(straight, train_checkpoint, examples_data, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "jobs.yaml"  # the driver is `lorafusion train`, as a user runs it
+    run = run_config(train_checkpoint, out).to_dict()
+    config.write_text(yaml.safe_dump({"run": run, "jobs": [job.to_dict() for job in jobs(examples_data)]}))
+    kill_driver_after_a_checkpoint(config, out, {"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
 
     result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out))
     assert all(job.status == "finished" for job in result.jobs.values())
@@ -102,18 +112,7 @@ def test_killed_in_process_fit_resumes_to_the_same_adapters(straight, train_chec
     config = tmp_path / "jobs.yaml"
     run = run_config(train_checkpoint, out, engine="local").to_dict()
     config.write_text(yaml.safe_dump({"run": run, "jobs": [job.to_dict() for job in jobs(examples_data)]}))
-    root = Path(__file__).resolve().parents[2]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    driver = subprocess.Popen([sys.executable, "-m", "lorafusion.cli", "train", str(config)], env=env, cwd=root)
-    try:
-        wait_for(lambda: checkpoints(out) or driver.poll() is not None)
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.wait()
-    assert driver.returncode == -signal.SIGKILL, "the driver ended before it could be killed mid-run"
-    done = checkpoints(out)
-    assert done and done[-1] < f"step-{STEPS:08d}", f"killed too late to test a resume: {done}"
+    kill_driver_after_a_checkpoint(config, out, {"RAY_ADDRESS": None})
     result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local"))
     assert all(job.status == "finished" for job in result.jobs.values())
     assert_same(adapters(out), straight["adapters"])
