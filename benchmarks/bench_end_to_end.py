@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 import lorafusion as lf  # noqa: E402
 from benchmarks.ceiling import Ceiling, ModelDims, ceiling  # noqa: E402
 from benchmarks.results_csv import append_rows  # noqa: E402
-from lorafusion.config import DTYPES  # noqa: E402
+from lorafusion.config import DTYPES, ENGINES  # noqa: E402
 from lorafusion.models.builder import resolve_dtype  # noqa: E402
 from lorafusion.data import IGNORE_INDEX, Sample  # noqa: E402
 from lorafusion.prepare import PreparedJob, prepare_run  # noqa: E402
@@ -393,7 +393,7 @@ def result_row(cfg: BenchConfig, results: dict[str, list[ProviderResult]], bound
     row["gemm_gflops"] = round(bound.matmul_flops_per_s / 1e9, 1) if bound else ""
     row["flops_per_token_m"] = round(bound.flops_per_token / 1e6, 2) if bound else ""
     row["ceiling_tokens_per_s"] = round(bound.tokens_per_s, 1) if bound else ""
-    row["a_ceiling_fraction"] = round(_median_rate(results["a"]) / bound.tokens_per_s, 3) if bound and a else ""
+    row["a_ceiling_fraction"] = round(_median_rate(results["a"]) / bound.tokens_per_s, 4) if bound and a else ""
     return row
 
 
@@ -405,7 +405,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                  "global_batch_size", "rank", "max_tokens_per_microbatch", "pipeline_stages", "threads"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--engine", default=defaults.engine, choices=["auto", "ray", "local"],
+    parser.add_argument("--engine", default=defaults.engine, choices=list(ENGINES),
                         help="run.engine of (a) and (b) (auto: in this process at one stage)")
     parser.add_argument("--providers", default=",".join(defaults.providers),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")

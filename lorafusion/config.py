@@ -30,6 +30,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OVERFLOW_POLICIES = ("reject", "truncate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RECOMPUTE_MODES = ("none", "selective", "full")  # run.recompute, see lorafusion.models.recompute
+ENGINES = ("auto", "ray", "local")  # run.engine, see runtime.engine
 
 
 def _positive_int(owner: str, name: str, value: Any, example: str) -> None:
@@ -234,8 +235,8 @@ class RunConfig:
         _positive_int("run", "log_every_steps", self.log_every_steps, "10")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"run.dtype={self.dtype!r}; choose one of {['auto', *DTYPES]}")
-        if self.engine not in ("auto", "ray", "local"):
-            raise ValueError(f"run.engine={self.engine!r}; choose one of ['auto', 'ray', 'local']")
+        if self.engine not in ENGINES:
+            raise ValueError(f"run.engine={self.engine!r}; choose one of {list(ENGINES)}")
         if self.engine == "local" and self.pipeline_stages * self.data_parallel != 1:
             raise ValueError(f"run.engine='local' runs one stage and one replica, but pipeline_stages="
                              f"{self.pipeline_stages} and data_parallel={self.data_parallel}; use engine 'ray' or 'auto'")

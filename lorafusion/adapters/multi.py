@@ -102,12 +102,17 @@ class _JobFactors:
     """One job's (A_eff [R, K], B_eff [N, R]) on one layer in the compute dtype, built once per optimizer step,
     and the fp32 sums of the gradients the microbatches since then sent to them."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, dropout_p: float, versions: tuple[int, ...]) -> None:
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, dropout_p: float, params: list[nn.Parameter]) -> None:
         # Leaves that require grad only so autograd records the nodes that use them; _GradSink diverts their
         # gradients into the fp32 sums.
         self.a, self.b = a.detach().requires_grad_(), b.detach().requires_grad_()
-        self.dropout_p, self.versions = dropout_p, versions
+        self.dropout_p, self.params = dropout_p, params
+        self.versions = self.current_versions()
         self.grads: list[torch.Tensor | None] = [None, None]
+
+    def current_versions(self) -> tuple[int, ...]:
+        """The parameters' in-place write counters: they move with an optimizer step or a load."""
+        return tuple(p._version for p in self.params)
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) for this microbatch's autograd graph: their gradients land in `grads`."""
@@ -191,22 +196,21 @@ class MultiAdapterLinear(nn.Module):
     def factors(self, job: str, dtype: torch.dtype) -> _JobFactors:
         """The job's factors in `dtype`, rebuilt only when a parameter changed (an optimizer step, a load)."""
         key = job_key(job)
-        versions = tuple(p._version for p in self.adapters[key].parameters())
         cached = self._factors.get(key)
-        if cached is not None and cached.versions == versions and cached.a.dtype == dtype:
+        if cached is not None and cached.versions == cached.current_versions() and cached.a.dtype == dtype:
             return cached
         if cached is not None:
             self.collect_grads(job)  # gradients owed to the parameters as they were
         with torch.no_grad():
             a, b, p = self.job_factors(job, dtype)
-        self._factors[key] = _JobFactors(a, b, p, versions)
+        self._factors[key] = _JobFactors(a, b, p, list(self.adapters[key].parameters()))
         return self._factors[key]
 
     def collect_grads(self, job: str) -> None:
         """Add the job's gradient sums since the last call to its parameters' .grad (through the factors'
         construction, once per optimizer step) and reset them."""
         cached = self._factors.get(job_key(job))
-        if cached is None or cached.grads == [None, None]:
+        if cached is None or all(g is None for g in cached.grads):
             return
         a_eff, b_eff, _ = self.job_factors(job, torch.float32)
         pairs = [(t, g) for t, g in zip((a_eff, b_eff), cached.grads) if g is not None and t.requires_grad]

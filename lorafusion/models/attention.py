@@ -16,6 +16,7 @@ moved to the device) and shared by every layer:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -36,8 +37,10 @@ _MIN_BUCKET = 16
 _CLASSES_PER_OCTAVE = 2
 
 
+@functools.cache
 def _varlen_attn():
-    """torch's varlen flash attention (CUDA only), or None where this torch has none."""
+    """torch's varlen flash attention (CUDA only), or None where this torch has none (looked up once: every layer
+    of every microbatch asks)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
