@@ -6,19 +6,32 @@ import warnings
 # on purpose (CPU path and our own kernels), so the warning is noise for our users.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*", category=UserWarning)
 
-from lorafusion.adapters import LoRAConfig, RsLoRAConfig
+from lorafusion.adapters import (
+    DoRAConfig,
+    LoRAConfig,
+    RandLoRAConfig,
+    RsLoRAConfig,
+    SHiRAConfig,
+    UniLoRAConfig,
+    VeRAConfig,
+)
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitResult, JobResult
 
 __all__ = [
+    "DoRAConfig",
     "EvalResult",
     "FitResult",
     "JobResult",
     "JobSpec",
     "LoRAConfig",
+    "RandLoRAConfig",
     "RsLoRAConfig",
     "RunConfig",
+    "SHiRAConfig",
+    "UniLoRAConfig",
+    "VeRAConfig",
     "evaluate",
     "fit",
     "load_config",

@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafusion.adapters import AdapterConfig, get_variant
-from lorafusion.adapters.lora import LoRAConfig, RsLoRAConfig
+from lorafusion.adapters import AdapterConfig, adapter_config_from_dict, config_from_peft
 
 __all__ = ["write_peft_adapter", "read_peft_adapter", "atomic_directory", "atomic_file", "atomic_write_text", "fsync_path"]
 
@@ -67,7 +66,7 @@ def write_peft_adapter(
     directory: str | Path, tensors: dict[str, torch.Tensor], config: AdapterConfig, *, base_model: str
 ) -> Path:
     """Write one job's adapter so `PeftModel.from_pretrained(base, directory)` loads it."""
-    peft_fields = get_variant(config.type).peft_config(config)
+    peft_fields = config.peft_config()
     payload = {
         **peft_fields,
         "base_model_name_or_path": str(base_model),
@@ -84,18 +83,10 @@ def write_peft_adapter(
 
 
 def _config_from_peft(data: dict, path: Path) -> AdapterConfig:
-    if "lorafusion_adapter" in data:
-        from lorafusion.adapters import adapter_config_from_dict
-
+    """Our own config when lorafusion wrote the adapter (it names the variant exactly), else PEFT's fields."""
+    if isinstance(data, dict) and "lorafusion_adapter" in data:
         return adapter_config_from_dict(data["lorafusion_adapter"], where=str(path))
-    if data.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type={data.get('peft_type')!r} is not supported; only LORA adapters load")
-    targets = data.get("target_modules")
-    if not isinstance(targets, list):
-        raise ValueError(f"{path}: target_modules={targets!r} must be a list of module names (regex is not supported)")
-    cls = RsLoRAConfig if data.get("use_rslora") else LoRAConfig
-    return cls(rank=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0.0)),
-               target_modules=targets)
+    return config_from_peft(data, str(path))
 
 
 def read_peft_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

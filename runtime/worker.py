@@ -147,16 +147,9 @@ class StageWorker:
         return self.adapters.peft_state_dict(job)
 
     def _named_job_parameters(self, job: str) -> dict[str, torch.nn.Parameter]:
-        """The job's parameters held here, named `layers.<global layer>.<path in layer>` in the optimizer's order.
-
-        Global layer numbers make the names independent of how the model is cut into pipeline stages.
-        """
-        names = {
-            id(param): f"layers.{layer.layer_number - 1}.{path}"
-            for layer in self.model.decoder.layers
-            for path, param in layer.named_parameters()
-        }
-        return {names[id(p)]: p for p in self.optimizers[job].params}
+        """The job's parameters held here, in the optimizer's order, named independently of the pipeline cut
+        (see ModelAdapters.named_parameters)."""
+        return self.adapters.named_parameters(job)
 
     def job_state(self, job: str) -> dict:
         """This stage's share of `job`'s training state, on CPU: {"step_count", "params": {name: tensor},

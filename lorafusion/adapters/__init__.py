@@ -1,24 +1,43 @@
-"""Adapter variants (one folder each) and the multi-adapter linear layer that runs many jobs at once."""
+"""Adapter variants (one folder each, one registry line each) and the multi-adapter linear layer that runs many
+jobs at once."""
 
-from lorafusion.adapters.base import TARGET_MODULES, AdapterConfig, AdapterLayer
-from lorafusion.adapters.lora import LoRAConfig, LoRALayer, RsLoRAConfig, lora_peft_config
+from lorafusion.adapters.base import TARGET_MODULES, AdapterConfig, AdapterLayer, JobShared
+from lorafusion.adapters.dora import DoRAConfig, DoRALayer
+from lorafusion.adapters.lora import LoRAConfig, LoRALayer, RsLoRAConfig
+from lorafusion.adapters.randlora import RandLoRAConfig, RandLoRALayer, RandLoRAShared
 from lorafusion.adapters.registry import (
     adapter_config_from_dict,
+    config_from_peft,
     get_variant,
     register_adapter,
     registered_names,
 )
+from lorafusion.adapters.shira import SHiRAConfig, SHiRALayer
+from lorafusion.adapters.unilora import UniLoRAConfig, UniLoRALayer, UniLoRAShared
+from lorafusion.adapters.vera import VeRAConfig, VeRALayer, VeRAShared
 
-register_adapter(name="lora", config_cls=LoRAConfig, layer_cls=LoRALayer, peft_config=lora_peft_config)
-register_adapter(name="rslora", config_cls=RsLoRAConfig, layer_cls=LoRALayer, peft_config=lora_peft_config)
+register_adapter(name="lora", config_cls=LoRAConfig, layer_cls=LoRALayer)
+register_adapter(name="rslora", config_cls=RsLoRAConfig, layer_cls=LoRALayer)
+register_adapter(name="dora", config_cls=DoRAConfig, layer_cls=DoRALayer)
+register_adapter(name="vera", config_cls=VeRAConfig, layer_cls=VeRALayer, shared_cls=VeRAShared)
+register_adapter(name="randlora", config_cls=RandLoRAConfig, layer_cls=RandLoRALayer, shared_cls=RandLoRAShared)
+register_adapter(name="shira", config_cls=SHiRAConfig, layer_cls=SHiRALayer)
+register_adapter(name="unilora", config_cls=UniLoRAConfig, layer_cls=UniLoRALayer, shared_cls=UniLoRAShared)
 
 __all__ = [
     "TARGET_MODULES",
     "AdapterConfig",
     "AdapterLayer",
+    "DoRAConfig",
+    "JobShared",
     "LoRAConfig",
+    "RandLoRAConfig",
     "RsLoRAConfig",
+    "SHiRAConfig",
+    "UniLoRAConfig",
+    "VeRAConfig",
     "adapter_config_from_dict",
+    "config_from_peft",
     "get_variant",
     "register_adapter",
     "registered_names",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafusion.adapters.base import AdapterConfig, layer_generator
+from lorafusion.adapters.base import AdapterConfig, BaseView, JobShared, layer_generator, target_shapes
 from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear, job_key
 from lorafusion.adapters.registry import get_variant
 from lorafusion.models.builder import fc1_rows, qkv_rows
@@ -46,6 +46,7 @@ class ModelAdapters:
         self.model, self.arch = model, arch
         self.batch = AdapterBatch()
         self.configs: dict[str, AdapterConfig] = {}
+        self.shared: dict[str, JobShared] = {}  # job -> its tensors shared by all its layers (when its variant has some)
         rows = _out_rows(arch, next(model.parameters()).device)
         self.layers: dict[int, dict[str, MultiAdapterLinear]] = {}  # global layer index -> site -> wrapper
         site_names = sorted({(s[0], s[1]) for s in SITES.values()})
@@ -66,12 +67,21 @@ class ModelAdapters:
             raise ValueError(f"job '{name}' already has an adapter on this model; job names must be unique")
         variant = get_variant(config.type)
         device = next(self.model.parameters()).device
+        shapes = target_shapes(self.arch)
+        config.check_model({t: shapes[t] for t in config.target_modules}, self.arch.num_layers)
+        shared = None
+        if variant.shared_cls is not None:
+            shared = variant.shared_cls(config, {t: shapes[t] for t in config.target_modules}, self.arch.num_layers,
+                                        seed).to(device)
+            self.shared[name] = shared
         for index, sites in self.layers.items():
             for target in config.target_modules:
                 _, attr, _ = SITES[target]
-                n_out = len(sites[attr].out_rows[target])
-                in_features = sites[attr].weight.shape[1]
-                layer = variant.layer_cls(config, in_features, n_out, generator=layer_generator(seed, index, target))
+                rows = sites[attr].out_rows[target]
+                layer = variant.layer_cls(config, sites[attr].weight.shape[1], len(rows),
+                                          generator=layer_generator(seed, index, target),
+                                          base=BaseView(sites[attr].base, rows), shared=shared,
+                                          layer_index=index, target=target)
                 sites[attr].add_adapter(name, target, layer.to(device))
         self.configs[name] = config
 
@@ -80,6 +90,7 @@ class ModelAdapters:
             for wrapper in sites.values():
                 wrapper.remove_adapter(name)
         self.configs.pop(name, None)
+        self.shared.pop(name, None)
 
     def _job_layers(self, name: str):
         key = job_key(name)
@@ -95,30 +106,78 @@ class ModelAdapters:
             for wrapper in sites.values():
                 wrapper.collect_grads(name)
 
+    def named_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The job's trainable parameters in a fixed order: its shared ones ('shared.<name>'), then per layer
+        and target ('layers.<global layer>.<target>.<name>'); the names do not depend on the pipeline cut."""
+        named = {f"shared.{n}": p for n, p in self.shared[name].named_parameters()} if name in self.shared else {}
+        for module, layer in self._job_layers(name):
+            index, target = module.split(".")[4], module.rsplit(".", 1)[1]
+            named.update({f"layers.{index}.{target}.{n}": p for n, p in layer.named_parameters()})
+        return named
+
     def parameters(self, name: str) -> list[nn.Parameter]:
-        """The job's trainable parameters, in a fixed order (layer, target, parameter)."""
-        return [p for _, layer in self._job_layers(name) for p in layer.parameters()]
+        """The job's trainable parameters, in the order of `named_parameters`."""
+        return list(self.named_parameters(name).values())
 
     def peft_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The job's adapter under PEFT's key names (`base_model.model.model.layers.i.self_attn.q_proj.lora_A.weight`)."""
-        return {
-            f"{module}.{key}": tensor.detach().to("cpu", torch.float32).contiguous()
-            for module, layer in self._job_layers(name)
-            for key, tensor in layer.peft_tensors().items()
-        }
+        """The job's adapter under PEFT's key names (`base_model.model.model.layers.i.self_attn.q_proj.lora_A.weight`,
+        and the job's shared tensors such as `base_model.vera_A`)."""
+        shared = self.shared[name].peft_tensors() if name in self.shared else {}
+        layers = {f"{module}.{key}": tensor for module, layer in self._job_layers(name)
+                  for key, tensor in layer.peft_tensors().items()}
+        return {key: tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
+                for key, tensor in {**shared, **layers}.items()}
 
     def load_peft_state_dict(self, name: str, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
-        """Load tensors written by `peft_state_dict` (or PEFT); ValueError on a missing or misshapen one."""
+        """Load tensors written by `peft_state_dict` or by PEFT. Strict: a missing or misshapen tensor, or one this
+        adapter does not have, is a ValueError naming it (another pipeline stage's layers are skipped)."""
+        used: set[str] = set()
+        if name in self.shared:
+            shared = self.shared[name]
+            picked = _pick(shared.peft_tensors(), tensors, "", where, shared.optional_peft_keys(), used)
+            shared.load_peft_tensors(picked)
         for module, layer in self._job_layers(name):
-            mine = layer.peft_tensors()
-            picked = {}
-            for key, current in mine.items():
-                full = f"{module}.{key}"
-                if full not in tensors:
-                    raise ValueError(f"{where}: tensor '{full}' is missing; the adapter does not match its config")
-                if tensors[full].shape != current.shape:
-                    raise ValueError(
-                        f"{where}: tensor '{full}' has shape {tuple(tensors[full].shape)}, expected {tuple(current.shape)}"
-                    )
-                picked[key] = tensors[full]
-            layer.load_peft_tensors(picked)
+            picked = _pick(layer.peft_tensors(), tensors, f"{module}.", where, (), used, layer.peft_key_aliases)
+            extra = {key: tensors[f"{module}.{key}"] for key in layer.peft_extra_keys if f"{module}.{key}" in tensors}
+            used.update(f"{module}.{key}" for key in extra)
+            layer.load_peft_tensors({**extra, **picked})
+        for sites in self.layers.values():  # buffers (index maps) may have changed without a parameter version
+            for wrapper in sites.values():
+                wrapper.drop_factors(name)
+        def elsewhere(key: str) -> bool:  # a layer of the model that another pipeline stage holds
+            layer = _layer_of(key)
+            return layer is not None and layer.isdigit() and int(layer) < self.arch.num_layers \
+                and int(layer) not in self.layers
+
+        unexpected = [key for key in tensors if key not in used and not elsewhere(key)]
+        if unexpected:
+            raise ValueError(f"{where}: tensor '{sorted(unexpected)[0]}' ({len(unexpected)} unexpected in all) is not "
+                             f"part of a {self.configs[name].type} adapter with this config on this model; "
+                             "lorafusion does not drop tensors it does not understand")
+
+
+def _layer_of(key: str) -> str | None:
+    """The layer number in 'base_model.model.model.layers.<i>....', else None."""
+    parts = key.split(".")
+    return parts[4] if len(parts) > 4 and parts[:4] == ["base_model", "model", "model", "layers"] else None
+
+
+def _pick(mine: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], prefix: str, where: str, optional,
+          used: set[str], aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `mine`'s keys (under `prefix`, or an alias) from `tensors`, shapes checked; optional ones may
+    be absent."""
+    picked = {}
+    for key, current in mine.items():
+        names = [f"{prefix}{key}"] + [f"{prefix}{alias}" for alias, real in (aliases or {}).items() if real == key]
+        found = [n for n in names if n in tensors]
+        if not found:
+            if key in optional:
+                continue
+            raise ValueError(f"{where}: tensor '{names[0]}' is missing; the adapter does not match its config")
+        full = found[0]
+        if tensors[full].shape != current.shape:
+            raise ValueError(f"{where}: tensor '{full}' has shape {tuple(tensors[full].shape)}, "
+                             f"expected {tuple(current.shape)}")
+        picked[key] = tensors[full]
+        used.update(found)
+    return picked

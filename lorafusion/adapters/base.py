@@ -1,4 +1,18 @@
-"""What every adapter variant provides: a config class and a per-(job, target module) layer."""
+"""What every adapter variant provides: a config class, a per-(job, target module) layer, optionally the job's
+shared frozen (or trainable) tensors.
+
+A variant's layer is told what it needs and nothing more (see DESIGN.md, "Adapter variants"):
+- its config, the module's shape and a generator seeded from (job seed, global layer, module);
+- `base`: a read-only view of the frozen base weight (and bias) rows of the HF module it adapts;
+- `shared`: the job's `JobShared` module (VeRA's projections, Uni-LoRA's θ and index map, ...), built from the
+  job's seed on every pipeline stage alike, never shipped between actors.
+
+It computes one of two ways (`compute`):
+- "factors": `effective_factors()` → (A [r, K], B [N, r], scale), plus an optional per-output-column scale
+  (`column_scale`, DoRA's m / ‖W + sBA‖), run through the fused low-rank path with every other job;
+- "delta": `forward_delta(x)` → the update [tokens, N] of the job's own token segment (SHiRA's sparse ΔW,
+  RandLoRA's full-rank bases).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["TARGET_MODULES", "AdapterConfig", "AdapterLayer", "layer_generator"]
+__all__ = ["TARGET_MODULES", "AdapterConfig", "AdapterLayer", "BaseView", "JobShared", "layer_generator",
+           "target_shapes"]
 
 # HF module names of a Llama-style decoder layer that an adapter can wrap.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -42,25 +57,122 @@ class AdapterConfig:
         """The YAML/JSON view: `{type: ..., field: value, ...}`."""
         return {"type": self.type, **asdict(self)}
 
+    @property
+    def dropout_p(self) -> float:
+        """Dropout probability on the adapter's input (0 for variants without dropout)."""
+        return float(getattr(self, "dropout", 0.0))
+
+    def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
+        """ValueError when this config cannot adapt a model whose targets have these (out, in) shapes."""
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
+        """This variant's config from a PEFT adapter_config.json, or None when `data` is another variant's."""
+        return None
+
+    def peft_config(self) -> dict[str, Any]:
+        """PEFT's adapter_config.json fields (peft_type, r, ...) of an adapter exported from this config."""
+        raise NotImplementedError(f"adapter type '{self.type}' does not export to PEFT")
+
+
+def target_shapes(arch) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every HF target module of a Llama-style decoder layer."""
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+
+class BaseView:
+    """Read-only view of the frozen base weight (and bias) rows of one HF module inside a megatron layer."""
+
+    def __init__(self, linear: nn.Module, rows: torch.Tensor) -> None:
+        self._linear, self._rows = linear, rows
+        self._all = len(rows) == linear.weight.shape[0]
+
+    def weight(self) -> torch.Tensor:
+        """W [out, in], detached, in the model's dtype (a copy when the module is a row block of a fused layer)."""
+        w = self._linear.weight.detach()
+        return w if self._all else w[self._rows]
+
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self._linear, "bias", None)
+        if b is None:
+            return None
+        return b.detach() if self._all else b.detach()[self._rows]
+
+
+class JobShared(nn.Module):
+    """Tensors one job shares across all its layers, built from (config, target shapes, layer count, seed).
+
+    Buffers are frozen (regenerated, or read from an imported adapter); parameters train with the job."""
+
+    def __init__(self, config: AdapterConfig, shapes: dict[str, tuple[int, int]], num_layers: int,
+                 seed: int) -> None:
+        super().__init__()
+        self.config = config
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors under their full PEFT key, e.g. {'base_model.vera_A': ...}."""
+        return {}
+
+    def optional_peft_keys(self) -> tuple[str, ...]:
+        """Keys an imported adapter may leave out (they are regenerated from the seed instead)."""
+        return ()
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `peft_tensors` (the caller checks keys and shapes); absent optional keys are kept."""
+        with torch.no_grad():
+            for key, current in self.peft_tensors().items():
+                if key in tensors:
+                    current.copy_(tensors[key])
+
 
 class AdapterLayer(nn.Module):
-    """One job's adapter on one HF target module (in_features K → out_features N).
+    """One job's adapter on one HF target module (in_features K → out_features N)."""
 
-    A variant that runs through the fused low-rank path only needs `effective_factors`.
-    """
-
+    compute: ClassVar[str] = "factors"
+    """'factors' (effective_factors, through the fused low-rank path) or 'delta' (forward_delta)."""
+    peft_key_aliases: ClassVar[dict[str, str]] = {}
+    """Other names PEFT may save one of our tensors under: {alias: key of peft_tensors}."""
+    peft_extra_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys PEFT may write per module besides ours (copies of shared tensors, optional index maps): accepted on
+    import and handed to `load_peft_tensors` when present, never exported."""
     config: AdapterConfig
 
-    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A [r, K], B [N, r], scale) with delta(x) = scale · dropout(x) Aᵀ Bᵀ."""
-        raise NotImplementedError
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int, *,
+                 generator: torch.Generator, base: BaseView | None = None, shared: JobShared | None = None,
+                 layer_index: int = 0, target: str = "") -> None:
+        super().__init__()
+        self.config, self.in_features, self.out_features = config, in_features, out_features
+        self.base, self.layer_index, self.target = base, layer_index, target
+        # kept out of the module tree: the job's shared module is one per job, not one per layer
+        self.__dict__["shared"] = shared
 
     @property
     def dropout_p(self) -> float:
-        return 0.0
+        return self.config.dropout_p
+
+    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [r, K], B [N, r], scale) with delta(x) = scale · dropout(x) Aᵀ Bᵀ (before any column scale)."""
+        raise NotImplementedError
+
+    def column_scale(self) -> torch.Tensor | None:
+        """Per-output-column scale c [N] applied to the whole module output: y = c ⊙ (W x + delta(x)) + bias,
+        differentiable in the parameters it trains; None = no scale."""
+        return None
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The update [tokens, N] for the job's input rows x [tokens, K] (dropout already applied)."""
+        raise NotImplementedError
+
+    def watched_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose change invalidates this layer's cached factors (its own and the job's shared ones)."""
+        shared = self.__dict__["shared"]
+        return [*self.parameters(), *(shared.parameters() if shared is not None else ())]
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW [N, K] that this adapter adds to the frozen weight."""
+        """ΔW [N, K] that this adapter adds to the frozen weight (without any column scale)."""
         a, b, scale = self.effective_factors()
         return scale * (b @ a)
 
@@ -69,8 +181,10 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of `peft_tensors` (shapes are checked by the caller)."""
-        raise NotImplementedError
+        """Inverse of `peft_tensors` (the caller checks keys and shapes)."""
+        with torch.no_grad():
+            for key, current in self.peft_tensors().items():
+                current.copy_(tensors[key])
 
 
 def layer_generator(seed: int, layer_index: int, target: str) -> torch.Generator:

@@ -99,26 +99,34 @@ class AdapterBatch:
 
 
 class _JobFactors:
-    """One job's (A_eff [R, K], B_eff [N, R]) on one layer in the compute dtype, built once per optimizer step,
-    and the fp32 sums of the gradients the microbatches since then sent to them."""
+    """One job's (A_eff [R, K], B_eff [N, R], column scale c [N] or None) on one layer in the compute dtype, built
+    once per optimizer step, and the fp32 sums of the gradients the microbatches since then sent to them."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, dropout_p: float, params: list[nn.Parameter]) -> None:
+    def __init__(self, factors: tuple, dropout_p: float, params: list[nn.Parameter]) -> None:
         # Leaves that require grad only so autograd records the nodes that use them; _GradSink diverts their
         # gradients into the fp32 sums.
-        self.a, self.b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        self.tensors = [None if t is None else t.detach().requires_grad_() for t in factors]
         self.dropout_p, self.params = dropout_p, params
         self.versions = self.current_versions()
-        self.grads: list[torch.Tensor | None] = [None, None]
+        self.grads: list[torch.Tensor | None] = [None] * len(factors)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.tensors[1]
 
     def current_versions(self) -> tuple[int, ...]:
         """The parameters' in-place write counters: they move with an optimizer step or a load."""
         return tuple(p._version for p in self.params)
 
-    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) for this microbatch's autograd graph: their gradients land in `grads`."""
+    def inputs(self) -> list[torch.Tensor | None]:
+        """(A, B, c) for this microbatch's autograd graph: their gradients land in `grads`."""
         if not torch.is_grad_enabled():
-            return self.a.detach(), self.b.detach()
-        return _GradSink.apply(self.a, self, 0), _GradSink.apply(self.b, self, 1)
+            return [None if t is None else t.detach() for t in self.tensors]
+        return [None if t is None else _GradSink.apply(t, self, i) for i, t in enumerate(self.tensors)]
 
     def add_grad(self, index: int, grad: torch.Tensor) -> None:
         if self.grads[index] is None:
@@ -172,26 +180,45 @@ class MultiAdapterLinear(nn.Module):
             del self.adapters[key]
         self._factors.pop(key, None)
 
-    def job_factors(self, job: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p) of one job on this layer, built from its
-        parameters (differentiable)."""
+    def drop_factors(self, job: str) -> None:
+        """Forget the job's cached factors (after a load); its next microbatch rebuilds them."""
+        self._factors.pop(job_key(job), None)
+
+    def computes_by_factors(self, job: str) -> bool:
+        """Whether the job's variant runs through the fused low-rank path (else its layers' forward_delta)."""
+        layers = self.adapters[job_key(job)]
+        return next(iter(layers.values())).compute == "factors"
+
+    def job_factors(self, job: str, dtype: torch.dtype = torch.float32):
+        """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p, column scale c_eff [N] or None) of one job
+        on this layer, built from its parameters (differentiable)."""
         layers = self.adapters[job_key(job)]
         n_out = self.base.weight.shape[0]
-        a_parts, b_blocks, p = [], [], 0.0
+        a_parts, b_blocks, col_scales, p = [], [], [], 0.0
         col = 0
         for target, layer in layers.items():
             a, b, scale = layer.effective_factors()
             a_parts.append(a.to(dtype))
             b_blocks.append((self.out_rows[target], col, (scale * b).to(dtype)))
+            c = layer.column_scale()
+            if c is not None:
+                col_scales.append((self.out_rows[target], c.to(dtype)))
             col += a.shape[0]
             p = layer.dropout_p
         a_eff = torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0]
+        c_eff = None
+        if len(col_scales) == 1 and len(col_scales[0][0]) == n_out:
+            c_eff = col_scales[0][1]
+        elif col_scales:
+            c_eff = a_eff.new_ones(n_out)  # [N]: 1 on the rows of modules without a scale
+            for rows, c in col_scales:
+                c_eff = c_eff.index_put((rows,), c)
         if len(b_blocks) == 1 and len(b_blocks[0][0]) == n_out:
-            return a_eff, b_blocks[0][2], p
+            return a_eff, b_blocks[0][2], p, c_eff
         b_eff = a_eff.new_zeros(n_out, col)  # [N, R]: each target's B in its rows and its own columns
         for rows, start, b in b_blocks:
             b_eff[rows, start:start + b.shape[1]] = b
-        return a_eff, b_eff, p
+        return a_eff, b_eff, p, c_eff
 
     def factors(self, job: str, dtype: torch.dtype) -> _JobFactors:
         """The job's factors in `dtype`, rebuilt only when a parameter changed (an optimizer step, a load)."""
@@ -202,8 +229,9 @@ class MultiAdapterLinear(nn.Module):
         if cached is not None:
             self.collect_grads(job)  # gradients owed to the parameters as they were
         with torch.no_grad():
-            a, b, p = self.job_factors(job, dtype)
-        self._factors[key] = _JobFactors(a, b, p, list(self.adapters[key].parameters()))
+            a, b, p, c = self.job_factors(job, dtype)
+        params = list(dict.fromkeys(p for layer in self.adapters[key].values() for p in layer.watched_parameters()))
+        self._factors[key] = _JobFactors((a, b, c), p, params)
         return self._factors[key]
 
     def collect_grads(self, job: str) -> None:
@@ -212,11 +240,12 @@ class MultiAdapterLinear(nn.Module):
         cached = self._factors.get(job_key(job))
         if cached is None or all(g is None for g in cached.grads):
             return
-        a_eff, b_eff, _ = self.job_factors(job, torch.float32)
-        pairs = [(t, g) for t, g in zip((a_eff, b_eff), cached.grads) if g is not None and t.requires_grad]
+        a_eff, b_eff, _, c_eff = self.job_factors(job, torch.float32)
+        pairs = [(t, g) for t, g in zip((a_eff, b_eff, c_eff), cached.grads)
+                 if g is not None and t is not None and t.requires_grad]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        cached.grads = [None, None]
+        cached.grads = [None] * len(cached.grads)
 
     def _dropped(self, flat: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
         """Which of the segment's entries of the microbatch's input flat [M, K] dropout p zeroes: bool [tokens, K]
@@ -225,34 +254,58 @@ class MultiAdapterLinear(nn.Module):
         return dropped_entries(keys, self.site_id, flat.shape[1], p)
 
     def _segment_update(self, flat: torch.Tensor, seg: Segment):
-        """(A, B, dropped, 1/keep) of a job on its rows of flat [M, K]: dropout(x) Aᵀ Bᵀ is its update with the
-        entries `dropped` (bool [tokens, K], None without dropout) zeroed and the product scaled by 1/keep."""
+        """(A, B, c, dropped, 1/keep) of a job on its rows of flat [M, K]: dropout(x) Aᵀ Bᵀ is its update with the
+        entries `dropped` (bool [tokens, K], None without dropout) zeroed and the product scaled by 1/keep; c its
+        column scale or None."""
         factors = self.factors(seg.job, flat.dtype)
-        a, b = factors.inputs()
+        a, b, c = factors.inputs()
         p = factors.dropout_p
         if p == 0.0 or not self.training:
-            return a, b, None, 1.0
-        return a, b, self._dropped(flat, seg, p), keep_scale(p)
+            return a, b, c, None, 1.0
+        return a, b, c, self._dropped(flat, seg, p), keep_scale(p)
+
+    def _add_deltas(self, flat: torch.Tensor, y: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """Add the update of every job whose variant computes its own (forward_delta) to its rows of y [M, N]."""
+        for seg in segments:
+            layers = self.adapters[job_key(seg.job)]
+            xs = flat[seg.start:seg.end]  # [tokens, K]
+            p = next(iter(layers.values())).dropout_p
+            if p > 0.0 and self.training:
+                xs = xs.masked_fill(self._dropped(flat, seg, p), 0.0) * keep_scale(p)
+            for target, layer in layers.items():
+                delta = layer.forward_delta(xs).to(y.dtype)  # [tokens, N_target]
+                rows = self.out_rows[target]
+                if len(rows) == y.shape[1]:
+                    y[seg.start:seg.end] += delta
+                else:
+                    y[seg.start:seg.end].index_add_(1, rows, delta)
+        return y
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         segments = [s for s in self.batch.segments if job_key(s.job) in self.adapters]
         if not segments:
             return self.base(x, *args, **kwargs)
+        by_factors = [s for s in segments if self.computes_by_factors(s.job)]
+        own = [s for s in segments if not self.computes_by_factors(s.job)]
         plain = not args and all(v is None for v in kwargs.values()) and self._unsharded(x)
         if resolve_backend(self.kernels, x.device) == "triton":
             if not plain:
                 raise RuntimeError(f"site {self.site_id}: the fused LoRA kernels need the input only (got "
                                    f"{list(kwargs) or len(args)} extra) and an unsharded layer (tensor parallel "
                                    "size 1, no sequence parallelism); run with kernels='torch'")
-            return self._forward_fused(x)
-        if plain:
+            y, returned_bias = self._forward_fused(x)
+        elif plain:
             add_bias, returned_bias = self._bias()
-            y = self._apply_torch(x.reshape(-1, x.shape[-1]), segments, self.base.weight, add_bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1]), returned_bias
-        out, bias = self.base(x, *args, **kwargs)
-        # x: [tokens, 1, K] (packed row, sequence-first): every job's update added to the base output
-        y = self._apply_torch(x.reshape(-1, x.shape[-1]), segments, None, None, out.reshape(-1, out.shape[-1]))
-        return y.reshape(out.shape), bias
+            y = self._apply_torch(x.reshape(-1, x.shape[-1]), by_factors, self.base.weight, add_bias)
+        else:
+            out, returned_bias = self.base(x, *args, **kwargs)
+            added = None if returned_bias is not None else getattr(self.base, "bias", None)
+            # x: [tokens, 1, K] (packed row, sequence-first): every job's update added to the base output
+            y = self._apply_torch(x.reshape(-1, x.shape[-1]), by_factors, None, added, out.reshape(-1, out.shape[-1]))
+        flat_y = y.reshape(-1, y.shape[-1])
+        if own:
+            flat_y = self._add_deltas(x.reshape(-1, x.shape[-1]), flat_y, own)
+        return flat_y.reshape(*x.shape[:-1], flat_y.shape[-1]), returned_bias
 
     def _unsharded(self, x: torch.Tensor) -> bool:
         """Whether the base layer holds its whole weight (the fused paths compute x Wᵀ themselves)."""
@@ -268,77 +321,113 @@ class MultiAdapterLinear(nn.Module):
 
     def _apply_torch(self, flat: torch.Tensor, segments: list[Segment], weight: torch.Tensor | None,
                      bias: torch.Tensor | None, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The base GEMM (or the given base output) and every job's update in one autograd node (_MultiLoRALinear)."""
+        """The base GEMM (or the given base output, which includes `bias`) and every job's update in one autograd
+        node (_MultiLoRALinear)."""
         rows, dropped, scales, factors = [], [], [], []
         for seg in segments:
-            a, b, mask, scale = self._segment_update(flat, seg)
+            a, b, c, mask, scale = self._segment_update(flat, seg)
             rows.append((seg.start, seg.end))
             dropped.append(mask)
             scales.append(scale)
-            factors += [a, b]
+            factors += [a, b, c]
         return _MultiLoRALinear.apply(flat, weight, bias, base_out, rows, dropped, scales, *factors)
 
     def _forward_fused(self, x: torch.Tensor):
-        """Base GEMM and every job's update in one Triton op over the whole packed microbatch."""
+        """Base GEMM and every job's low-rank update in one Triton op over the whole packed microbatch; column
+        scales (DoRA) applied to their jobs' rows after it."""
         from lorafusion.ops.fused_lora import fused_multi_lora_linear
 
         k = x.shape[-1]
         add_bias, returned_bias = self._bias()
         table = self.batch.segment_table(x.numel() // k, x.device)
-        a_list, b_list, ps = [], [], []
+        a_list, b_list, ps, scaled = [], [], [], []
         for seg in self.batch.segments:
             a, b, p = None, None, 0.0
-            if job_key(seg.job) in self.adapters:
+            if job_key(seg.job) in self.adapters and self.computes_by_factors(seg.job):
                 factors = self.factors(seg.job, x.dtype)
-                (a, b), p = factors.inputs(), factors.dropout_p
+                (a, b, c), p = factors.inputs(), factors.dropout_p
+                if c is not None:
+                    scaled.append((seg, c))
             a_list.append(a)
             b_list.append(b)
             ps.append(p if self.training else 0.0)
         y = fused_multi_lora_linear(x, self.base.weight, a_list, b_list, table, scalings=[1.0] * len(a_list),
                                     dropout_ps=ps, site_id=self.site_id, bias=add_bias)
+        if scaled:
+            y = _scale_columns(y.reshape(-1, y.shape[-1]), scaled, add_bias).reshape(y.shape)
         return y, returned_bias
 
 
+def _scale_columns(y: torch.Tensor, scaled: list, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] with each (segment, c [N]) pair's rows replaced by c ⊙ (y − bias) + bias (differentiable)."""
+    out = y.clone()
+    for seg, c in scaled:
+        part = y[seg.start:seg.end]
+        out[seg.start:seg.end] = (part if bias is None else part - bias) * c + (0 if bias is None else bias)
+    return out
+
+
 class _MultiLoRALinear(torch.autograd.Function):
-    """y = x Wᵀ (+ bias) (or a given base output), then per job segment
-    y[rows] += (1/keep) · (x[rows] with its dropped entries zeroed) Aᵀ Bᵀ.
+    """y = x Wᵀ (+ bias) (or a given base output that includes `bias`), then per job segment
+    y[rows] += (1/keep) · (x[rows] with its dropped entries zeroed) Aᵀ Bᵀ, or with a column scale c
+    y[rows] = c ⊙ (y[rows] − bias + that update) + bias.
 
     The torch path's one node per layer (what the Triton op fuses on CUDA): each job's update is added into
     its rows of y in place, and its input gradient into its rows of dx = dy W, so no full-size zero, cat or
     add is built. x [M, K]; weight [N, K] (frozen) or None with base_out [M, N]; factors: A_0 [R_0, K],
-    B_0 [N, R_0], A_1, B_1, ... with the adapter's scale folded in; dropped: per segment a bool [rows, K] or
-    None; scales: per segment dropout's 1/keep (1.0 without dropout).
+    B_0 [N, R_0], c_0 [N] or None, A_1, B_1, c_1, ... with the adapter's scale folded in; dropped: per segment a
+    bool [rows, K] or None; scales: per segment dropout's 1/keep (1.0 without dropout).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, rows, dropped, scales, *factors):
         y = F.linear(x, weight, bias) if weight is not None else base_out.clone()  # [M, N]
-        inputs, lows = [], []  # per segment x̂ [rows, K] (a view of x without dropout) and T = x̂ Aᵀ / keep [rows, R]
-        for (start, end), mask, scale, a, b in zip(rows, dropped, scales, factors[0::2], factors[1::2]):
+        inputs, lows, pres = [], [], []  # per segment x̂ [rows, K], T = x̂ Aᵀ / keep [rows, R], c's input [rows, N]
+        for (start, end), mask, scale, a, b, c in zip(rows, dropped, scales, *(factors[i::3] for i in range(3))):
             inputs.append(x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0))
             low = inputs[-1] @ a.t()
             lows.append(low if scale == 1.0 else low.mul_(scale))
-            y[start:end].addmm_(lows[-1], b.t())
-        ctx.save_for_backward(weight, *factors, *inputs, *lows)  # x̂ instead of x: dA needs x̂, dx needs neither
-        ctx.rows, ctx.dropped, ctx.scales = rows, dropped, scales
+            if c is None:
+                y[start:end].addmm_(lows[-1], b.t())
+                continue
+            pre = (y[start:end] if bias is None else y[start:end] - bias).addmm(lows[-1], b.t())  # [rows, N]
+            pres.append(pre)
+            torch.mul(pre, c, out=y[start:end])
+            if bias is not None:
+                y[start:end] += bias
+        ctx.save_for_backward(weight, *(t for t in factors if t is not None), *inputs, *lows, *pres)
+        ctx.rows, ctx.dropped, ctx.scales, ctx.in_features = rows, dropped, scales, x.shape[1]
+        ctx.has_scale = [c is not None for c in factors[2::3]]
         return y
 
     @staticmethod
     def backward(ctx, dy):
         weight, *rest = ctx.saved_tensors
-        count = len(ctx.rows)
-        factors, inputs, lows = rest[:2 * count], rest[2 * count:3 * count], rest[3 * count:]
+        count, scaled = len(ctx.rows), ctx.has_scale
+        n_factors = 2 * count + sum(scaled)
+        packed, rest = rest[:n_factors], rest[n_factors:]
+        inputs, lows, pres = rest[:count], rest[count:2 * count], iter(rest[2 * count:])
+        factors, it = [], iter(packed)
+        for has in scaled:
+            factors.append((next(it), next(it), next(it) if has else None))
+        grads_c = [None] * count
+        if any(scaled):  # c ⊙ (...) passes dy ⊙ c on to everything inside it
+            dy = dy.clone()
+            for i, ((start, end), (_, _, c)) in enumerate(zip(ctx.rows, factors)):
+                if c is not None:
+                    grads_c[i] = (dy[start:end] * next(pres)).sum(0)  # [N]
+                    dy[start:end].mul_(c)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ weight if weight is not None else dy.new_zeros(dy.shape[0], inputs[0].shape[1])  # [M, K]
+            dx = dy @ weight if weight is not None else dy.new_zeros(dy.shape[0], ctx.in_features)  # [M, K]
         grads = []
-        for (start, end), mask, scale, a, b, xs, t in zip(ctx.rows, ctx.dropped, ctx.scales, factors[0::2],
-                                                          factors[1::2], inputs, lows):
+        for (start, end), mask, scale, (a, b, _), xs, t, dc in zip(ctx.rows, ctx.dropped, ctx.scales, factors,
+                                                                   inputs, lows, grads_c):
             dys = dy[start:end]
             g = dys @ b  # [rows, R]
             if scale != 1.0:
                 g.mul_(scale)
-            grads += [g.t() @ xs, dys.t() @ t]  # dA [R, K], dB [N, R]
+            grads += [g.t() @ xs, dys.t() @ t, dc]  # dA [R, K], dB [N, R], dc [N] or None
             if dx is not None:
                 if mask is None:
                     dx[start:end].addmm_(g, a)

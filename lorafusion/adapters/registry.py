@@ -1,13 +1,14 @@
-"""Adapter variants by name: `register_adapter(name=..., config_cls=..., layer_cls=..., peft_config=...)`."""
+"""Adapter variants by name: `register_adapter(name=..., config_cls=..., layer_cls=..., shared_cls=...)`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
-from lorafusion.adapters.base import AdapterConfig, AdapterLayer
+from lorafusion.adapters.base import AdapterConfig, AdapterLayer, JobShared
 
-__all__ = ["AdapterVariant", "register_adapter", "get_variant", "adapter_config_from_dict", "registered_names"]
+__all__ = ["AdapterVariant", "register_adapter", "get_variant", "adapter_config_from_dict", "registered_names",
+           "config_from_peft"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -15,8 +16,8 @@ class AdapterVariant:
     name: str
     config_cls: type[AdapterConfig]
     layer_cls: type[AdapterLayer]
-    peft_config: Callable[[AdapterConfig], dict[str, Any]]
-    """Builds the PEFT adapter_config.json fields (peft_type, r, ...) for an exported adapter."""
+    shared_cls: type[JobShared] | None = None
+    """The job's tensors shared by all its layers (None: the layers hold everything)."""
 
 
 _REGISTRY: dict[str, AdapterVariant] = {}
@@ -27,13 +28,15 @@ def register_adapter(
     name: str,
     config_cls: type[AdapterConfig],
     layer_cls: type[AdapterLayer],
-    peft_config: Callable[[AdapterConfig], dict[str, Any]],
+    shared_cls: type[JobShared] | None = None,
 ) -> None:
     if name in _REGISTRY:
         raise ValueError(f"adapter type '{name}' is already registered; pick another name")
     if config_cls.type != name:
         raise ValueError(f"{config_cls.__name__}.type is '{config_cls.type}', expected '{name}'")
-    _REGISTRY[name] = AdapterVariant(name=name, config_cls=config_cls, layer_cls=layer_cls, peft_config=peft_config)
+    if layer_cls.compute not in ("factors", "delta"):
+        raise ValueError(f"{layer_cls.__name__}.compute is '{layer_cls.compute}'; use 'factors' or 'delta'")
+    _REGISTRY[name] = AdapterVariant(name=name, config_cls=config_cls, layer_cls=layer_cls, shared_cls=shared_cls)
 
 
 def registered_names() -> list[str]:
@@ -56,8 +59,25 @@ def adapter_config_from_dict(data: dict[str, Any], where: str = "adapter") -> Ad
         variant = get_variant(kind)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    known = {f.name for f in fields(variant.config_cls)}
+    known = {f.name for f in fields(variant.config_cls) if f.init}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown} for type '{kind}'; known fields: {sorted(known)}")
-    return variant.config_cls(**data)
+    try:
+        return variant.config_cls(**data)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def config_from_peft(data: dict[str, Any], where: str) -> AdapterConfig:
+    """The config of a PEFT adapter_config.json: the one registered variant that reads it (ValueError otherwise)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    found = [c for c in (v.config_cls.from_peft(data, where) for v in _REGISTRY.values()) if c is not None]
+    if not found:
+        known = sorted({t for v in _REGISTRY.values() for t in getattr(v.config_cls, "peft_types", ())})
+        raise ValueError(f"{where}: peft_type={data.get('peft_type')!r} is not supported; lorafusion reads "
+                         f"{known} adapters")
+    if len(found) > 1:
+        raise ValueError(f"{where}: read as {[c.type for c in found]} by several variants; report this as a bug")
+    return found[0]

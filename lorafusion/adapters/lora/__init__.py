@@ -1,4 +1,4 @@
-from lorafusion.adapters.lora.config import LoRAConfig, RsLoRAConfig
-from lorafusion.adapters.lora.layer import LoRALayer, lora_peft_config
+from lorafusion.adapters.lora.config import LoRAConfig, RsLoRAConfig, read_lora_fields
+from lorafusion.adapters.lora.layer import LoRALayer, kaiming_a
 
-__all__ = ["LoRAConfig", "LoRALayer", "RsLoRAConfig", "lora_peft_config"]
+__all__ = ["LoRAConfig", "LoRALayer", "RsLoRAConfig", "kaiming_a", "read_lora_fields"]
