@@ -159,7 +159,8 @@ class _Trainer:
         self.windows = 0  # windows completed: the checkpoint counter
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
-                                 every=prepared.run.log_every_steps, enabled=prepared.run.progress)
+                                 every=prepared.run.log_every_steps, enabled=prepared.run.progress,
+                                 variants={j.name: j.spec.adapter.type for j in prepared.jobs})
         self.start = time.perf_counter()
         self.total_tokens = 0
         self.tokens: dict[tuple[str, int], int] = {}  # (job, step) -> tokens, for global batches sent, not stepped
@@ -296,7 +297,7 @@ class _Trainer:
         state.last_loss = event.loss
         self.total_tokens += tokens
         elapsed = time.perf_counter() - self.start
-        state.metrics.write({"step": state.step, "loss": event.loss, "lr": event.lr, "tokens": tokens,
+        state.metrics.write({"step": state.step, "variant": state.job.spec.adapter.type, "loss": event.loss, "lr": event.lr, "tokens": tokens,
                              "grad_norm": event.grad_norm, "time_s": round(elapsed, 3)})
         self.progress.step(name, state.step, event.loss, event.lr, self.total_tokens / max(elapsed, 1e-9))
 

@@ -45,10 +45,11 @@ class JobOptimizer:
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.params if p.grad is not None]
 
-    def grad_norm_sq(self) -> torch.Tensor:
-        """Squared L2 norm of this job's gradients held here, an fp64 scalar on their device (no host sync;
-        summed across stages by the caller)."""
-        grads = self._grads()
+    def grad_norm_sq(self, exclude: list[torch.nn.Parameter] = ()) -> torch.Tensor:
+        """Squared L2 norm of this job's gradients held here (but those of `exclude`), an fp64 scalar on their
+        device (no host sync; summed across stages by the caller)."""
+        skip = {id(p) for p in exclude}
+        grads = [p.grad for p in self.params if p.grad is not None and id(p) not in skip]
         if not grads:
             return torch.zeros((), dtype=torch.float64)
         norms = torch._foreach_norm(grads)

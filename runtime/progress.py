@@ -30,9 +30,12 @@ class MetricsWriter:
 class Progress:
     """One line per job every `every` steps: step/total, loss, lr, throughput."""
 
-    def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO | None = None,
+                 variants: dict[str, str] | None = None) -> None:
+        """variants: job -> its adapter type, shown beside the job's name."""
         self.totals, self.every, self.enabled, self.stream = totals, every, enabled, stream
-        self.width = max((len(n) for n in totals), default=4)
+        self.labels = {n: f"{n} [{variants[n]}]" if variants and n in variants else n for n in totals}
+        self.width = max((len(n) for n in self.labels.values()), default=4)
 
     def _say(self, text: str) -> None:
         if self.enabled:
@@ -45,11 +48,11 @@ class Progress:
         bar_len = 20
         done = math.floor(bar_len * step / total)
         bar = "█" * done + "·" * (bar_len - done)
-        self._say(f"  {job:<{self.width}} {bar} {step:>5}/{total:<5} loss {loss:8.4f}  lr {lr:.2e}  "
+        self._say(f"  {self.labels[job]:<{self.width}} {bar} {step:>5}/{total:<5} loss {loss:8.4f}  lr {lr:.2e}  "
                   f"{tokens_per_s:8.0f} tok/s")
 
     def eval(self, job: str, step: int, loss: float) -> None:
-        self._say(f"  {job:<{self.width}} eval @ step {step}: loss {loss:.4f}")
+        self._say(f"  {self.labels.get(job, job):<{self.width}} eval @ step {step}: loss {loss:.4f}")
 
     def note(self, text: str) -> None:
         self._say(text)

@@ -95,7 +95,7 @@ class StageRunner:
         self.worker, self.comm = worker, comm
         self.place = comm.place
         self._loss = {}  # job -> weighted loss of its current global batch on this actor (last stage)
-        self._pending = {}  # job -> (its in-flight sum over stages, [norm², loss]) until it steps
+        self._pending = {}  # job -> (its in-flight sum over stages, [shared grads..., norm², loss], shared) until it steps
         self._new_stream()
 
     def _new_stream(self) -> None:
@@ -226,18 +226,30 @@ class StageRunner:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
             loss = flat[-1].double()
-        totals = torch.stack([self.worker.grad_norm_sq(job).to(device, torch.float64), loss])  # stays on the device
-        self._pending[job] = (self.comm.start_sum_over_stages(totals), totals)
+        # Parameters every stage holds a copy of (a variant's job-wide tensors, e.g. Uni-LoRA's θ) get gradients from
+        # each stage's layers: their sum travels in the same collective, and their norm is taken after it.
+        shared = self.worker.shared_parameters(job) if self.place.stages > 1 else []
+        norm_sq = self.worker.grad_norm_sq(job, exclude=shared).to(device, torch.float64)
+        totals = torch.cat([*(p.grad.reshape(-1).double() if p.grad is not None else
+                              torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in shared),
+                            torch.stack([norm_sq, loss])])  # stays on the device
+        self._pending[job] = (self.comm.start_sum_over_stages(totals), totals, shared)
         self._span_to = time.perf_counter()
         result.busy_s += self._span_to - tic
 
     def _finish_steps(self, jobs: set[str] | None, result: WindowResult) -> None:
         """Complete the pending steps of `jobs` (None: all), in the order they were started."""
         for job in [j for j in self._pending if jobs is None or j in jobs]:
-            work, totals = self._pending.pop(job)
+            work, totals, shared = self._pending.pop(job)
             if work is not None:
                 work.wait()
-            result.steps.append(self._step(job, *totals.tolist(), result))
+            offset = 0
+            for p in shared:
+                p.grad = totals[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            norm_sq, loss = totals[-2:].tolist()
+            norm_sq += sum(float(p.grad.double().pow(2).sum()) for p in shared)
+            result.steps.append(self._step(job, norm_sq, loss, result))
 
     def _step(self, job: str, norm_sq: float, loss: float, result: WindowResult) -> StepEvent:
         """Step the job clipped by its global gradient norm, or stop it when its loss or norm is not finite."""

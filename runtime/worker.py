@@ -135,8 +135,12 @@ class StageWorker:
         """Put the job's gradients of its microbatches since its last step into its parameters' .grad."""
         self.adapters.collect_grads(job)
 
-    def grad_norm_sq(self, job: str) -> torch.Tensor:
-        return self.optimizers[job].grad_norm_sq()
+    def grad_norm_sq(self, job: str, exclude: list[torch.nn.Parameter] = ()) -> torch.Tensor:
+        return self.optimizers[job].grad_norm_sq(exclude)
+
+    def shared_parameters(self, job: str) -> list[torch.nn.Parameter]:
+        """The job's trainable tensors shared by all its layers: every pipeline stage holds a copy."""
+        return [p for name, p in self.adapters.named_parameters(job).items() if name.startswith("shared.")]
 
     def step(self, job: str, total_norm: float) -> float:
         """One optimizer step of `job` clipped by its global gradient norm; returns the learning rate."""

@@ -186,8 +186,7 @@ class MultiAdapterLinear(nn.Module):
 
     def computes_by_factors(self, job: str) -> bool:
         """Whether the job's variant runs through the fused low-rank path (else its layers' forward_delta)."""
-        layers = self.adapters[job_key(job)]
-        return next(iter(layers.values())).compute == "factors"
+        return all(layer.compute == "factors" for layer in self.adapters[job_key(job)].values())
 
     def job_factors(self, job: str, dtype: torch.dtype = torch.float32):
         """(A_eff [R, K], B_eff [N, R] with scales folded in, dropout p, column scale c_eff [N] or None) of one job

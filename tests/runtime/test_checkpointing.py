@@ -388,3 +388,24 @@ def test_any_job_name_round_trips_through_the_files(tmp_path):
     assert all(torch.equal(back["params"][k], v) for k, v in state["params"].items())
     assert torch.equal(back["optimizer"]["layers.0.w"]["exp_avg"], state["optimizer"]["layers.0.w"]["exp_avg"])
     assert read_driver_state(path, "manifest.json")["step"] == 2
+
+
+def test_each_variant_resumes_to_the_same_adapter(train_checkpoint, examples_data, tmp_path):
+    """A mixed-variant run checkpointed after 2 rounds and resumed ends bit-identical to the straight run, for
+    every variant (trainable tensors shared by the job's layers included: Uni-LoRA's θ)."""
+    adapters = [lf.DoRAConfig(rank=2, dropout=0.1), lf.VeRAConfig(rank=8, target_modules=["q_proj", "down_proj"]),
+                lf.RandLoRAConfig(rank=16, target_modules=["v_proj"]), lf.SHiRAConfig(rank=1),
+                lf.UniLoRAConfig(rank=2, theta_dim=128)]
+    jobs = [lf.JobSpec(name=a.type, dataset=str(examples_data / ("greet.jsonl" if i % 2 else "arith.jsonl")),
+                       adapter=a, global_batch_size=3, learning_rate=1e-3, max_steps=5, seed=i, lr_schedule="cosine")
+            for i, a in enumerate(adapters)]
+    want_worker, want_progress = straight_run(train_checkpoint, tmp_path / "straight", jobs)
+    out = tmp_path / "run"
+    interrupted_run(train_checkpoint, out, jobs, rounds=2)
+    prepared, worker, (counter, progress) = resume(train_checkpoint, out, jobs)
+    assert counter == 2
+    for _ in range(counter, 5):
+        train_round(worker, prepared, progress)
+    for job in prepared.jobs:
+        assert_bit_identical(worker, want_worker, job.name)
+        assert progress[job.name] == want_progress[job.name]

@@ -60,3 +60,20 @@ def test_parallel_fit_equals_single_process(single, checkpoint, examples_data, t
     assert metrics["microbatches"] > 0 and 0.0 <= metrics["bubble_fraction"] < 1.0
     if steps_per_window is not None:  # four windows, drained only at the end (no evaluation or checkpoint due)
         assert (metrics["windows"], metrics["pipeline_drains"]) == (4, 1)
+
+
+def test_variants_on_stages_and_replicas_equal_single_process(checkpoint, examples_data, tmp_path, monkeypatch):
+    """Every way a variant computes, across 2 stages x 2 replicas with one-step windows: Uni-LoRA's θ (one
+    trainable tensor used by the layers of both stages) gets the sum of both stages' gradients."""
+    monkeypatch.setattr(importlib.import_module("runtime.fit"), "_MAX_STEPS_PER_WINDOW", 1)
+    adapters = [lf.UniLoRAConfig(rank=2, theta_dim=256), lf.DoRAConfig(rank=2), lf.SHiRAConfig(rank=1),
+                lf.VeRAConfig(rank=8, target_modules=["q_proj", "up_proj"]),
+                lf.RandLoRAConfig(rank=32, target_modules=["o_proj"])]
+    jobs = [lf.JobSpec(name=a.type, dataset=str(examples_data / ("greet.jsonl", "arith.jsonl")[i % 2]), adapter=a,
+                       global_batch_size=3, learning_rate=1e-3, max_steps=3, seed=i) for i, a in enumerate(adapters)]
+    single = fit_adapters(checkpoint, tmp_path / "single", jobs, CAPACITY, engine="local")
+    parallel = fit_adapters(checkpoint, tmp_path / "run", jobs, CAPACITY, balance_pipeline=False, pipeline_stages=2,
+                            data_parallel=2, stage_layers=[1, 2])
+    for spec in jobs:
+        worst, key = max_rel_diff(parallel[spec.name]["tensors"], single[spec.name]["tensors"])
+        assert worst <= RTOL, f"job {spec.name}: 2x2 vs 1 process differ by {worst:.3e} (relative) in {key}"
