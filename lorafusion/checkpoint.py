@@ -89,17 +89,27 @@ def _config_from_peft(data: dict, path: Path) -> AdapterConfig:
     return config_from_peft(data, str(path))
 
 
-def read_peft_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The adapter's config and tensors (keys without PEFT's adapter-name infix)."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ValueError(f"adapter '{directory}' has no {path.name}; point at a folder written by lorafusion or PEFT")
+def read_peft_config(directory: str | Path) -> AdapterConfig:
+    """The config of the adapter in `directory` (ValueError naming the file when it is missing or unsupported)."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"adapter '{directory}' has no {CONFIG_NAME}; point at a folder written by lorafusion or PEFT")
     try:
         data = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}: not valid JSON ({err})") from err
-    config = _config_from_peft(data, config_path)
-    tensors = {key.replace(".default.", "."): value for key, value in load_file(str(weights_path)).items()}
-    return config, tensors
+    return _config_from_peft(data, config_path)
+
+
+def read_peft_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors (keys without PEFT's adapter-name infix)."""
+    directory = Path(directory)
+    config = read_peft_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise ValueError(f"adapter '{directory}' has no {WEIGHTS_NAME}; point at a folder written by lorafusion or PEFT")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    return config, {key.replace(".default.", "."): value for key, value in tensors.items()}

@@ -51,8 +51,13 @@ class JobSpec:
     """Unique job name, [A-Za-z0-9_.-]; the output folder is <output_dir>/<name>."""
     dataset: str
     """JSONL file: rows {prompt, completion}, {messages}, or {text}."""
-    adapter: AdapterConfig = field(default_factory=LoRAConfig)
-    """Adapter variant config, e.g. LoRAConfig(rank=16); in YAML {type: lora, rank: 16}."""
+    adapter: AdapterConfig | None = None
+    """Adapter variant config, e.g. LoRAConfig(rank=16); in YAML {type: lora, rank: 16}. Default: LoRAConfig(),
+    or the config of init_adapter."""
+    init_adapter: str | None = None
+    """Continue training from this adapter folder (ours or PEFT's, any variant lorafusion reads): the job starts
+    from its tensors, and its adapter_config.json defines the adapter (`adapter`, if given, must agree with it
+    except for dropout)."""
     global_batch_size: int = 8
     """Samples per optimizer step."""
     learning_rate: float = 2e-4
@@ -95,6 +100,10 @@ class JobSpec:
         self.dataset = str(self.dataset)
         if isinstance(self.adapter, dict):
             self.adapter = adapter_config_from_dict(self.adapter, where=f"{owner}: adapter")
+        if self.init_adapter is not None:
+            self._adopt_init_adapter(owner)
+        elif self.adapter is None:
+            self.adapter = LoRAConfig()
         if not isinstance(self.adapter, AdapterConfig):
             raise ValueError(f"{owner}: adapter={self.adapter!r} must be an adapter config such as lf.LoRAConfig(...)")
         _positive_int(owner, "global_batch_size", self.global_batch_size, "8")
@@ -105,6 +114,24 @@ class JobSpec:
         self._check_length()
         self._check_schedule()
         self._check_data_options()
+
+    def _adopt_init_adapter(self, owner: str) -> None:
+        """The job's adapter config from init_adapter's adapter_config.json (its tensors are checked in prepare)."""
+        from lorafusion.checkpoint import read_peft_config
+
+        if not isinstance(self.init_adapter, (str, Path)) or not str(self.init_adapter):
+            raise ValueError(f"{owner}: init_adapter={self.init_adapter!r} must be the path of an adapter folder")
+        self.init_adapter = str(self.init_adapter)
+        saved = read_peft_config(self.init_adapter)
+        if self.adapter is None:
+            self.adapter = saved
+            return
+        mine, theirs = self.adapter.to_dict(), saved.to_dict()
+        differ = sorted(k for k in set(mine) | set(theirs) if k != "dropout" and mine.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(f"{owner}: adapter differs from init_adapter '{self.init_adapter}' in {differ} "
+                             f"(yours: {[mine.get(k) for k in differ]}, the adapter's: {[theirs.get(k) for k in differ]}); "
+                             "leave `adapter` out to use the adapter's own config")
 
     def _check_length(self) -> None:
         owner = f"job '{self.name}'"

@@ -188,6 +188,22 @@ def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
     )
 
 
+def _check_adapter(job: JobSpec, arch: Architecture) -> None:
+    """The job's adapter fits the model, and init_adapter's tensors are exactly an adapter of its config."""
+    from lorafusion.adapters.attach import check_peft_adapter
+    from lorafusion.adapters.base import target_shapes
+    from lorafusion.checkpoint import read_peft_adapter
+
+    shapes = target_shapes(arch)
+    try:
+        job.adapter.check_model({t: shapes[t] for t in job.adapter.target_modules}, arch.num_layers)
+    except ValueError as err:
+        raise ValueError(f"job '{job.name}': {err}") from None
+    if job.init_adapter is not None:
+        _, tensors = read_peft_adapter(job.init_adapter)
+        check_peft_adapter(job.adapter, tensors, arch, where=f"job '{job.name}': init_adapter '{job.init_adapter}'")
+
+
 def prepare_run(jobs: list[JobSpec], run: RunConfig) -> PreparedRun:
     """Validate the whole run and tokenise every dataset; raises ValueError before anything is written."""
     check_jobs(jobs)
@@ -199,6 +215,8 @@ def prepare_run(jobs: list[JobSpec], run: RunConfig) -> PreparedRun:
             f"tokenizer of '{run.base_model}' has {tokenizer.vocab_size} tokens but config.json vocab_size is "
             f"{arch.vocab_size}; the tokenizer does not belong to this checkpoint"
         )
+    for job in jobs:
+        _check_adapter(job, arch)
     prepared = [_prepare_job(job, run, tokenizer) for job in jobs]
     check_output_dir(run, jobs)
     return PreparedRun(run=run, arch=arch, tokenizer=tokenizer, jobs=prepared)

@@ -11,6 +11,7 @@ import torch
 
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import Microbatch, token_losses
+from lorafusion.checkpoint import read_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.models import build_model
 from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
@@ -50,6 +51,9 @@ class StageWorker:
         self.optimizers: dict[str, JobOptimizer] = {}
         for spec, total_steps in jobs:
             self.adapters.add_job(spec.name, spec.adapter, seed=spec.seed)
+            if spec.init_adapter is not None:  # a resume then overwrites it with the checkpoint's state
+                self.adapters.load_peft_state_dict(spec.name, read_peft_adapter(spec.init_adapter)[1],
+                                                   where=f"job '{spec.name}': init_adapter '{spec.init_adapter}'")
             self.optimizers[spec.name] = JobOptimizer(spec, self.adapters.parameters(spec.name), total_steps)
         if self.device.type == "cuda" and resolve_backend(run.kernels, self.device) == "triton":
             self._choose_tiles()

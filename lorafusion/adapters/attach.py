@@ -131,29 +131,71 @@ class ModelAdapters:
     def load_peft_state_dict(self, name: str, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
         """Load tensors written by `peft_state_dict` or by PEFT. Strict: a missing or misshapen tensor, or one this
         adapter does not have, is a ValueError naming it (another pipeline stage's layers are skipped)."""
-        used: set[str] = set()
-        if name in self.shared:
-            shared = self.shared[name]
-            picked = _pick(shared.peft_tensors(), tensors, "", where, shared.optional_peft_keys(), used)
-            shared.load_peft_tensors(picked)
-        for module, layer in self._job_layers(name):
-            picked = _pick(layer.peft_tensors(), tensors, f"{module}.", where, (), used, layer.peft_key_aliases)
-            extra = {key: tensors[f"{module}.{key}"] for key in layer.peft_extra_keys if f"{module}.{key}" in tensors}
-            used.update(f"{module}.{key}" for key in extra)
-            layer.load_peft_tensors({**extra, **picked})
+        shared = self.shared.get(name)
+        layers = dict(self._job_layers(name))
+        picked_shared, picked = match_peft_tensors(self.configs[name], shared, layers, tensors, where,
+                                                   self.arch.num_layers, set(self.layers))
+        if shared is not None:
+            shared.load_peft_tensors(picked_shared)
+        for module, layer in layers.items():
+            layer.load_peft_tensors(picked[module])
         for sites in self.layers.values():  # buffers (index maps) may have changed without a parameter version
             for wrapper in sites.values():
                 wrapper.drop_factors(name)
-        def elsewhere(key: str) -> bool:  # a layer of the model that another pipeline stage holds
-            layer = _layer_of(key)
-            return layer is not None and layer.isdigit() and int(layer) < self.arch.num_layers \
-                and int(layer) not in self.layers
 
-        unexpected = [key for key in tensors if key not in used and not elsewhere(key)]
-        if unexpected:
-            raise ValueError(f"{where}: tensor '{sorted(unexpected)[0]}' ({len(unexpected)} unexpected in all) is not "
-                             f"part of a {self.configs[name].type} adapter with this config on this model; "
-                             "lorafusion does not drop tensors it does not understand")
+
+def check_peft_adapter(config: AdapterConfig, tensors: dict[str, torch.Tensor], arch: Architecture,
+                       where: str) -> None:
+    """ValueError unless `tensors` are exactly an adapter of `config` on a model of `arch` (what
+    load_peft_state_dict would accept), checked without building the model: one layer per target stands for all."""
+    variant, shapes = get_variant(config.type), target_shapes(arch)
+    targets = {t: shapes[t] for t in config.target_modules}
+    config.check_model(targets, arch.num_layers)
+    shared = variant.shared_cls(config, targets, arch.num_layers, 0) if variant.shared_cls else None
+    layers = {}
+    for target, (out, inp) in targets.items():
+        stub = _StubLinear(out, inp)
+        layer = variant.layer_cls(config, inp, out, generator=torch.Generator().manual_seed(0),
+                                  base=BaseView(stub, torch.arange(out)), shared=shared, layer_index=0, target=target)
+        for index in range(arch.num_layers):
+            layers[f"base_model.model.model.layers.{index}.{SITES[target][2]}.{target}"] = layer
+    match_peft_tensors(config, shared, layers, tensors, where, arch.num_layers, set(range(arch.num_layers)))
+
+
+class _StubLinear:
+    """A weight of the right shape (zeros, one row stored) for building an adapter layer only to read its shapes."""
+
+    def __init__(self, out: int, inp: int) -> None:
+        self.weight, self.bias = torch.zeros(1, inp).expand(out, inp), None
+
+
+def match_peft_tensors(config: AdapterConfig, shared: JobShared | None, layers: dict, tensors: dict[str, torch.Tensor],
+                       where: str, num_layers: int, held: set[int]):
+    """(the shared module's tensors, {module: its tensors}) picked from `tensors` for an adapter whose layers this
+    model chunk holds (`layers`: PEFT module name -> layer; `held`: their layer numbers). ValueError on a missing or
+    misshapen tensor, and on any tensor that is not part of the adapter (tensors of layers another pipeline stage
+    holds are left to it)."""
+    used: set[str] = set()
+    picked_shared = {}
+    if shared is not None:
+        picked_shared = _pick(shared.peft_tensors(), tensors, "", where, shared.optional_peft_keys(), used)
+    picked = {}
+    for module, layer in layers.items():
+        mine = _pick(layer.peft_tensors(), tensors, f"{module}.", where, (), used, layer.peft_key_aliases)
+        extra = {key: tensors[f"{module}.{key}"] for key in layer.peft_extra_keys if f"{module}.{key}" in tensors}
+        used.update(f"{module}.{key}" for key in extra)
+        picked[module] = {**extra, **mine}
+
+    def elsewhere(key: str) -> bool:  # a layer of the model that another pipeline stage holds
+        layer = _layer_of(key)
+        return layer is not None and layer.isdigit() and int(layer) < num_layers and int(layer) not in held
+
+    unexpected = [key for key in tensors if key not in used and not elsewhere(key)]
+    if unexpected:
+        raise ValueError(f"{where}: tensor '{sorted(unexpected)[0]}' ({len(unexpected)} unexpected in all) is not "
+                         f"part of a {config.type} adapter with this config on this model; "
+                         "lorafusion does not drop tensors it does not understand")
+    return picked_shared, picked
 
 
 def _layer_of(key: str) -> str | None:
