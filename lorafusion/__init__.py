@@ -9,6 +9,7 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not ins
 from lorafusion.adapters import (
     DoRAConfig,
     LoRAConfig,
+    LoRAGAConfig,
     RandLoRAConfig,
     RsLoRAConfig,
     SHiRAConfig,
@@ -26,6 +27,7 @@ __all__ = [
     "JobResult",
     "JobSpec",
     "LoRAConfig",
+    "LoRAGAConfig",
     "RandLoRAConfig",
     "RsLoRAConfig",
     "RunConfig",

@@ -66,6 +66,7 @@ def write_peft_adapter(
     directory: str | Path, tensors: dict[str, torch.Tensor], config: AdapterConfig, *, base_model: str
 ) -> Path:
     """Write one job's adapter so `PeftModel.from_pretrained(base, directory)` loads it."""
+    config = config.export_config()
     peft_fields = config.peft_config()
     payload = {
         **peft_fields,

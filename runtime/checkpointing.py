@@ -226,7 +226,8 @@ def read_stage_state(ckpt_dir: str | Path, job: str, manifest: dict[str, Any]) -
         if merged["step_count"] not in (None, shard["step_count"]):
             raise ValueError(f"checkpoint file '{path}': job '{job}' is at optimizer step {shard['step_count']} "
                              f"on stage {stage} but {merged['step_count']} on stage 0; {_fix(ckpt_dir)}")
-        overlap = set(merged["params"]) & set(shard["params"])
+        overlap = {name for name in set(merged["params"]) & set(shard["params"])  # a job-wide tensor each stage holds
+                   if not (name.startswith("shared.") and torch.equal(merged["params"][name], shard["params"][name]))}
         if overlap:
             raise ValueError(f"checkpoint file '{path}' repeats parameter '{sorted(overlap)[0]}' of an earlier "
                              f"stage; {_fix(ckpt_dir)}")

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import scheduler
@@ -144,6 +144,16 @@ def window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: 
     return _WindowPlan(window, tokens, real)
 
 
+def init_pass_window(prepared_jobs: list[PreparedJob], run: RunConfig) -> Window | None:
+    """The window of every job's gradient init pass (its first `adapter.init_pass_batches` global batches, no
+    steps), or None when no job's variant has one."""
+    due = {j.name: range(j.spec.adapter.init_pass_batches) for j in prepared_jobs if j.spec.adapter.init_pass_batches}
+    if not due:
+        return None
+    planned = plan_window(prepared_jobs, due, run)
+    return replace(planned.window, steps_after={}, init_jobs=sorted(due), flush=True)
+
+
 def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
     """Every due job's eval samples packed first-fit-decreasing, forward only."""
     items = [(name, s, 0) for name, job_samples in samples.items() for s in job_samples]
@@ -179,6 +189,8 @@ class _Trainer:
         for name, state in self.states.items():
             state.restore(resumed.progress[name] if resumed is not None else JobProgress())
             trim_metrics(self.run.output_dir, name, state.step)
+        if resumed is None:
+            self._init_pass()
         if resumed is not None:
             stream = resumed.stream  # with the same layout, the stream goes on at the capacity chosen before
             if stream is not None and self.run.balance_pipeline and stream.layout == self._layout:
@@ -186,6 +198,14 @@ class _Trainer:
             self.group.restore(resumed)
             done = sum(s.step for s in self.states.values())
             self.progress.note(f"resumed from {resumed.path} ({done} job steps already done)")
+
+    def _init_pass(self) -> None:
+        """Before any step: one window of the first `adapter.init_pass_batches` global batches of each job whose
+        variant initialises from its data's gradient (LoRA-GA); it steps nothing."""
+        window = init_pass_window(self.prepared.jobs, self.run)
+        if window is not None:
+            self.progress.note(f"gradient init pass of {window.init_jobs}")
+            self._account(self.group.run_window(window))
 
     def run_all(self) -> None:
         """Plan and send windows until every job is planned to its end, one window ahead of the actors;

@@ -48,6 +48,9 @@ class Window:
     """slot -> jobs whose global batch ends there: they step after that slot's backward, in this order."""
     train: bool = True
     """False: forward only, every job's token-loss sums are returned (evaluation)."""
+    init_jobs: list[str] = field(default_factory=list)
+    """Jobs whose gradient init pass this window is (no steps): after its drain their layers are initialised from
+    the gradients summed over its slots (see AdapterLayer.init_pass)."""
     flush: bool = True
     """Drain the pipeline at the window's end: every backward and step of its slots is done when run_window
     returns. False: the stream goes on with the next window (which must come), and the backwards and steps
@@ -121,6 +124,8 @@ class StageRunner:
         if flush:
             self._finish_steps(None, result)
             self.comm.wait_sends()
+        for job in window.init_jobs:
+            self._finish_init_pass(job, result)
         if self._span_to is not None and self._span_from is not None:
             result.span_s = self._span_to - self._span_from
             self._span_from = self._span_to
@@ -236,6 +241,18 @@ class StageRunner:
         self._pending[job] = (self.comm.start_sum_over_stages(totals), totals, shared)
         self._span_to = time.perf_counter()
         result.busy_s += self._span_to - tic
+
+    def _finish_init_pass(self, job: str, result: WindowResult) -> None:
+        """Initialise the job's init-pass layers from the gradients of the window just drained (summed over the
+        replicas; each stage holds its own layers'); its loss sums are not a step's and are dropped."""
+        self._loss.pop(job, None)
+        if job not in self.worker.optimizers:
+            return
+        grads = self.worker.init_pass_gradients(job)
+        if self.place.dp_size > 1 and grads:
+            flat = self.comm.sum_over_replicas(torch.cat([g.reshape(-1).float() for g in grads]))
+            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        self._compute(self.worker.finish_init_pass, job, grads, result=result)
 
     def _finish_steps(self, jobs: set[str] | None, result: WindowResult) -> None:
         """Complete the pending steps of `jobs` (None: all), in the order they were started."""

@@ -164,23 +164,25 @@ class StageWorker:
         "optimizer": {name: {"step", "exp_avg", "exp_avg_sq"}}} (raw trainable tensors, exact for every variant)."""
         named = self._named_job_parameters(job)
         optim = self.optimizers[job].state_dict()
+        frozen = self.adapters.named_parameters(job, frozen=True)  # trainable ones and the job's frozen state
         return {
             "step_count": optim["step_count"],
-            "params": {name: p.detach().to("cpu").clone() for name, p in named.items()},
-            "optimizer": dict(zip(named, optim["state"])),
+            "params": {name: p.detach().to("cpu").clone() for name, p in frozen.items()},
+            "optimizer": {**{name: {} for name in frozen}, **dict(zip(named, optim["state"]))},
         }
 
     def load_job_state(self, job: str, state: dict, where: str = "checkpoint") -> None:
         """Restore `job` from `job_state` output; `state` may also hold other stages' tensors (they are ignored)."""
         named = self._named_job_parameters(job)
-        missing = [name for name in named if name not in state["params"] or name not in state["optimizer"]]
+        every = self.adapters.named_parameters(job, frozen=True)
+        missing = [name for name in every if name not in state["params"] or name not in state["optimizer"]]
         if missing:
             raise ValueError(
                 f"{where}: job '{job}' has no saved state for {len(missing)} of this stage's parameters "
                 f"(first: '{missing[0]}'); the checkpoint is from a different adapter config or is damaged"
             )
         with torch.no_grad():
-            for name, param in named.items():
+            for name, param in every.items():
                 saved = state["params"][name]
                 if saved.shape != param.shape:
                     raise ValueError(f"{where}: job '{job}' parameter '{name}' has shape {tuple(saved.shape)}, "
@@ -190,6 +192,17 @@ class StageWorker:
             {"step_count": state["step_count"], "state": [state["optimizer"][name] for name in named]},
             where=f"{where}: job '{job}' optimizer",
         )
+        for layer in self.adapters.init_pass_layers(job):  # the checkpoint holds the initialised state
+            layer.finish_init_pass(None)
+
+    def init_pass_gradients(self, job: str) -> list[torch.Tensor]:
+        """The base-weight gradients the job's init-pass layers summed over the init pass (this replica's share)."""
+        return [layer.probe_grad() for layer in self.adapters.init_pass_layers(job)]
+
+    def finish_init_pass(self, job: str, grads: list[torch.Tensor]) -> None:
+        """Initialise the job's init-pass layers from their gradients summed over every replica."""
+        for layer, grad in zip(self.adapters.init_pass_layers(job), grads):
+            layer.finish_init_pass(grad)
 
     def remove_job(self, job: str) -> None:
         self.adapters.remove_job(job)

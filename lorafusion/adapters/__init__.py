@@ -4,6 +4,7 @@ jobs at once."""
 from lorafusion.adapters.base import TARGET_MODULES, AdapterConfig, AdapterLayer, JobShared
 from lorafusion.adapters.dora import DoRAConfig, DoRALayer
 from lorafusion.adapters.lora import LoRAConfig, LoRALayer, RsLoRAConfig
+from lorafusion.adapters.loraga import LoRAGAConfig, LoRAGALayer
 from lorafusion.adapters.randlora import RandLoRAConfig, RandLoRALayer, RandLoRAShared
 from lorafusion.adapters.registry import (
     adapter_config_from_dict,
@@ -19,6 +20,7 @@ from lorafusion.adapters.vera import VeRAConfig, VeRALayer, VeRAShared
 register_adapter(name="lora", config_cls=LoRAConfig, layer_cls=LoRALayer)
 register_adapter(name="rslora", config_cls=RsLoRAConfig, layer_cls=LoRALayer)
 register_adapter(name="dora", config_cls=DoRAConfig, layer_cls=DoRALayer)
+register_adapter(name="loraga", config_cls=LoRAGAConfig, layer_cls=LoRAGALayer)
 register_adapter(name="vera", config_cls=VeRAConfig, layer_cls=VeRALayer, shared_cls=VeRAShared)
 register_adapter(name="randlora", config_cls=RandLoRAConfig, layer_cls=RandLoRALayer, shared_cls=RandLoRAShared)
 register_adapter(name="shira", config_cls=SHiRAConfig, layer_cls=SHiRALayer)
@@ -31,6 +33,7 @@ __all__ = [
     "DoRAConfig",
     "JobShared",
     "LoRAConfig",
+    "LoRAGAConfig",
     "RandLoRAConfig",
     "RsLoRAConfig",
     "SHiRAConfig",

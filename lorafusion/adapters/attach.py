@@ -106,14 +106,19 @@ class ModelAdapters:
             for wrapper in sites.values():
                 wrapper.collect_grads(name)
 
-    def named_parameters(self, name: str) -> dict[str, nn.Parameter]:
+    def named_parameters(self, name: str, frozen: bool = False) -> dict[str, nn.Parameter]:
         """The job's trainable parameters in a fixed order: its shared ones ('shared.<name>'), then per layer
-        and target ('layers.<global layer>.<target>.<name>'); the names do not depend on the pipeline cut."""
+        and target ('layers.<global layer>.<target>.<name>'); the names do not depend on the pipeline cut.
+        frozen: also the parameters that do not train but are part of the job's state (LoRA-GA's offset)."""
         named = {f"shared.{n}": p for n, p in self.shared[name].named_parameters()} if name in self.shared else {}
         for module, layer in self._job_layers(name):
             index, target = module.split(".")[4], module.rsplit(".", 1)[1]
             named.update({f"layers.{index}.{target}.{n}": p for n, p in layer.named_parameters()})
-        return named
+        return {n: p for n, p in named.items() if frozen or p.requires_grad}
+
+    def init_pass_layers(self, name: str) -> list:
+        """The job's layers that take a gradient init pass before its first step (see AdapterLayer.init_pass)."""
+        return [layer for _, layer in self._job_layers(name) if layer.init_pass]
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The job's trainable parameters, in the order of `named_parameters`."""

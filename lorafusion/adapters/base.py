@@ -62,6 +62,16 @@ class AdapterConfig:
         """Dropout probability on the adapter's input (0 for variants without dropout)."""
         return float(getattr(self, "dropout", 0.0))
 
+    @property
+    def init_pass_batches(self) -> int:
+        """Global batches of the job's data the runtime runs through the layers' gradient probe before the job's
+        first step (0: no init pass; see AdapterLayer.init_pass)."""
+        return 0
+
+    def export_config(self) -> AdapterConfig:
+        """The config of the adapter this one exports as (LoRA-GA: a plain LoRA of rank 2r)."""
+        return self
+
     def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
         """ValueError when this config cannot adapt a model whose targets have these (out, in) shapes."""
 
@@ -133,6 +143,9 @@ class AdapterLayer(nn.Module):
 
     compute: ClassVar[str] = "factors"
     """'factors' (effective_factors, through the fused low-rank path) or 'delta' (forward_delta)."""
+    init_pass: ClassVar[bool] = False
+    """True: the layer starts in a gradient-probe mode (start_init_pass / probe_grad / finish_init_pass) that the
+    runtime runs over config.init_pass_batches global batches before the job's first step."""
     peft_key_aliases: ClassVar[dict[str, str]] = {}
     """Other names PEFT may save one of our tensors under: {alias: key of peft_tensors}."""
     peft_extra_keys: ClassVar[tuple[str, ...]] = ()

@@ -274,10 +274,7 @@ class MultiAdapterLinear(nn.Module):
             for target, layer in layers.items():
                 delta = layer.forward_delta(xs).to(y.dtype)  # [tokens, N_target]
                 rows = self.out_rows[target]
-                if len(rows) == y.shape[1]:
-                    y[seg.start:seg.end] += delta
-                else:
-                    y[seg.start:seg.end].index_add_(1, rows, delta)
+                y = _AddRows.apply(y, delta, seg.start, None if len(rows) == y.shape[1] else rows)
         return y
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -355,6 +352,26 @@ class MultiAdapterLinear(nn.Module):
         if scaled:
             y = _scale_columns(y.reshape(-1, y.shape[-1]), scaled, add_bias).reshape(y.shape)
         return y, returned_bias
+
+
+class _AddRows(torch.autograd.Function):
+    """y[start:start + tokens, cols] += delta in y's own storage (cols None: every column), differentiable in both
+    (y may be a tensor autograd has not seen yet: the first adapted layer's input needs no gradient)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, delta: torch.Tensor, start: int, cols: torch.Tensor | None) -> torch.Tensor:
+        ctx.start, ctx.end, ctx.cols = start, start + delta.shape[0], cols
+        if cols is None:
+            y[start:ctx.end] += delta
+        else:
+            y[start:ctx.end].index_add_(1, cols, delta)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        part = dy[ctx.start:ctx.end]
+        return dy, part if ctx.cols is None else part.index_select(1, ctx.cols), None, None
 
 
 def _scale_columns(y: torch.Tensor, scaled: list, bias: torch.Tensor | None) -> torch.Tensor:

@@ -38,6 +38,7 @@ VARIANTS = {
     "shira": lambda: lf.SHiRAConfig(rank=2, mask_seed=11, target_modules=ALL_TARGETS),
     "shira_default_seed": lambda: lf.SHiRAConfig(rank=1, target_modules=["q_proj", "down_proj"]),
     "unilora": lambda: lf.UniLoRAConfig(rank=3, theta_dim=64, projection_seed=7, target_modules=ALL_TARGETS),
+    "loraga": lambda: lf.LoRAGAConfig(rank=2, alpha=3, target_modules=ALL_TARGETS),
 }
 PEFT_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=ALL_TARGETS),
@@ -52,8 +53,16 @@ PEFT_CONFIGS = {
     "unilora": lambda: peft.UniLoraConfig(r=3, theta_d_length=64, proj_seed=7, target_modules=ALL_TARGETS,
                                           save_indices=True),
 }
-FAMILY = {"lora": "qwen2", "rslora": "mistral", "dora": "qwen2", "vera": "llama", "randlora": "qwen2",
+FAMILY = {"loraga": "llama", "lora": "qwen2", "rslora": "mistral", "dora": "qwen2", "vera": "llama", "randlora": "qwen2",
           "randlora_sparse": "llama", "shira": "mistral", "shira_default_seed": "llama", "unilora": "qwen2"}
+
+
+def finish_init_passes(layers, seed: int) -> None:
+    """Initialise layers that wait for a gradient init pass (LoRA-GA) from a random 'gradient'."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        if layer.init_pass:
+            layer.finish_init_pass(torch.randn(layer.out_features, layer.in_features, generator=generator))
 
 
 def perturb(params, seed: int, std: float = 0.05) -> None:
@@ -85,6 +94,10 @@ def _reference_module(layer, x: torch.Tensor, w: torch.Tensor, bias: torch.Tenso
     if cfg.type == "shira":
         delta = torch.zeros_like(w).index_put((layer.rows, layer.cols), layer.shira_weight)
         return base + x @ delta.t()
+    if cfg.type == "loraga":
+        a, b = layer.lora_A, layer.lora_B
+        a0, b0 = layer.lora_A0, layer.lora_B0
+        return base + cfg.scaling * ((x @ a.t()) @ b.t() - (x @ a0.t()) @ b0.t())
     if cfg.type == "unilora":
         theta = layer.shared.unilora_theta_d
         a, b = theta[layer.idx_A] * layer.scale_A, theta[layer.idx_B] * layer.scale_B
@@ -139,7 +152,8 @@ def _site(variant: str, seed: int = 0):
         site.add_adapter("v", target, layer)
     site.add_adapter("l", "up_proj", get_variant("lora").layer_cls(lf.LoRAConfig(rank=2), k, 16, generator=gen,
                                                                     base=BaseView(base, rows["up_proj"])))
-    params = [p for job in site.adapters.values() for p in job.parameters()]
+    finish_init_passes([layer for job in site.adapters.values() for layer in job.values()], seed)
+    params = [p for job in site.adapters.values() for p in job.parameters() if p.requires_grad]
     if shared is not None:
         params += list(shared.parameters())
     perturb(params, seed + 1, std=0.2)
@@ -214,6 +228,7 @@ def test_our_export_loads_in_peft_with_our_logits(variant, tiny_checkpoints, loa
     model, adapters = _ours(checkpoint)
     config = VARIANTS[variant]()
     adapters.add_job("job", config, seed=3)
+    finish_init_passes([layer for _, layer in adapters._job_layers("job")], seed=5)
     perturb(adapters.parameters("job"), seed=4)
     directory = write_peft_adapter(tmp_path / "adapter", adapters.peft_state_dict("job"), config,
                                    base_model=str(checkpoint))
@@ -225,7 +240,7 @@ def test_our_export_loads_in_peft_with_our_logits(variant, tiny_checkpoints, loa
     assert (ours - theirs).abs().max().item() <= LOGITS_ATOL
 
     again, tensors = read_peft_adapter(directory)
-    assert again.to_dict() == config.to_dict()
+    assert again.to_dict() == config.export_config().to_dict()  # LoRA-GA: the equivalent plain LoRA
     fresh_model, fresh = _ours(checkpoint)
     fresh.add_job("job", again, seed=99)  # a different seed: everything that matters comes from the file
     fresh.load_peft_state_dict("job", tensors)

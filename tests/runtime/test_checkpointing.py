@@ -17,7 +17,7 @@ from runtime.checkpointing import (
     read_manifest, read_stage_state, write_driver_state, write_stage_shard,
 )
 from runtime.comm import StageComm, StagePlace
-from runtime.fit import plan_window
+from runtime.fit import init_pass_window, plan_window
 from runtime.optim import JobOptimizer
 from runtime.resume import JobProgress, commit_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
 from runtime.stage import StageRunner
@@ -47,8 +47,13 @@ def prepare(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], **run_fields) -
     return prepared
 
 
-def make_worker(prepared: PreparedRun) -> StageWorker:
-    return StageWorker(prepared.run, [(j.spec, j.total_steps) for j in prepared.jobs])
+def make_worker(prepared: PreparedRun, init_pass: bool = False) -> StageWorker:
+    """A stage worker of the run; init_pass: run the gradient init pass of jobs that have one, as a fresh fit does."""
+    worker = StageWorker(prepared.run, [(j.spec, j.total_steps) for j in prepared.jobs])
+    window = init_pass_window(prepared.jobs, prepared.run) if init_pass else None
+    if window is not None:
+        StageRunner(worker, StageComm(StagePlace(), worker.device)).run_window(window)
+    return worker
 
 
 def train_round(worker: StageWorker, prepared: PreparedRun, progress: dict[str, JobProgress]) -> None:
@@ -150,7 +155,7 @@ def test_worker_state_moved_to_a_new_worker_trains_on_bit_identically(train_chec
 
 def straight_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec]) -> tuple[StageWorker, dict[str, JobProgress]]:
     prepared = prepare(checkpoint, out, jobs)
-    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    worker, progress = make_worker(prepared, init_pass=True), fresh_progress(prepared)
     for _ in range(5):
         train_round(worker, prepared, progress)
     return worker, progress
@@ -159,7 +164,7 @@ def straight_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec]) -> tuple[S
 def interrupted_run(checkpoint: Path, out: Path, jobs: list[lf.JobSpec], rounds: int, **run_fields) -> PreparedRun:
     """Train `rounds` rounds, checkpointing after each, then 'crash' (the worker is dropped)."""
     prepared = prepare(checkpoint, out, jobs, **run_fields)
-    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    worker, progress = make_worker(prepared, init_pass=True), fresh_progress(prepared)
     for counter in range(1, rounds + 1):
         train_round(worker, prepared, progress)
         save_checkpoint(prepared, counter, {0: worker}, progress)
@@ -392,10 +397,11 @@ def test_any_job_name_round_trips_through_the_files(tmp_path):
 
 def test_each_variant_resumes_to_the_same_adapter(train_checkpoint, examples_data, tmp_path):
     """A mixed-variant run checkpointed after 2 rounds and resumed ends bit-identical to the straight run, for
-    every variant (trainable tensors shared by the job's layers included: Uni-LoRA's θ)."""
+    every variant (trainable tensors shared by the job's layers included: Uni-LoRA's θ; frozen state too:
+    LoRA-GA's offset, which only its init pass computes)."""
     adapters = [lf.DoRAConfig(rank=2, dropout=0.1), lf.VeRAConfig(rank=8, target_modules=["q_proj", "down_proj"]),
                 lf.RandLoRAConfig(rank=16, target_modules=["v_proj"]), lf.SHiRAConfig(rank=1),
-                lf.UniLoRAConfig(rank=2, theta_dim=128)]
+                lf.UniLoRAConfig(rank=2, theta_dim=128), lf.LoRAGAConfig(rank=2, init_batches=2)]
     jobs = [lf.JobSpec(name=a.type, dataset=str(examples_data / ("greet.jsonl" if i % 2 else "arith.jsonl")),
                        adapter=a, global_batch_size=3, learning_rate=1e-3, max_steps=5, seed=i, lr_schedule="cosine")
             for i, a in enumerate(adapters)]

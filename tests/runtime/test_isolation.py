@@ -221,22 +221,24 @@ def test_gradient_is_job_token_sum_over_its_loss_tokens(train_checkpoint, exampl
 
 def variant_jobs(examples_data: Path) -> list[lf.JobSpec]:
     """One job per variant computing its own way: factors with a column scale (DoRA), factors from shared
-    tensors (VeRA, Uni-LoRA), sparse (SHiRA) and full-rank (RandLoRA) deltas; dropout on two of them."""
+    tensors (VeRA, Uni-LoRA), sparse (SHiRA) and full-rank (RandLoRA) deltas, a gradient init pass (LoRA-GA);
+    dropout on two of them."""
     adapters = {
         "dora": lf.DoRAConfig(rank=4, alpha=8, dropout=0.1),
         "vera": lf.VeRAConfig(rank=16, projection_seed=2, target_modules=["q_proj", "v_proj", "up_proj"]),
         "randlora": lf.RandLoRAConfig(rank=16, alpha=8, dropout=0.1, target_modules=["k_proj", "down_proj"]),
         "shira": lf.SHiRAConfig(rank=2, mask_seed=3),
         "unilora": lf.UniLoRAConfig(rank=4, theta_dim=512, projection_seed=5),
+        "loraga": lf.LoRAGAConfig(rank=2, init_batches=2, target_modules=["o_proj", "gate_proj"]),
     }
-    data = ["greet", "arith", "reverse", "arith", "greet"]
+    data = ["greet", "arith", "reverse", "arith", "greet", "reverse"]
     return [lf.JobSpec(name=name, dataset=str(examples_data / f"{d}.jsonl"), adapter=adapter, global_batch_size=3 + i % 2,
                        learning_rate=1e-3, max_steps=3, seed=10 + i)
             for i, ((name, adapter), d) in enumerate(zip(adapters.items(), data))]
 
 
 def test_jobs_of_different_variants_stay_isolated(train_checkpoint, examples_data, tmp_path):
-    """Jobs of five variants share microbatches; each ends with the adapter it gets alone, and its metrics
+    """Jobs of six variants share microbatches (and LoRA-GA's init pass); each ends with the adapter it gets alone, and its metrics
     name its variant."""
     jobs = variant_jobs(examples_data)
     together = fit_adapters(train_checkpoint, tmp_path / "together", jobs, SPLIT_CAPACITY, engine="local")

@@ -64,11 +64,12 @@ def test_parallel_fit_equals_single_process(single, checkpoint, examples_data, t
 
 def test_variants_on_stages_and_replicas_equal_single_process(checkpoint, examples_data, tmp_path, monkeypatch):
     """Every way a variant computes, across 2 stages x 2 replicas with one-step windows: Uni-LoRA's θ (one
-    trainable tensor used by the layers of both stages) gets the sum of both stages' gradients."""
+    trainable tensor used by the layers of both stages) gets the sum of both stages' gradients; LoRA-GA's init
+    pass sums its gradients over the replicas."""
     monkeypatch.setattr(importlib.import_module("runtime.fit"), "_MAX_STEPS_PER_WINDOW", 1)
     adapters = [lf.UniLoRAConfig(rank=2, theta_dim=256), lf.DoRAConfig(rank=2), lf.SHiRAConfig(rank=1),
                 lf.VeRAConfig(rank=8, target_modules=["q_proj", "up_proj"]),
-                lf.RandLoRAConfig(rank=32, target_modules=["o_proj"])]
+                lf.RandLoRAConfig(rank=32, target_modules=["o_proj"]), lf.LoRAGAConfig(rank=2, init_batches=2)]
     jobs = [lf.JobSpec(name=a.type, dataset=str(examples_data / ("greet.jsonl", "arith.jsonl")[i % 2]), adapter=a,
                        global_batch_size=3, learning_rate=1e-3, max_steps=3, seed=i) for i, a in enumerate(adapters)]
     single = fit_adapters(checkpoint, tmp_path / "single", jobs, CAPACITY, engine="local")
