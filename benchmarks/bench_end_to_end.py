@@ -20,8 +20,14 @@ trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the 
     python benchmarks/bench_end_to_end.py --pipeline-stages 2   # (a) and (b) with run.pipeline_stages=2
     python benchmarks/bench_end_to_end.py --pipeline-stages 2 --no-balance-pipeline   # full microbatches only
     python benchmarks/bench_end_to_end.py --dtype bfloat16 --hidden-size 2048 --num-layers 16 ...  # on a GPU
+    python benchmarks/bench_end_to_end.py --variants            # every adapter variant against LoRA, see below
 
 One row per run is appended to benchmarks/results/end_to_end.csv, with the ratios a/b, a/c and a/cp.
+
+--variants [lora,dora,...]: provider (a) only, once per variant with the four jobs all of that variant at
+cfg.rank (VARIANT_CONFIGS), then once with the jobs of every variant together in one fit (two jobs per dataset
+when there are eight variants) against the same jobs all LoRA; repeats alternate the order. One row per
+variant (and one for the mixed fit) goes to benchmarks/results/variants.csv, with its tokens/s over LoRA's.
 """
 
 from __future__ import annotations
@@ -103,6 +109,8 @@ class BenchConfig:
     engine: str = "auto"
     """run.engine for (a) and (b): 'auto' (the run's default: in this process at one stage, Ray actors at more),
     'ray' or 'local'."""
+    variants: tuple[str, ...] = ()
+    """Non-empty: compare these adapter variants against LoRA (run_variants) instead of the providers."""
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -167,6 +175,58 @@ def bench_jobs(cfg: BenchConfig) -> list[lf.JobSpec]:
                    max_steps=cfg.steps, seed=seed)
         for seed, name in enumerate(JOB_NAMES)
     ]
+
+
+# Each variant at the bench's rank r, as a user would configure it (alpha = 2r where the variant has one).
+VARIANT_CONFIGS = {
+    "lora": lambda r: lf.LoRAConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "rslora": lambda r: lf.RsLoRAConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "dora": lambda r: lf.DoRAConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "vera": lambda r: lf.VeRAConfig(rank=r, dropout=0.05),
+    "randlora": lambda r: lf.RandLoRAConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "shira": lambda r: lf.SHiRAConfig(rank=r),
+    "unilora": lambda r: lf.UniLoRAConfig(rank=r, theta_dim=1 << 15, dropout=0.05),
+    "loraga": lambda r: lf.LoRAGAConfig(rank=r, alpha=2 * r, dropout=0.05, init_batches=2),
+}
+
+
+def variant_jobs(cfg: BenchConfig, variants: list[str]) -> list[lf.JobSpec]:
+    """The bench's jobs with their adapters replaced: variant i on job i, the datasets taken in turn (job names
+    `<dataset>_<variant>`); one variant = the four bench jobs all of it."""
+    base = bench_jobs(cfg)
+    count = max(len(base), len(variants))
+    return [replace(base[i % len(base)], name=f"{base[i % len(base)].name}_{variants[i % len(variants)]}",
+                    adapter=VARIANT_CONFIGS[variants[i % len(variants)]](cfg.rank), seed=i)
+            for i in range(count)]
+
+
+def run_variants(cfg: BenchConfig, variants: list[str]) -> list[dict]:
+    """Rows of variants.csv: each variant's tokens/s and the mixed fit's, over LoRA's, medians of cfg.repeats."""
+    checkpoint = bench_checkpoint(cfg)
+    torch.set_num_threads(cfg.threads)
+    cases = {v: variant_jobs(cfg, [v]) for v in dict.fromkeys(["lora", *variants])}
+    cases["mixed"] = variant_jobs(cfg, variants)
+    cases["mixed_as_lora"] = [replace(j, adapter=VARIANT_CONFIGS["lora"](cfg.rank)) for j in cases["mixed"]]
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(cfg.repeats):
+            order = list(cases) if repeat % 2 == 0 else list(reversed(cases))
+            for name in order:
+                result = run_ours(cases[name], cfg, checkpoint, Path(scratch) / f"{name}_{repeat}")
+                rates[name].append(result.tokens_per_s)
+                print(f"{name}: {result.tokens} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:.0f} tokens/s")
+    dtype = str(_compute_dtype(cfg.dtype)).removeprefix("torch.")
+    rows = []
+    for name in [*variants, "mixed"]:
+        against = "mixed_as_lora" if name == "mixed" else "lora"
+        ours, lora = statistics.median(rates[name]), statistics.median(rates[against])
+        rows.append({"model": cfg.model_name, "variant": name if name != "mixed" else "mixed:" + "+".join(variants),
+                     "jobs": len(cases[name]), "rank": cfg.rank, "steps": cfg.steps, "repeats": cfg.repeats,
+                     "global_batch_size": cfg.global_batch_size, "dtype": dtype, "threads": cfg.threads,
+                     "engine": cfg.engine, "tokens_per_s": round(ours, 1), "lora_tokens_per_s": round(lora, 1),
+                     "over_lora": round(ours / lora, 3),
+                     "over_lora_per_repeat": ";".join(f"{a / b:.3f}" for a, b in zip(rates[name], rates[against]))})
+    return rows
 
 
 def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunConfig:
@@ -416,14 +476,32 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                         help="run.balance_pipeline (default on, as in the run: plan at the capacity the simulated "
                              "1F1B finishes soonest); --no-balance-pipeline fills every microbatch to capacity")
     parser.add_argument("--no-record", action="store_true", help="print the row without appending it to the CSV")
+    parser.add_argument("--variants", nargs="?", const=",".join(VARIANT_CONFIGS), default=None,
+                        help="compare adapter variants against LoRA instead (default: all of "
+                             f"{','.join(VARIANT_CONFIGS)})")
     args = vars(parser.parse_args(argv))
     record = not args.pop("no_record")
+    variants = args.pop("variants")
+    if variants is not None:
+        chosen = [v.strip() for v in variants.split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in VARIANT_CONFIGS]
+        if unknown or not chosen:
+            parser.error(f"--variants {variants}: choose from {','.join(VARIANT_CONFIGS)}")
+        args["variants"] = tuple(chosen)
     args["providers"] = tuple(p.strip() for p in args["providers"].split(",") if p.strip())
     return BenchConfig(**args), record
 
 
 def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
     cfg, record = _parse(argv)
+    where = {} if results_dir is None else {"results_dir": results_dir}
+    if cfg.variants:
+        rows = run_variants(cfg, list(cfg.variants))
+        for row in rows:
+            print(f"{row['variant']}: {row['tokens_per_s']} tokens/s = {row['over_lora']}× LoRA")
+        if record:
+            append_rows("variants", rows, **where)
+        return 0
     try:
         results = run_benchmark(cfg)
     except ParallelismRefused as err:

@@ -145,9 +145,10 @@ def window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: 
 
 
 def init_pass_window(prepared_jobs: list[PreparedJob], run: RunConfig) -> Window | None:
-    """The window of every job's gradient init pass (its first `adapter.init_pass_batches` global batches, no
-    steps), or None when no job's variant has one."""
-    due = {j.name: range(j.spec.adapter.init_pass_batches) for j in prepared_jobs if j.spec.adapter.init_pass_batches}
+    """The window of every job's gradient init pass (its first `adapter.init_pass_batches` global batches, at most
+    as many as it trains on; no steps), or None when no job's variant has one."""
+    due = {j.name: range(min(j.spec.adapter.init_pass_batches, j.total_steps)) for j in prepared_jobs
+           if j.spec.adapter.init_pass_batches}
     if not due:
         return None
     planned = plan_window(prepared_jobs, due, run)

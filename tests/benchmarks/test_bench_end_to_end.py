@@ -112,3 +112,19 @@ def test_flops_per_token_counts_frozen_linears_lora_and_causal_attention():
     lora = 6 * 2 * (8 + 8)  # q_proj only, rank 2
     attention = 6 * 4 * 2 * (3 * 3 + 1 * 1) / 4  # head_dim 4, 2 heads, samples of 3 and 1 tokens
     assert flops_per_token(dims, 2, ["q_proj"], [3, 1]) == pytest.approx(base + lora + attention)
+
+
+def test_variants_mode_records_each_variant_over_lora(tmp_path):
+    """--variants: one row per variant and one for the mixed fit, each over the LoRA fit of the same jobs."""
+    argv = _argv(tmp_path / "cache", steps=1, engine="local") + ["--variants", "dora,shira,loraga"]
+    assert main(argv, results_dir=tmp_path / "results") == 0
+    with (tmp_path / "results" / "variants.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["variant"] for r in rows] == ["dora", "shira", "loraga", "mixed:dora+shira+loraga"]
+    for row in rows:
+        assert float(row["over_lora"]) == pytest.approx(float(row["tokens_per_s"]) / float(row["lora_tokens_per_s"]),
+                                                        rel=1e-2)
+        assert row["jobs"] == "4" and row["rank"] == str(TOY["rank"])
+    assert {bench.variant_jobs(BenchConfig(**TOY), ["dora", "shira"])[i].adapter.type for i in range(4)} == {"dora", "shira"}
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path / "cache") + ["--variants", "lora,nope"])

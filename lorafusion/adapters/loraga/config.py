@@ -25,7 +25,8 @@ class LoRAGAConfig(LoRAConfig):
     type: ClassVar[str] = "loraga"
     peft_types: ClassVar[tuple[str, ...]] = ()
     init_batches: int = 8
-    """Global batches of the job's data whose summed gradient initialises A and B."""
+    """Global batches of the job's data whose summed gradient initialises A and B (the job's first ones, at most
+    as many as it trains on)."""
     stable_gamma: float = 16.0
     """γ of the authors' 'stable' scale ζ = out^¼ / √γ."""
 
