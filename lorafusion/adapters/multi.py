@@ -329,28 +329,25 @@ class MultiAdapterLinear(nn.Module):
         return _MultiLoRALinear.apply(flat, weight, bias, base_out, rows, dropped, scales, *factors)
 
     def _forward_fused(self, x: torch.Tensor):
-        """Base GEMM and every job's low-rank update in one Triton op over the whole packed microbatch; column
-        scales (DoRA) applied to their jobs' rows after it."""
+        """Base GEMM and every job's low-rank update (with its column scale, DoRA) in one Triton op over the whole
+        packed microbatch."""
         from lorafusion.ops.fused_lora import fused_multi_lora_linear
 
         k = x.shape[-1]
         add_bias, returned_bias = self._bias()
         table = self.batch.segment_table(x.numel() // k, x.device)
-        a_list, b_list, ps, scaled = [], [], [], []
+        a_list, b_list, c_list, ps = [], [], [], []
         for seg in self.batch.segments:
-            a, b, p = None, None, 0.0
+            a, b, c, p = None, None, None, 0.0
             if job_key(seg.job) in self.adapters and self.computes_by_factors(seg.job):
                 factors = self.factors(seg.job, x.dtype)
                 (a, b, c), p = factors.inputs(), factors.dropout_p
-                if c is not None:
-                    scaled.append((seg, c))
             a_list.append(a)
             b_list.append(b)
+            c_list.append(c)
             ps.append(p if self.training else 0.0)
         y = fused_multi_lora_linear(x, self.base.weight, a_list, b_list, table, scalings=[1.0] * len(a_list),
-                                    dropout_ps=ps, site_id=self.site_id, bias=add_bias)
-        if scaled:
-            y = _scale_columns(y.reshape(-1, y.shape[-1]), scaled, add_bias).reshape(y.shape)
+                                    dropout_ps=ps, site_id=self.site_id, bias=add_bias, column_scales=c_list)
         return y, returned_bias
 
 
@@ -372,15 +369,6 @@ class _AddRows(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         part = dy[ctx.start:ctx.end]
         return dy, part if ctx.cols is None else part.index_select(1, ctx.cols), None, None
-
-
-def _scale_columns(y: torch.Tensor, scaled: list, bias: torch.Tensor | None) -> torch.Tensor:
-    """y [M, N] with each (segment, c [N]) pair's rows replaced by c ⊙ (y − bias) + bias (differentiable)."""
-    out = y.clone()
-    for seg, c in scaled:
-        part = y[seg.start:seg.end]
-        out[seg.start:seg.end] = (part if bias is None else part - bias) * c + (0 if bias is None else bias)
-    return out
 
 
 class _MultiLoRALinear(torch.autograd.Function):

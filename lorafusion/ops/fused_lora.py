@@ -6,6 +6,9 @@ Backward: G = s · dy B,  dB = dyᵀ T             (fused_lora_dys_dyb)
           dx = dy W + dropout-backward(G A)     (fused_lora_dyw_dsa)
           dA = Gᵀ dropout(x)                    (fused_lora_dropout_xa)
 W and bias are frozen (the base model is never trained), so no dW or dbias is computed.
+
+A segment may carry a column scale c [N] (DoRA): its rows are c ⊙ (x Wᵀ + T Bᵀ) + bias; the backward kernels
+then read dy ⊙ c on its rows, and dc = Σ rows dy ⊙ (x Wᵀ + T Bᵀ) (fused_lora_column_scale).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from lorafusion.ops.fused_lora_column_scale import column_scale_grad
 from lorafusion.ops.fused_lora_dropout_xa import dropout_xa_forward, dropout_xa_grad_a
 from lorafusion.ops.fused_lora_dys_dyb import dys_dyb_backward
 from lorafusion.ops.fused_lora_dyw_dsa import dyw_dsa_backward
@@ -26,39 +30,41 @@ __all__ = ["FusedMultiLoRAFunction", "fused_multi_lora_linear", "fused_lora_line
 
 
 class FusedMultiLoRAFunction(torch.autograd.Function):
-    """x [M, K], weight [N, K], bias [N] | None, a_cat [ΣR, K], b_cat [N, ΣR] -> y [M, N]."""
+    """x [M, K], weight [N, K], bias [N] | None, a_cat [ΣR, K], b_cat [N, ΣR], c_cat [S_c, N] | None -> y [M, N]."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
-                b_cat: torch.Tensor, table: SegmentTable, params: LayerParams, site_id: int, has_dropout: bool,
-                deterministic: bool) -> torch.Tensor:
+                b_cat: torch.Tensor, c_cat: torch.Tensor | None, table: SegmentTable, params: LayerParams, site_id: int,
+                has_dropout: bool, deterministic: bool) -> torch.Tensor:
         n, k, r = weight.shape[0], weight.shape[1], a_cat.shape[0]
         config = pick_config(n, k, r, x.device)  # chosen before training (tune_tiles), or the default
         t = dropout_xa_forward(x, a_cat, table, params, site_id, has_dropout, config.block_m, config.block_k)  # [M, r]
-        y = xw_sb_forward(x, weight, t, b_cat, bias, table, params, config)  # [M, N]
-        ctx.save_for_backward(x, weight, a_cat, b_cat, t)
+        y, pre = xw_sb_forward(x, weight, t, b_cat, bias, table, params, config, c_cat)  # [M, N], [scaled rows, N]
+        ctx.save_for_backward(x, weight, a_cat, b_cat, t, c_cat, pre)
         ctx.table, ctx.params, ctx.config = table, params, config
         ctx.site_id, ctx.has_dropout, ctx.deterministic = site_id, has_dropout, deterministic
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight, a_cat, b_cat, t = ctx.saved_tensors
+        x, weight, a_cat, b_cat, t, c_cat, pre = ctx.saved_tensors
         table, params, config = ctx.table, ctx.params, ctx.config
         dy = dy.contiguous()
-        g, db = dys_dyb_backward(dy, b_cat, t, table, params, ctx.deterministic, config)  # [M, r], [N, ΣR]
+        g, db = dys_dyb_backward(dy, b_cat, t, table, params, ctx.deterministic, config, c_cat)  # [M, r], [N, ΣR]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dyw_dsa_backward(dy, weight, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, config)
+            dx = dyw_dsa_backward(dy, weight, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, config, c_cat)
         da = dropout_xa_grad_a(x, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, ctx.deterministic,
                                config.block_m, config.block_k)
-        return dx, None, None, da, db, None, None, None, None, None
+        dc = column_scale_grad(dy, pre, c_cat, table, params, config) if c_cat is not None else None
+        return dx, None, None, da, db, dc, None, None, None, None, None
 
 
 def layer_params(table: SegmentTable, lora_a: Sequence[torch.Tensor | None], scalings: Sequence[float],
-                 dropout_ps: Sequence[float]) -> LayerParams:
+                 dropout_ps: Sequence[float], column_scales: Sequence[torch.Tensor | None] | None = None) -> LayerParams:
     ranks = tuple(0 if a is None else int(a.shape[0]) for a in lora_a)
-    return table.layer_params(ranks, tuple(float(s) for s in scalings), tuple(float(p) for p in dropout_ps))
+    scaled = tuple(c is not None for c in column_scales) if column_scales is not None else None
+    return table.layer_params(ranks, tuple(float(s) for s in scalings), tuple(float(p) for p in dropout_ps), scaled)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a, lora_b, table: SegmentTable) -> None:
@@ -87,8 +93,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lor
 def fused_multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor | None],
                             lora_b: Sequence[torch.Tensor | None], table: SegmentTable, *, scalings: Sequence[float],
                             dropout_ps: Sequence[float], site_id: int = 0, bias: torch.Tensor | None = None,
-                            deterministic: bool = True) -> torch.Tensor:
-    """y = x Wᵀ (+ bias) + per segment i: s_i · dropout_i(x) A_iᵀ B_iᵀ on the segment's rows (Triton).
+                            deterministic: bool = True,
+                            column_scales: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """y = x Wᵀ (+ bias) + per segment i: s_i · dropout_i(x) A_iᵀ B_iᵀ on the segment's rows (Triton); a segment
+    with column_scales[i] = c [N] gets c ⊙ (x Wᵀ + s_i · dropout_i(x) A_iᵀ B_iᵀ) + bias instead (DoRA).
 
     x [..., K] with table.num_rows rows; lora_a[i] [r_i, K], lora_b[i] [N, r_i], or None for a segment
     with no adapter on this layer; ranks may differ per segment. Dropout masks follow the table's per-row
@@ -96,7 +104,17 @@ def fused_multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: Seque
     reproducible run to run; False takes the single-pass atomic backward.
     """
     _check(x, weight, bias, lora_a, lora_b, table)
-    params = layer_params(table, lora_a, scalings, dropout_ps)
+    if column_scales is not None:
+        if len(column_scales) != table.num_segments:
+            raise ValueError(f"need one column scale (or None) per segment ({table.num_segments}); "
+                             f"got {len(column_scales)}")
+        for i, c in enumerate(column_scales):
+            if c is not None and (c.shape != (weight.shape[0],) or c.dtype != x.dtype or c.device != x.device):
+                raise ValueError(f"segment {i}: column scale {tuple(c.shape)} {c.dtype} must be [{weight.shape[0]}] "
+                                 f"{x.dtype} on {x.device}")
+        if all(c is None for c in column_scales):
+            column_scales = None
+    params = layer_params(table, lora_a, scalings, dropout_ps, column_scales)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     present = [i for i, a in enumerate(lora_a) if a is not None]
     if present:
@@ -106,7 +124,9 @@ def fused_multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: Seque
         a_cat = x.new_zeros(1, x.shape[-1])
         b_cat = x.new_zeros(weight.shape[0], 1)
     has_dropout = any(p > 0.0 for p in dropout_ps)
-    y = FusedMultiLoRAFunction.apply(flat, weight, bias, a_cat, b_cat, table, params, site_id, has_dropout, deterministic)
+    c_cat = torch.stack([c for c in column_scales if c is not None]) if column_scales is not None else None
+    y = FusedMultiLoRAFunction.apply(flat, weight, bias, a_cat, b_cat, c_cat, table, params, site_id, has_dropout,
+                                     deterministic)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -152,4 +172,4 @@ def tune_tiles(shapes: list[tuple[int, int, int]], rows: int, dtype: torch.dtype
         table = SegmentTable.build(rows, [(0, rows)], device=device)
         params = table.layer_params((r,), (1.0,), (0.0,))
         tuned(tile_key(n, k, device),
-              lambda cfg: bench(cfg, lambda: xw_sb_forward(x, weight, t, b_cat, None, table, params, cfg)))
+              lambda cfg: bench(cfg, lambda: xw_sb_forward(x, weight, t, b_cat, None, table, params, cfg)[0]))

@@ -55,6 +55,15 @@ def _segment_rows(seg_start_ptr, seg_end_ptr, seg, rows, row_ok):
 
 
 @jit_helper
+def _segment_column_scale(c_ptr, cidx_ptr, seg, cols, col_ok, stride_cs, stride_cn):
+    """(c [BLOCK_N] fp32, ci): segment `seg`'s row ci of c_cat at `cols`, and c = 1.0 where it has none (ci = −1)."""
+    ci = tl.load(cidx_ptr + seg)
+    c = tl.load(c_ptr + tl.maximum(ci, 0).to(tl.int64) * stride_cs + cols * stride_cn,
+                mask=col_ok & ((cols * 0 + ci) >= 0), other=1.0)
+    return c.to(tl.float32), ci
+
+
+@jit_helper
 def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m as int64, pid_n) of program `pid` over an [M, N] output in grouped order: GROUP_M row tiles
     share each column band of the weight while it is in L2."""

@@ -36,18 +36,24 @@ def lora_linear_addmm(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
 def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor | None],
                                 lora_b: Sequence[torch.Tensor | None], segments: Sequence[tuple[int, int]], *,
                                 scalings: Sequence[float], dropout_ps: Sequence[float], bias: torch.Tensor | None = None,
-                                keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Base linear over all rows, then each segment's LoRA update on its rows [start, end) only."""
+                                keep_mask: torch.Tensor | None = None,
+                                column_scales: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Base linear over all rows, then each segment's LoRA update on its rows [start, end) only; a segment with a
+    column scale c gets c ⊙ (base + update) + bias."""
     flat = x.reshape(-1, x.shape[-1])
-    out = F.linear(flat, weight, bias)
+    out = F.linear(flat, weight)
     pieces, cursor = [], 0
-    for (start, end), a, b, s, p in zip(segments, lora_a, lora_b, scalings, dropout_ps):
+    column_scales = column_scales or [None] * len(segments)
+    for (start, end), a, b, s, p, c in zip(segments, lora_a, lora_b, scalings, dropout_ps, column_scales):
         pieces.append(out[cursor:start])
         rows = out[start:end]
         if a is not None:
             mask = keep_mask[start:end] if keep_mask is not None else None
             rows = rows + s * F.linear(F.linear(_dropout(flat[start:end], p, mask), a), b)
+        if c is not None:
+            rows = rows * c
         pieces.append(rows)
         cursor = end
     pieces.append(out[cursor:])
-    return torch.cat(pieces).reshape(*x.shape[:-1], weight.shape[0])
+    y = torch.cat(pieces)
+    return (y if bias is None else y + bias).reshape(*x.shape[:-1], weight.shape[0])

@@ -23,6 +23,13 @@ class LayerParams:
     scalings: torch.Tensor  # [S] fp32
     dropout_ps: torch.Tensor  # [S] fp32
     max_rank: int
+    col_index: torch.Tensor | None = None  # [S] int32: the segment's row of the column scales c_cat, -1 = none
+    pre_offsets: torch.Tensor | None = None  # [S] int32: its first row in the saved pre-scale outputs, -1 = none
+    scaled_rows: int = 0  # rows of the segments with a column scale (the saved pre-scale outputs' height)
+
+    @property
+    def has_scale(self) -> bool:
+        return self.col_index is not None
 
 
 @dataclass
@@ -76,9 +83,12 @@ class SegmentTable:
         """Rows of the longest segment (at least 1): the row splits of the per-segment reductions cover it."""
         return max(max(end - start for start, end in self.bounds), 1)
 
-    def layer_params(self, ranks: tuple[int, ...], scalings: tuple[float, ...], dropout_ps: tuple[float, ...]) -> LayerParams:
-        """Device tensors for one layer's settings, uploaded once per distinct setting per microbatch."""
-        key = (tuple(ranks), tuple(scalings), tuple(dropout_ps))
+    def layer_params(self, ranks: tuple[int, ...], scalings: tuple[float, ...], dropout_ps: tuple[float, ...],
+                     scaled: tuple[bool, ...] | None = None) -> LayerParams:
+        """Device tensors for one layer's settings, uploaded once per distinct setting per microbatch. scaled: which
+        segments have a per-column output scale (DoRA), in the order of their rows in c_cat."""
+        scaled = tuple(scaled) if scaled is not None and any(scaled) else None
+        key = (tuple(ranks), tuple(scalings), tuple(dropout_ps), scaled)
         if key not in self._params:
             if not len(ranks) == len(scalings) == len(dropout_ps) == self.num_segments:
                 raise ValueError(f"need one rank, scaling and dropout p per segment ({self.num_segments}), "
@@ -90,12 +100,24 @@ class SegmentTable:
             for r in ranks[:-1]:
                 offsets.append(offsets[-1] + r)
             device = self.seg_start.device
+            col_index = pre_offsets = None
+            rows = 0
+            if scaled is not None:
+                if len(scaled) != self.num_segments:
+                    raise ValueError(f"need one 'scaled' flag per segment ({self.num_segments}), got {len(scaled)}")
+                indices, starts = [], []
+                for flag, (start, end) in zip(scaled, self.bounds):
+                    indices.append(sum(1 for i in indices if i >= 0) if flag else -1)
+                    starts.append(rows if flag else -1)
+                    rows += (end - start) if flag else 0
+                col_index = torch.tensor(indices, dtype=torch.int32, device=device)
+                pre_offsets = torch.tensor(starts, dtype=torch.int32, device=device)
             self._params[key] = LayerParams(
                 ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
                 r_offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
                 scalings=torch.tensor(scalings, dtype=torch.float32, device=device),
                 dropout_ps=torch.tensor(dropout_ps, dtype=torch.float32, device=device),
-                max_rank=max(ranks, default=0),
+                max_rank=max(ranks, default=0), col_index=col_index, pre_offsets=pre_offsets, scaled_rows=rows,
             )
         return self._params[key]
 

@@ -31,29 +31,35 @@ def _factors(n: int, k: int, ranks: list[int | None], dtype: torch.dtype, device
     return a_list, b_list
 
 
-def _run_both(m, k, n, segments, samples, ranks, scalings, ps, dtype, device, *, bias, deterministic, site_id=5, seed=0):
-    """Kernel output and gradients, and the fp32 reference on the same rounded inputs with the kernel's mask."""
+def _run_both(m, k, n, segments, samples, ranks, scalings, ps, dtype, device, *, bias, deterministic, site_id=5, seed=0,
+              scaled=None):
+    """Kernel output and gradients, and the fp32 reference on the same rounded inputs with the kernel's mask.
+    scaled: per segment whether it has a column scale c [N] (DoRA), around 1."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_()
     weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device, dtype)
     b0 = (torch.randn(n, generator=gen) * 0.1).to(device, dtype) if bias else None
     a_list, b_list = _factors(n, k, ranks, dtype, device, gen)
+    c_list = [(1 + 0.5 * torch.randn(n, generator=gen)).to(device, dtype).requires_grad_() if on else None
+              for on in (scaled or [False] * len(segments))]
     table = SegmentTable.build(m, segments, samples, device=device)
     y = fused_multi_lora_linear(x, weight, a_list, b_list, table, scalings=scalings, dropout_ps=ps, site_id=site_id,
-                                bias=b0, deterministic=deterministic)
+                                bias=b0, deterministic=deterministic, column_scales=c_list if scaled else None)
     dy = torch.randn(m, n, generator=gen).to(device, dtype)
-    leaves = [x] + [t for t in a_list + b_list if t is not None]
+    leaves = [x] + [t for t in a_list + b_list + c_list if t is not None]
     grads = torch.autograd.grad(y, leaves, dy)
 
     keep = dropout_keep_mask(table, layer_params(table, a_list, scalings, ps), k, site_id)
-    up = [t.detach().float().requires_grad_() if t is not None else None for t in [x] + a_list + b_list]
-    x32, a32, b32 = up[0], up[1:1 + len(a_list)], up[1 + len(a_list):]
+    up = [t.detach().float().requires_grad_() if t is not None else None for t in [x] + a_list + b_list + c_list]
+    count = len(a_list)
+    x32, a32, b32, c32 = up[0], up[1:1 + count], up[1 + count:1 + 2 * count], up[1 + 2 * count:]
     y_ref = multi_lora_linear_reference(x32, weight.float(), a32, b32, segments, scalings=scalings, dropout_ps=ps,
-                                        bias=b0.float() if bias else None, keep_mask=keep)
-    ref_leaves = [x32] + [t for t in a32 + b32 if t is not None]
+                                        bias=b0.float() if bias else None, keep_mask=keep, column_scales=c32)
+    ref_leaves = [x32] + [t for t in a32 + b32 + c32 if t is not None]
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.float())
     names = ["dx"] + [f"dA[{i}]" for i, a in enumerate(a_list) if a is not None] \
-        + [f"dB[{i}]" for i, b in enumerate(b_list) if b is not None]
+        + [f"dB[{i}]" for i, b in enumerate(b_list) if b is not None] \
+        + [f"dc[{i}]" for i, c in enumerate(c_list) if c is not None]
     return (y, y_ref), list(zip(names, grads, ref_grads)), keep
 
 
@@ -121,6 +127,27 @@ def test_multi_adapter_matches_reference(count, p, deterministic, device, check)
     outputs, grads, _ = _run_both(m, k, n, segments, samples, ranks, scalings, ps, torch.float32, device,
                                   bias=count == 3, deterministic=deterministic, seed=count)
     _compare(check, outputs, grads, torch.float32)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_column_scales_match_reference(deterministic, p, device, check):
+    """DoRA's per-segment column scale in the kernels: output and every gradient (dx, dA, dB, dc), with segments
+    with and without a scale, padding rows, a segment with a scale and no adapter rows' rank, and a bias."""
+    m, k, n = 45, 29, 23
+    segments = [(0, 9), (9, 20), (22, 40), (40, 45)]
+    samples = [((s, e, 7 + i),) for i, (s, e) in enumerate(segments)]
+    outputs, grads, _ = _run_both(m, k, n, segments, samples, [8, 16, None, 4], [2.0, 0.5, 1.0, 1.0], [p, 0.0, 0.0, p],
+                                  torch.float32, device, bias=True, deterministic=deterministic,
+                                  scaled=[True, False, True, True])
+    _compare(check, outputs, grads, torch.float32)
+
+
+def test_column_scales_bf16(device, check):
+    outputs, grads, _ = _run_both(50, 29, 23, [(0, 13), (13, 31), (33, 50)], None, [8, 24, 16], [2.0, 1.0, 0.5],
+                                  [0.1, 0.0, 0.2], torch.bfloat16, device, bias=False, deterministic=True,
+                                  scaled=[False, True, True])
+    _compare(check, outputs, grads, torch.bfloat16)
 
 
 def test_multi_adapter_bf16(device, check):

@@ -67,3 +67,26 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_run_config_rejects_unknown_kernels(tmp_path):
     with pytest.raises(ValueError, match="run.kernels='cuda'"):
         lf.RunConfig(base_model=str(tmp_path), output_dir=str(tmp_path / "out"), kernels="cuda")
+
+
+@pytest.mark.parametrize("variant", ["dora", "vera", "unilora", "loraga", "shira", "randlora"])
+def test_variant_jobs_same_through_the_kernels(variant):
+    """A site with a LoRA job and a job of each variant (DoRA's column scale inside the kernels; SHiRA's and
+    RandLoRA's own updates after them): output and every gradient equal the torch path's (fp32)."""
+    from tests.lorafusion.test_variants import _site
+
+    results = []
+    for kernels in ("torch", "triton"):
+        site, _, params = _site(variant)
+        site.kernels = kernels
+        site.batch.segments = [Segment("l", 0, 5), Segment("v", 5, 14), Segment("v", 16, 19)]
+        site.train()
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(19, 1, 36, generator=gen, requires_grad=True)
+        out, _ = site(x)
+        out.backward(torch.randn(19, 1, 40, generator=gen))
+        for job in ("l", "v"):
+            site.collect_grads(job)
+        results.append([out.detach(), x.grad, *(p.grad for p in params)])
+    for i, (want, got) in enumerate(zip(*results)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"tensor {i}: {m}")
