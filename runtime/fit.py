@@ -318,8 +318,9 @@ class _Trainer:
         state.last_loss = event.loss
         self.total_tokens += tokens
         elapsed = time.perf_counter() - self.start
-        state.metrics.write({"step": state.step, "variant": state.job.spec.adapter.type, "loss": event.loss, "lr": event.lr, "tokens": tokens,
-                             "grad_norm": event.grad_norm, "time_s": round(elapsed, 3)})
+        state.metrics.write({"step": state.step, "variant": state.job.spec.adapter.type, "loss": event.loss,
+                             "lr": event.lr, "tokens": tokens, "grad_norm": event.grad_norm,
+                             "time_s": round(elapsed, 3)})
         self.progress.step(name, state.step, event.loss, event.lr, self.total_tokens / max(elapsed, 1e-9))
 
     def _evaluate(self, states: list[_JobState]) -> None:

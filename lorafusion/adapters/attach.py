@@ -111,9 +111,8 @@ class ModelAdapters:
         and target ('layers.<global layer>.<target>.<name>'); the names do not depend on the pipeline cut.
         frozen: also the parameters that do not train but are part of the job's state (LoRA-GA's offset)."""
         named = {f"shared.{n}": p for n, p in self.shared[name].named_parameters()} if name in self.shared else {}
-        for module, layer in self._job_layers(name):
-            index, target = module.split(".")[4], module.rsplit(".", 1)[1]
-            named.update({f"layers.{index}.{target}.{n}": p for n, p in layer.named_parameters()})
+        for _, layer in self._job_layers(name):
+            named.update({f"layers.{layer.layer_index}.{layer.target}.{n}": p for n, p in layer.named_parameters()})
         return {n: p for n, p in named.items() if frozen or p.requires_grad}
 
     def init_pass_layers(self, name: str) -> list:

@@ -30,10 +30,12 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 
 def reject_unsupported(data: dict[str, Any], where: str, extra: dict[str, Any] | None = None) -> None:
     """ValueError for the first field of `data` that differs from the value we support (default: PEFT's default)."""
+    def empty(value: Any) -> bool:  # PEFT writes null, {} or false for "none of this"
+        return value is None or value is False or (isinstance(value, (dict, list)) and not value)
+
     for key, supported in {**_COMMON_DEFAULTS, **(extra or {})}.items():
         value = data.get(key, supported)
-        empty = value in (None, {}, [], False) and supported in (None, {}, [], False)
-        if value != supported and not empty:
+        if value != supported and not (empty(value) and empty(supported)):
             raise ValueError(f"{where}: {key}={value!r} is not supported by lorafusion (it needs {key}={supported!r}); "
                              "retrain or convert the adapter without it")
 

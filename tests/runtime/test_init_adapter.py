@@ -79,21 +79,3 @@ def test_init_adapter_errors_name_the_problem(train_checkpoint, examples_data, t
         lf.fit([spec], run)
     assert not out.exists()  # refused before anything was written
 
-
-def test_shipped_mixed_variant_example_trains(train_checkpoint, tmp_path):
-    """examples/variants.yaml (the README's mixed-variant config) loads and trains, two steps per job, and each
-    job's adapter is in its variant's PEFT format."""
-    example = Path(__file__).resolve().parents[2] / "examples" / "variants.yaml"
-    jobs, run = lf.load_config(example, [f"run.base_model={train_checkpoint}", f"run.output_dir={tmp_path / 'out'}",
-                                         "run.progress=false", "run.engine=local", "run.dtype=float32"]
-                               + [f"jobs.{name}.max_steps=2" for name in ("arith-dora", "greet-vera", "reverse-shira",
-                                                                          "arith-loraga", "greet-unilora",
-                                                                          "reverse-randlora")])
-    assert len({j.adapter.type for j in jobs}) == 6
-    result = lf.fit(jobs, run)
-    types = {}
-    for job in jobs:
-        assert result[job.name].status == "finished" and result[job.name].steps == 2
-        types[job.name] = json.loads((Path(result[job.name].adapter_path) / "adapter_config.json").read_text())["peft_type"]
-    assert types == {"arith-dora": "LORA", "greet-vera": "VERA", "reverse-shira": "SHIRA", "arith-loraga": "LORA",
-                     "greet-unilora": "UNILORA", "reverse-randlora": "RANDLORA"}
