@@ -231,6 +231,7 @@ class StageRunner:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
             loss = flat[-1].double()
+        self.worker.transform_grads(job)  # the variant's gradient hooks see the job's whole gradient of this stage
         # Parameters every stage holds a copy of (a variant's job-wide tensors, e.g. Uni-LoRA's θ) get gradients from
         # each stage's layers: their sum travels in the same collective, and their norm is taken after it.
         shared = self.worker.shared_parameters(job) if self.place.stages > 1 else []

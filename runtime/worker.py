@@ -146,9 +146,16 @@ class StageWorker:
         """The job's trainable tensors shared by all its layers: every pipeline stage holds a copy."""
         return [p for name, p in self.adapters.named_parameters(job).items() if name.startswith("shared.")]
 
+    def transform_grads(self, job: str) -> None:
+        """The job's variant's gradient hooks, on its complete gradients (before their norm)."""
+        self.adapters.transform_grads(job)
+
     def step(self, job: str, total_norm: float) -> float:
-        """One optimizer step of `job` clipped by its global gradient norm; returns the learning rate."""
-        return self.optimizers[job].step(total_norm)
+        """One optimizer step of `job` clipped by its global gradient norm, then its variant's after-step hooks;
+        returns the learning rate."""
+        lr = self.optimizers[job].step(total_norm)
+        self.adapters.after_step(job, self.optimizers[job].step_count)
+        return lr
 
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         """This chunk's part of the job's adapter, under PEFT names (global layer numbers)."""

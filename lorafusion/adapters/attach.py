@@ -115,6 +115,18 @@ class ModelAdapters:
             named.update({f"layers.{layer.layer_index}.{layer.target}.{n}": p for n, p in layer.named_parameters()})
         return {n: p for n, p in named.items() if frozen or p.requires_grad}
 
+    def transform_grads(self, name: str) -> None:
+        """Run the job's layers' gradient hooks (AdapterLayer.transform_grads) once its gradients are complete."""
+        for _, layer in self._job_layers(name):
+            layer.transform_grads()
+
+    def after_step(self, name: str, step: int) -> None:
+        """Run the job's after-step hooks: its shared module's, then its layers'."""
+        if name in self.shared:
+            self.shared[name].after_step(step)
+        for _, layer in self._job_layers(name):
+            layer.after_step(step)
+
     def init_pass_layers(self, name: str) -> list:
         """The job's layers that take a gradient init pass before its first step (see AdapterLayer.init_pass)."""
         return [layer for _, layer in self._job_layers(name) if layer.init_pass]

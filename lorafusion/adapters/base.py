@@ -115,7 +115,11 @@ class BaseView:
 class JobShared(nn.Module):
     """Tensors one job shares across all its layers, built from (config, target shapes, layer count, seed).
 
-    Buffers are frozen (regenerated, or read from an imported adapter); parameters train with the job."""
+    Buffers are frozen (regenerated, or read from an imported adapter); parameters train with the job. Its
+    `after_step(step)` hook runs on every stage after each of the job's optimizer steps, before its layers'."""
+
+    def after_step(self, step: int) -> None:
+        """Optimizer hook (see AdapterLayer.after_step): job-wide per-step state, e.g. a rank sampled per step."""
 
     def __init__(self, config: AdapterConfig, shapes: dict[str, tuple[int, int]], num_layers: int,
                  seed: int) -> None:
@@ -178,6 +182,15 @@ class AdapterLayer(nn.Module):
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The update [tokens, N] for the job's input rows x [tokens, K] (dropout already applied)."""
         raise NotImplementedError
+
+    def transform_grads(self) -> None:
+        """Optimizer hook: change this layer's parameters' .grad in place before the job's step (after the
+        gradients are complete: summed over microbatches and replicas; before the norm and clipping). LoRA-Pro's
+        equivalent gradient, AltLoRA's projection. Default: none."""
+
+    def after_step(self, step: int) -> None:
+        """Optimizer hook: called on every stage after the job's optimizer step `step` (1-based), before any
+        microbatch of its next global batch runs (DyLoRA's per-step rank). Default: none."""
 
     def watched_parameters(self) -> list[nn.Parameter]:
         """Parameters whose change invalidates this layer's cached factors (its own and the job's shared ones)."""
