@@ -355,7 +355,7 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "randlora", "sparse": "yes"}, r"sparse='yes' must be true or false"),
     ({"type": "dora", "alpha": -1}, r"alpha=-1 must be a positive number"),
     ({"type": "shira", "mask_seed": -2}, r"mask_seed=-2 must be an integer ≥ 0 or null"),
-    ({"type": "unilora", "init_bound": 0}, r"init_bound=0 must be > 0"),
+    ({"type": "unilora", "init_bound": 0}, r"init_bound=0 must be a positive number"),
     ({"type": "vera", "alpha": 3}, r"unknown field\(s\) \['alpha'\] for type 'vera'"),
 ])
 def test_bad_variant_fields_are_named(adapter, message, tiny_checkpoints):

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.lora import LoRAConfig
-from lorafusion.validation import is_number
+from lorafusion.validation import check_positive_int, check_positive_number
 
 __all__ = ["LoRAGAConfig"]
 
@@ -32,10 +32,8 @@ class LoRAGAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.init_batches, bool) or not isinstance(self.init_batches, int) or self.init_batches <= 0:
-            raise ValueError(f"adapter.init_batches={self.init_batches!r} must be a positive integer, e.g. 8")
-        if not is_number(self.stable_gamma) or self.stable_gamma <= 0:
-            raise ValueError(f"adapter.stable_gamma={self.stable_gamma!r} must be > 0, e.g. stable_gamma: 16")
+        check_positive_int("adapter.init_batches", self.init_batches, "8")
+        check_positive_number("adapter.stable_gamma", self.stable_gamma, "16")
 
     @property
     def init_pass_batches(self) -> int:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import is_number
+from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
 
 __all__ = ["RandLoRAConfig"]
 
@@ -33,16 +33,12 @@ class RandLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"adapter.rank={self.rank!r} must be a positive integer, e.g. rank: 32")
-        if not is_number(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"adapter.alpha={self.alpha!r} must be a positive number, e.g. alpha: 640")
-        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
-            raise ValueError(f"adapter.projection_seed={self.projection_seed!r} must be an integer ≥ 0")
+        check_positive_int("adapter.rank", self.rank, "32")
+        check_positive_number("adapter.alpha", self.alpha, "640")
+        check_seed("adapter.projection_seed", self.projection_seed)
         if not isinstance(self.sparse, bool):
             raise ValueError(f"adapter.sparse={self.sparse!r} must be true or false")
-        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1), e.g. dropout: 0.05")
+        check_probability("adapter.dropout", self.dropout)
 
     @property
     def scaling(self) -> float:

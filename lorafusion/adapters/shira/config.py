@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
+from lorafusion.validation import check_positive_int, check_seed
 
 __all__ = ["SHiRAConfig"]
 
@@ -25,11 +26,8 @@ class SHiRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"adapter.rank={self.rank!r} must be a positive integer, e.g. rank: 32")
-        if self.mask_seed is not None and (isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int)
-                                           or self.mask_seed < 0):
-            raise ValueError(f"adapter.mask_seed={self.mask_seed!r} must be an integer ≥ 0 or null")
+        check_positive_int("adapter.rank", self.rank, "32")
+        check_seed("adapter.mask_seed", self.mask_seed, optional=True)
 
     def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
         for target, (out, inp) in shapes.items():

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import is_number
+from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
 
 __all__ = ["UniLoRAConfig"]
 
@@ -34,16 +34,11 @@ class UniLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, example in (("rank", "4"), ("theta_dim", "256")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"adapter.{name}={value!r} must be a positive integer, e.g. {name}: {example}")
-        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
-            raise ValueError(f"adapter.projection_seed={self.projection_seed!r} must be an integer ≥ 0")
-        if not is_number(self.init_bound) or self.init_bound <= 0:
-            raise ValueError(f"adapter.init_bound={self.init_bound!r} must be > 0, e.g. init_bound: 0.02")
-        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1), e.g. dropout: 0.05")
+        check_positive_int("adapter.rank", self.rank, "4")
+        check_positive_int("adapter.theta_dim", self.theta_dim, "256")
+        check_seed("adapter.projection_seed", self.projection_seed)
+        check_positive_number("adapter.init_bound", self.init_bound, "0.02")
+        check_probability("adapter.dropout", self.dropout)
 
     def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
         entries = num_layers * sum(self.rank * (out + inp) for out, inp in shapes.values())

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import is_number
+from lorafusion.validation import check_positive_int, check_probability, check_seed, is_number
 
 __all__ = ["VeRAConfig"]
 
@@ -30,14 +30,11 @@ class VeRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"adapter.rank={self.rank!r} must be a positive integer, e.g. rank: 256")
+        check_positive_int("adapter.rank", self.rank, "256")
         if not is_number(self.d_initial):
             raise ValueError(f"adapter.d_initial={self.d_initial!r} must be a number, e.g. d_initial: 0.1")
-        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
-            raise ValueError(f"adapter.projection_seed={self.projection_seed!r} must be an integer ≥ 0")
-        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1), e.g. dropout: 0.05")
+        check_seed("adapter.projection_seed", self.projection_seed)
+        check_probability("adapter.dropout", self.dropout)
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
