@@ -363,3 +363,23 @@ def test_bad_variant_fields_are_named(adapter, message, tiny_checkpoints):
         config = lf.JobSpec(name="j", dataset="d.jsonl", adapter=adapter).adapter
         model, adapters = _ours(tiny_checkpoints["llama"])
         adapters.add_job("j", config, seed=0)
+
+
+@pytest.mark.parametrize("variant", ["dora", "vera", "randlora", "shira", "unilora"])
+def test_evaluate_reads_peft_made_adapters_like_peft(variant, tiny_checkpoints, load_hf_model, tmp_path, examples_data):
+    """lf.evaluate on a PEFT-saved adapter of each variant: the loss transformers + PEFT computes."""
+    import torch.nn.functional as F
+
+    from lorafusion.data import load_jsonl_dataset, load_tokenizer
+
+    checkpoint = tiny_checkpoints[FAMILY[variant]]
+    peft_model = _peft_made(variant, checkpoint, load_hf_model, tmp_path / "adapter")
+    data = examples_data / "arith_eval.jsonl"
+    samples = load_jsonl_dataset(data, load_tokenizer(checkpoint), max_seq_len=4096)[:12]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(line + "\n" for line in data.read_text().splitlines()[:12]))
+    with torch.no_grad():
+        total = sum(F.cross_entropy(peft_model(torch.tensor([s.input_ids])).logits[0].double(), torch.tensor(s.labels),
+                                    ignore_index=IGNORE_INDEX, reduction="sum").item() for s in samples)
+    result = lf.evaluate(checkpoint, tmp_path / "adapter", rows, dtype="float32", device="cpu")
+    assert result.loss == pytest.approx(total / result.tokens, rel=1e-5)
