@@ -75,7 +75,7 @@ class LoRAGALayer(AdapterLayer):
         if self.__dict__.get("probe") is None:
             self.__dict__["probe"] = torch.zeros(self.out_features, self.in_features, device=x.device,
                                                  requires_grad=True)
-        return x @ self.__dict__["probe"].to(x.dtype).t()
+        return _GradProbe.apply(x, self.__dict__["probe"])
 
     def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return (torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1),
@@ -88,3 +88,18 @@ class LoRAGALayer(AdapterLayer):
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError("a LoRA-GA adapter is exported as a plain rank-2r LoRA; load it as 'lora' "
                          "(init_adapter reads it so)")
+
+
+class _GradProbe(torch.autograd.Function):
+    """x [T, K] ↦ x Pᵀ for P = 0, i.e. zeros [T, N], whose backward gives P the base weight's gradient dyᵀ x (summed
+    in fp32) and passes nothing on to x (P is 0): one GEMM per probed module instead of three."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.new_zeros(x.shape[0], probe.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return None, dy.t().float() @ x.float()
