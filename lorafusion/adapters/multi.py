@@ -7,7 +7,9 @@ low-rank product: A_eff stacks the A's, B_eff places each B into that module's o
 
 Each job's (A_eff, B_eff) is built once per optimizer step, in the compute dtype (`_JobFactors`), not per
 microbatch: the microbatches' gradients with respect to them are summed in fp32 and handed back through the
-factors' construction to the job's parameters by `collect_grads`, which the optimizer step calls first.
+factors' construction to the job's parameters by `collect_grads`, which the optimizer step calls first. A
+variant may add a per-column scale of the job's rows (DoRA: y = c ⊙ (x Wᵀ + update) + bias), cached the same
+way; a variant of its own shape (SHiRA, RandLoRA: `forward_delta`) adds its update to its rows after the node.
 
 Two paths compute the same thing (`kernels`, see RunConfig.kernels): on CUDA the fused Triton
 multi-adapter op (lorafusion.ops), which runs the base GEMM and every job's update in one pass; elsewhere
@@ -229,8 +231,8 @@ class MultiAdapterLinear(nn.Module):
             self.collect_grads(job)  # gradients owed to the parameters as they were
         with torch.no_grad():
             a, b, p, c = self.job_factors(job, dtype)
-        params = list(dict.fromkeys(p for layer in self.adapters[key].values() for p in layer.watched_parameters()))
-        self._factors[key] = _JobFactors((a, b, c), p, params)
+        watched = dict.fromkeys(q for layer in self.adapters[key].values() for q in layer.watched_parameters())
+        self._factors[key] = _JobFactors((a, b, c), p, list(watched))
         return self._factors[key]
 
     def collect_grads(self, job: str) -> None:
