@@ -402,7 +402,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[l
             raise ValueError(f"{path}: jobs[{i}] must be a mapping of JobSpec fields")
         _known(JobSpec, job, f"{path}: jobs[{i}]")
         job = dict(job)
-        for key in ("dataset", "eval_dataset"):
+        for key in ("dataset", "eval_dataset", "init_adapter"):
             if isinstance(job.get(key), str) and not Path(job[key]).is_absolute():
                 job[key] = os.path.normpath(base / job[key])
         jobs.append(JobSpec(**job))

@@ -79,3 +79,16 @@ def test_init_adapter_errors_name_the_problem(train_checkpoint, examples_data, t
         lf.fit([spec], run)
     assert not out.exists()  # refused before anything was written
 
+
+
+def test_yaml_init_adapter_is_relative_to_the_yaml(train_checkpoint, examples_data, tmp_path):
+    import yaml
+
+    _exported(train_checkpoint, tmp_path / "adapters" / "a", lf.LoRAConfig(rank=2, target_modules=["q_proj"]))
+    config = tmp_path / "cfg" / "jobs.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({"run": {"base_model": str(train_checkpoint), "output_dir": "out"},
+                                      "jobs": [{"name": "j", "dataset": str(examples_data / "arith.jsonl"),
+                                                "init_adapter": "../adapters/a"}]}))
+    (job,), _ = lf.load_config(config)
+    assert Path(job.init_adapter) == tmp_path / "adapters" / "a" and job.adapter.rank == 2
