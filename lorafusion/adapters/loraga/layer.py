@@ -12,22 +12,30 @@ from lorafusion.adapters.loraga.config import LoRAGAConfig
 
 __all__ = ["LoRAGALayer", "gradient_init"]
 
-_EXACT_SVD_MAX_DIM = 1024  # above this, a randomised SVD (as the authors and PEFT use) of the top 4r directions
+
+
+_EXACT_SVD_MAX_DIM = 2048
+"""Gradients whose smaller side is at most this get an exact SVD: the directions r..2r that B₀ takes are often close
+in singular value, and torch's randomised SVD (4r directions, 4 power iterations, what the authors and PEFT use)
+resolves them poorly (a tiny model's q_proj: B₀ moved by 0.4 between our gradient and transformers', which differ
+by fp32 rounding).
+Larger ones (a 4096-wide model's modules) take the randomised SVD, as the authors do: an exact one would cost
+minutes per job."""
 
 
 def gradient_init(grad: torch.Tensor, rank: int, gamma: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀ [r, K], B₀ [N, r]) of the authors' LoRA-GA init from the gradient G [N, K]: Vᵀ[:r]·ζ and U[:, r:2r]·ζ,
-    ζ = N^¼ / √γ. Deterministic: an exact SVD for small G, else torch's randomised one under a seeded RNG."""
-    g = grad.double()
-    if min(g.shape) <= _EXACT_SVD_MAX_DIM:
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    ζ = N^¼ / √γ. Deterministic: an exact SVD (fp32) up to _EXACT_SVD_MAX_DIM, else the randomised one under a
+    seeded RNG."""
+    if min(grad.shape) <= _EXACT_SVD_MAX_DIM:
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     else:
-        devices = [g.device] if g.device.type == "cuda" else []
+        devices = [grad.device] if grad.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            u, _, v = torch.svd_lowrank(g, q=min(4 * rank, min(g.shape)), niter=4)
+            u, _, v = torch.svd_lowrank(grad.float(), q=min(4 * rank, min(grad.shape)), niter=4)
         vh = v.t()
-    zeta = g.shape[0] ** 0.25 / gamma ** 0.5
+    zeta = grad.shape[0] ** 0.25 / gamma ** 0.5
     return (vh[:rank] * zeta).float(), (u[:, rank:2 * rank] * zeta).float()
 
 
