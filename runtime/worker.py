@@ -186,7 +186,8 @@ class StageWorker:
         if missing:
             raise ValueError(
                 f"{where}: job '{job}' has no saved state for {len(missing)} of this stage's parameters "
-                f"(first: '{missing[0]}'); the checkpoint is from a different adapter config or is damaged"
+                f"(first: '{missing[0]}'); the checkpoint is from a different adapter config, from an older "
+                "lorafusion that named adapter parameters by their megatron module path, or damaged"
             )
         with torch.no_grad():
             for name, param in every.items():
