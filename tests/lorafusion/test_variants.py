@@ -39,6 +39,7 @@ VARIANTS = {
     "shira_default_seed": lambda: lf.SHiRAConfig(rank=1, target_modules=["q_proj", "down_proj"]),
     "unilora": lambda: lf.UniLoRAConfig(rank=3, theta_dim=64, projection_seed=7, target_modules=ALL_TARGETS),
     "loraga": lambda: lf.LoRAGAConfig(rank=2, alpha=3, target_modules=ALL_TARGETS),
+    "unilora_spare_theta": lambda: lf.UniLoRAConfig(rank=3, theta_dim=1000, target_modules=["q_proj"]),  # > 768 used
 }
 PEFT_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=ALL_TARGETS),
@@ -52,8 +53,10 @@ PEFT_CONFIGS = {
     "shira_default_seed": lambda: peft.ShiraConfig(r=1, target_modules=["q_proj", "down_proj"]),
     "unilora": lambda: peft.UniLoraConfig(r=3, theta_d_length=64, proj_seed=7, target_modules=ALL_TARGETS,
                                           save_indices=True),
+    "unilora_spare_theta": lambda: peft.UniLoraConfig(r=3, theta_d_length=1000, target_modules=["q_proj"],
+                                                      save_indices=True),
 }
-FAMILY = {"loraga": "llama", "lora": "qwen2", "rslora": "mistral", "dora": "qwen2", "vera": "llama", "randlora": "qwen2",
+FAMILY = {"unilora_spare_theta": "llama", "loraga": "llama", "lora": "qwen2", "rslora": "mistral", "dora": "qwen2", "vera": "llama", "randlora": "qwen2",
           "randlora_sparse": "llama", "shira": "mistral", "shira_default_seed": "llama", "unilora": "qwen2"}
 
 
@@ -350,7 +353,7 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
 
 @pytest.mark.parametrize("adapter, message", [
     ({"type": "shira", "rank": 40}, r"rank=40: SHiRA would train .* entries of q_proj.*use rank ≤ 32"),
-    ({"type": "unilora", "theta_dim": 10 ** 7}, r"theta_dim=10000000 exceeds the .* LoRA entries"),
+    ({"type": "unilora", "theta_dim": 0}, r"theta_dim=0 must be a positive integer"),
     ({"type": "vera", "rank": 0}, r"rank=0 must be a positive integer"),
     ({"type": "randlora", "sparse": "yes"}, r"sparse='yes' must be true or false"),
     ({"type": "dora", "alpha": -1}, r"alpha=-1 must be a positive number"),

@@ -24,7 +24,8 @@ class UniLoRAConfig(AdapterConfig):
     rank: int = 4
     """Rank r of every module's A and B."""
     theta_dim: int = 256
-    """Length of the job's one trainable vector θ (PEFT's theta_d_length)."""
+    """Length of the job's one trainable vector θ (PEFT's theta_d_length); entries beyond the job's LoRA entry count
+    (layers × Σ rank·(in + out)) are never used, as in PEFT."""
     projection_seed: int = 42
     """Seed of the index map (PEFT's proj_seed)."""
     init_bound: float = 0.02
@@ -39,12 +40,6 @@ class UniLoRAConfig(AdapterConfig):
         check_seed("adapter.projection_seed", self.projection_seed)
         check_positive_number("adapter.init_bound", self.init_bound, "0.02")
         check_probability("adapter.dropout", self.dropout)
-
-    def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
-        entries = num_layers * sum(self.rank * (out + inp) for out, inp in shapes.values())
-        if self.theta_dim > entries:
-            raise ValueError(f"adapter.theta_dim={self.theta_dim} exceeds the {entries} LoRA entries it would fill "
-                             f"(rank {self.rank} on {self.target_modules} of {num_layers} layers); lower theta_dim")
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
