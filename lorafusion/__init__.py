@@ -1,6 +1,12 @@
 """LoRAFusion: many LoRA fine-tuning jobs on one shared frozen base model."""
 
 import warnings
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lorafusion")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # megatron-core warns at import that Transformer Engine / Apex are absent; we use its local modules
 # on purpose (CPU path and our own kernels), so the warning is noise for our users.
@@ -21,6 +27,7 @@ from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitResult, JobResult
 
 __all__ = [
+    "__version__",
     "DoRAConfig",
     "EvalResult",
     "FitResult",

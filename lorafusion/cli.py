@@ -80,7 +80,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lorafusion import __version__
+
     parser = argparse.ArgumentParser(prog="lorafusion", description="Many LoRA fine-tuning jobs on one base model.")
+    parser.add_argument("--version", action="version", version=f"lorafusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the jobs of a YAML file {run: ..., jobs: [...]}")

@@ -17,16 +17,27 @@ from typing import Sequence
 
 import torch
 
-from lorafusion.ops.fused_lora_column_scale import column_scale_grad
-from lorafusion.ops.fused_lora_dropout_xa import dropout_xa_forward, dropout_xa_grad_a
-from lorafusion.ops.fused_lora_dys_dyb import dys_dyb_backward
-from lorafusion.ops.fused_lora_dyw_dsa import dyw_dsa_backward
-from lorafusion.ops.fused_lora_xw_sb import xw_sb_forward
 from lorafusion.ops.reference import lora_linear_reference
 from lorafusion.ops.segments import LayerParams, SegmentTable
 from lorafusion.ops.utils import pick_config, resolve_backend, tile_key, tuned
 
 __all__ = ["FusedMultiLoRAFunction", "fused_multi_lora_linear", "fused_lora_linear", "layer_params", "tune_tiles"]
+
+
+def _kernels():
+    """The Triton kernels' host functions, imported on first use: every torch path of this module (and
+    `fused_lora_linear` off CUDA) works without Triton installed."""
+    try:
+        from lorafusion.ops.fused_lora_column_scale import column_scale_grad
+        from lorafusion.ops.fused_lora_dropout_xa import dropout_xa_forward, dropout_xa_grad_a
+        from lorafusion.ops.fused_lora_dys_dyb import dys_dyb_backward
+        from lorafusion.ops.fused_lora_dyw_dsa import dyw_dsa_backward
+        from lorafusion.ops.fused_lora_xw_sb import xw_sb_forward
+    except ImportError as err:
+        raise RuntimeError(f"the fused LoRA kernels need Triton ({err}); install it with "
+                           "`pip install 'lorafusion[triton]'`, or run with kernels='torch'") from err
+    return (column_scale_grad, dropout_xa_forward, dropout_xa_grad_a, dys_dyb_backward, dyw_dsa_backward,
+            xw_sb_forward)
 
 
 class FusedMultiLoRAFunction(torch.autograd.Function):
@@ -36,6 +47,7 @@ class FusedMultiLoRAFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
                 b_cat: torch.Tensor, c_cat: torch.Tensor | None, table: SegmentTable, params: LayerParams, site_id: int,
                 has_dropout: bool, deterministic: bool) -> torch.Tensor:
+        _, dropout_xa_forward, _, _, _, xw_sb_forward = _kernels()
         n, k, r = weight.shape[0], weight.shape[1], a_cat.shape[0]
         config = pick_config(n, k, r, x.device)  # chosen before training (tune_tiles), or the default
         t = dropout_xa_forward(x, a_cat, table, params, site_id, has_dropout, config.block_m, config.block_k)  # [M, r]
@@ -47,6 +59,7 @@ class FusedMultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        column_scale_grad, _, dropout_xa_grad_a, dys_dyb_backward, dyw_dsa_backward, _ = _kernels()
         x, weight, a_cat, b_cat, t, c_cat, pre = ctx.saved_tensors
         table, params, config = ctx.table, ctx.params, ctx.config
         dy = dy.contiguous()
@@ -163,6 +176,7 @@ def tune_tiles(shapes: list[tuple[int, int, int]], rows: int, dtype: torch.dtype
         def bench(config, run):
             return triton.testing.do_bench(run, warmup=5, rep=25)
 
+    xw_sb_forward = _kernels()[-1]
     for n, k, r in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(rows, k, generator=gen, device=device).to(dtype)
