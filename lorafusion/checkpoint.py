@@ -70,7 +70,7 @@ def write_peft_adapter(
     peft_fields = config.peft_config()
     payload = {
         **peft_fields,
-        "base_model_name_or_path": str(base_model),
+        "base_model_name_or_path": str(Path(base_model).resolve()) if Path(base_model).exists() else str(base_model),
         "task_type": "CAUSAL_LM",
         "inference_mode": True,
         "lorafusion_adapter": config.to_dict(),

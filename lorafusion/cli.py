@@ -38,9 +38,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from lorafusion.demo import demo_checkpoint_at
+    from pathlib import Path
 
-    print(demo_checkpoint_at(args.directory))
+    from lorafusion.demo import DEMO_MODEL
+    from lorafusion.models.tiny import make_tiny_checkpoint
+
+    directory = Path(args.directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not args.force:
+        raise ValueError(f"'{directory}' already exists and is not an empty folder; choose another path, or pass "
+                         "--force to write the tiny checkpoint's files into it")
+    print(make_tiny_checkpoint(directory, **DEMO_MODEL))
     return 0
 
 
@@ -127,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-checkpoint", help="write the demo's tiny random Llama checkpoint to a directory")
     tiny.add_argument("directory")
+    tiny.add_argument("--force", action="store_true", help="write into a folder that already holds files")
     tiny.set_defaults(func=_tiny)
     report = sub.add_parser("report", help="loss-curve PNGs and a throughput summary of a fit's output directory")
     report.add_argument("output_dir", help="the run.output_dir of a fit (holds run.json and <job>/metrics.jsonl)")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DEMO_DATA", "demo_checkpoint", "demo_checkpoint_at", "demo_jobs", "run_demo"]
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "demo_checkpoint", "demo_checkpoint_at", "demo_jobs", "run_demo"]
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 # Large enough that the four tasks are learnable, small enough for ~1-2 minutes on 2 CPU cores.
-_DEMO_MODEL = dict(hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2,
-                   init_std=0.05, seed=0)
+DEMO_MODEL = dict(hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2,
+                  init_std=0.05, seed=0)
 _DEMO_STEPS = 120
 
 
@@ -31,7 +31,7 @@ def demo_checkpoint_at(directory: str | Path) -> Path:
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
-        make_tiny_checkpoint(directory, **_DEMO_MODEL)
+        make_tiny_checkpoint(directory, **DEMO_MODEL)
     return directory
 
 

@@ -86,7 +86,8 @@ def evaluate(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={device} but torch sees no CUDA GPU; leave device unset or pass 'cpu'")
     read_architecture(base_model)
-    samples = load_jsonl_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow)
+    samples = load_jsonl_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow,
+                                 truncate_hint="pass overflow='truncate' (lorafusion eval: --overflow truncate)")
     loaded = read_peft_adapter(adapter) if adapter is not None else None
     compute = resolve_dtype(dtype, device)
     if device.type == "cpu":

@@ -75,7 +75,10 @@ def _max_seq_len(job: JobSpec, run: RunConfig) -> int:
 
 def _prepare_job(job: JobSpec, run: RunConfig, tokenizer: TextTokenizer) -> PreparedJob:
     limit = _max_seq_len(job, run)
-    samples = load_jsonl_dataset(job.dataset, tokenizer, max_seq_len=limit, overflow=job.overflow, name=job.name)
+    # the setting that sets the limit: the job's own max_seq_len, or else the microbatch capacity
+    limit_name = "max_seq_len" if job.max_seq_len is not None else "run.max_tokens_per_microbatch"
+    samples = load_jsonl_dataset(job.dataset, tokenizer, max_seq_len=limit, overflow=job.overflow, name=job.name,
+                                 limit_name=limit_name)
     stream = SampleStream(num_samples=len(samples), global_batch_size=job.global_batch_size, seed=job.seed)
     if job.max_steps is not None:
         total = job.max_steps
@@ -84,7 +87,7 @@ def _prepare_job(job: JobSpec, run: RunConfig, tokenizer: TextTokenizer) -> Prep
     eval_samples = None
     if job.eval_dataset is not None:
         eval_samples = load_jsonl_dataset(job.eval_dataset, tokenizer, max_seq_len=limit, overflow=job.overflow,
-                                          name=job.name)
+                                          name=job.name, limit_name=limit_name)
     return PreparedJob(spec=job, samples=samples, stream=stream, total_steps=total, eval_samples=eval_samples)
 
 

@@ -117,11 +117,14 @@ def load_jsonl_dataset(
     max_seq_len: int,
     overflow: str = "reject",
     name: str = "",
+    limit_name: str = "max_seq_len",
+    truncate_hint: str = "set `overflow: truncate`",
 ) -> list[Sample]:
     """Tokenise every row of a JSONL dataset; any bad row raises before a sample is returned.
 
     `overflow="reject"` fails on a sample longer than `max_seq_len`; `"truncate"` keeps its
-    first `max_seq_len` tokens and drops it (with a warning) if no loss token is left.
+    first `max_seq_len` tokens and drops it (with a warning) if no loss token is left. Errors call the limit
+    `limit_name` (the setting the user would change) and suggest truncation as `truncate_hint` says it.
     """
     prefix = f"job '{name}': " if name else ""
     _check_options(path, max_seq_len, overflow, prefix)
@@ -130,15 +133,15 @@ def load_jsonl_dataset(
         where = f"{path}:{line_number}"
         try:
             input_ids, loss_mask = _tokenize_row(row, tokenizer)
-            sample = _fit_sample(input_ids, loss_mask, where, max_seq_len, overflow)
+            sample = _fit_sample(input_ids, loss_mask, where, max_seq_len, overflow, limit_name, truncate_hint)
         except _RowError as err:
             raise ValueError(f"{prefix}{where}: {err}") from None
         if sample is not None:
             samples.append(sample)
     if not samples:
         raise ValueError(
-            f"{prefix}{path}: no samples left after truncation to max_seq_len={max_seq_len}; "
-            "raise max_seq_len or shorten the prompts so completions fit"
+            f"{prefix}{path}: no samples left after truncation to {limit_name}={max_seq_len}; "
+            f"raise {limit_name} or shorten the prompts so completions fit"
         )
     return samples
 
@@ -160,8 +163,8 @@ def _read_rows(path: Path, prefix: str) -> list[tuple[int, dict[str, Any]]]:
     """(1-based line number, JSON object) for every non-blank line of `path`."""
     if not path.is_file():
         raise ValueError(
-            f"{prefix}{path}: dataset file not found; fix the dataset path "
-            "(relative paths are resolved from the working directory)"
+            f"{prefix}{path}: dataset file not found (looked for {path.resolve()}); fix the dataset path (in a "
+            "jobs YAML a relative path is taken from the YAML's folder, in Python from the working directory)"
         )
     rows = []
     with path.open(encoding="utf-8") as lines:
@@ -340,7 +343,8 @@ def _raise_template_exception(message: str) -> None:
 
 
 def _fit_sample(
-    input_ids: list[int], loss_mask: list[bool], where: str, max_seq_len: int, overflow: str
+    input_ids: list[int], loss_mask: list[bool], where: str, max_seq_len: int, overflow: str,
+    limit_name: str = "max_seq_len", truncate_hint: str = "set `overflow: truncate`",
 ) -> Sample | None:
     """Apply the overflow policy; None when truncation leaves no loss token."""
     # Position 0 is never a target: nothing precedes it.
@@ -352,14 +356,14 @@ def _fit_sample(
     if len(input_ids) > max_seq_len:
         if overflow == "reject":
             raise _RowError(
-                f"the sample has {len(input_ids)} tokens but max_seq_len={max_seq_len}; "
-                f"raise max_seq_len to at least {len(input_ids)} or set `overflow: truncate`"
+                f"the sample has {len(input_ids)} tokens but {limit_name}={max_seq_len}; "
+                f"raise {limit_name} to at least {len(input_ids)} or {truncate_hint}"
             )
         input_ids, loss_mask = input_ids[:max_seq_len], loss_mask[:max_seq_len]
         if not any(loss_mask[1:]):
             warnings.warn(
                 f"{where}: dropped: no loss tokens left after truncation to "
-                f"max_seq_len={max_seq_len}",
+                f"{limit_name}={max_seq_len}",
                 stacklevel=3,
             )
             return None

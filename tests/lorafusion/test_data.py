@@ -287,7 +287,7 @@ def _assert_load_error(path: Path, tokenizer: TextTokenizer, pattern: str, **kwa
 
 def test_error_missing_file(tmp_path: Path, byte_tok: TextTokenizer) -> None:
     _assert_load_error(tmp_path / "nope.jsonl", byte_tok,
-                       r"nope\.jsonl: dataset file not found; fix the dataset path")
+                       r"nope\.jsonl: dataset file not found \(looked for .*nope\.jsonl\); fix the dataset path")
 
 
 def test_error_empty_file(tmp_path: Path, byte_tok: TextTokenizer) -> None:
