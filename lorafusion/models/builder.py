@@ -98,16 +98,20 @@ def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron's default "full" only warns that it is deprecated
         pipeline_dtype=dtype,
     )
 
 
-def layer_spec(rotary_base: float = 10000.0, attention: str = "auto") -> ModuleSpec:
+def layer_spec(rotary_base: float = 10000.0, attention: str = "auto", ffn_hidden_size: int | None = None) -> ModuleSpec:
     """megatron's local layer spec with our packed-sequence core attention, which also applies RoPE (base
-    `rotary_base`) at per-token positions; `attention` picks its kernel (see attention.attention_backend)."""
+    `rotary_base`) at per-token positions; `attention` picks its kernel (see attention.attention_backend).
+    ffn_hidden_size: given to the MLP explicitly (megatron warns when it has to take it from the config)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=PackedCoreAttention, params={"rotary_base": rotary_base, "backend": attention})
+    if ffn_hidden_size is not None:
+        spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": ffn_hidden_size}
     return spec
 
 
@@ -214,7 +218,7 @@ def build_model(
     # RoPE is applied by our core attention at per-token positions (megatron's own splits packed rows per sample).
     model = GPTModel(
         config,
-        layer_spec(arch.rope_theta, attention),
+        layer_spec(arch.rope_theta, attention, arch.intermediate_size),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

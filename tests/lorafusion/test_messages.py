@@ -65,3 +65,26 @@ def test_exported_adapter_names_its_base_model_absolutely(train_checkpoint, tmp_
                                         progress=False, engine="local"))
     config = json.loads((Path(result["j"].adapter_path) / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(train_checkpoint.resolve())
+
+
+def test_building_the_model_warns_nothing(train_checkpoint):
+    """No warning of our own making on a normal run: megatron's config is built without deprecated defaults."""
+    import warnings
+
+    import torch
+
+    from lorafusion.models import build_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_model(train_checkpoint, dtype=torch.float32)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_adapter_errors_in_a_yaml_name_the_job(train_checkpoint, tmp_path):
+    config = tmp_path / "jobs.yaml"
+    config.write_text(yaml.safe_dump({"run": {"base_model": str(train_checkpoint), "output_dir": "out"},
+                                      "jobs": [{"name": "good", "dataset": "a.jsonl"},
+                                               {"name": "bad", "dataset": "b.jsonl", "adapter": {"rank": 0}}]}))
+    with pytest.raises(ValueError, match=r"job 'bad': adapter: adapter\.rank=0 must be a positive integer"):
+        lf.load_config(config)
