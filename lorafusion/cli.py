@@ -17,7 +17,9 @@ def _train(args: argparse.Namespace) -> int:
     jobs, run = lf.load_config(args.config, args.set)
     result = lf.fit(jobs, run)
     failed = [j for j in result.jobs.values() if j.status != "finished"]
-    print(f"done in {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s; outputs in {result.output_dir}")
+    print(result.summary())
+    if not result.already_complete:
+        print(f"outputs in {result.output_dir}")
     return 1 if failed else 0
 
 

@@ -61,19 +61,5 @@ def run_demo(*, output_dir: str = "runs/demo", steps: int | None = None, cache_d
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=output_dir, max_tokens_per_microbatch=1024,
                        log_every_steps=10, overwrite=True, engine="ray")
     result = lf.fit(demo_jobs(steps or _DEMO_STEPS), run)
-    print(f"\n{len(result.jobs)} jobs, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s")
-    for job in result.jobs.values():
-        first = _first_loss(Path(output_dir) / job.name / "metrics.jsonl")
-        print(f"  {job.name:<8} loss {first:.3f} → {job.final_loss:.3f}   adapter: {job.adapter_path}")
+    print("\n" + result.summary())
     return result
-
-
-def _first_loss(metrics: Path) -> float:
-    import json
-
-    with metrics.open() as handle:
-        for line in handle:
-            record = json.loads(line)
-            if "loss" in record:
-                return record["loss"]
-    return float("nan")

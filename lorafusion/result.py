@@ -26,6 +26,8 @@ class JobResult:
     """Why the job failed, when it did."""
     eval_loss: float | None = None
     """Final evaluation loss, when the job has an eval_dataset."""
+    first_loss: float | None = None
+    """Loss of the job's first global batch (from its metrics.jsonl), for the summary."""
 
 
 @dataclass(kw_only=True)
@@ -35,6 +37,25 @@ class FitResult:
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
     """Real (unpadded) tokens per second over the whole fit."""
+    already_complete: bool = False
+    """The output directory held this run finished already: nothing was trained, the results are its own."""
 
     def __getitem__(self, name: str) -> JobResult:
         return self.jobs[name]
+
+    def summary(self) -> str:
+        """What a fit says at its end: the run's totals, then one line per job (loss first → last, its adapter)."""
+        if self.already_complete:
+            head = f"{self.output_dir} already holds this run, complete: nothing to train ({len(self.jobs)} jobs)"
+        else:
+            head = f"{len(self.jobs)} jobs, {self.wall_time_s:.1f} s, {self.tokens_per_s:.0f} tokens/s"
+        width = max((len(name) for name in self.jobs), default=4)
+        lines = [head]
+        for job in self.jobs.values():
+            if job.status != "finished":
+                lines.append(f"  {job.name:<{width}} FAILED after {job.steps} steps: {job.error}")
+                continue
+            first = "?" if job.first_loss is None else f"{job.first_loss:.3f}"
+            last = "?" if job.final_loss is None else f"{job.final_loss:.3f}"
+            lines.append(f"  {job.name:<{width}} loss {first} → {last}   adapter: {job.adapter_path}")
+        return "\n".join(lines)

@@ -366,14 +366,45 @@ class _Trainer:
             if state.error is None:
                 path = str(write_peft_adapter(out / name / "adapter", self.group.peft_state_dict(name),
                                               state.job.spec.adapter, base_model=self.run.base_model))
-            jobs[name] = JobResult(
-                name=name, steps=state.step, tokens=state.tokens, final_loss=state.last_loss, adapter_path=path,
-                status="finished" if state.error is None else "failed", error=state.error, eval_loss=state.eval_loss,
-            )
+            jobs[name] = _job_result(name, state.progress(), path, out)
         wall = time.perf_counter() - self.start
         metrics = self.run_metrics(wall)
         atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
         return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
+
+
+def _first_loss(metrics: Path) -> float | None:
+    """The loss of a job's first step, from its metrics.jsonl (None when it has none yet)."""
+    if not metrics.is_file():
+        return None
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            return record["loss"]
+    return None
+
+
+def _job_result(name: str, progress: JobProgress, adapter: str | None, out: Path) -> JobResult:
+    return JobResult(name=name, steps=progress.step, tokens=progress.tokens, final_loss=progress.last_loss,
+                     adapter_path=adapter, status="finished" if progress.error is None else "failed",
+                     error=progress.error, eval_loss=progress.eval_loss,
+                     first_loss=_first_loss(out / name / "metrics.jsonl"))
+
+
+def _finished_result(prepared: PreparedRun, resumed: Resumed | None) -> FitResult | None:
+    """The result of a run the output directory already holds complete (every job finished or failed, every
+    finished job's adapter written), without starting anything; None when there is training left to do."""
+    if resumed is None:
+        return None
+    out = Path(prepared.run.output_dir)
+    jobs = {}
+    for job in prepared.jobs:
+        progress = resumed.progress[job.name]
+        adapter = out / job.name / "adapter"
+        if progress.error is None and (progress.step < job.total_steps or not (adapter / "adapter_config.json").is_file()):
+            return None
+        jobs[job.name] = _job_result(job.name, progress, str(adapter) if progress.error is None else None, out)
+    return FitResult(jobs=jobs, output_dir=str(out), already_complete=True)
 
 
 def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
@@ -385,8 +416,13 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     prepared = prepare_run(jobs, run)
     split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
     resumed = open_checkpoint(prepared)  # a damaged or mismatched checkpoint fails before anything is written
-    _start_output(prepared, resuming=resumed is not None)
     progress = Progress({}, every=1, enabled=run.progress)
+    finished = _finished_result(prepared, resumed)
+    if finished is not None:
+        progress.note(f"{run.output_dir} already holds this run, complete (checkpoint {resumed.path}); nothing to "
+                      "train. Set run.overwrite=true, or choose another output_dir, to train it again.")
+        return finished
+    _start_output(prepared, resuming=resumed is not None)
     progress.note(f"training {len(prepared.jobs)} job(s) on {run.base_model} "
                   f"({run.pipeline_stages} stage(s) × {run.data_parallel} replica(s))")
     job_steps = [(j.spec, j.total_steps) for j in prepared.jobs]

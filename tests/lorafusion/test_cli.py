@@ -55,7 +55,9 @@ def test_train_writes_adapters(ckpt, tmp_path, capsys):
     out = tmp_path / "elsewhere"
     code = main(["train", str(config), "--set", f"run.output_dir={out}", "--set", "jobs.arith.adapter.rank=8"])
     assert code == 0
-    assert "outputs in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "outputs in" in printed
+    assert any(line.lstrip().startswith("arith") and "loss" in line and "→" in line for line in printed.splitlines())
     for job in ("arith", "greet"):
         assert (out / job / "adapter" / "adapter_config.json").is_file()
         assert (out / job / "adapter" / "adapter_model.safetensors").is_file()
@@ -63,6 +65,10 @@ def test_train_writes_adapters(ckpt, tmp_path, capsys):
     written = json.loads((out / "arith" / "adapter" / "adapter_config.json").read_text())
     assert written["r"] == 8
     assert not (tmp_path / "runs").exists()  # the --set output_dir replaced the YAML one
+    # The same command again: the run is complete, and it says so instead of training nothing at 0 tokens/s.
+    assert main(["train", str(config), "--set", f"run.output_dir={out}", "--set", "jobs.arith.adapter.rank=8"]) == 0
+    again = capsys.readouterr().out
+    assert "already holds this run, complete" in again and "tokens/s" not in again
 
 
 def test_train_relative_output_dir_is_next_to_the_yaml(trained):

@@ -280,11 +280,16 @@ def test_finished_run_outputs_rerun_resumes_or_needs_overwrite(ckpt, tmp_path):
             assert record["tokens"] > 0 and record["loss"] > 0
     assert json.loads((out / "run.json").read_text())["run"]["output_dir"] == str(out)
 
-    # Run again: it resumes from the final checkpoint, has nothing left to train and keeps what it wrote.
+    # Run again: it finds the run complete, starts nothing, keeps what it wrote and says so.
     metrics_before = (out / "a" / "metrics.jsonl").read_text()
+    adapter_before = (out / "a" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     rerun = lf.fit(jobs, _run(ckpt, out))
+    assert rerun.already_complete and "already holds this run, complete" in rerun.summary()
     assert rerun.jobs["a"].steps == 2 and rerun.jobs["a"].final_loss == result.jobs["a"].final_loss
+    assert rerun.jobs["a"].first_loss == result.jobs["a"].first_loss is not None
     assert (out / "a" / "metrics.jsonl").read_text() == metrics_before
+    assert (out / "a" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_before
+    assert not result.already_complete and "loss" in result.summary().splitlines()[1]
     _fails_cleanly(lambda: lf.fit(jobs, _run(ckpt, out, resume=False)), [tmp_path, ckpt], out, "another run",
                    "overwrite")
 
