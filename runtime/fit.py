@@ -413,10 +413,11 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     Resumes from the newest complete checkpoint in run.output_dir when it holds this run (run.resume). When a
     stage actor dies, the stage group is started again from the last checkpoint, up to run.max_restarts times.
     """
+    progress = Progress({}, every=1, enabled=run.progress)
+    progress.note(f"checking the run and tokenising the datasets of {len(jobs)} job(s)")
     prepared = prepare_run(jobs, run)
     split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
     resumed = open_checkpoint(prepared)  # a damaged or mismatched checkpoint fails before anything is written
-    progress = Progress({}, every=1, enabled=run.progress)
     finished = _finished_result(prepared, resumed)
     if finished is not None:
         progress.note(f"{run.output_dir} already holds this run, complete (checkpoint {resumed.path}); nothing to "
@@ -428,10 +429,13 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     job_steps = [(j.spec, j.total_steps) for j in prepared.jobs]
     if choose_engine(run) == "local":
         group_cls, connection = LocalGroup, contextlib.nullcontext()
+        progress.note("building the model and the adapters in this process")
     else:
         from runtime.backend import StageGroup, ray_connection
 
         group_cls, connection = StageGroup, ray_connection(run.pipeline_stages * run.data_parallel)
+        progress.note(f"connecting to Ray and starting {run.pipeline_stages * run.data_parallel} stage actor(s); each "
+                      "builds its part of the model and the adapters")
     with connection:
         for attempt in range(run.max_restarts + 1):
             try:

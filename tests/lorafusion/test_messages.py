@@ -88,3 +88,13 @@ def test_adapter_errors_in_a_yaml_name_the_job(train_checkpoint, tmp_path):
                                                {"name": "bad", "dataset": "b.jsonl", "adapter": {"rank": 0}}]}))
     with pytest.raises(ValueError, match=r"job 'bad': adapter: adapter\.rank=0 must be a positive integer"):
         lf.load_config(config)
+
+
+def test_start_up_says_what_it_is_doing(train_checkpoint, tmp_path, capsys, examples_data):
+    job = lf.JobSpec(name="j", dataset=str(examples_data / "arith.jsonl"), max_steps=1, global_batch_size=2)
+    lf.fit([job], lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path / "out"), engine="local"))
+    lines = capsys.readouterr().out.splitlines()
+    first = [i for i, line in enumerate(lines) if "tokenising the datasets of 1 job" in line]
+    building = [i for i, line in enumerate(lines) if "building the model" in line]
+    steps = [i for i, line in enumerate(lines) if "1/1" in line]
+    assert first and building and steps and first[0] < building[0] < steps[0]
