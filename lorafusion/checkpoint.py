@@ -47,17 +47,22 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def atomic_directory(target: Path, fill) -> Path:
-    """Call `fill(tmp_dir)` then move tmp_dir to `target`, replacing any previous content."""
+    """Call `fill(tmp_dir)`, flush its files and entries to disk, then move tmp_dir to `target`, replacing any
+    previous content; the previous content is deleted only once the new one is in place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     fill(tmp)
+    for path in tmp.rglob("*"):
+        fsync_path(path)
+    fsync_path(tmp)
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
+    fsync_path(target.parent)
     shutil.rmtree(old, ignore_errors=True)
     return target
 

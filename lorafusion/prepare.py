@@ -25,6 +25,8 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_MANIFEST = "manifest.json"
 """Written last inside a checkpoint folder: a folder without it is not a checkpoint."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_REPLACED_STEP_DIR = re.compile(r"^\.step-(\d+)\.old$")
+"""A complete checkpoint moved aside while the same counter is saved again (runtime/checkpointing.py)."""
 
 # RunConfig fields a resumed run may change: they steer logging, output bookkeeping and parallelism (which
 # DESIGN promise 2 makes invisible; checkpoint shards are keyed by global layer, not by stage), not the
@@ -143,12 +145,16 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = []
+    found = {}
     for folder in root.iterdir():
         match = _STEP_DIR.match(folder.name)
         if match and folder.is_dir() and (folder / CHECKPOINT_MANIFEST).is_file():
-            found.append((int(match.group(1)), folder))
-    return sorted(found)
+            found[int(match.group(1))] = folder
+    for folder in root.iterdir():  # a counter saved again, interrupted between its two renames: the old one stands
+        match = _REPLACED_STEP_DIR.match(folder.name)
+        if match and folder.is_dir() and (folder / CHECKPOINT_MANIFEST).is_file():
+            found.setdefault(int(match.group(1)), folder)
+    return sorted(found.items())
 
 
 def _check_resumable(out: Path, run: RunConfig, jobs: list[JobSpec]) -> bool:

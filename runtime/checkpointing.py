@@ -141,11 +141,17 @@ def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str,
     if stream is not None:
         manifest["stream"] = stream
     atomic_write_text(staging / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))
+    for folder in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:  # the files' directory entries too
+        fsync_path(folder)
     if final.exists():  # the same counter saved again (e.g. at the end right after a periodic save)
+        # Moved aside, not deleted, until the new one is in place: a crash between the two renames leaves the old
+        # one as `.step-<N>.old`, which complete_checkpoints still finds.
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        fsync_path(final.parent)
         os.replace(staging, final)
+        fsync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)

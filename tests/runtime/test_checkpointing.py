@@ -415,3 +415,56 @@ def test_each_variant_resumes_to_the_same_adapter(train_checkpoint, examples_dat
     for job in prepared.jobs:
         assert_bit_identical(worker, want_worker, job.name)
         assert progress[job.name] == want_progress[job.name]
+
+
+def test_crash_while_saving_the_same_counter_again_keeps_the_old_checkpoint(train_checkpoint, examples_data, tmp_path,
+                                                                            monkeypatch):
+    """The same counter saved again (as at the end right after a periodic save) with a crash between moving the old
+    checkpoint aside and putting the new one in place: the old one is still found, and resumes exactly."""
+    import runtime.checkpointing as checkpointing
+
+    out = tmp_path / "run"
+    prepared = prepare(train_checkpoint, out, specs(examples_data), keep_checkpoints=1)
+    worker, progress = make_worker(prepared), fresh_progress(prepared)
+    train_round(worker, prepared, progress)
+    save_checkpoint(prepared, 1, {0: worker}, progress)
+    real_replace = checkpointing.os.replace
+
+    def crash_on_second(src, dst):  # the staged checkpoint's rename into place, once the old one is aside
+        if Path(src).name.endswith(".partial") and (out / "checkpoints" / ".step-00000001.old").exists():
+            raise OSError("simulated crash between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(prepared, 1, {0: worker}, progress)
+    monkeypatch.setattr(checkpointing.os, "replace", real_replace)
+    assert not checkpoint_dir(out, 1).exists()
+    found = latest_checkpoint(out)
+    assert found is not None and found.name == ".step-00000001.old"
+    fresh = make_worker(prepared)
+    counter, _ = load_checkpoint(prepared, {0: fresh})
+    assert counter == 1
+    for job in prepared.jobs:
+        assert_bit_identical(fresh, worker, job.name)
+    # the next save of that counter puts a complete one back in place and clears the old one away
+    save_checkpoint(prepared, 1, {0: worker}, progress)
+    assert latest_checkpoint(out) == checkpoint_dir(out, 1)
+    assert not (out / "checkpoints" / ".step-00000001.old").exists()
+
+
+def test_exported_adapter_is_flushed_to_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
+    import lorafusion.checkpoint as checkpoint
+
+    synced = []
+    real = checkpoint.fsync_path
+    monkeypatch.setattr(checkpoint, "fsync_path", lambda path: synced.append(Path(path).name) or real(path))
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2)}
+    config = lf.LoRAConfig(rank=2, target_modules=["q_proj"])
+    checkpoint.write_peft_adapter(tmp_path / "job" / "adapter", tensors, config, base_model="base")
+    synced.clear()
+    checkpoint.write_peft_adapter(tmp_path / "job" / "adapter", tensors, config, base_model="base")
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(synced)  # the files
+    assert synced.index("adapter_config.json") < synced.index("job")  # ... before the rename is made durable
+    assert any(name.startswith(".adapter.tmp-") for name in synced)  # the new folder's entries
