@@ -13,9 +13,11 @@ manifest marks all of them complete at once, and a resume never mixes jobs from 
 per-job sub-folders keep a job's files together and let a failed job simply have no shards (under `jobs/`,
 so a job may be named like any file of the checkpoint).
 
-Crash safety: a checkpoint is filled in `.step-<N>.partial/` (each file written under a temporary name and
-renamed), its manifest goes in last, and only then is the folder renamed to `step-<N>`. A crash at any
-moment leaves the previous checkpoints untouched and the partial one invisible to `latest_checkpoint`.
+Crash safety: a checkpoint is filled in `.step-<N>.partial/` (each file written under a temporary name,
+flushed and renamed), its manifest goes in last, its folders' entries are flushed, and only then is the folder
+renamed to `step-<N>`. A crash at any moment leaves the previous checkpoints untouched and the partial one
+invisible to `latest_checkpoint`. When counter N is saved again, the old `step-<N>` is moved aside to
+`.step-<N>.old` (still found by `complete_checkpoints`) and deleted only once the new one is in place.
 """
 
 from __future__ import annotations
