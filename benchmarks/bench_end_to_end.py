@@ -241,7 +241,7 @@ def _run_config(cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> lf.RunC
 
 
 def _first_losses(report: RunReport, names: list[str]) -> dict[str, float]:
-    return {job.name: job.train[0]["loss"] for job in report.jobs if job.name in names and job.train}
+    return {job.name: job.first_loss for job in report.jobs if job.name in names and job.train}
 
 
 def run_ours(jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> ProviderResult:

@@ -200,12 +200,10 @@ def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
 def _check_adapter(job: JobSpec, arch: Architecture) -> None:
     """The job's adapter fits the model, and init_adapter's tensors are exactly an adapter of its config."""
     from lorafusion.adapters.attach import check_peft_adapter
-    from lorafusion.adapters.base import target_shapes
     from lorafusion.checkpoint import read_peft_adapter
 
-    shapes = target_shapes(arch)
     try:
-        job.adapter.check_model({t: shapes[t] for t in job.adapter.target_modules}, arch.num_layers)
+        job.adapter.check_model(job.adapter.target_shapes(arch))
     except ValueError as err:
         raise ValueError(f"job '{job.name}': {err}") from None
     if job.init_adapter is not None:

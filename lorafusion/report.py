@@ -17,7 +17,7 @@ from typing import Any
 
 from lorafusion.prepare import RUN_MANIFEST
 
-__all__ = ["REPORT_DIR", "JobMetrics", "RunReport", "load_run", "render_summary", "write_report"]
+__all__ = ["REPORT_DIR", "JobMetrics", "RunReport", "load_run", "read_job_metrics", "render_summary", "write_report"]
 
 RUN_METRICS = "run_metrics.json"
 REPORT_DIR = "report"
@@ -42,6 +42,10 @@ class JobMetrics:
     @property
     def tokens(self) -> int:
         return int(sum(p["tokens"] for p in self.train))
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.train[0]["loss"] if self.train else None
 
     @property
     def final_loss(self) -> float | None:
@@ -139,7 +143,8 @@ def _parse_line(text: str, where: str) -> tuple[str, dict[str, float]]:
     return kind, point
 
 
-def _read_metrics(path: Path, name: str) -> JobMetrics:
+def read_job_metrics(path: Path, name: str) -> JobMetrics:
+    """One job's metrics.jsonl (ValueError naming the file and line of anything malformed)."""
     if not path.is_file():
         raise ValueError(f"{path}: missing; run.json lists job '{name}' and every fit writes <job>/metrics.jsonl")
     job = JobMetrics(name=name)
@@ -169,7 +174,7 @@ def _read_run_metrics(output_dir: Path) -> dict[str, Any] | None:
 def load_run(output_dir: str | Path) -> RunReport:
     """Read a fit's output directory; ValueError when it is not one or a metrics line is malformed."""
     out = Path(output_dir)
-    jobs = [_read_metrics(out / name / "metrics.jsonl", name) for name in _job_names(out)]
+    jobs = [read_job_metrics(out / name / "metrics.jsonl", name) for name in _job_names(out)]
     return RunReport(output_dir=out, jobs=jobs, run_metrics=_read_run_metrics(out))
 
 

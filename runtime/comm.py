@@ -130,6 +130,14 @@ class StageComm:
             dist.all_reduce(tensor, group=self.dp_group)
         return tensor
 
+    def sum_each_over_replicas(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor summed across the data-parallel replicas in one collective (in fp32; the same shapes and
+        dtypes come back)."""
+        if self.place.dp_size == 1 or not tensors:
+            return tensors
+        flat = self.sum_over_replicas(torch.cat([t.reshape(-1).float() for t in tensors]))
+        return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
     def start_sum_over_stages(self, tensor: torch.Tensor):
         """Start an in-place sum across the pipeline stages of this replica; returns the work to wait on
         (None when there is one stage and nothing to do)."""

@@ -22,6 +22,7 @@ from lorafusion.checkpoint import atomic_write_text, write_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
+from lorafusion.report import read_job_metrics
 from lorafusion.result import FitResult, JobResult
 from runtime.engine import LocalGroup, StageLost, choose_engine
 from runtime.checkpointing import begin_checkpoint
@@ -373,22 +374,12 @@ class _Trainer:
         return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
 
 
-def _first_loss(metrics: Path) -> float | None:
-    """The loss of a job's first step, from its metrics.jsonl (None when it has none yet)."""
-    if not metrics.is_file():
-        return None
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            return record["loss"]
-    return None
-
-
 def _job_result(name: str, progress: JobProgress, adapter: str | None, out: Path) -> JobResult:
+    metrics = out / name / "metrics.jsonl"
     return JobResult(name=name, steps=progress.step, tokens=progress.tokens, final_loss=progress.last_loss,
                      adapter_path=adapter, status="finished" if progress.error is None else "failed",
                      error=progress.error, eval_loss=progress.eval_loss,
-                     first_loss=_first_loss(out / name / "metrics.jsonl"))
+                     first_loss=read_job_metrics(metrics, name).first_loss if metrics.is_file() else None)
 
 
 def _finished_result(prepared: PreparedRun, resumed: Resumed | None) -> FitResult | None:

@@ -223,14 +223,10 @@ class StageRunner:
         loss = self._loss.pop(job, None)
         loss = torch.zeros((), dtype=torch.float64, device=device) if loss is None else loss
         if self.place.dp_size > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.float().reshape(1)])
-            self.comm.sum_over_replicas(flat)
-            offset = 0
-            for p in params:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-                offset += p.numel()
-            loss = flat[-1].double()
+            *grads, loss = self.comm.sum_each_over_replicas(
+                [p.grad if p.grad is not None else torch.zeros_like(p) for p in params] + [loss])
+            for p, grad in zip(params, grads):
+                p.grad = grad
         self.worker.transform_grads(job)  # the variant's gradient hooks see the job's whole gradient of this stage
         # Parameters every stage holds a copy of (a variant's job-wide tensors, e.g. Uni-LoRA's θ) get gradients from
         # each stage's layers: their sum travels in the same collective, and their norm is taken after it.
@@ -249,10 +245,7 @@ class StageRunner:
         self._loss.pop(job, None)
         if job not in self.worker.optimizers:
             return
-        grads = self.worker.init_pass_gradients(job)
-        if self.place.dp_size > 1 and grads:
-            flat = self.comm.sum_over_replicas(torch.cat([g.reshape(-1).float() for g in grads]))
-            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        grads = self.comm.sum_each_over_replicas(self.worker.init_pass_gradients(job))
         self._compute(self.worker.finish_init_pass, job, grads, result=result)
 
     def _finish_steps(self, jobs: set[str] | None, result: WindowResult) -> None:

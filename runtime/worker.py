@@ -144,7 +144,7 @@ class StageWorker:
 
     def shared_parameters(self, job: str) -> list[torch.nn.Parameter]:
         """The job's trainable tensors shared by all its layers: every pipeline stage holds a copy."""
-        return [p for name, p in self.adapters.named_parameters(job).items() if name.startswith("shared.")]
+        return self.adapters.shared_parameters(job)
 
     def transform_grads(self, job: str) -> None:
         """The job's variant's gradient hooks, on its complete gradients (before their norm)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafusion.adapters.base import AdapterConfig, BaseView, JobShared, layer_generator, target_shapes
+from lorafusion.adapters.base import AdapterConfig, BaseView, JobShared, layer_generator
 from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear, job_key
 from lorafusion.adapters.registry import get_variant
 from lorafusion.models.builder import fc1_rows, qkv_rows
@@ -67,12 +67,11 @@ class ModelAdapters:
             raise ValueError(f"job '{name}' already has an adapter on this model; job names must be unique")
         variant = get_variant(config.type)
         device = next(self.model.parameters()).device
-        shapes = target_shapes(self.arch)
-        config.check_model({t: shapes[t] for t in config.target_modules}, self.arch.num_layers)
+        shapes = config.target_shapes(self.arch)
+        config.check_model(shapes)
         shared = None
         if variant.shared_cls is not None:
-            shared = variant.shared_cls(config, {t: shapes[t] for t in config.target_modules}, self.arch.num_layers,
-                                        seed).to(device)
+            shared = variant.shared_cls(config, shapes, self.arch.num_layers, seed).to(device)
             self.shared[name] = shared
         for index, sites in self.layers.items():
             for target in config.target_modules:
@@ -114,6 +113,10 @@ class ModelAdapters:
         for _, layer in self._job_layers(name):
             named.update({f"layers.{layer.layer_index}.{layer.target}.{n}": p for n, p in layer.named_parameters()})
         return {n: p for n, p in named.items() if frozen or p.requires_grad}
+
+    def shared_parameters(self, name: str) -> list[nn.Parameter]:
+        """The job's trainable tensors shared by all its layers (every pipeline stage holds a copy)."""
+        return list(self.shared[name].parameters()) if name in self.shared else []
 
     def transform_grads(self, name: str) -> None:
         """Run the job's layers' gradient hooks (AdapterLayer.transform_grads) once its gradients are complete."""
@@ -164,9 +167,8 @@ def check_peft_adapter(config: AdapterConfig, tensors: dict[str, torch.Tensor], 
                        where: str) -> None:
     """ValueError unless `tensors` are exactly an adapter of `config` on a model of `arch` (what
     load_peft_state_dict would accept), checked without building the model: one layer per target stands for all."""
-    variant, shapes = get_variant(config.type), target_shapes(arch)
-    targets = {t: shapes[t] for t in config.target_modules}
-    config.check_model(targets, arch.num_layers)
+    variant, targets = get_variant(config.type), config.target_shapes(arch)
+    config.check_model(targets)
     shared = variant.shared_cls(config, targets, arch.num_layers, 0) if variant.shared_cls else None
     layers = {}
     for target, (out, inp) in targets.items():

@@ -17,14 +17,25 @@ It computes one of two ways (`compute`):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
+
 __all__ = ["TARGET_MODULES", "AdapterConfig", "AdapterLayer", "BaseView", "JobShared", "layer_generator",
            "target_shapes"]
+
+# Fields several variants share, checked alike wherever a config has them (the message's example is the
+# field's default): name -> check(where, value, example).
+_COMMON_CHECKS = {
+    "rank": check_positive_int,
+    "alpha": check_positive_number,
+    "dropout": lambda where, value, example: check_probability(where, value),
+    "projection_seed": lambda where, value, example: check_seed(where, value),
+}
 
 # HF module names of a Llama-style decoder layer that an adapter can wrap.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,6 +46,8 @@ class AdapterConfig:
     """Fields every variant shares. Subclasses add their own and set `type`."""
 
     type: ClassVar[str] = ""
+    peft_types: ClassVar[tuple[str, ...]] = ()
+    """PEFT peft_type values this variant reads (for the message listing what lorafusion reads)."""
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
     """HF module names to adapt, any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
 
@@ -52,6 +65,11 @@ class AdapterConfig:
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(f"adapter.target_modules={self.target_modules} lists a module twice; list each once")
         self.target_modules = [m for m in TARGET_MODULES if m in self.target_modules]
+        for f in fields(self):
+            check = _COMMON_CHECKS.get(f.name)
+            if check is not None:
+                example = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+                check(f"adapter.{f.name}", getattr(self, f.name), example)
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML/JSON view: `{type: ..., field: value, ...}`."""
@@ -72,7 +90,12 @@ class AdapterConfig:
         """The config of the adapter this one exports as (LoRA-GA: a plain LoRA of rank 2r)."""
         return self
 
-    def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
+    def target_shapes(self, arch) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each module this config adapts in a model of `arch`."""
+        shapes = target_shapes(arch)
+        return {t: shapes[t] for t in self.target_modules}
+
+    def check_model(self, shapes: dict[str, tuple[int, int]]) -> None:
         """ValueError when this config cannot adapt a model whose targets have these (out, in) shapes."""
 
     @classmethod
@@ -136,10 +159,7 @@ class JobShared(nn.Module):
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of `peft_tensors` (the caller checks keys and shapes); absent optional keys are kept."""
-        with torch.no_grad():
-            for key, current in self.peft_tensors().items():
-                if key in tensors:
-                    current.copy_(tensors[key])
+        copy_present(self.peft_tensors(), tensors)
 
 
 class AdapterLayer(nn.Module):
@@ -148,8 +168,8 @@ class AdapterLayer(nn.Module):
     compute: ClassVar[str] = "factors"
     """'factors' (effective_factors, through the fused low-rank path) or 'delta' (forward_delta)."""
     init_pass: ClassVar[bool] = False
-    """True: the layer starts in a gradient-probe mode (start_init_pass / probe_grad / finish_init_pass) that the
-    runtime runs over config.init_pass_batches global batches before the job's first step."""
+    """True: the layer is built in a gradient-probe mode (probe_grad / finish_init_pass) that the runtime runs over
+    config.init_pass_batches global batches before the job's first step."""
     peft_key_aliases: ClassVar[dict[str, str]] = {}
     """Other names PEFT may save one of our tensors under: {alias: key of peft_tensors}."""
     peft_extra_keys: ClassVar[tuple[str, ...]] = ()
@@ -208,9 +228,16 @@ class AdapterLayer(nn.Module):
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of `peft_tensors` (the caller checks keys and shapes)."""
-        with torch.no_grad():
-            for key, current in self.peft_tensors().items():
-                current.copy_(tensors[key])
+        copy_present(self.peft_tensors(), tensors)
+
+
+def copy_present(current: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy each of `tensors` into the live tensor of `current` under the same key (views of parameters and
+    buffers: the copy bumps their version, so cached factors are rebuilt)."""
+    with torch.no_grad():
+        for key, live in current.items():
+            if key in tensors:
+                live.copy_(tensors[key])
 
 
 def layer_generator(seed: int, layer_index: int, target: str) -> torch.Generator:

@@ -283,8 +283,9 @@ class MultiAdapterLinear(nn.Module):
         segments = [s for s in self.batch.segments if job_key(s.job) in self.adapters]
         if not segments:
             return self.base(x, *args, **kwargs)
-        by_factors = [s for s in segments if self.computes_by_factors(s.job)]
-        own = [s for s in segments if not self.computes_by_factors(s.job)]
+        by_factors, own = [], []
+        for seg in segments:
+            (by_factors if self.computes_by_factors(seg.job) else own).append(seg)
         plain = not args and all(v is None for v in kwargs.values()) and self._unsharded(x)
         if resolve_backend(self.kernels, x.device) == "triton":
             if not plain:

@@ -75,7 +75,7 @@ def config_from_peft(data: dict[str, Any], where: str) -> AdapterConfig:
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     found = [c for c in (v.config_cls.from_peft(data, where) for v in _REGISTRY.values()) if c is not None]
     if not found:
-        known = sorted({t for v in _REGISTRY.values() for t in getattr(v.config_cls, "peft_types", ())})
+        known = sorted({t for v in _REGISTRY.values() for t in v.config_cls.peft_types})
         raise ValueError(f"{where}: peft_type={data.get('peft_type')!r} is not supported; lorafusion reads "
                          f"{known} adapters")
     if len(found) > 1:

@@ -343,8 +343,8 @@ def _raise_template_exception(message: str) -> None:
 
 
 def _fit_sample(
-    input_ids: list[int], loss_mask: list[bool], where: str, max_seq_len: int, overflow: str,
-    limit_name: str = "max_seq_len", truncate_hint: str = "set `overflow: truncate`",
+    input_ids: list[int], loss_mask: list[bool], where: str, max_seq_len: int, overflow: str, limit_name: str,
+    truncate_hint: str,
 ) -> Sample | None:
     """Apply the overflow policy; None when truncation leaves no loss token."""
     # Position 0 is never a target: nothing precedes it.

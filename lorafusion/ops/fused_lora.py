@@ -13,6 +13,7 @@ then read dy ⊙ c on its rows, and dc = Σ rows dy ⊙ (x Wᵀ + T Bᵀ) (fused
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -24,7 +25,7 @@ from lorafusion.ops.utils import pick_config, resolve_backend, tile_key, tuned
 __all__ = ["FusedMultiLoRAFunction", "fused_multi_lora_linear", "fused_lora_linear", "layer_params", "tune_tiles"]
 
 
-def _kernels():
+def _kernels() -> SimpleNamespace:
     """The Triton kernels' host functions, imported on first use: every torch path of this module (and
     `fused_lora_linear` off CUDA) works without Triton installed."""
     try:
@@ -36,8 +37,9 @@ def _kernels():
     except ImportError as err:
         raise RuntimeError(f"the fused LoRA kernels need Triton ({err}); install it with "
                            "`pip install 'lorafusion[triton]'`, or run with kernels='torch'") from err
-    return (column_scale_grad, dropout_xa_forward, dropout_xa_grad_a, dys_dyb_backward, dyw_dsa_backward,
-            xw_sb_forward)
+    return SimpleNamespace(column_scale_grad=column_scale_grad, dropout_xa_forward=dropout_xa_forward,
+                           dropout_xa_grad_a=dropout_xa_grad_a, dys_dyb_backward=dys_dyb_backward,
+                           dyw_dsa_backward=dyw_dsa_backward, xw_sb_forward=xw_sb_forward)
 
 
 class FusedMultiLoRAFunction(torch.autograd.Function):
@@ -47,11 +49,11 @@ class FusedMultiLoRAFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
                 b_cat: torch.Tensor, c_cat: torch.Tensor | None, table: SegmentTable, params: LayerParams, site_id: int,
                 has_dropout: bool, deterministic: bool) -> torch.Tensor:
-        _, dropout_xa_forward, _, _, _, xw_sb_forward = _kernels()
+        kernels = _kernels()
         n, k, r = weight.shape[0], weight.shape[1], a_cat.shape[0]
         config = pick_config(n, k, r, x.device)  # chosen before training (tune_tiles), or the default
-        t = dropout_xa_forward(x, a_cat, table, params, site_id, has_dropout, config.block_m, config.block_k)  # [M, r]
-        y, pre = xw_sb_forward(x, weight, t, b_cat, bias, table, params, config, c_cat)  # [M, N], [scaled rows, N]
+        t = kernels.dropout_xa_forward(x, a_cat, table, params, site_id, has_dropout, config.block_m, config.block_k)  # [M, r]
+        y, pre = kernels.xw_sb_forward(x, weight, t, b_cat, bias, table, params, config, c_cat)  # [M, N], [scaled rows, N]
         ctx.save_for_backward(x, weight, a_cat, b_cat, t, c_cat, pre)
         ctx.table, ctx.params, ctx.config = table, params, config
         ctx.site_id, ctx.has_dropout, ctx.deterministic = site_id, has_dropout, deterministic
@@ -59,17 +61,17 @@ class FusedMultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        column_scale_grad, _, dropout_xa_grad_a, dys_dyb_backward, dyw_dsa_backward, _ = _kernels()
+        kernels = _kernels()
         x, weight, a_cat, b_cat, t, c_cat, pre = ctx.saved_tensors
         table, params, config = ctx.table, ctx.params, ctx.config
         dy = dy.contiguous()
-        g, db = dys_dyb_backward(dy, b_cat, t, table, params, ctx.deterministic, config, c_cat)  # [M, r], [N, ΣR]
+        g, db = kernels.dys_dyb_backward(dy, b_cat, t, table, params, ctx.deterministic, config, c_cat)  # [M, r], [N, ΣR]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dyw_dsa_backward(dy, weight, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, config, c_cat)
-        da = dropout_xa_grad_a(x, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, ctx.deterministic,
+            dx = kernels.dyw_dsa_backward(dy, weight, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, config, c_cat)
+        da = kernels.dropout_xa_grad_a(x, g, a_cat, table, params, ctx.site_id, ctx.has_dropout, ctx.deterministic,
                                config.block_m, config.block_k)
-        dc = column_scale_grad(dy, pre, c_cat, table, params, config) if c_cat is not None else None
+        dc = kernels.column_scale_grad(dy, pre, c_cat, table, params, config) if c_cat is not None else None
         return dx, None, None, da, db, dc, None, None, None, None, None
 
 
@@ -176,7 +178,7 @@ def tune_tiles(shapes: list[tuple[int, int, int]], rows: int, dtype: torch.dtype
         def bench(config, run):
             return triton.testing.do_bench(run, warmup=5, rep=25)
 
-    xw_sb_forward = _kernels()[-1]
+    xw_sb_forward = _kernels().xw_sb_forward
     for n, k, r in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(rows, k, generator=gen, device=device).to(dtype)

@@ -107,7 +107,7 @@ class SegmentTable:
                     raise ValueError(f"need one 'scaled' flag per segment ({self.num_segments}), got {len(scaled)}")
                 indices, starts = [], []
                 for flag, (start, end) in zip(scaled, self.bounds):
-                    indices.append(sum(1 for i in indices if i >= 0) if flag else -1)
+                    indices.append(len(starts) - starts.count(-1) if flag else -1)  # scaled segments before it
                     starts.append(rows if flag else -1)
                     rows += (end - start) if flag else 0
                 col_index = torch.tensor(indices, dtype=torch.int32, device=device)

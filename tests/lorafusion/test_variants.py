@@ -197,7 +197,7 @@ def test_forward_and_every_gradient_match_the_formula(variant):
     theirs = [x.grad, *(p.grad for p in params)]
     for i, (got, want) in enumerate(zip(ours, theirs)):
         assert want is not None and got is not None, i
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"gradient {i}: {m}")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"gradient {i}: {m}")
 
 
 # ---------------------------------------------------------------- PEFT, both directions

@@ -29,12 +29,13 @@ def _exported(checkpoint: Path, directory: Path, config) -> Path:
 
 
 def _peft_dora(checkpoint: Path, directory: Path, load_hf_model) -> Path:
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapter whatever ran before
     model = peft.get_peft_model(load_hf_model(checkpoint), peft.LoraConfig(r=2, lora_alpha=4, use_dora=True,
                                                                            target_modules=["q_proj", "up_proj"]))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for param in (p for p in model.parameters() if p.requires_grad):
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
     model.save_pretrained(str(directory))
     return directory
 

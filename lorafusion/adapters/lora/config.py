@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import check_positive_int, check_positive_number, check_probability
 
 __all__ = ["LoRAConfig", "RsLoRAConfig", "read_lora_fields"]
 
@@ -37,12 +36,6 @@ class LoRAConfig(AdapterConfig):
     """Scale numerator: the update is multiplied by alpha / rank."""
     dropout: float = 0.0
     """Dropout probability on the adapter's input, in [0, 1)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int("adapter.rank", self.rank, "16")
-        check_positive_number("adapter.alpha", self.alpha, "32")
-        check_probability("adapter.dropout", self.dropout)
 
     @property
     def scaling(self) -> float:

@@ -39,7 +39,7 @@ class LoRAGAConfig(LoRAConfig):
     def init_pass_batches(self) -> int:
         return self.init_batches
 
-    def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
+    def check_model(self, shapes: dict[str, tuple[int, int]]) -> None:
         for target, (out, inp) in shapes.items():
             if 2 * self.rank > min(out, inp):
                 raise ValueError(f"adapter.rank={self.rank}: LoRA-GA takes 2·rank = {2 * self.rank} singular vectors "

@@ -51,12 +51,10 @@ class LoRAGALayer(AdapterLayer):
         self.lora_A0 = nn.Parameter(torch.zeros(r, in_features), requires_grad=False)  # frozen offset
         self.lora_B0 = nn.Parameter(torch.zeros(out_features, r), requires_grad=False)
         self.seed = int.from_bytes(hashlib.sha256(f"{self.layer_index}/{self.target}".encode()).digest()[:7], "little")
-        self.start_init_pass()
-
-    def start_init_pass(self) -> None:
-        """Until finish_init_pass, the layer adds x·Pᵀ with P = 0, so P's gradient is the base weight's."""
+        # Until finish_init_pass the layer adds x·Pᵀ with P = 0 (made on the first forward, on the input's device),
+        # so P's gradient is the base weight's.
         self.compute = "delta"
-        self.__dict__["probe"] = None  # made on the first forward, on the input's device
+        self.__dict__["probe"] = None
 
     def finish_init_pass(self, grad: torch.Tensor | None) -> None:
         """Initialise A, B, A₀, B₀ from the summed gradient (None: initialised elsewhere, e.g. by a checkpoint)."""

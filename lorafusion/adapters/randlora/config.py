@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
 
 __all__ = ["RandLoRAConfig"]
 
@@ -33,12 +32,8 @@ class RandLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("adapter.rank", self.rank, "32")
-        check_positive_number("adapter.alpha", self.alpha, "640")
-        check_seed("adapter.projection_seed", self.projection_seed)
         if not isinstance(self.sparse, bool):
             raise ValueError(f"adapter.sparse={self.sparse!r} must be true or false")
-        check_probability("adapter.dropout", self.dropout)
 
     @property
     def scaling(self) -> float:

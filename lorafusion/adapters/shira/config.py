@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import check_positive_int, check_seed
+from lorafusion.validation import check_seed
 
 __all__ = ["SHiRAConfig"]
 
@@ -26,10 +26,9 @@ class SHiRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("adapter.rank", self.rank, "32")
         check_seed("adapter.mask_seed", self.mask_seed, optional=True)
 
-    def check_model(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
+    def check_model(self, shapes: dict[str, tuple[int, int]]) -> None:
         for target, (out, inp) in shapes.items():
             if self.rank * (out + inp) > out * inp:
                 raise ValueError(f"adapter.rank={self.rank}: SHiRA would train rank·(in+out) = "

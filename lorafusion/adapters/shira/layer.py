@@ -105,8 +105,8 @@ class _SparseDelta(torch.autograd.Function):
             transposed = torch.sparse_csr_tensor(layer.t_crow, layer.t_cols, values.float()[layer.t_perm],
                                                  (layer.in_features, layer.out_features))
             dx = torch.sparse.mm(transposed, dyf.t()).t().to(dy.dtype)
-        if ctx.needs_input_grad[1]:
-            support = torch.sparse_csr_tensor(layer.crow, layer.cols, torch.zeros_like(values, dtype=torch.float32),
+        if ctx.needs_input_grad[1]:  # the support's pattern, its values ignored (beta = 0)
+            support = torch.sparse_csr_tensor(layer.crow, layer.cols, values.float(),
                                               (layer.out_features, layer.in_features))
-            dv = torch.sparse.sampled_addmm(support, dyf.t(), xf).values().to(values.dtype)
+            dv = torch.sparse.sampled_addmm(support, dyf.t(), xf, beta=0.0).values().to(values.dtype)
         return dx, dv, None

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
+from lorafusion.validation import check_positive_int, check_positive_number
 
 __all__ = ["UniLoRAConfig"]
 
@@ -35,11 +35,8 @@ class UniLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("adapter.rank", self.rank, "4")
         check_positive_int("adapter.theta_dim", self.theta_dim, "256")
-        check_seed("adapter.projection_seed", self.projection_seed)
         check_positive_number("adapter.init_bound", self.init_bound, "0.02")
-        check_probability("adapter.dropout", self.dropout)
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:

@@ -38,15 +38,15 @@ class UniLoRAShared(JobShared):
         self.register_buffer("indices", indices, persistent=False)
         self.register_buffer("inv_sqrt_counts", torch.where(counts > 0, counts.rsqrt(), torch.zeros_like(counts)),
                              persistent=False)
-        self.offsets, cursor = {}, 0
+        self.shapes, self.offsets, cursor = shapes, {}, 0
         for layer in range(num_layers):
             for target, (out, inp) in shapes.items():
                 self.offsets[layer, target] = cursor
                 cursor += config.rank * (out + inp)
 
-    def module_indices(self, layer: int, target: str, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def module_indices(self, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx_A [rank, in], idx_B [out, rank]) of one module."""
-        r, start = self.config.rank, self.offsets[layer, target]
+        (out, inp), r, start = self.shapes[target], self.config.rank, self.offsets[layer, target]
         idx_a = self.indices[start:start + r * inp].view(r, inp)
         return idx_a, self.indices[start + r * inp:start + r * (inp + out)].view(out, r)
 
@@ -61,7 +61,7 @@ class UniLoRALayer(AdapterLayer):
                  shared: UniLoRAShared, layer_index: int, target: str, **context) -> None:
         super().__init__(config, in_features, out_features, generator=generator, shared=shared,
                          layer_index=layer_index, target=target, **context)
-        idx_a, idx_b = shared.module_indices(layer_index, target, out_features, in_features)
+        idx_a, idx_b = shared.module_indices(layer_index, target)
         self.register_buffer("idx_A", idx_a.clone(), persistent=False)  # [r, K] into θ
         self.register_buffer("idx_B", idx_b.clone(), persistent=False)  # [N, r] into θ
         self.register_buffer("scale_A", shared.inv_sqrt_counts[idx_a], persistent=False)

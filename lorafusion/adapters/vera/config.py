@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.peft_format import peft_number, peft_targets, reject_unsupported
-from lorafusion.validation import check_positive_int, check_probability, check_seed, is_number
+from lorafusion.validation import is_number
 
 __all__ = ["VeRAConfig"]
 
@@ -30,11 +30,8 @@ class VeRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("adapter.rank", self.rank, "256")
         if not is_number(self.d_initial):
             raise ValueError(f"adapter.d_initial={self.d_initial!r} must be a number, e.g. d_initial: 0.1")
-        check_seed("adapter.projection_seed", self.projection_seed)
-        check_probability("adapter.dropout", self.dropout)
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
