@@ -203,10 +203,10 @@ def _run_rows(report: RunReport) -> list[tuple[str, str]]:
     rows = [
         ("wall time", _fmt(report.wall_time_s, ".1f", " s")),
         ("tokens (real, unpadded)", str(report.tokens)),
-        ("tokens/s", _fmt(report.tokens_per_s, ".0f")),
+        ("tokens/s (all jobs, real)", _fmt(report.tokens_per_s, ".0f")),
         ("microbatches", _fmt(report.run_value("microbatches"), ".0f")),
         ("microbatches/s", _fmt(report.run_value("microbatches_per_s"), ".2f")),
-        ("bubble fraction", _fmt_fraction(report.run_value("bubble_fraction"))),
+        ("bubble fraction (mean of stages)", _fmt_fraction(report.run_value("bubble_fraction"))),
         ("peak memory", _fmt_bytes(report.run_value("peak_memory_bytes"))),
     ]
     gpu = report.run_value("gpu")
@@ -229,7 +229,8 @@ def _stage_table(stages: Any) -> list[str]:
 def render_summary(report: RunReport) -> str:
     """The summary as Markdown: one row per job, then the run's throughput figures."""
     lines = [f"# Fit report: {report.output_dir}", "", "## Jobs", "",
-             "| job | steps | final loss | best eval loss | tokens | tokens/s |", "|---|---|---|---|---|---|"]
+             "| job | steps | final loss (nats/token) | best eval loss (nats/token) | tokens (real) "
+             "| job tokens/s (its tokens ÷ seconds to its last step) |", "|---|---|---|---|---|---|"]
     for job in report.jobs:
         lines.append(f"| {job.name} | {job.steps} | {_fmt(job.final_loss)} | {_fmt(job.best_eval_loss)} | "
                      f"{job.tokens} | {_fmt(job.tokens_per_s, '.0f')} |")

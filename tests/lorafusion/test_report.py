@@ -67,16 +67,19 @@ def test_job_figures_from_metrics(tmp_path):
     summary = render_summary(report)
     assert _table_row(summary, "sql")[1:] == ["3", "2.2500", "n/a", "300", "75"]
     assert _table_row(summary, "chat")[1:] == ["2", "3.5000", "1.7000", "600", "120"]
+    # every figure says its unit; the per-job rate says it is the job's own
+    assert _table_row(summary, "job")[1:] == ["steps", "final loss (nats/token)", "best eval loss (nats/token)",
+                                              "tokens (real)", "job tokens/s (its tokens ÷ seconds to its last step)"]
 
 
 def test_run_figures_from_run_metrics(tmp_path):
     summary = render_summary(load_run(_fake_run(tmp_path / "out", run_metrics=RUN_METRICS)))
     assert _table_row(summary, "wall time")[1] == "6.0 s"
-    assert _table_row(summary, "tokens/s")[1] == "150"  # the runtime's figure wins over metrics.jsonl
+    assert _table_row(summary, "tokens/s (all jobs, real)")[1] == "150"  # the runtime's figure wins over metrics.jsonl
     assert _table_row(summary, "tokens (real, unpadded)")[1] == "900"
     assert _table_row(summary, "microbatches")[1] == "12"
     assert _table_row(summary, "microbatches/s")[1] == "2.00"
-    assert _table_row(summary, "bubble fraction")[1] == "12.5%"
+    assert _table_row(summary, "bubble fraction (mean of stages)")[1] == "12.5%"
     assert _table_row(summary, "peak memory")[1] == "3.0 GiB"
     assert _table_row(summary, "gpu utilization_pct")[1] == "87"
     assert _table_row(summary, "0")[1] == "5.0"  # stage table
@@ -86,9 +89,9 @@ def test_run_figures_from_run_metrics(tmp_path):
 def test_run_figures_without_run_metrics(tmp_path):
     summary = render_summary(load_run(_fake_run(tmp_path / "out")))
     assert _table_row(summary, "wall time")[1] == "5.0 s"  # the last step of any job
-    assert _table_row(summary, "tokens/s")[1] == "180"  # 900 tokens / 5 s
+    assert _table_row(summary, "tokens/s (all jobs, real)")[1] == "180"  # 900 tokens / 5 s
     assert _table_row(summary, "microbatches/s")[1] == "n/a"
-    assert _table_row(summary, "bubble fraction")[1] == "not measured"
+    assert _table_row(summary, "bubble fraction (mean of stages)")[1] == "not measured"
     assert _table_row(summary, "peak memory")[1] == "n/a"
     assert "no run_metrics.json" in summary
 
@@ -96,7 +99,7 @@ def test_run_figures_without_run_metrics(tmp_path):
 def test_bubble_null_is_not_measured(tmp_path):
     summary = render_summary(load_run(_fake_run(tmp_path / "out", run_metrics={**RUN_METRICS, "bubble_fraction": None,
                                                                                 "stages": []})))
-    assert _table_row(summary, "bubble fraction")[1] == "not measured"
+    assert _table_row(summary, "bubble fraction (mean of stages)")[1] == "not measured"
     assert "## Stages" not in summary
 
 
