@@ -96,3 +96,16 @@ def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path, examples_data)
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
     assert len(json.loads((out / "run_metrics.json").read_text())["stages"]) == 2
+
+
+def test_working_dir_upload_leaves_out_history_environment_and_outputs():
+    """What `ray job submit --working-dir .` packs from this repository (Ray's own walk, with .gitignore and our
+    .rayignore): the code and examples, never .git, .venv or runs/."""
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    packed: list[str] = []
+    _dir_travel(ROOT, [], lambda p: p.is_file() and packed.append(p.relative_to(ROOT).as_posix()),
+                include_gitignore=True)
+    tops = {p.split("/")[0] for p in packed}  # files only: Ray packs a bare entry for an ignored folder itself
+    assert {"lorafusion", "runtime", "scheduler", "examples", "pyproject.toml"} <= tops
+    assert not tops & {".git", ".venv", "runs"}, sorted(tops)
