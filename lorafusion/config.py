@@ -20,6 +20,7 @@ import yaml
 import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
+from lorafusion.loggers import check_loggers
 from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from lorafusion.validation import is_number
 
@@ -239,6 +240,9 @@ class RunConfig:
     kernels: str = "auto"
     """LoRA layer implementation: 'auto' = fused Triton kernels on CUDA, torch elsewhere; 'triton' = force
     Triton (on CPU only under TRITON_INTERPRET=1, else a clear error); 'torch' = force the torch reference."""
+    loggers: list[str] = field(default_factory=list)
+    """Experiment loggers that also get every job's metrics: any of 'tensorboard', 'wandb', 'mlflow' (each needs
+    its extra, e.g. pip install 'lorafusion[tensorboard]'); where they write: lorafusion/loggers.py."""
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_dir"):
@@ -275,6 +279,7 @@ class RunConfig:
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"run.kernels={self.kernels!r}; choose one of {list(KERNEL_BACKENDS)} "
                              "('auto' picks Triton on CUDA and torch elsewhere)")
+        self.loggers = check_loggers(self.loggers)
         self._check_checkpointing()
 
     def _check_checkpointing(self) -> None:

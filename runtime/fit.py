@@ -21,6 +21,7 @@ import scheduler
 from lorafusion.checkpoint import atomic_write_text, write_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
+from lorafusion.loggers import RunLoggers
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
 from lorafusion.report import read_job_metrics
 from lorafusion.result import FitResult, JobResult
@@ -53,9 +54,9 @@ def _start_output(prepared: PreparedRun, resuming: bool) -> None:
 
 
 class _JobState:
-    def __init__(self, job: PreparedJob, output_dir: str) -> None:
+    def __init__(self, job: PreparedJob, output_dir: str, loggers: RunLoggers | None = None) -> None:
         self.job = job
-        self.metrics = MetricsWriter(output_dir, job.name)
+        self.metrics = MetricsWriter(output_dir, job.name, loggers)
         self.restore(JobProgress())
 
     def restore(self, progress: JobProgress) -> None:
@@ -165,9 +166,9 @@ def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
 
 
 class _Trainer:
-    def __init__(self, prepared: PreparedRun, group: StageGroup) -> None:
+    def __init__(self, prepared: PreparedRun, group: StageGroup, loggers: RunLoggers | None = None) -> None:
         self.prepared, self.run, self.group = prepared, prepared.run, group
-        self.states = {j.name: _JobState(j, prepared.run.output_dir) for j in prepared.jobs}
+        self.states = {j.name: _JobState(j, prepared.run.output_dir, loggers) for j in prepared.jobs}
         self.windows = 0  # windows completed: the checkpoint counter
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
@@ -427,11 +428,12 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
         group_cls, connection = StageGroup, ray_connection(run.pipeline_stages * run.data_parallel)
         progress.note(f"connecting to Ray and starting {run.pipeline_stages * run.data_parallel} stage actor(s); each "
                       "builds its part of the model and the adapters")
-    with connection:
+    loggers = RunLoggers(run.loggers, run.output_dir, {j.name: j.spec.to_dict() for j in prepared.jobs})
+    with connection, contextlib.closing(loggers):
         for attempt in range(run.max_restarts + 1):
             try:
                 with group_cls(run, job_steps, prepared.arch.num_layers) as group:
-                    trainer = _Trainer(prepared, group)
+                    trainer = _Trainer(prepared, group, loggers)
                     trainer.resume_from(resumed)
                     trainer.run_all()
                     result = trainer.result()

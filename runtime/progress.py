@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from lorafusion.loggers import RunLoggers
+
 __all__ = ["MetricsWriter", "Progress"]
 
 
 class MetricsWriter:
-    """Appends JSON lines to <output_dir>/<job>/metrics.jsonl."""
+    """Appends JSON lines to <output_dir>/<job>/metrics.jsonl, and hands each record to the run's loggers."""
 
-    def __init__(self, output_dir: str, job: str) -> None:
+    def __init__(self, output_dir: str, job: str, loggers: RunLoggers | None = None) -> None:
         self.path = Path(output_dir) / job / "metrics.jsonl"
+        self.job, self.loggers = job, loggers
 
     def clear(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +28,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.loggers is not None:
+            self.loggers.log(self.job, record)
 
 
 class Progress:

@@ -74,3 +74,16 @@ def test_dependencies_are_ranges_and_fit_needs_no_extra():
     assert "nvidia-ml-py" in deps and "linux" in deps["nvidia-ml-py"].lower()
     extras = project["optional-dependencies"]
     assert "triton" in " ".join(extras["triton"]) and "ray" not in extras and "scheduler" not in extras
+
+
+def test_each_logger_is_an_extra_named_like_it():
+    """`pip install 'lorafusion[wandb]'` is what the error for a missing logger package tells a user to run."""
+    from lorafusion.loggers import LOGGERS
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = (REPO / "requirements-ci.txt").read_text()
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}  # module -> pip name
+    for module, extra in LOGGERS.values():
+        assert extra in extras and extra in extras["loggers"][0], extra
+        assert any(dep.startswith(packages[module]) for dep in extras[extra]), extras[extra]
+        assert f"\n{packages[module]}==" in pins  # CI tests each one
