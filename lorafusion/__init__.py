@@ -24,12 +24,13 @@ from lorafusion.adapters import (
 )
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
-from lorafusion.result import FitResult, JobResult
+from lorafusion.result import FitInterrupted, FitResult, JobResult
 
 __all__ = [
     "__version__",
     "DoRAConfig",
     "EvalResult",
+    "FitInterrupted",
     "FitResult",
     "JobResult",
     "JobSpec",

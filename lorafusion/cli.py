@@ -35,7 +35,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lorafusion.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, steps=args.steps, cache_dir=args.cache_dir)
+    run_demo(output_dir=args.output_dir, steps=args.steps, cache_dir=args.cache_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default: the demo's own)")
     demo.add_argument("--cache-dir", default=None, help="where the tiny checkpoint is made once (default ~/.cache/lorafusion)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="train from scratch even when the output dir holds a demo run (default: resume it)")
     demo.set_defaults(func=_demo)
 
     plan = sub.add_parser("plan", help="tokenize the jobs' datasets and print the schedule's statistics (no training)")
@@ -145,12 +147,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorafusion.result import FitInterrupted
+
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FitInterrupted as stopped:
+        print(stopped.message, file=sys.stderr)
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ class RunConfig:
     checkpoint_every_steps: int | None = None
     """Checkpoint every this many optimizer steps of a job (all jobs are saved together, at the end of the
     window in which one reaches a multiple of it); a checkpoint is also written at the end. None = only at the end."""
+    checkpoint_every_s: float | None = 600.0
+    """Also checkpoint whenever this many seconds have passed since the last checkpoint (at the end of the window
+    running then), so a crash or Ctrl-C loses at most about this much training; None = by steps only."""
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep in <output_dir>/checkpoints (older ones are deleted)."""
     resume: bool = True
@@ -285,6 +288,10 @@ class RunConfig:
     def _check_checkpointing(self) -> None:
         if self.checkpoint_every_steps is not None:
             _positive_int("run", "checkpoint_every_steps", self.checkpoint_every_steps, "100 (or null: only at the end)")
+        every_s = self.checkpoint_every_s
+        if every_s is not None and (not is_number(every_s) or every_s <= 0):
+            raise ValueError(f"run.checkpoint_every_s={every_s!r} must be a number of seconds > 0, e.g. 600 (or null: "
+                             "checkpoint by steps only)")
         _positive_int("run", "keep_checkpoints", self.keep_checkpoints, "2")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"run.max_restarts={self.max_restarts!r} must be an integer ≥ 0, e.g. max_restarts: 2")

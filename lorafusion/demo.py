@@ -52,14 +52,16 @@ def demo_jobs(steps: int = _DEMO_STEPS) -> list:
     ]
 
 
-def run_demo(*, output_dir: str = "runs/demo", steps: int | None = None, cache_dir: str | None = None):
-    """Train the demo jobs together and print where the adapters are."""
+def run_demo(*, output_dir: str = "runs/demo", steps: int | None = None, cache_dir: str | None = None,
+             overwrite: bool = False):
+    """Train the demo jobs together and print where the adapters are. An output dir holding an interrupted demo
+    resumes it (a finished one says so), unless `overwrite`."""
     import lorafusion as lf
 
     checkpoint = demo_checkpoint(cache_dir)
     # The demo shows the product's runtime: stage actors on an embedded local Ray instance.
     run = lf.RunConfig(base_model=str(checkpoint), output_dir=output_dir, max_tokens_per_microbatch=1024,
-                       log_every_steps=10, overwrite=True, engine="ray")
+                       log_every_steps=10, overwrite=overwrite, engine="ray")
     result = lf.fit(demo_jobs(steps or _DEMO_STEPS), run)
     print("\n" + result.summary())
     return result

@@ -33,7 +33,7 @@ _REPLACED_STEP_DIR = re.compile(r"^\.step-(\d+)\.old$")
 # training state. Every other run field and every job field must match the checkpointed run.
 RESUME_FREE_RUN_FIELDS = frozenset({
     "output_dir", "progress", "log_every_steps", "overwrite", "resume", "checkpoint_every_steps",
-    "keep_checkpoints", "pipeline_stages", "data_parallel", "balance_pipeline", "loggers",
+    "keep_checkpoints", "pipeline_stages", "data_parallel", "balance_pipeline", "loggers", "checkpoint_every_s",
 })
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["JobResult", "FitResult"]
+__all__ = ["JobResult", "FitResult", "FitInterrupted"]
 
 
 @dataclass(kw_only=True)
@@ -59,3 +59,16 @@ class FitResult:
             last = "?" if job.final_loss is None else f"{job.final_loss:.3f}"
             lines.append(f"  {job.name:<{width}} loss {first} → {last}   adapter: {job.adapter_path}")
         return "\n".join(lines)
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """A fit stopped by SIGINT/SIGTERM after writing a checkpoint; running it again resumes there."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.message, self.signum = message, signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum

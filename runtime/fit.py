@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, fields, replace
@@ -24,8 +25,9 @@ from lorafusion.data import Sample
 from lorafusion.loggers import RunLoggers
 from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
 from lorafusion.report import read_job_metrics
-from lorafusion.result import FitResult, JobResult
+from lorafusion.result import FitInterrupted, FitResult, JobResult
 from runtime.engine import LocalGroup, StageLost, choose_engine
+from runtime.interrupt import StopSignals
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
@@ -166,8 +168,10 @@ def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
 
 
 class _Trainer:
-    def __init__(self, prepared: PreparedRun, group: StageGroup, loggers: RunLoggers | None = None) -> None:
+    def __init__(self, prepared: PreparedRun, group: StageGroup, loggers: RunLoggers | None = None,
+                 stop: StopSignals | None = None) -> None:
         self.prepared, self.run, self.group = prepared, prepared.run, group
+        self.stop = stop or StopSignals()  # not entered: never requested
         self.states = {j.name: _JobState(j, prepared.run.output_dir, loggers) for j in prepared.jobs}
         self.windows = 0  # windows completed: the checkpoint counter
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
@@ -175,6 +179,7 @@ class _Trainer:
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress,
                                  variants={j.name: j.spec.adapter.type for j in prepared.jobs})
         self.start = time.perf_counter()
+        self.last_checkpoint_s = self.start
         self.total_tokens = 0
         self.tokens: dict[tuple[str, int], int] = {}  # (job, step) -> tokens, for global batches sent, not stepped
         self.microbatches = 0
@@ -215,7 +220,7 @@ class _Trainer:
         evaluate and checkpoint where a drained window brings the jobs to those points."""
         sent: deque[tuple[_WindowPlan, list]] = deque()
         planner = self._new_planner()
-        while any(s.plannable for s in self.states.values()):
+        while any(s.plannable for s in self.states.values()) and not self.stop.requested:
             planned, boundary, planner = self._plan_next(planner)
             sent.append((planned, self.group.submit_window(planned.window)))
             while len(sent) > (0 if planned.window.flush else 1):
@@ -223,9 +228,25 @@ class _Trainer:
             if planned.window.flush:
                 planner = self._new_planner()  # a drained stream starts again without carry-over
                 self._at_boundary(*boundary)
+        if self.stop.requested:
+            self._stop(sent)
         self._evaluate([s for s in self.states.values()
                         if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
         self.checkpoint()
+
+    def _stop(self, sent: deque[tuple[_WindowPlan, list]]) -> None:
+        """After SIGINT/SIGTERM: finish the window in flight, drain the pipeline (an empty window), checkpoint
+        every job where it stands, and raise FitInterrupted."""
+        while sent:
+            planned, calls = sent.popleft()
+            self._collect(planned, calls)
+            if not planned.window.flush:
+                drain = Window(slots=[[] for _ in range(self.run.data_parallel)], flush=True)
+                self._collect(_WindowPlan(window=drain, tokens={}, microbatches=0), self.group.submit_window(drain))
+        path = self.checkpoint()
+        steps = ", ".join(f"{name} {state.step}/{state.job.total_steps}" for name, state in self.states.items())
+        raise FitInterrupted(f"stopped by {signal.Signals(self.stop.signum).name} at steps {steps}; checkpoint "
+                             f"{path}; run the same command again to resume from it", self.stop.signum)
 
     @property
     def _layout(self) -> tuple[int, int]:
@@ -250,7 +271,7 @@ class _Trainer:
         for state in active:
             state.planned = window_steps[state.job.name].stop
         evaluate = [s for s in active if s.eval_every and s.planned % s.eval_every == 0]
-        checkpoint = bool(every) and any(s.planned % every == 0 for s in active)
+        checkpoint = (bool(every) and any(s.planned % every == 0 for s in active)) or self._checkpoint_due()
         last = not any(s.plannable for s in self.states.values())
         flush = bool(evaluate) or checkpoint or last
         jobs = scheduler_jobs(self.prepared.jobs, window_steps)
@@ -275,12 +296,19 @@ class _Trainer:
         if checkpoint:
             self.checkpoint()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
         progress = {name: state.progress() for name, state in self.states.items()}
         staging = begin_checkpoint(self.run.output_dir, self.windows)
         self.group.save_shards(staging, progress)
-        commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages, self._stream)
+        self.last_checkpoint_s = time.perf_counter()
+        return commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages,
+                                 self._stream)
+
+    def _checkpoint_due(self) -> bool:
+        """run.checkpoint_every_s has passed since the last checkpoint (or the start)."""
+        every = self.run.checkpoint_every_s
+        return every is not None and time.perf_counter() - self.last_checkpoint_s >= every
 
     def _window_steps(self, active: list[_JobState]) -> int:
         """Global batches per job in the next window (`planning.window_size`)."""
@@ -429,16 +457,21 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
         progress.note(f"connecting to Ray and starting {run.pipeline_stages * run.data_parallel} stage actor(s); each "
                       "builds its part of the model and the adapters")
     loggers = RunLoggers(run.loggers, run.output_dir, {j.name: j.spec.to_dict() for j in prepared.jobs})
-    with connection, contextlib.closing(loggers):
+    with connection, contextlib.closing(loggers), StopSignals(progress.note) as stop:
         for attempt in range(run.max_restarts + 1):
             try:
                 with group_cls(run, job_steps, prepared.arch.num_layers) as group:
-                    trainer = _Trainer(prepared, group, loggers)
+                    trainer = _Trainer(prepared, group, loggers, stop)
                     trainer.resume_from(resumed)
                     trainer.run_all()
                     result = trainer.result()
                 break
             except StageLost as lost:
+                if stop.requested:  # the signal reached the stage processes too: what the last checkpoint holds stays
+                    last = open_checkpoint(prepared)
+                    where = f"checkpoint {last.path}" if last is not None else "the start (no checkpoint yet)"
+                    raise FitInterrupted(f"stopped by {signal.Signals(stop.signum).name} ({lost}); run the same "
+                                         f"command again to resume from {where}", stop.signum) from None
                 if attempt == run.max_restarts:
                     raise RuntimeError(f"{lost}; gave up after {run.max_restarts} restart(s) (run.max_restarts)") from lost
                 resumed = open_checkpoint(prepared)

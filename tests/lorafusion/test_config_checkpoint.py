@@ -25,6 +25,7 @@ def jobs(tmp_path: Path, **fields) -> list[lf.JobSpec]:
 def test_defaults(tmp_path):
     config = run(tmp_path)
     assert (config.checkpoint_every_steps, config.keep_checkpoints, config.resume) == (None, 2, True)
+    assert config.checkpoint_every_s == 600  # on by default: a crash or Ctrl-C loses at most ~10 minutes
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -34,6 +35,8 @@ def test_defaults(tmp_path):
     ("checkpoint_every_steps", True, "run.checkpoint_every_steps=True"),
     ("keep_checkpoints", 0, "run.keep_checkpoints=0 must be a positive integer, e.g. keep_checkpoints: 2"),
     ("keep_checkpoints", None, "run.keep_checkpoints=None"),
+    ("checkpoint_every_s", 0, "run.checkpoint_every_s=0 must be a number of seconds > 0, e.g. 600 (or null"),
+    ("checkpoint_every_s", "10m", "run.checkpoint_every_s='10m' must be a number of seconds"),
     ("resume", "yes", "run.resume='yes' must be true or false"),
     ("resume", 1, "run.resume=1 must be true or false"),
 ])

@@ -20,3 +20,7 @@ def test_demo_trains_every_job(tmp_path, capsys):
         assert len(losses) == 6 and losses[-1] < losses[0], (job, losses)
         assert f"adapter: {out / job / 'adapter'}" in printed
     assert (tmp_path / "cache" / "tiny-llama-demo" / "config.json").is_file()
+
+    # the same command again: the run is complete, nothing trains
+    assert main(["demo", "--steps", "6", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "already holds this run, complete: nothing to train" in capsys.readouterr().out

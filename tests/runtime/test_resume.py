@@ -3,12 +3,14 @@ killed and it is started again (resume), and after a stage actor dies (the drive
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 
 import lorafusion as lf
 from runtime.backend import ACTOR_PREFIX
+from runtime.checkpointing import read_driver_state, read_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 STEPS = 24  # windows take ~0.1 s here: enough of them that the interruption lands mid-run
@@ -138,3 +141,80 @@ def test_dead_stage_actor_restarts_from_the_checkpoint(straight, train_checkpoin
     assert "a stage actor died" in printed and "restarting the stage group from checkpoint" in printed
     assert all(job.status == "finished" for job in result.jobs.values())
     assert_same(adapters(out), straight["adapters"])
+
+
+def _session_members(session: int) -> dict[int, str]:
+    """pid -> command line of every process of a session (read from /proc): what a process started with
+    start_new_session leaves behind (Ray's processes stay in the session of the driver that started them)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[3]) == session:  # field 6: the session id
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def interrupt_driver(config: Path, out: Path, env_changes: dict[str, str | None], sig: int) -> tuple[int, str, int]:
+    """Run `lorafusion train config` in a session of its own, send `sig` to its whole process group (as a terminal
+    does for Ctrl-C) once a few steps are done; its exit code, stderr and session id."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for key, value in env_changes.items():
+        env.pop(key, None) if value is None else env.__setitem__(key, value)
+    driver = subprocess.Popen([sys.executable, "-m", "lorafusion.cli", "train", str(config)], env=env, cwd=root,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "greet" / "metrics.jsonl"
+    try:
+        wait_for(lambda: (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) or driver.poll() is not None)
+        os.killpg(driver.pid, sig)
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    return driver.returncode, stderr, driver.pid
+
+
+@pytest.mark.parametrize("engine, sig", [("local", signal.SIGINT), ("ray", signal.SIGTERM)])
+def test_signal_checkpoints_stops_everything_and_the_same_command_resumes(straight, train_checkpoint, examples_data,
+                                                                          tmp_path, engine, sig):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM mid-run: the fit finishes the window in flight, writes a
+    checkpoint where it stands, stops every process it started (its own Ray instance included), says where it
+    stopped and exits 130/143; the same command then ends with the uninterrupted fit's adapters and metrics."""
+    out = tmp_path / "run"
+    config = tmp_path / "jobs.yaml"
+    run = run_config(train_checkpoint, out, engine=engine).to_dict()
+    config.write_text(yaml.safe_dump({"run": run, "jobs": [job.to_dict() for job in jobs(examples_data)]}))
+    code, stderr, session = interrupt_driver(config, out, {"RAY_ADDRESS": None}, sig)
+    assert code == 128 + sig, stderr[-3000:]
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} at steps greet " in stderr and "run the same command again to resume" in stderr, stderr
+    steps = int(stderr.split("at steps greet ")[1].split("/")[0])
+    assert 3 <= steps < STEPS, stderr
+    assert read_driver_state(out / "checkpoints" / checkpoints(out)[-1], "greet")["step"] == steps  # where it stopped
+
+    wait_for(lambda: not _session_members(session), timeout_s=10)  # nothing the fit started outlives it
+    result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine=engine))
+    assert all(job.status == "finished" for job in result.jobs.values())
+    assert_same(adapters(out), straight["adapters"])
+    for job, text in straight["metrics"].items():
+        got = [line.split(",")[0] for line in (out / job / "metrics.jsonl").read_text().splitlines()]
+        assert got == [line.split(",")[0] for line in text.splitlines()], f"{job}: metrics lines lost or repeated"
+
+
+@pytest.mark.parametrize("every_s, expected", [(1e-9, "one per window"), (None, "one at the end")])
+def test_checkpoints_on_a_time_interval(train_checkpoint, examples_data, tmp_path, monkeypatch, every_s, expected):
+    """run.checkpoint_every_s: a checkpoint at the end of the first window after the interval has passed (here:
+    every window), on top of the one at the end."""
+    monkeypatch.setattr(importlib.import_module("runtime.fit"), "_MAX_STEPS_PER_WINDOW", 1)
+    out = tmp_path / "run"
+    short = [replace(job, max_steps=3) for job in jobs(examples_data)]
+    run = replace(run_config(train_checkpoint, out, engine="local", checkpoint_every_s=every_s, keep_checkpoints=50),
+                  checkpoint_every_steps=None)
+    lf.fit(short, run)
+    saved = checkpoints(out)
+    windows = read_manifest(out / "checkpoints" / saved[-1], verify=False)["step"]
+    assert len(saved) == (windows if every_s else 1), saved
