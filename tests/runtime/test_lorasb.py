@@ -44,6 +44,19 @@ def _best_rank_r(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
     return u[:, :r] @ torch.diag(s[:r]) @ vh[:r], s
 
 
+def test_yaml_type_lorasb(tmp_path):
+    """`type: lorasb` in a jobs YAML; alpha left out is rank (s = 1), and the config round-trips through its dict."""
+    (tmp_path / "jobs.yaml").write_text(
+        "run: {base_model: m, output_dir: out}\n"
+        "jobs:\n  - {name: sb, dataset: d.jsonl,\n"
+        "     adapter: {type: lorasb, rank: 4, init_batches: 2, init_scale: 1e-5}}\n")
+    jobs, _ = lf.load_config(tmp_path / "jobs.yaml")
+    config = jobs[0].adapter
+    assert isinstance(config, lf.LoRASBConfig) and config.init_pass_batches == 2 and config.init_scale == 1e-5
+    assert (config.alpha, config.scaling) == (4.0, 1.0)
+    assert lf.JobSpec(name="sb", dataset="d.jsonl", adapter=config.to_dict()).adapter == config
+
+
 @pytest.mark.parametrize("shape", [(40, 60), (33, 17)])
 def test_init_is_the_best_rank_r_approximation_of_the_sign_step(shape):
     """s·B R₀ A = trunc_r(−init_scale·sign(G)) (Eckart–Young: the residual is the tail singular values), with
@@ -86,7 +99,8 @@ def test_same_gradient_and_config_give_bit_identical_factors():
     """The Fed-SB contract: A, B, R₀ depend on the gradient and the config only, not on the job's seed."""
     grad = torch.randn(24, 36, generator=torch.Generator().manual_seed(3))
     config = lf.LoRASBConfig(rank=3, init_scale=1e-2)
-    one, two = _initialised(config, grad, seed=10), _initialised(lf.LoRASBConfig(rank=3, init_scale=1e-2), grad, seed=11)
+    one = _initialised(config, grad, seed=10)
+    two = _initialised(lf.LoRASBConfig(rank=3, init_scale=1e-2), grad, seed=11)
     for name in ("lorasb_A", "lorasb_B", "lorasb_R"):
         assert torch.equal(getattr(one, name), getattr(two, name)), name
 
@@ -204,7 +218,8 @@ def test_fit_starts_from_the_init_trains_r_and_exports_a_plain_lora(train_checkp
     samples = load_jsonl_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
     modules = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
     grads = _hf_weight_grads(train_checkpoint, samples, modules, load_hf_model)
-    start = peft.get_peft_model(load_hf_model(train_checkpoint), peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets))
+    start = peft.get_peft_model(load_hf_model(train_checkpoint),
+                                peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets))
     named = dict(start.named_parameters())
     with torch.no_grad():
         for module in modules:
