@@ -22,6 +22,7 @@ from lorafusion.adapters import (
     UniLoRAConfig,
     VeRAConfig,
 )
+from lorafusion.adapters import BlockLoRAConfig, DyLoRAConfig, MatryoshkaLoRAConfig
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitResult, JobResult
@@ -41,6 +42,9 @@ __all__ = [
     "SHiRAConfig",
     "UniLoRAConfig",
     "VeRAConfig",
+    "DyLoRAConfig",
+    "MatryoshkaLoRAConfig",
+    "BlockLoRAConfig",
     "evaluate",
     "fit",
     "load_config",
