@@ -5,11 +5,12 @@ base GEMM over all rows, then adds each job's low-rank update to its own rows on
 several HF modules fused into one megatron layer (q/k/v → linear_qkv, gate/up → linear_fc1) gets one
 low-rank product: A_eff stacks the A's, B_eff places each B into that module's output rows.
 
-Each job's (A_eff, B_eff) is built once per optimizer step, in the compute dtype (`_JobFactors`), not per
-microbatch: the microbatches' gradients with respect to them are summed in fp32 and handed back through the
-factors' construction to the job's parameters by `collect_grads`, which the optimizer step calls first. A
-variant may add a per-column scale of the job's rows (DoRA: y = c ⊙ (x Wᵀ + update) + bias), cached the same
-way; a variant of its own shape (SHiRA, RandLoRA: `forward_delta`) adds its update to its rows after the node.
+Each job's (A_eff, B_eff) is built once per optimizer step (and apart for evaluation, where a variant may compute
+otherwise), in the compute dtype (`_JobFactors`), not per microbatch: the microbatches' gradients with respect to
+them are summed in fp32 and handed back through the factors' construction to the job's parameters by
+`collect_grads`, which the optimizer step calls first. A variant may add a per-column scale of the job's rows
+(DoRA: y = c ⊙ (x Wᵀ + update) + bias), cached the same way; a variant of its own shape (SHiRA, RandLoRA:
+`forward_delta`) adds its update to its rows after the node.
 
 Two paths compute the same thing (`kernels`, see RunConfig.kernels): on CUDA the fused Triton
 multi-adapter op (lorafusion.ops), which runs the base GEMM and every job's update in one pass; elsewhere
@@ -166,7 +167,7 @@ class MultiAdapterLinear(nn.Module):
         self._factors: dict[str, _JobFactors] = {}  # job key -> its factors of the current optimizer step
         # job key -> its factors at evaluation, kept apart: a variant may compute otherwise there (DyLoRA and
         # MatryoshkaLoRA at their export rank), and an evaluation between a job's microbatches must leave the
-        # training factors and the gradients they owe alone
+        # training factors and the gradients they owe alone (evaluation runs without gradients)
         self._eval_factors: dict[str, _JobFactors] = {}
         self.train(base.training)  # wrapping a layer keeps the model's mode
 
