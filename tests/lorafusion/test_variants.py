@@ -390,6 +390,8 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "matryoshka", "train_ranks": [4, 2]}, r"train_ranks=\[4, 2\] must be strictly increasing"),
     ({"type": "matryoshka", "train_ranks": []}, r"train_ranks=\[\] must be a non-empty list"),
     ({"type": "matryoshka", "train_ranks": [0, 2]}, r"train_ranks=0 must be a positive integer"),
+    ({"type": "matryoshka", "train_ranks": 4}, r"train_ranks=4 must be a non-empty list of ranks"),
+    ({"type": "matryoshka", "train_ranks": [1, 2], "export_rank": True}, r"export_rank=True must be a positive integer"),
     ({"type": "matryoshka", "scale": "log"}, r"scale='log' is not one of \['none', 'rank', 'sqrt'\]"),
     ({"type": "matryoshka", "train_ranks": [2, 4], "export_rank": 3}, r"export_rank=3 is not a train rank; .*\[2, 4\]"),
     ({"type": "matryoshka", "rank": 8}, r"unknown field\(s\) \['rank'\] for type 'matryoshka'"),

@@ -39,8 +39,6 @@ class MatryoshkaLoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         ranks = self.train_ranks
-        if isinstance(ranks, int) and not isinstance(ranks, bool):
-            self.train_ranks = ranks = [ranks]
         if not isinstance(ranks, (list, tuple)) or not ranks:
             raise ValueError(f"adapter.train_ranks={ranks!r} must be a non-empty list of ranks, "
                              "e.g. train_ranks: [4, 8, 16]")
@@ -50,10 +48,11 @@ class MatryoshkaLoRAConfig(AdapterConfig):
             raise ValueError(f"adapter.train_ranks={list(ranks)} must be strictly increasing, "
                              f"e.g. train_ranks: {sorted(set(ranks))}")
         self.train_ranks = list(ranks)
-        if self.scale not in _SCALES:
+        if not isinstance(self.scale, str) or self.scale not in _SCALES:
             raise ValueError(f"adapter.scale={self.scale!r} is not one of {list(_SCALES)}, e.g. scale: none")
         if self.export_rank is None:
             self.export_rank = self.rank
+        check_positive_int("adapter.export_rank", self.export_rank, str(self.rank))
         if self.export_rank not in self.train_ranks:
             raise ValueError(f"adapter.export_rank={self.export_rank!r} is not a train rank; use one of "
                              f"{self.train_ranks}")
