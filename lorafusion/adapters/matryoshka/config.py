@@ -18,8 +18,8 @@ _SCALES = {"none": lambda t: 1.0, "rank": lambda t: 1.0 / t, "sqrt": lambda t: 1
 
 @dataclass(kw_only=True)
 class MatryoshkaLoRAConfig(AdapterConfig):
-    """Trains ΔW = Σ_{t ∈ train_ranks} scale(t) · B[:, :t] A[:t], written as the authors' 'diag' form with its fixed
-    diagonal P: ΔW = B diag(P) A, P[i] = Σ_{t ∈ train_ranks, t > i} scale(t) (their Algorithm 1; the sum has no
+    """Trains ΔW = Σ_{t ∈ train_ranks} scale(t) · B[:, :t] A[:t], written as the authors' 'diag' form with its
+    fixed diagonal P: ΔW = B diag(P) A, P[i] = Σ_{t ∈ train_ranks, t > i} scale(t) (their Algorithm 1; the sum has no
     1/|T|, unlike their 'binary' form, which is not offered). At evaluation and in the export the adapter is used at
     `export_rank`: scale(t) · B[:, :t] A[:t], a plain LoRA of rank t with alpha t·scale(t).
     Init as the authors' code (IST-DASLab/MatryoshkaLoRA): Kaiming-uniform of their A [in, rank], whose fan-in is
