@@ -34,6 +34,7 @@ variant (and one for the mixed fit) goes to benchmarks/results/variants.csv, wit
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -189,6 +190,10 @@ VARIANT_CONFIGS = {
     "unilora": lambda r: lf.UniLoRAConfig(rank=r, theta_dim=1 << 15, dropout=0.05),
     "loraga": lambda r: lf.LoRAGAConfig(rank=r, alpha=2 * r, dropout=0.05, init_batches=2),
     "lorasb": lambda r: lf.LoRASBConfig(rank=r, dropout=0.05, init_batches=2),
+    "dylora": lambda r: lf.DyLoRAConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "matryoshka": lambda r: lf.MatryoshkaLoRAConfig(train_ranks=sorted({1 << i for i in range(r.bit_length())} | {r}),
+                                                    dropout=0.05),
+    "blocklora": lambda r: lf.BlockLoRAConfig(rank=r, alpha=2 * r, blocks=math.gcd(r, 8), dropout=0.05),
 }
 
 

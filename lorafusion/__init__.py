@@ -23,6 +23,7 @@ from lorafusion.adapters import (
     UniLoRAConfig,
     VeRAConfig,
 )
+from lorafusion.adapters import BlockLoRAConfig, DyLoRAConfig, MatryoshkaLoRAConfig
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitInterrupted, FitResult, JobResult
@@ -44,6 +45,9 @@ __all__ = [
     "SHiRAConfig",
     "UniLoRAConfig",
     "VeRAConfig",
+    "DyLoRAConfig",
+    "MatryoshkaLoRAConfig",
+    "BlockLoRAConfig",
     "evaluate",
     "fit",
     "load_config",

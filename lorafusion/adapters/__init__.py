@@ -17,6 +17,9 @@ from lorafusion.adapters.registry import (
 from lorafusion.adapters.shira import SHiRAConfig, SHiRALayer
 from lorafusion.adapters.unilora import UniLoRAConfig, UniLoRALayer, UniLoRAShared
 from lorafusion.adapters.vera import VeRAConfig, VeRALayer, VeRAShared
+from lorafusion.adapters.dylora import DyLoRAConfig, DyLoRALayer, DyLoRAShared
+from lorafusion.adapters.matryoshka import MatryoshkaLoRAConfig, MatryoshkaLoRALayer
+from lorafusion.adapters.blocklora import BlockLoRAConfig, BlockLoRALayer
 
 register_adapter(name="lora", config_cls=LoRAConfig, layer_cls=LoRALayer)
 register_adapter(name="rslora", config_cls=RsLoRAConfig, layer_cls=LoRALayer)
@@ -27,6 +30,9 @@ register_adapter(name="randlora", config_cls=RandLoRAConfig, layer_cls=RandLoRAL
 register_adapter(name="shira", config_cls=SHiRAConfig, layer_cls=SHiRALayer)
 register_adapter(name="unilora", config_cls=UniLoRAConfig, layer_cls=UniLoRALayer, shared_cls=UniLoRAShared)
 register_adapter(name="lorasb", config_cls=LoRASBConfig, layer_cls=LoRASBLayer)
+register_adapter(name="dylora", config_cls=DyLoRAConfig, layer_cls=DyLoRALayer, shared_cls=DyLoRAShared)
+register_adapter(name="matryoshka", config_cls=MatryoshkaLoRAConfig, layer_cls=MatryoshkaLoRALayer)
+register_adapter(name="blocklora", config_cls=BlockLoRAConfig, layer_cls=BlockLoRALayer)
 
 __all__ = [
     "TARGET_MODULES",
@@ -42,6 +48,9 @@ __all__ = [
     "SHiRAConfig",
     "UniLoRAConfig",
     "VeRAConfig",
+    "DyLoRAConfig",
+    "MatryoshkaLoRAConfig",
+    "BlockLoRAConfig",
     "adapter_config_from_dict",
     "config_from_peft",
     "get_variant",

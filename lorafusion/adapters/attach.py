@@ -116,7 +116,7 @@ class ModelAdapters:
 
     def shared_parameters(self, name: str) -> list[nn.Parameter]:
         """The job's trainable tensors shared by all its layers (every pipeline stage holds a copy)."""
-        return list(self.shared[name].parameters()) if name in self.shared else []
+        return [p for p in self.shared[name].parameters() if p.requires_grad] if name in self.shared else []
 
     def transform_grads(self, name: str) -> None:
         """Run the job's layers' gradient hooks (AdapterLayer.transform_grads) once its gradients are complete."""

@@ -5,11 +5,12 @@ base GEMM over all rows, then adds each job's low-rank update to its own rows on
 several HF modules fused into one megatron layer (q/k/v → linear_qkv, gate/up → linear_fc1) gets one
 low-rank product: A_eff stacks the A's, B_eff places each B into that module's output rows.
 
-Each job's (A_eff, B_eff) is built once per optimizer step, in the compute dtype (`_JobFactors`), not per
-microbatch: the microbatches' gradients with respect to them are summed in fp32 and handed back through the
-factors' construction to the job's parameters by `collect_grads`, which the optimizer step calls first. A
-variant may add a per-column scale of the job's rows (DoRA: y = c ⊙ (x Wᵀ + update) + bias), cached the same
-way; a variant of its own shape (SHiRA, RandLoRA: `forward_delta`) adds its update to its rows after the node.
+Each job's (A_eff, B_eff) is built once per optimizer step (and apart for evaluation, where a variant may compute
+otherwise), in the compute dtype (`_JobFactors`), not per microbatch: the microbatches' gradients with respect to
+them are summed in fp32 and handed back through the factors' construction to the job's parameters by
+`collect_grads`, which the optimizer step calls first. A variant may add a per-column scale of the job's rows
+(DoRA: y = c ⊙ (x Wᵀ + update) + bias), cached the same way; a variant of its own shape (SHiRA, RandLoRA:
+`forward_delta`) adds its update to its rows after the node.
 
 Two paths compute the same thing (`kernels`, see RunConfig.kernels): on CUDA the fused Triton
 multi-adapter op (lorafusion.ops), which runs the base GEMM and every job's update in one pass; elsewhere
@@ -164,6 +165,11 @@ class MultiAdapterLinear(nn.Module):
         self.batch = batch
         self.adapters = nn.ModuleDict()  # job key -> ModuleDict(target -> AdapterLayer)
         self._factors: dict[str, _JobFactors] = {}  # job key -> its factors of the current optimizer step
+        # job key -> its factors at evaluation, kept apart: a variant may compute otherwise there (DyLoRA and
+        # MatryoshkaLoRA at their export rank), and an evaluation between a job's microbatches must leave the
+        # training factors and the gradients they owe alone (evaluation runs without gradients)
+        self._eval_factors: dict[str, _JobFactors] = {}
+        self.train(base.training)  # wrapping a layer keeps the model's mode
 
     @property
     def weight(self) -> torch.Tensor:
@@ -173,18 +179,19 @@ class MultiAdapterLinear(nn.Module):
         key = job_key(job)
         if key not in self.adapters:
             self.adapters[key] = nn.ModuleDict()
-        self.adapters[key][target] = layer
-        self._factors.pop(key, None)
+        self.adapters[key][target] = layer.train(self.training)  # the wrapper's mode (a variant may compute by it)
+        self.drop_factors(job)
 
     def remove_adapter(self, job: str) -> None:
         key = job_key(job)
         if key in self.adapters:
             del self.adapters[key]
-        self._factors.pop(key, None)
+        self.drop_factors(job)
 
     def drop_factors(self, job: str) -> None:
         """Forget the job's cached factors (after a load); its next microbatch rebuilds them."""
         self._factors.pop(job_key(job), None)
+        self._eval_factors.pop(job_key(job), None)
 
     def computes_by_factors(self, job: str) -> bool:
         """Whether the job's variant runs through the fused low-rank path (else its layers' forward_delta)."""
@@ -222,18 +229,20 @@ class MultiAdapterLinear(nn.Module):
         return a_eff, b_eff, p, c_eff
 
     def factors(self, job: str, dtype: torch.dtype) -> _JobFactors:
-        """The job's factors in `dtype`, rebuilt only when a parameter changed (an optimizer step, a load)."""
+        """The job's factors in `dtype` in the current mode (training or evaluation, cached apart), rebuilt only when
+        a parameter changed (an optimizer step, a load)."""
         key = job_key(job)
-        cached = self._factors.get(key)
+        cache = self._factors if self.training else self._eval_factors
+        cached = cache.get(key)
         if cached is not None and cached.versions == cached.current_versions() and cached.a.dtype == dtype:
             return cached
-        if cached is not None:
+        if cached is not None and self.training:
             self.collect_grads(job)  # gradients owed to the parameters as they were
         with torch.no_grad():
             a, b, p, c = self.job_factors(job, dtype)
         watched = dict.fromkeys(q for layer in self.adapters[key].values() for q in layer.watched_parameters())
-        self._factors[key] = _JobFactors((a, b, c), p, list(watched))
-        return self._factors[key]
+        cache[key] = _JobFactors((a, b, c), p, list(watched))
+        return cache[key]
 
     def collect_grads(self, job: str) -> None:
         """Add the job's gradient sums since the last call to its parameters' .grad (through the factors'

@@ -41,6 +41,13 @@ VARIANTS = {
     "loraga": lambda: lf.LoRAGAConfig(rank=2, alpha=3, target_modules=ALL_TARGETS),
     "unilora_spare_theta": lambda: lf.UniLoRAConfig(rank=3, theta_dim=1000, target_modules=["q_proj"]),  # > 768 used
     "lorasb": lambda: lf.LoRASBConfig(rank=3, alpha=5, init_scale=1e-3, target_modules=ALL_TARGETS),
+    "dylora": lambda: lf.DyLoRAConfig(rank=5, alpha=7, export_rank=3, target_modules=ALL_TARGETS),
+    "dylora_unfrozen": lambda: lf.DyLoRAConfig(rank=4, alpha=3, frozen=False, target_modules=["k_proj", "down_proj"]),
+    "matryoshka": lambda: lf.MatryoshkaLoRAConfig(train_ranks=[1, 2, 4], scale="sqrt", export_rank=2,
+                                                  target_modules=ALL_TARGETS),
+    "matryoshka_rank_scale": lambda: lf.MatryoshkaLoRAConfig(train_ranks=[2, 3, 6], scale="rank",
+                                                             target_modules=["q_proj", "up_proj"]),
+    "blocklora": lambda: lf.BlockLoRAConfig(rank=6, alpha=5, blocks=3, target_modules=ALL_TARGETS),
 }
 PEFT_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=ALL_TARGETS),
@@ -59,7 +66,9 @@ PEFT_CONFIGS = {
 }
 FAMILY = {"unilora_spare_theta": "llama", "loraga": "llama", "lora": "qwen2", "rslora": "mistral", "dora": "qwen2", "vera": "llama", "randlora": "qwen2",
           "randlora_sparse": "llama", "shira": "mistral", "shira_default_seed": "llama", "unilora": "qwen2",
-          "lorasb": "qwen2"}
+          "lorasb": "qwen2",
+          "dylora": "qwen2", "dylora_unfrozen": "llama", "matryoshka": "llama", "matryoshka_rank_scale": "mistral",
+          "blocklora": "mistral"}
 
 
 def finish_init_passes(layers, seed: int) -> None:
@@ -109,6 +118,21 @@ def _reference_module(layer, x: torch.Tensor, w: torch.Tensor, bias: torch.Tenso
         return base + (x @ a.t()) @ b.t()
     if cfg.type == "lorasb":
         return base + cfg.scaling * ((x @ layer.lorasb_A.t()) @ layer.lorasb_R.t()) @ layer.lorasb_B.t()
+    if cfg.type == "dylora":  # the step's rank b; frozen: the first b - 1 components detached
+        r = int(layer.shared.dylora_rank) if layer.training else cfg.export_rank
+        a, b = layer.lora_A[:r], layer.lora_B[:, :r]
+        if cfg.frozen and layer.training:
+            a = torch.cat([a[:r - 1].detach(), a[r - 1:]])
+            b = torch.cat([b[:, :r - 1].detach(), b[:, r - 1:]], dim=1)
+        return base + cfg.alpha / r * (x @ a.t()) @ b.t()
+    if cfg.type == "matryoshka":  # training: the sum of the nested sub-adapters; evaluation: the export rank's
+        scale = {"none": lambda t: 1.0, "rank": lambda t: 1.0 / t, "sqrt": lambda t: t ** -0.5}[cfg.scale]
+        ranks = cfg.train_ranks if layer.training else [cfg.export_rank]
+        a, b = layer.lora_A, layer.lora_B
+        return base + sum(scale(t) * (x @ a[:t].t()) @ b[:, :t].t() for t in ranks)
+    if cfg.type == "blocklora":  # every up-projection block B_i on the one shared down-projection A_s
+        a = layer.lora_A
+        return base + cfg.alpha / cfg.rank * sum((x @ a.t()) @ b_i.t() for b_i in layer.lora_B)
     raise AssertionError(cfg.type)
 
 
@@ -162,7 +186,7 @@ def _site(variant: str, seed: int = 0):
     finish_init_passes([layer for job in site.adapters.values() for layer in job.values()], seed)
     params = [p for job in site.adapters.values() for p in job.parameters() if p.requires_grad]
     if shared is not None:
-        params += list(shared.parameters())
+        params += [p for p in shared.parameters() if p.requires_grad]
     perturb(params, seed + 1, std=0.2)
     return site, shared, params
 
@@ -369,6 +393,19 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "lorasb", "init_batches": 0}, r"init_batches=0 must be a positive integer"),
     ({"type": "lorasb", "init_scale": "big"}, r"init_scale='big' must be a positive number"),
     ({"type": "lorasb", "init_scale": -1e-6}, r"init_scale=-1e-06 must be a positive number"),
+    ({"type": "dylora", "rank": 4, "export_rank": 5}, r"export_rank=5 is larger than adapter.rank=4"),
+    ({"type": "dylora", "export_rank": 0}, r"export_rank=0 must be a positive integer"),
+    ({"type": "dylora", "frozen": "yes"}, r"frozen='yes' must be true or false"),
+    ({"type": "matryoshka", "train_ranks": [4, 2]}, r"train_ranks=\[4, 2\] must be strictly increasing"),
+    ({"type": "matryoshka", "train_ranks": []}, r"train_ranks=\[\] must be a non-empty list"),
+    ({"type": "matryoshka", "train_ranks": [0, 2]}, r"train_ranks=0 must be a positive integer"),
+    ({"type": "matryoshka", "train_ranks": 4}, r"train_ranks=4 must be a non-empty list of ranks"),
+    ({"type": "matryoshka", "train_ranks": [1], "export_rank": True}, r"export_rank=True must be a positive"),
+    ({"type": "matryoshka", "scale": "log"}, r"scale='log' is not one of \['none', 'rank', 'sqrt'\]"),
+    ({"type": "matryoshka", "train_ranks": [2, 4], "export_rank": 3}, r"export_rank=3 is not a train rank; .*\[2, 4\]"),
+    ({"type": "matryoshka", "rank": 8}, r"unknown field\(s\) \['rank'\] for type 'matryoshka'"),
+    ({"type": "blocklora", "blocks": 0}, r"blocks=0 must be a positive integer"),
+    ({"type": "blocklora", "rank": 6, "blocks": 4}, r"blocks=4 does not divide adapter.rank=6; .* \[1, 2, 3, 6\]"),
 ])
 def test_bad_variant_fields_are_named(adapter, message, tiny_checkpoints):
     with pytest.raises(ValueError, match=message):
