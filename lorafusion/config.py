@@ -21,6 +21,7 @@ import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
 from lorafusion.data.dataset import check_fields
+from lorafusion.hub import is_hub_id
 from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from lorafusion.validation import is_number
 
@@ -193,7 +194,8 @@ class RunConfig:
     """Settings shared by every job of one fit."""
 
     base_model: str
-    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json)."""
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json), or an HF Hub id (org/name) resolved
+    through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only); a folder that exists wins."""
     output_dir: str
     """Where adapters, metrics and checkpoints go: <output_dir>/<job>/adapter, ..."""
     max_tokens_per_microbatch: int = 4096
@@ -403,7 +405,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[l
     base = path.parent
     for key in ("base_model", "output_dir"):
         if key in run_data and isinstance(run_data[key], str) and not Path(run_data[key]).is_absolute():
-            run_data[key] = os.path.normpath(base / run_data[key])
+            local = os.path.normpath(base / run_data[key])
+            # a base_model that is no folder next to the YAML, shaped like org/name, is an HF Hub id: kept as written
+            if key == "output_dir" or Path(local).exists() or not is_hub_id(run_data[key]):
+                run_data[key] = local
     run = RunConfig(**run_data)
     jobs = []
     for i, job in enumerate(job_list):

@@ -179,9 +179,9 @@ def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
     out = Path(run.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"run.output_dir '{out}' is a file; choose a directory path")
-    inputs = [("base_model", run.base_model)] + [
-        (f"job '{j.name}' dataset", p) for j in jobs for p in (j.dataset, j.eval_dataset) if p is not None
-    ]
+    inputs = [(f"job '{j.name}' dataset", p) for j in jobs for p in (j.dataset, j.eval_dataset) if p is not None]
+    if Path(run.base_model).exists():  # a Hub id's snapshot is in the HF cache, not among the user's paths
+        inputs.insert(0, ("base_model", run.base_model))
     for what, path in inputs:
         if _inside(path, out.resolve()):
             raise ValueError(

@@ -1,4 +1,5 @@
-"""Datasets for LoRA jobs: tokenizers, datasets (JSONL, Parquet, Arrow, saved HF folders) loaded into labelled samples, per-job order."""
+"""Datasets for LoRA jobs: tokenizers, datasets (JSONL, Parquet, Arrow, saved HF folders) read into labelled
+samples, and per-job order."""
 
 from lorafusion.data.dataset import (
     DEFAULT_CHAT_TEMPLATE,
