@@ -3,6 +3,7 @@ Triton installed."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -74,3 +75,23 @@ def test_dependencies_are_ranges_and_fit_needs_no_extra():
     assert "nvidia-ml-py" in deps and "linux" in deps["nvidia-ml-py"].lower()
     extras = project["optional-dependencies"]
     assert "triton" in " ".join(extras["triton"]) and "ray" not in extras and "scheduler" not in extras
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_data_formats_are_an_extra_that_ci_pins():
+    """Parquet/Arrow/`datasets` inputs come with `lorafusion[data]` (ranges); huggingface_hub, which resolves Hub ids,
+    is a dependency; requirements-ci.txt pins all three exactly so CI tests them."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    data = {_requirement_name(r): r for r in project["optional-dependencies"]["data"]}
+    deps = {_requirement_name(r): r for r in project["dependencies"]}
+    for name, requirement in (("pyarrow", data.get("pyarrow")), ("datasets", data.get("datasets")),
+                              ("huggingface-hub", deps.get("huggingface-hub"))):
+        assert requirement is not None, name
+        assert "==" not in requirement and ">=" in requirement and "<" in requirement, requirement
+    pins = {_requirement_name(line): line for line in (REPO / "requirements-ci.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    for name in ("pyarrow", "datasets", "huggingface-hub"):
+        assert "==" in pins.get(name, ""), name
