@@ -243,3 +243,16 @@ def test_jobs_take_train_and_name_the_eval_split(tmp_path, dataset_dict, train_c
     unnamed = lf.JobSpec(name="j", dataset=str(dataset_dict), eval_dataset=str(dataset_dict), max_steps=1)
     with pytest.raises(ValueError, match=r"job 'j': .*dict: a DatasetDict with splits \['train', 'test'\]; say "):
         prepare_run([unnamed], run)
+
+
+def test_cli_eval_reads_a_parquet_with_renamed_columns(tmp_path, train_checkpoint, examples_data, capsys):
+    from lorafusion.cli import main
+
+    rows = [json.loads(line) for line in (examples_data / "arith_eval.jsonl").read_text().splitlines()]
+    source = _write("parquet", tmp_path / "eval", [{"q": r["prompt"], "a": r["completion"]} for r in rows])
+    assert main(["eval", str(train_checkpoint), str(examples_data / "arith_eval.jsonl")]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(train_checkpoint), source, "--field", "prompt=q", "--field", "completion=a"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == expected
+    assert main(["eval", str(train_checkpoint), source, "--field", "prompt"]) == 2
+    assert "write each as KEY=COLUMN" in capsys.readouterr().err
