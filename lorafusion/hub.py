@@ -69,12 +69,13 @@ def _snapshot(repo_id: str, cache_dir: str, offline: bool) -> Path:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=offline,
                                       allow_patterns=_CHECKPOINT_FILES))
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE=1, so nothing is downloaded" if offline else "and the HF Hub cannot be reached"
+        why = "HF_HUB_OFFLINE=1, so nothing is downloaded" if offline else "the HF Hub cannot be reached"
+        online = ", unset HF_HUB_OFFLINE" if offline else ""
         raise ValueError(
             f"{not_local}, and the HF Hub model '{repo_id}' is not in the HF cache {cache_dir} ({why}); download it "
-            f"where there is network (`hf download {repo_id}` with the same HF_HOME / HF_HUB_CACHE), unset "
-            "HF_HUB_OFFLINE, or point base_model at a local checkpoint folder (in a jobs YAML a relative path is "
-            "taken from the YAML's folder)") from None
+            f"where there is network (`hf download {repo_id}` with the same HF_HOME / HF_HUB_CACHE){online}, or "
+            "point base_model at a local checkpoint folder (in a jobs YAML a relative path is taken from the YAML's "
+            "folder)") from None
     except (HfHubHTTPError, HFValidationError) as err:  # unknown, gated or private repo; a malformed id
         raise ValueError(
             f"{not_local}, and the HF Hub has no model '{repo_id}' this machine may read ({type(err).__name__}: "

@@ -256,3 +256,11 @@ def test_cli_eval_reads_a_parquet_with_renamed_columns(tmp_path, train_checkpoin
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == expected
     assert main(["eval", str(train_checkpoint), source, "--field", "prompt"]) == 2
     assert "write each as KEY=COLUMN" in capsys.readouterr().err
+
+
+def test_fields_in_a_jobs_yaml(tmp_path):
+    job = lf.JobSpec(name="qa", dataset=str(tmp_path / "qa.parquet"), fields={"prompt": "question", "completion": "a"})
+    (tmp_path / "jobs.yaml").write_text(json.dumps({"run": {"base_model": "ckpt", "output_dir": "out"},
+                                                    "jobs": [job.to_dict()]}))  # JSON is YAML
+    (loaded,), _ = lf.load_config(tmp_path / "jobs.yaml")
+    assert loaded == job
