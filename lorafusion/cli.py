@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="mean loss of a base model (+ adapter) on a dataset")
     ev.add_argument("base_model", help="HF checkpoint directory, or HF Hub id (org/name) in the HF cache")
-    ev.add_argument("dataset", help="JSONL, Parquet or Arrow file, or saved HF dataset folder (DatasetDict: folder:split)")
+    ev.add_argument("dataset", help="JSONL, Parquet or Arrow file, or a saved HF dataset folder (of a DatasetDict: "
+                    "folder:split)")
     ev.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN",
                     help="the dataset's column for a row key, as a job's fields: --field prompt=question")
     ev.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")

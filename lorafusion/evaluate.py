@@ -89,7 +89,8 @@ def evaluate(
         raise RuntimeError(f"device={device} but torch sees no CUDA GPU; leave device unset or pass 'cpu'")
     read_architecture(base_model)
     samples = load_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow,
-                           truncate_hint="pass overflow='truncate' (lorafusion eval: --overflow truncate)", fields=fields)
+                           truncate_hint="pass overflow='truncate' (lorafusion eval: --overflow truncate)",
+                           fields=fields)
     loaded = read_peft_adapter(adapter) if adapter is not None else None
     compute = resolve_dtype(dtype, device)
     if device.type == "cpu":

@@ -120,16 +120,24 @@ class _RowError(ValueError):
 class _Columns:
     """Where a row's keys are read from, and how errors name them."""
 
-    names: dict[str, str]
-    """Row key (ROW_KEYS) -> its name in the dataset."""
+    names: dict[str, str | None]
+    """Row key (ROW_KEYS) -> its name in the dataset; None when `fields` gives the key's own name to another key."""
     tabular: bool
     """Rows of a table (Parquet, Arrow, `datasets`): 'column', and a null cell is an absent one."""
 
-    def __getitem__(self, key: str) -> str:
+    @classmethod
+    def of(cls, fields: dict[str, str], tabular: bool) -> _Columns:
+        # `fields: {prompt: text}` reads column 'text' as the prompt, so no row is taken for a {text} row by it
+        claimed = set(fields.values())
+        return cls({key: fields.get(key, None if key in claimed else key) for key in ROW_KEYS}, tabular)
+
+    def __getitem__(self, key: str) -> str | None:
         return self.names[key]
 
     def label(self, key: str) -> str:
         name = self.names[key]
+        if name is None:
+            return f"{key!r} (its column is read for another key in fields; add fields.{key})"
         return repr(name) if name == key else f"{name!r} (fields.{key})"
 
     @property
@@ -148,10 +156,10 @@ def check_fields(fields: Any, where: str = "") -> dict[str, str]:
     for key, column in fields.items():
         if not isinstance(column, str) or not column:
             raise ValueError(f"{where}fields.{key}={column!r} must be the name of a column of the dataset, {example}")
-    names = {**{key: key for key in ROW_KEYS}, **fields}
-    shared = sorted({column for column in names.values() if list(names.values()).count(column) > 1})
+    columns = list(fields.values())
+    shared = sorted({column for column in columns if columns.count(column) > 1})
     if shared:
-        raise ValueError(f"{where}fields reads {shared} for more than one key ({names}); give each key its own "
+        raise ValueError(f"{where}fields reads {shared} for more than one key ({fields}); give each key its own "
                          "column")
     return dict(fields)
 
@@ -179,9 +187,9 @@ def load_dataset(
     """
     prefix = f"job '{name}': " if name else ""
     _check_options(source, max_seq_len, overflow, prefix)
-    names = {**{key: key for key in ROW_KEYS}, **check_fields(fields or {}, prefix)}
+    fields = check_fields(fields or {}, prefix)
     rows, tabular = read_rows(source, prefix, default_split)
-    columns = _Columns(names, tabular=tabular)
+    columns = _Columns.of(fields, tabular)
     samples: list[Sample] = []
     count = 0
     for where, row in rows:

@@ -1,4 +1,5 @@
-"""Read an HF checkpoint directory (or an HF Hub id's, see lorafusion.hub): its architecture (config.json) and its weights (*.safetensors).
+"""Read an HF checkpoint directory (or an HF Hub id's, see lorafusion.hub): its architecture (config.json) and its
+weights (*.safetensors).
 
 Supported families: Llama, Qwen2 (q/k/v bias) and Mistral — all RMSNorm + SwiGLU + RoPE + GQA.
 Everything a checkpoint could get wrong is reported here, before a model is built.
