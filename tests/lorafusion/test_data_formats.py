@@ -197,13 +197,25 @@ def test_error_folder_that_is_not_a_dataset(tmp_path, tok):
     assert "is a folder but not a saved HF dataset (no state.json or dataset_dict.json)" in message
 
 
-def test_error_names_the_extra_when_pyarrow_is_missing(tmp_path, tok, monkeypatch):
-    source = _write("parquet", tmp_path / "rows", SHAPES["text"])
-    for module in ("pyarrow", "pyarrow.parquet", "pyarrow.ipc"):
-        monkeypatch.setitem(sys.modules, module, None)  # `import pyarrow` now raises ImportError
+@pytest.mark.parametrize(("fmt", "blocked", "what"), [
+    ("parquet", ("pyarrow", "pyarrow.parquet", "pyarrow.ipc"), "reading a Parquet file needs the 'pyarrow' package"),
+    ("datasets", ("datasets",), "reading a saved HF dataset folder needs the 'datasets' package"),
+])
+def test_error_names_the_extra_when_a_package_is_missing(tmp_path, tok, monkeypatch, fmt, blocked, what):
+    source = _write(fmt, tmp_path / "rows", SHAPES["text"])
+    for module in blocked:
+        monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises ImportError
     message = _error(source, tok)
-    assert message.startswith(f"{source}: reading a Parquet file needs the 'pyarrow' package, which is not "
-                              "installed; pip install 'lorafusion[data]'"), message
+    assert message.startswith(f"{source}: {what}, which is not installed; pip install 'lorafusion[data]'"), message
+
+
+def test_error_damaged_saved_dataset(tmp_path, tok):
+    source = Path(_write("datasets", tmp_path / "rows", SHAPES["text"]))
+    for shard in source.glob("*.arrow"):
+        shard.unlink()
+    message = _error(source, tok)
+    assert message.startswith(f"{source}: the saved HF dataset cannot be read ("), message
+    assert message.endswith("save it again with save_to_disk")
 
 
 # ----------------------------------------------------------------------------- DatasetDict folders
