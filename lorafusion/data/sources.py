@@ -154,5 +154,16 @@ def _table_rows(table: Any, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
     index = 0
     for batch in table.to_batches(max_chunksize=_ROWS_PER_BATCH):
         for row in batch.to_pylist():
-            yield f"{label} row {index}", {key: value for key, value in row.items() if value is not None}
+            yield f"{label} row {index}", _without_nulls(row)
             index += 1
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` with null entries of every mapping left out: a struct column has each field in every element (a
+    message without a `name` gets name=None), and a chat template testing `message.name is defined` must see
+    what the JSONL row it came from says."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value

@@ -113,6 +113,17 @@ def test_a_key_may_read_the_column_named_like_another_key(tmp_path, tok):
     assert _ids([sample]) == _ids([expected])
 
 
+def test_struct_fields_a_message_lacks_stay_absent(tmp_path):
+    """In a table every message has every struct field (null where absent); the template sees the JSONL's keys."""
+    template = ("{% for m in messages %}{% if m.name is defined %}[{{ m.name }}]{% endif %}{{ m.role }}: {{ m.content }}"
+                "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = TextTokenizer(tokenizer=build_byte_level_tokenizer(), eos_token="<|eos|>", chat_template=template)
+    rows = [{"messages": [{"role": "user", "content": "Hi", "name": "ann"}, {"role": "assistant", "content": "Yo"}]}]
+    (expected,) = load_dataset(_jsonl(tmp_path / "rows.jsonl", rows), tok, max_seq_len=64)
+    assert tok.decode(expected.input_ids, skip_special_tokens=True) == "[ann]user: Hiassistant: Yo"
+    assert _ids(load_dataset(_write("parquet", tmp_path / "rows", rows), tok, max_seq_len=64)) == _ids([expected])
+
+
 def test_rows_of_mixed_shapes_in_one_table(tmp_path, tok):
     """A table has every column in every row: null cells are absent keys, as in the JSONL it came from."""
     rows = [SHAPES["text"][0], SHAPES["prompt_completion"][0], SHAPES["messages"][0]]
