@@ -26,8 +26,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import lorafusion as lf
 
+    fields = dict(item.split("=", 1) for item in args.field if "=" in item)
+    if len(fields) != len(args.field):
+        raise ValueError(f"--field {args.field}: write each as KEY=COLUMN, e.g. --field prompt=question")
     result = lf.evaluate(args.base_model, args.adapter, args.dataset, max_seq_len=args.max_seq_len,
-                         overflow=args.overflow, dtype=args.dtype, device=args.device)
+                         overflow=args.overflow, dtype=args.dtype, device=args.device, fields=fields or None)
     print(json.dumps({"loss": result.loss, "tokens": result.tokens}))
     return 0
 
@@ -101,9 +104,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a field: run.pipeline_stages=2 or jobs.<name>.learning_rate=1e-4")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="mean loss of a base model (+ adapter) on a JSONL dataset")
-    ev.add_argument("base_model", help="HF checkpoint directory")
-    ev.add_argument("dataset", help="JSONL dataset")
+    ev = sub.add_parser("eval", help="mean loss of a base model (+ adapter) on a dataset")
+    ev.add_argument("base_model", help="HF checkpoint directory, or HF Hub id (org/name) in the HF cache")
+    ev.add_argument("dataset", help="JSONL, Parquet or Arrow file, or a saved HF dataset folder (of a DatasetDict: "
+                    "folder:split)")
+    ev.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN",
+                    help="the dataset's column for a row key, as a job's fields: --field prompt=question")
     ev.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
     ev.add_argument("--max-seq-len", type=int, default=4096)
     ev.add_argument("--overflow", default="reject", choices=["reject", "truncate"])

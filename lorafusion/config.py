@@ -21,6 +21,8 @@ import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
 from lorafusion.loggers import check_loggers
+from lorafusion.data.dataset import check_fields
+from lorafusion.hub import is_hub_id
 from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from lorafusion.validation import is_number
 
@@ -51,7 +53,8 @@ class JobSpec:
     name: str
     """Unique job name, [A-Za-z0-9_.-]; the output folder is <output_dir>/<name>."""
     dataset: str
-    """JSONL file: rows {prompt, completion}, {messages}, or {text}."""
+    """Rows {prompt, completion}, {messages}, or {text}: a JSONL, Parquet (.parquet) or Arrow (.arrow, .feather)
+    file, or a folder written by HF `save_to_disk` (a DatasetDict's split as `folder:split`, default `train`)."""
     adapter: AdapterConfig | None = None
     """Adapter variant config, e.g. LoRAConfig(rank=16); in YAML {type: lora, rank: 16}. Default: LoRAConfig(),
     or the config of init_adapter."""
@@ -88,16 +91,21 @@ class JobSpec:
     overflow: str = "reject"
     """What to do with a sample longer than max_seq_len: 'reject' (error) or 'truncate'."""
     eval_dataset: str | None = None
-    """Optional JSONL evaluated every eval_every_steps and at the end (into metrics.jsonl)."""
+    """Optional dataset (as `dataset`; a DatasetDict's split named as `folder:split` unless it has only one)
+    evaluated every eval_every_steps and at the end (into metrics.jsonl)."""
     eval_every_steps: int | None = None
     """Evaluation period in optimizer steps (only with eval_dataset); None = only at the end."""
+    fields: dict[str, str] | None = None
+    """The dataset's names for the row keys, e.g. {prompt: question, completion: answer} (keys: prompt,
+    completion, messages, text; those left out keep their own names); for dataset and eval_dataset alike."""
 
     def __post_init__(self) -> None:
         owner = f"job '{self.name}'"
         if not isinstance(self.name, str) or not _NAME.match(self.name) or set(self.name) == {"."}:
             raise ValueError(f"job name {self.name!r} is invalid; use letters, digits, '_', '.', '-' (e.g. name: sql)")
         if not isinstance(self.dataset, (str, Path)) or not str(self.dataset):
-            raise ValueError(f"{owner}: dataset={self.dataset!r} must be the path of a JSONL file")
+            raise ValueError(f"{owner}: dataset={self.dataset!r} must be the path of a JSONL, Parquet or Arrow file or "
+                             "of a saved HF dataset folder")
         self.dataset = str(self.dataset)
         if isinstance(self.adapter, dict):
             self.adapter = adapter_config_from_dict(self.adapter, where=f"{owner}: adapter")
@@ -172,6 +180,8 @@ class JobSpec:
             _positive_int(owner, "eval_every_steps", self.eval_every_steps, "50")
             if self.eval_dataset is None:
                 raise ValueError(f"{owner}: eval_every_steps is set but eval_dataset is not; add eval_dataset")
+        if self.fields is not None:
+            self.fields = check_fields(self.fields, f"{owner}: ")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -185,7 +195,8 @@ class RunConfig:
     """Settings shared by every job of one fit."""
 
     base_model: str
-    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json)."""
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json), or an HF Hub id (org/name) resolved
+    through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only); a folder that exists wins."""
     output_dir: str
     """Where adapters, metrics and checkpoints go: <output_dir>/<job>/adapter, ..."""
     max_tokens_per_microbatch: int = 4096
@@ -406,7 +417,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[l
     base = path.parent
     for key in ("base_model", "output_dir"):
         if key in run_data and isinstance(run_data[key], str) and not Path(run_data[key]).is_absolute():
-            run_data[key] = os.path.normpath(base / run_data[key])
+            local = os.path.normpath(base / run_data[key])
+            # a base_model that is no folder next to the YAML, shaped like org/name, is an HF Hub id: kept as written
+            if key == "output_dir" or Path(local).exists() or not is_hub_id(run_data[key]):
+                run_data[key] = local
     run = RunConfig(**run_data)
     jobs = []
     for i, job in enumerate(job_list):

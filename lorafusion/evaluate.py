@@ -9,7 +9,7 @@ import torch
 
 from lorafusion.batching import build_microbatch, token_losses
 from lorafusion.config import DTYPES
-from lorafusion.data import IGNORE_INDEX, Sample, load_jsonl_dataset, load_tokenizer
+from lorafusion.data import IGNORE_INDEX, Sample, load_dataset, load_tokenizer
 
 __all__ = ["EvalResult", "evaluate", "evaluate_samples"]
 
@@ -69,11 +69,13 @@ def evaluate(
     max_tokens_per_microbatch: int = 4096,
     dtype: str = "auto",
     device: str | torch.device | None = None,
+    fields: dict[str, str] | None = None,
 ) -> EvalResult:
     """Loss of `base_model` + `adapter` (a PEFT adapter folder, or None for the base model) on `dataset`.
 
     device: where to compute (default: the first CUDA GPU when torch sees one, else the CPU); dtype: as
-    run.dtype ('auto' = bfloat16 where the device multiplies it natively, else float32)."""
+    run.dtype ('auto' = bfloat16 where the device multiplies it natively, else float32); dataset and fields: as a
+    job's eval_dataset and fields (a DatasetDict folder is read as `folder:split`)."""
     from lorafusion.adapters.attach import ModelAdapters
     from lorafusion.checkpoint import read_peft_adapter
     from lorafusion.models import build_model, read_architecture
@@ -86,8 +88,9 @@ def evaluate(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={device} but torch sees no CUDA GPU; leave device unset or pass 'cpu'")
     read_architecture(base_model)
-    samples = load_jsonl_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow,
-                                 truncate_hint="pass overflow='truncate' (lorafusion eval: --overflow truncate)")
+    samples = load_dataset(dataset, load_tokenizer(base_model), max_seq_len=max_seq_len, overflow=overflow,
+                           truncate_hint="pass overflow='truncate' (lorafusion eval: --overflow truncate)",
+                           fields=fields)
     loaded = read_peft_adapter(adapter) if adapter is not None else None
     compute = resolve_dtype(dtype, device)
     if device.type == "cpu":

@@ -10,7 +10,7 @@ from typing import Any
 
 from lorafusion.adapters.dropout import mix_seed
 from lorafusion.config import JobSpec, RunConfig, check_jobs
-from lorafusion.data import Sample, SampleStream, TextTokenizer, load_jsonl_dataset, load_tokenizer
+from lorafusion.data import Sample, SampleStream, TextTokenizer, load_dataset, load_tokenizer
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture
 
 __all__ = [
@@ -79,8 +79,8 @@ def _prepare_job(job: JobSpec, run: RunConfig, tokenizer: TextTokenizer) -> Prep
     limit = _max_seq_len(job, run)
     # the setting that sets the limit: the job's own max_seq_len, or else the microbatch capacity
     limit_name = "max_seq_len" if job.max_seq_len is not None else "run.max_tokens_per_microbatch"
-    samples = load_jsonl_dataset(job.dataset, tokenizer, max_seq_len=limit, overflow=job.overflow, name=job.name,
-                                 limit_name=limit_name)
+    samples = load_dataset(job.dataset, tokenizer, max_seq_len=limit, overflow=job.overflow, name=job.name,
+                           limit_name=limit_name, fields=job.fields, default_split="train")
     stream = SampleStream(num_samples=len(samples), global_batch_size=job.global_batch_size, seed=job.seed)
     if job.max_steps is not None:
         total = job.max_steps
@@ -88,8 +88,8 @@ def _prepare_job(job: JobSpec, run: RunConfig, tokenizer: TextTokenizer) -> Prep
         total = stream.steps_for_epochs(job.num_epochs if job.num_epochs is not None else 1)
     eval_samples = None
     if job.eval_dataset is not None:
-        eval_samples = load_jsonl_dataset(job.eval_dataset, tokenizer, max_seq_len=limit, overflow=job.overflow,
-                                          name=job.name, limit_name=limit_name)
+        eval_samples = load_dataset(job.eval_dataset, tokenizer, max_seq_len=limit, overflow=job.overflow,
+                                    name=job.name, limit_name=limit_name, fields=job.fields)
     return PreparedJob(spec=job, samples=samples, stream=stream, total_steps=total, eval_samples=eval_samples)
 
 
@@ -179,9 +179,9 @@ def check_output_dir(run: RunConfig, jobs: list[JobSpec]) -> None:
     out = Path(run.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"run.output_dir '{out}' is a file; choose a directory path")
-    inputs = [("base_model", run.base_model)] + [
-        (f"job '{j.name}' dataset", p) for j in jobs for p in (j.dataset, j.eval_dataset) if p is not None
-    ]
+    inputs = [(f"job '{j.name}' dataset", p) for j in jobs for p in (j.dataset, j.eval_dataset) if p is not None]
+    if Path(run.base_model).exists():  # a Hub id's snapshot is in the HF cache, not among the user's paths
+        inputs.insert(0, ("base_model", run.base_model))
     for what, path in inputs:
         if _inside(path, out.resolve()):
             raise ValueError(

@@ -1,4 +1,5 @@
-"""Datasets for LoRA jobs: tokenizers, JSONL loading into labelled samples, per-job order."""
+"""Datasets for LoRA jobs: tokenizers, datasets (JSONL, Parquet, Arrow, saved HF folders) read into labelled
+samples, and per-job order."""
 
 from lorafusion.data.dataset import (
     DEFAULT_CHAT_TEMPLATE,
@@ -6,7 +7,7 @@ from lorafusion.data.dataset import (
     OVERFLOW_MODES,
     Sample,
     SampleStream,
-    load_jsonl_dataset,
+    load_dataset,
 )
 from lorafusion.data.tokenizer import (
     DEFAULT_BOS_TOKEN,
@@ -29,7 +30,7 @@ __all__ = [
     "SampleStream",
     "TextTokenizer",
     "build_byte_level_tokenizer",
-    "load_jsonl_dataset",
+    "load_dataset",
     "load_tokenizer",
     "save_tokenizer",
 ]

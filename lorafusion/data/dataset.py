@@ -1,6 +1,7 @@
-"""JSONL datasets for LoRA jobs, tokenised into `Sample`s, and each job's deterministic order.
+"""Datasets for LoRA jobs, tokenised into `Sample`s, and each job's deterministic order.
 
-A dataset file holds one JSON object per line (blank lines are skipped), in one of three formats:
+A dataset is a JSONL, Parquet or Arrow file or a saved HF `datasets` folder (see `lorafusion.data.sources`);
+each row has one of three shapes:
 
 - `{"prompt": str, "completion": str}` -> `[bos] prompt completion [eos]`; loss on the
   completion tokens and the eos.
@@ -11,7 +12,8 @@ A dataset file holds one JSON object per line (blank lines are skipped), in one 
   At least one assistant message is required.
 - `{"text": str}` -> `[bos] text [eos]`; loss on every token after bos.
 
-bos/eos are only placed when the tokenizer has them.
+bos/eos are only placed when the tokenizer has them. `fields` maps these keys to the names a dataset uses,
+e.g. `{"prompt": "question", "completion": "answer"}`; keys it leaves out keep their own names.
 
 Default chat template, used when the tokenizer has none (`DEFAULT_CHAT_TEMPLATE`): the bos
 token, then for each message `<|ROLE|>` + newline + content + the eos token, e.g.
@@ -33,7 +35,6 @@ Labels are shifted: `labels[t]` is the token the model must predict at position 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ import jinja2
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lorafusion.data.sources import read_rows
 from lorafusion.data.tokenizer import TextTokenizer
 from lorafusion.validation import is_number
 
@@ -52,9 +54,11 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "OVERFLOW_MODES",
+    "ROW_KEYS",
     "Sample",
     "SampleStream",
-    "load_jsonl_dataset",
+    "check_fields",
+    "load_dataset",
 ]
 
 IGNORE_INDEX = -100
@@ -78,6 +82,8 @@ _FORMAT_KEYS = {
     "messages": ("messages",),
     "text": ("text",),
 }
+ROW_KEYS = ("prompt", "completion", "messages", "text")
+"""The keys a row is read by; `fields` may map each to a column of another name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +95,7 @@ class Sample:
     labels: tuple[int, ...]
     """labels[t] = input_ids[t + 1] where that token carries loss, else IGNORE_INDEX."""
     source: str
-    """Where the sample came from, as `path:line`."""
+    """Where the sample came from: `path:line` (JSONL) or `path row i` (tables, 0-based)."""
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -107,11 +113,59 @@ class Sample:
 
 
 class _RowError(ValueError):
-    """A problem with one row; the loader prefixes it with the job name and `path:line`."""
+    """A problem with one row; the loader prefixes it with the job name and the row's location."""
 
 
-def load_jsonl_dataset(
-    path: str | Path,
+@dataclass(frozen=True)
+class _Columns:
+    """Where a row's keys are read from, and how errors name them."""
+
+    names: dict[str, str | None]
+    """Row key (ROW_KEYS) -> its name in the dataset; None when `fields` gives the key's own name to another key."""
+    tabular: bool
+    """Rows of a table (Parquet, Arrow, `datasets`): 'column', and a null cell is an absent one."""
+
+    @classmethod
+    def of(cls, fields: dict[str, str], tabular: bool) -> _Columns:
+        # `fields: {prompt: text}` reads column 'text' as the prompt, so no row is taken for a {text} row by it
+        claimed = set(fields.values())
+        return cls({key: fields.get(key, None if key in claimed else key) for key in ROW_KEYS}, tabular)
+
+    def __getitem__(self, key: str) -> str | None:
+        return self.names[key]
+
+    def label(self, key: str) -> str:
+        name = self.names[key]
+        if name is None:
+            return f"{key!r} (its column is read for another key in fields; add fields.{key})"
+        return repr(name) if name == key else f"{name!r} (fields.{key})"
+
+    @property
+    def noun(self) -> str:
+        return "column" if self.tabular else "key"
+
+
+def check_fields(fields: Any, where: str = "") -> dict[str, str]:
+    """`fields` as a dict of ROW_KEYS -> column name; ValueError (prefixed by `where`) naming the entry and the fix."""
+    example = "e.g. fields: {prompt: question, completion: answer}"
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}fields={fields!r} must map row keys to your column names, {example}")
+    unknown = sorted(str(key) for key in fields if key not in ROW_KEYS)
+    if unknown:
+        raise ValueError(f"{where}fields has key(s) {unknown}; map only {list(ROW_KEYS)}, {example}")
+    for key, column in fields.items():
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"{where}fields.{key}={column!r} must be the name of a column of the dataset, {example}")
+    columns = list(fields.values())
+    shared = sorted({column for column in columns if columns.count(column) > 1})
+    if shared:
+        raise ValueError(f"{where}fields reads {shared} for more than one key ({fields}); give each key its own "
+                         "column")
+    return dict(fields)
+
+
+def load_dataset(
+    source: str | Path,
     tokenizer: TextTokenizer,
     *,
     max_seq_len: int,
@@ -119,128 +173,109 @@ def load_jsonl_dataset(
     name: str = "",
     limit_name: str = "max_seq_len",
     truncate_hint: str = "set `overflow: truncate`",
+    fields: dict[str, str] | None = None,
+    default_split: str | None = None,
 ) -> list[Sample]:
-    """Tokenise every row of a JSONL dataset; any bad row raises before a sample is returned.
+    """Tokenise every row of a dataset (JSONL, Parquet, Arrow, `datasets` folder); any bad row raises before a
+    sample is returned.
 
     `overflow="reject"` fails on a sample longer than `max_seq_len`; `"truncate"` keeps its
     first `max_seq_len` tokens and drops it (with a warning) if no loss token is left. Errors call the limit
     `limit_name` (the setting the user would change) and suggest truncation as `truncate_hint` says it.
+    `fields` maps row keys to the dataset's column names; `default_split` is the split of a DatasetDict folder
+    read when the source names none (see `lorafusion.data.sources`).
     """
     prefix = f"job '{name}': " if name else ""
-    _check_options(path, max_seq_len, overflow, prefix)
+    _check_options(source, max_seq_len, overflow, prefix)
+    fields = check_fields(fields or {}, prefix)
+    rows, tabular = read_rows(source, prefix, default_split)
+    columns = _Columns.of(fields, tabular)
     samples: list[Sample] = []
-    for line_number, row in _read_rows(Path(path), prefix):
-        where = f"{path}:{line_number}"
+    count = 0
+    for where, row in rows:
+        count += 1
         try:
-            input_ids, loss_mask = _tokenize_row(row, tokenizer)
+            input_ids, loss_mask = _tokenize_row(row, tokenizer, columns)
             sample = _fit_sample(input_ids, loss_mask, where, max_seq_len, overflow, limit_name, truncate_hint)
         except _RowError as err:
             raise ValueError(f"{prefix}{where}: {err}") from None
         if sample is not None:
             samples.append(sample)
+    if not count:
+        fix = "add rows" if tabular else "add one JSON object per line"
+        raise ValueError(f"{prefix}{source}: the file is empty (no samples); {fix}: {_ACCEPTED_FORMATS}")
     if not samples:
         raise ValueError(
-            f"{prefix}{path}: no samples left after truncation to {limit_name}={max_seq_len}; "
+            f"{prefix}{source}: no samples left after truncation to {limit_name}={max_seq_len}; "
             f"raise {limit_name} or shorten the prompts so completions fit"
         )
     return samples
 
 
-def _check_options(path: str | Path, max_seq_len: int, overflow: str, prefix: str) -> None:
+def _check_options(source: str | Path, max_seq_len: int, overflow: str, prefix: str) -> None:
     if overflow not in OVERFLOW_MODES:
         raise ValueError(
-            f"{prefix}{path}: overflow={overflow!r} is not supported; "
+            f"{prefix}{source}: overflow={overflow!r} is not supported; "
             f"use one of {', '.join(repr(mode) for mode in OVERFLOW_MODES)}"
         )
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(
-            f"{prefix}{path}: max_seq_len={max_seq_len!r} must be an integer >= 2 tokens; "
+            f"{prefix}{source}: max_seq_len={max_seq_len!r} must be an integer >= 2 tokens; "
             "set it to the longest sequence the job may train on"
         )
 
 
-def _read_rows(path: Path, prefix: str) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line number, JSON object) for every non-blank line of `path`."""
-    if not path.is_file():
-        raise ValueError(
-            f"{prefix}{path}: dataset file not found (looked for {path.resolve()}); fix the dataset path (in a "
-            "jobs YAML a relative path is taken from the YAML's folder, in Python from the working directory)"
-        )
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if line.strip():
-                rows.append((line_number, _parse_line(line, f"{path}:{line_number}", prefix)))
-    if not rows:
-        raise ValueError(
-            f"{prefix}{path}: the file is empty (no samples); "
-            f"add one JSON object per line: {_ACCEPTED_FORMATS}"
-        )
-    return rows
-
-
-def _parse_line(line: str, where: str, prefix: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{prefix}{where}: invalid JSON ({err.msg} at column {err.colno}); "
-            "write exactly one JSON object per line"
-        ) from None
-    if not isinstance(row, dict):
-        raise ValueError(
-            f"{prefix}{where}: expected a JSON object, got {type(row).__name__}; "
-            f"write one object per line: {_ACCEPTED_FORMATS}"
-        )
-    return row
-
-
-def _tokenize_row(row: dict[str, Any], tokenizer: TextTokenizer) -> tuple[list[int], list[bool]]:
+def _tokenize_row(row: dict[str, Any], tokenizer: TextTokenizer, columns: _Columns) -> tuple[list[int], list[bool]]:
     """Token ids and, per token, whether the model is trained to predict it."""
-    row_format = _detect_format(row)
+    row_format = _detect_format(row, columns)
     if row_format == "prompt_completion":
-        return _tokenize_prompt_completion(row, tokenizer)
+        return _tokenize_prompt_completion(row, tokenizer, columns)
     if row_format == "messages":
-        return _tokenize_messages(row["messages"], tokenizer)
-    return _tokenize_text(row, tokenizer)
+        return _tokenize_messages(row[columns["messages"]], tokenizer, columns)
+    return _tokenize_text(row, tokenizer, columns)
 
 
-def _detect_format(row: dict[str, Any]) -> str:
-    found = [fmt for fmt, keys in _FORMAT_KEYS.items() if any(key in row for key in keys)]
+def _detect_format(row: dict[str, Any], columns: _Columns) -> str:
+    found = [fmt for fmt, keys in _FORMAT_KEYS.items() if any(columns[key] in row for key in keys)]
     if not found:
+        mapped = {key: name for key, name in columns.names.items() if name != key}
+        hint = f"with your fields {mapped}" if mapped else "or map your names to these with `fields:`"
         raise _RowError(
-            f"no recognised keys (got {sorted(row)}); use one of the accepted formats: "
-            f"{_ACCEPTED_FORMATS}"
+            f"no recognised {columns.noun}s (got {sorted(row)}); use one of the accepted formats: "
+            f"{_ACCEPTED_FORMATS}, {hint}"
         )
     if len(found) > 1:
-        keys = sorted(key for fmt in found for key in _FORMAT_KEYS[fmt] if key in row)
-        raise _RowError(f"keys {keys} mix several formats; keep the keys of one format only")
+        keys = sorted(columns[key] for fmt in found for key in _FORMAT_KEYS[fmt] if columns[key] in row)
+        raise _RowError(f"{columns.noun}s {keys} mix several formats; keep the {columns.noun}s of one format only")
     for key in _FORMAT_KEYS[found[0]]:
-        if key not in row:
-            raise _RowError(f"missing key {key!r}; a prompt/completion row needs both keys")
+        if columns[key] not in row:
+            null = " (or null)" if columns.tabular else ""
+            raise _RowError(f"missing {columns.noun} {columns.label(key)}{null}; a prompt/completion row needs both "
+                            f"{columns.noun}s")
     return found[0]
 
 
-def _require_str(row: dict[str, Any], key: str) -> str:
-    value = row[key]
+def _require_str(row: dict[str, Any], key: str, columns: _Columns) -> str:
+    value = row[columns[key]]
     if not isinstance(value, str):
-        raise _RowError(f"{key!r} must be a string, got {type(value).__name__}; quote the value")
+        fix = "store text in that column (cast it to string)" if columns.tabular else "quote the value"
+        raise _RowError(f"{columns.label(key)} must be a string, got {type(value).__name__}; {fix}")
     return value
 
 
 def _tokenize_prompt_completion(
-    row: dict[str, Any], tokenizer: TextTokenizer
+    row: dict[str, Any], tokenizer: TextTokenizer, columns: _Columns
 ) -> tuple[list[int], list[bool]]:
-    prompt = tokenizer.encode(_require_str(row, "prompt"))
-    completion = tokenizer.encode(_require_str(row, "completion"))
+    prompt = tokenizer.encode(_require_str(row, "prompt", columns))
+    completion = tokenizer.encode(_require_str(row, "completion", columns))
     bos, eos = _optional_id(tokenizer.bos_id), _optional_id(tokenizer.eos_id)
     input_ids = bos + prompt + completion + eos
     loss_mask = [False] * (len(bos) + len(prompt)) + [True] * (len(completion) + len(eos))
     return input_ids, loss_mask
 
 
-def _tokenize_text(row: dict[str, Any], tokenizer: TextTokenizer) -> tuple[list[int], list[bool]]:
-    text = tokenizer.encode(_require_str(row, "text"))
+def _tokenize_text(row: dict[str, Any], tokenizer: TextTokenizer, columns: _Columns) -> tuple[list[int], list[bool]]:
+    text = tokenizer.encode(_require_str(row, "text", columns))
     bos, eos = _optional_id(tokenizer.bos_id), _optional_id(tokenizer.eos_id)
     input_ids = bos + text + eos
     return input_ids, [False] * len(bos) + [True] * (len(text) + len(eos))
@@ -250,8 +285,8 @@ def _optional_id(token_id: int | None) -> list[int]:
     return [] if token_id is None else [token_id]
 
 
-def _tokenize_messages(messages: Any, tokenizer: TextTokenizer) -> tuple[list[int], list[bool]]:
-    _check_messages(messages)
+def _tokenize_messages(messages: Any, tokenizer: TextTokenizer, columns: _Columns) -> tuple[list[int], list[bool]]:
+    _check_messages(messages, columns)
     input_ids: list[int] = []
     loss_mask: list[bool] = []
     for text, is_assistant in _chat_segments(messages, tokenizer):
@@ -261,25 +296,26 @@ def _tokenize_messages(messages: Any, tokenizer: TextTokenizer) -> tuple[list[in
     return input_ids, loss_mask
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any, columns: _Columns) -> None:
+    name = columns["messages"]
     if not isinstance(messages, list) or not messages:
         raise _RowError(
-            f"'messages' must be a non-empty list, got {messages!r:.60}; "
+            f"{columns.label('messages')} must be a non-empty list, got {messages!r:.60}; "
             'write [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]'
         )
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise _RowError(
-                f"messages[{index}] must be an object with a string 'content', got "
+                f"{name}[{index}] must be an object with a string 'content', got "
                 f"{message!r:.60}; write {{\"role\": ..., \"content\": \"...\"}}"
             )
         if message.get("role") not in ROLES:
             raise _RowError(
-                f"messages[{index}] has role {message.get('role')!r}; use one of {list(ROLES)}"
+                f"{name}[{index}] has role {message.get('role')!r}; use one of {list(ROLES)}"
             )
     if not any(message["role"] == "assistant" for message in messages):
         raise _RowError(
-            "messages has no assistant turn, so there is nothing to train on; "
+            f"{name} has no assistant turn, so there is nothing to train on; "
             'add a {"role": "assistant", "content": ...} message'
         )
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from lorafusion.hub import local_model_dir
+
 __all__ = [
     "DEFAULT_BOS_TOKEN",
     "DEFAULT_EOS_TOKEN",
@@ -161,12 +163,12 @@ def save_tokenizer(
 
 
 def load_tokenizer(checkpoint_dir: str | Path) -> TextTokenizer:
-    """Load `tokenizer.json` (+ `tokenizer_config.json`, `config.json`) from a checkpoint folder.
+    """Load `tokenizer.json` (+ `tokenizer_config.json`, `config.json`) from a checkpoint folder (or HF Hub id).
 
     Special tokens come from `tokenizer_config.json`; a key that is absent there falls back to
     `config.json`'s `<name>_token_id`, while an explicit null (Qwen2's bos) means "none".
     """
-    directory = Path(checkpoint_dir)
+    directory = local_model_dir(checkpoint_dir)
     tokenizer_path = directory / _TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Read an HF checkpoint directory: its architecture (config.json) and its weights (*.safetensors).
+"""Read an HF checkpoint directory (or an HF Hub id's, see lorafusion.hub): its architecture (config.json) and its
+weights (*.safetensors).
 
 Supported families: Llama, Qwen2 (q/k/v bias) and Mistral — all RMSNorm + SwiGLU + RoPE + GQA.
 Everything a checkpoint could get wrong is reported here, before a model is built.
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from lorafusion.hub import local_model_dir
 
 __all__ = ["Architecture", "read_architecture", "HFWeights", "SUPPORTED_ARCHITECTURES", "expected_shapes"]
 
@@ -49,7 +52,7 @@ def _config_path(checkpoint_dir: Path) -> Path:
     if not checkpoint_dir.is_dir():
         raise ValueError(
             f"base model '{checkpoint_dir}' is not a directory; point base_model at an HF checkpoint "
-            "directory holding config.json, *.safetensors and tokenizer.json"
+            "directory holding config.json, *.safetensors and tokenizer.json, or give an HF Hub id (org/name)"
         )
     path = checkpoint_dir / "config.json"
     if not path.is_file():
@@ -82,7 +85,7 @@ def _first_id(value) -> int | None:
 
 def read_architecture(checkpoint_dir: str | Path) -> Architecture:
     """Parse and check `config.json`; raise ValueError naming the field and the fix."""
-    path = _config_path(Path(checkpoint_dir))
+    path = _config_path(local_model_dir(checkpoint_dir))
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -148,7 +151,7 @@ class HFWeights:
     """Lazy access to the tensors of a checkpoint's safetensors files, by HF name."""
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
-        self.directory = Path(checkpoint_dir)
+        self.directory = local_model_dir(checkpoint_dir)
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise ValueError(

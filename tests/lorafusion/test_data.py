@@ -16,7 +16,7 @@ from lorafusion.data import (
     SampleStream,
     TextTokenizer,
     build_byte_level_tokenizer,
-    load_jsonl_dataset,
+    load_dataset,
     load_tokenizer,
     save_tokenizer,
 )
@@ -69,7 +69,7 @@ def _write_jsonl(tmp_path: Path, lines: list[str | dict], name: str = "data.json
 
 
 def _load_one(path: Path, tokenizer: TextTokenizer, **kwargs) -> Sample:
-    (sample,) = load_jsonl_dataset(path, tokenizer, max_seq_len=kwargs.pop("max_seq_len", 512),
+    (sample,) = load_dataset(path, tokenizer, max_seq_len=kwargs.pop("max_seq_len", 512),
                                    **kwargs)
     return sample
 
@@ -201,7 +201,7 @@ def test_text_without_bos_trains_from_second_token(tmp_path: Path, bare_tok) -> 
 
 def test_blank_lines_skipped_and_sources_keep_line_numbers(tmp_path, byte_tok) -> None:
     path = _write_jsonl(tmp_path, [{"text": "a"}, "", "   ", {"text": "b"}])
-    samples = load_jsonl_dataset(path, byte_tok, max_seq_len=16)
+    samples = load_dataset(path, byte_tok, max_seq_len=16)
     assert [s.source.rsplit(":", 1)[1] for s in samples] == ["1", "4"]
 
 
@@ -263,7 +263,7 @@ def test_messages_template_not_prefix_stable_is_rejected(tmp_path: Path) -> None
     last_only = "{{ messages[-1]['content'] if messages else '' }}"
     with pytest.raises(ValueError, match=r"data\.jsonl:1: cannot locate assistant turn "
                                          r"messages\[1\].*use a template"):
-        load_jsonl_dataset(path, _llama3_tokenizer(last_only), max_seq_len=64)
+        load_dataset(path, _llama3_tokenizer(last_only), max_seq_len=64)
 
 
 def test_messages_template_raise_exception(tmp_path: Path) -> None:
@@ -273,7 +273,7 @@ def test_messages_template_raise_exception(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"data\.jsonl:1: the chat template failed to render "
                                          r"this conversation \(user first\); fix"):
-        load_jsonl_dataset(path, _llama3_tokenizer(template), max_seq_len=64)
+        load_dataset(path, _llama3_tokenizer(template), max_seq_len=64)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -282,7 +282,7 @@ def test_messages_template_raise_exception(tmp_path: Path) -> None:
 def _assert_load_error(path: Path, tokenizer: TextTokenizer, pattern: str, **kwargs) -> None:
     kwargs.setdefault("max_seq_len", 64)
     with pytest.raises(ValueError, match=pattern):
-        load_jsonl_dataset(path, tokenizer, **kwargs)
+        load_dataset(path, tokenizer, **kwargs)
 
 
 def test_error_missing_file(tmp_path: Path, byte_tok: TextTokenizer) -> None:
@@ -378,7 +378,7 @@ def test_truncate_keeps_prefix_and_rederives_labels(tmp_path, byte_tok: TextToke
 def test_truncate_drops_sample_without_loss_tokens(tmp_path, byte_tok: TextTokenizer) -> None:
     path = _write_jsonl(tmp_path, [{"prompt": "abcdefgh", "completion": "z"}, {"text": "ok"}])
     with pytest.warns(UserWarning, match=r"data\.jsonl:1: dropped: no loss tokens left"):
-        samples = load_jsonl_dataset(path, byte_tok, max_seq_len=4, overflow="truncate")
+        samples = load_dataset(path, byte_tok, max_seq_len=4, overflow="truncate")
     assert [s.source.rsplit(":", 1)[1] for s in samples] == ["2"]
 
 
@@ -386,13 +386,13 @@ def test_truncate_dropping_everything_is_an_error(tmp_path, byte_tok: TextTokeni
     path = _write_jsonl(tmp_path, [{"prompt": "abcdefgh", "completion": "z"}])
     pattern = r"data\.jsonl: no samples left after truncation.*raise max_seq_len"
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=pattern):
-        load_jsonl_dataset(path, byte_tok, max_seq_len=4, overflow="truncate")
+        load_dataset(path, byte_tok, max_seq_len=4, overflow="truncate")
 
 
 def test_reject_and_truncate_agree_when_everything_fits(tmp_path, byte_tok) -> None:
     path = _write_jsonl(tmp_path, [{"text": "abc"}, {"prompt": "p", "completion": "q"}])
-    assert (load_jsonl_dataset(path, byte_tok, max_seq_len=5)
-            == load_jsonl_dataset(path, byte_tok, max_seq_len=5, overflow="truncate"))
+    assert (load_dataset(path, byte_tok, max_seq_len=5)
+            == load_dataset(path, byte_tok, max_seq_len=5, overflow="truncate"))
 
 
 # ----------------------------------------------------------------------------- SampleStream
@@ -466,7 +466,7 @@ def test_stream_rejects_bad_step_and_epochs() -> None:
 )
 def test_demo_datasets_load(byte_tok: TextTokenizer, name: str, min_tokens: int,
                             max_tokens: int) -> None:
-    samples = load_jsonl_dataset(EXAMPLES_DIR / name, byte_tok, max_seq_len=512)
+    samples = load_dataset(EXAMPLES_DIR / name, byte_tok, max_seq_len=512)
     lengths = [len(sample) for sample in samples]
     assert min_tokens <= min(lengths) and max(lengths) <= max_tokens
     assert all(sample.num_loss_tokens > 0 for sample in samples)

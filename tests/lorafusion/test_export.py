@@ -15,7 +15,7 @@ from lorafusion.adapters import AdapterConfig
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import build_microbatch
 from lorafusion.checkpoint import read_peft_adapter, write_peft_adapter
-from lorafusion.data import IGNORE_INDEX, Sample, load_jsonl_dataset, load_tokenizer
+from lorafusion.data import IGNORE_INDEX, Sample, load_dataset, load_tokenizer
 from lorafusion.models import build_model
 
 peft = pytest.importorskip("peft")
@@ -144,7 +144,7 @@ def eval_rows(examples_data) -> Path:
 
 
 def test_evaluate_matches_transformers_peft(exported, eval_rows, load_hf_model):
-    samples = load_jsonl_dataset(eval_rows, load_tokenizer(exported.checkpoint), max_seq_len=4096)
+    samples = load_dataset(eval_rows, load_tokenizer(exported.checkpoint), max_seq_len=4096)
     hf_loss, hf_tokens = _hf_mean_loss(_peft_model(load_hf_model, exported.checkpoint, exported.directory), samples)
     result = lf.evaluate(exported.checkpoint, exported.directory, eval_rows, dtype="float32")
     assert result.tokens == hf_tokens
@@ -158,7 +158,7 @@ def test_evaluate_matches_transformers_peft(exported, eval_rows, load_hf_model):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_evaluate_base_model_matches_transformers(family, tiny_checkpoints, eval_rows, load_hf_model):
     checkpoint = tiny_checkpoints[family]
-    samples = load_jsonl_dataset(eval_rows, load_tokenizer(checkpoint), max_seq_len=4096)
+    samples = load_dataset(eval_rows, load_tokenizer(checkpoint), max_seq_len=4096)
     hf_loss, hf_tokens = _hf_mean_loss(load_hf_model(checkpoint), samples)
     result = lf.evaluate(checkpoint, None, eval_rows, dtype="float32")
     assert result.tokens == hf_tokens
@@ -176,7 +176,7 @@ def test_adapter_saved_by_peft_evaluates_like_peft(tiny_checkpoints, tmp_path, e
             if "lora_" in name:
                 param.copy_(torch.randn_like(param) * 0.05)
     model.save_pretrained(str(tmp_path / "peft_adapter"))
-    samples = load_jsonl_dataset(eval_rows, load_tokenizer(checkpoint), max_seq_len=4096)
+    samples = load_dataset(eval_rows, load_tokenizer(checkpoint), max_seq_len=4096)
     hf_loss, _ = _hf_mean_loss(model.eval(), samples)
     result = lf.evaluate(checkpoint, tmp_path / "peft_adapter", eval_rows, dtype="float32")
     assert abs(result.loss - hf_loss) <= LOSS_RTOL * abs(hf_loss), (result.loss, hf_loss)

@@ -3,6 +3,7 @@ Triton installed."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -87,3 +88,23 @@ def test_each_logger_is_an_extra_named_like_it():
         assert extra in extras and extra in extras["loggers"][0], extra
         assert any(dep.startswith(packages[module]) for dep in extras[extra]), extras[extra]
         assert f"\n{packages[module]}==" in pins  # CI tests each one
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_data_formats_are_an_extra_that_ci_pins():
+    """Parquet/Arrow/`datasets` inputs come with `lorafusion[data]` (ranges); huggingface_hub, which resolves Hub ids,
+    is a dependency; requirements-ci.txt pins all three exactly so CI tests them."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    data = {_requirement_name(r): r for r in project["optional-dependencies"]["data"]}
+    deps = {_requirement_name(r): r for r in project["dependencies"]}
+    for name, requirement in (("pyarrow", data.get("pyarrow")), ("datasets", data.get("datasets")),
+                              ("huggingface-hub", deps.get("huggingface-hub"))):
+        assert requirement is not None, name
+        assert "==" not in requirement and ">=" in requirement and "<" in requirement, requirement
+    pins = {_requirement_name(line): line for line in (REPO / "requirements-ci.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    for name in ("pyarrow", "datasets", "huggingface-hub"):
+        assert "==" in pins.get(name, ""), name

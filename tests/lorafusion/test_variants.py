@@ -419,12 +419,12 @@ def test_evaluate_reads_peft_made_adapters_like_peft(variant, tiny_checkpoints, 
     """lf.evaluate on a PEFT-saved adapter of each variant: the loss transformers + PEFT computes."""
     import torch.nn.functional as F
 
-    from lorafusion.data import load_jsonl_dataset, load_tokenizer
+    from lorafusion.data import load_dataset, load_tokenizer
 
     checkpoint = tiny_checkpoints[FAMILY[variant]]
     peft_model = _peft_made(variant, checkpoint, load_hf_model, tmp_path / "adapter")
     data = examples_data / "arith_eval.jsonl"
-    samples = load_jsonl_dataset(data, load_tokenizer(checkpoint), max_seq_len=4096)[:12]
+    samples = load_dataset(data, load_tokenizer(checkpoint), max_seq_len=4096)[:12]
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(line + "\n" for line in data.read_text().splitlines()[:12]))
     with torch.no_grad():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import lorafusion as lf
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.adapters.multi import Segment
-from lorafusion.data import IGNORE_INDEX, SampleStream, load_jsonl_dataset, load_tokenizer
+from lorafusion.data import IGNORE_INDEX, SampleStream, load_dataset, load_tokenizer
 from lorafusion.models import build_model
 from lorafusion.prepare import prepare_run
 from runtime.fit import plan_window

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lorafusion as lf
 from lorafusion.adapters.loraga import gradient_init
-from lorafusion.data import IGNORE_INDEX, load_jsonl_dataset, load_tokenizer
+from lorafusion.data import IGNORE_INDEX, load_dataset, load_tokenizer
 from lorafusion.prepare import prepare_run
 from runtime.comm import StageComm, StagePlace
 from runtime.fit import init_pass_window
@@ -67,7 +67,7 @@ def test_init_pass_initialises_from_the_base_weights_gradient(train_checkpoint, 
     prepared = prepare_run([spec], run)
     worker = StageWorker(run, [(spec, 1)])
     StageRunner(worker, StageComm(StagePlace(), worker.device)).run_window(init_pass_window(prepared.jobs, run))
-    samples = load_jsonl_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
+    samples = load_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
     modules = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")]
     grads = _hf_weight_grads(train_checkpoint, samples, modules, load_hf_model)
     layers = dict(worker.adapters._job_layers("ga"))
@@ -96,7 +96,7 @@ def test_fit_starts_at_the_base_model_and_exports_a_rank_2r_lora(train_checkpoin
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
     trained = lf.evaluate(train_checkpoint, result["ga"].adapter_path, data, dtype="float32", device="cpu")
     assert trained.loss < base.loss
-    samples = load_jsonl_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
+    samples = load_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
     model = peft.PeftModel.from_pretrained(load_hf_model(train_checkpoint), result["ga"].adapter_path).eval()
     with torch.no_grad():
         total = sum(F.cross_entropy(model(torch.tensor([s.input_ids])).logits[0], torch.tensor(s.labels),
