@@ -25,6 +25,7 @@ from lorafusion.adapters import (
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitResult, JobResult
+from lorafusion.squeeze import SqueezeResult, squeeze
 
 __all__ = [
     "__version__",
@@ -44,6 +45,8 @@ __all__ = [
     "evaluate",
     "fit",
     "load_config",
+    "SqueezeResult",
+    "squeeze",
 ]
 
 

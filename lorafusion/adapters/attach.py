@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafusion.adapters.base import AdapterConfig, BaseView, JobShared, layer_generator
+from lorafusion.adapters.base import AdapterConfig, AdapterLayer, BaseView, JobShared, layer_generator
 from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear, job_key
 from lorafusion.adapters.registry import get_variant
 from lorafusion.models.builder import fc1_rows, qkv_rows
@@ -97,6 +97,10 @@ class ModelAdapters:
             for target in self.configs[name].target_modules:
                 _, attr, hf_parent = SITES[target]
                 yield f"base_model.model.model.layers.{index}.{hf_parent}.{target}", self.layers[index][attr].adapters[key][target]
+
+    def job_layers(self, name: str) -> dict[str, AdapterLayer]:
+        """The job's layers held here by PEFT module name ('base_model.model.model.layers.<i>.self_attn.q_proj')."""
+        return dict(self._job_layers(name))
 
     def collect_grads(self, name: str) -> None:
         """Hand the job's gradients summed over the microbatches since the last call to its parameters' .grad
