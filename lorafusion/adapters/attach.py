@@ -127,12 +127,15 @@ class ModelAdapters:
         for _, layer in self._job_layers(name):
             layer.transform_grads()
 
-    def after_step(self, name: str, step: int) -> None:
-        """Run the job's after-step hooks: its shared module's, then its layers'."""
+    def after_step(self, name: str, step: int) -> list[nn.Parameter]:
+        """Run the job's after-step hooks: its shared module's, then its layers'; the parameters whose optimizer
+        state the layers' hooks invalidated (see AdapterLayer.after_step)."""
         if name in self.shared:
             self.shared[name].after_step(step)
+        reset = []
         for _, layer in self._job_layers(name):
-            layer.after_step(step)
+            reset.extend(layer.after_step(step) or ())
+        return reset
 
     def init_pass_layers(self, name: str) -> list:
         """The job's layers that take a gradient init pass before its first step (see AdapterLayer.init_pass)."""
