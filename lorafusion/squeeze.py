@@ -23,7 +23,7 @@ from lorafusion.adapters import LoRAConfig
 from lorafusion.adapters.base import AdapterLayer
 from lorafusion.adapters.lorasqueeze.svd import SVD_METHODS, dense_svd, factor_svd, svd_method
 
-__all__ = ["SqueezeResult", "squeeze", "REPORT_NAME"]
+__all__ = ["SqueezeResult", "squeeze", "squeeze_layer", "REPORT_NAME"]
 
 REPORT_NAME = "squeeze_report.json"
 """The per-module errors, written into the output adapter's folder."""
@@ -74,7 +74,8 @@ def squeeze(adapter_dir: str | Path, rank: int, output_dir: str | Path, base_mod
     `output_dir`, with REPORT_NAME beside it.
 
     base_model: the HF checkpoint folder the adapter was trained on (default: its adapter_config.json's
-    base_model_name_or_path); its weights are needed where ΔW depends on them (DoRA) and its shapes always.
+    base_model_name_or_path); its weights are needed where ΔW depends on them (DoRA) and its shapes always. It is
+    built in fp32 on the CPU (4 bytes per parameter of memory).
     force: replace a non-empty output_dir. svd: 'auto' (see svd_method), 'exact' or 'randomized' for the variants
     squeezed from their dense ΔW. Nothing is written unless every module was squeezed; the folder appears whole.
     """
@@ -99,9 +100,9 @@ def squeeze(adapter_dir: str | Path, rank: int, output_dir: str | Path, base_mod
     squeezed, errors, methods = {}, {}, {}
     with torch.no_grad():
         for module, layer in adapters.job_layers("squeeze").items():
-            a, b, errors[module.removeprefix(_PREFIX)], methods[module.removeprefix(_PREFIX)] = \
-                squeeze_layer(layer, rank, svd)
+            a, b, error, method = squeeze_layer(layer, rank, svd)
             squeezed[f"{module}.lora_A.weight"], squeezed[f"{module}.lora_B.weight"] = a, b
+            errors[module.removeprefix(_PREFIX)], methods[module.removeprefix(_PREFIX)] = error, method
     result = SqueezeResult(output_dir=output_dir, rank=rank, source_type=config.type, errors=errors, methods=methods)
     report = {"source": str(Path(adapter_dir).resolve()), "base_model": str(base_model), **result.to_dict()}
     target = LoRAConfig(rank=rank, alpha=float(rank), target_modules=list(config.target_modules))

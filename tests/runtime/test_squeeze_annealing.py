@@ -31,6 +31,9 @@ def test_schedule_and_validation():
     config = squeeze_config(rank=8, target_rank=2, squeeze_start_step=2, squeeze_end_step=8)
     assert [config.rank_at(step) for step in range(11)] == [8, 8, 8, 7, 6, 5, 4, 3, 2, 2, 2]
     assert [squeeze_config(squeeze_start_step=3).rank_at(step) for step in (2, 3, 4)] == [4, 1, 1]  # one squeeze
+    from_yaml = lf.JobSpec(name="j", dataset="d.jsonl", adapter={"type": "lorasqueeze", "rank": 8, "target_rank": 2,
+                                                                "squeeze_start_step": 2, "squeeze_end_step": 8}).adapter
+    assert from_yaml == lf.LoRASqueezeConfig(rank=8, target_rank=2, squeeze_start_step=2, squeeze_end_step=8)
     exported = config.export_config()
     assert (exported.type, exported.rank, exported.scaling) == ("lora", 2, config.scaling)
     for fields, message in [({"target_rank": None}, r"target_rank=None must be an integer in \[1, rank=4\]"),
