@@ -129,10 +129,8 @@ class ModelAdapters:
 
     def after_step(self, name: str, step: int) -> list[nn.Parameter]:
         """Run the job's after-step hooks: its shared module's, then its layers'; the parameters whose optimizer
-        state the layers' hooks invalidated (see AdapterLayer.after_step)."""
-        if name in self.shared:
-            self.shared[name].after_step(step)
-        reset = []
+        state the hooks invalidated (see AdapterLayer.after_step)."""
+        reset = list(self.shared[name].after_step(step) or ()) if name in self.shared else []
         for _, layer in self._job_layers(name):
             reset.extend(layer.after_step(step) or ())
         return reset

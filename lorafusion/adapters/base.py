@@ -141,7 +141,7 @@ class JobShared(nn.Module):
     Buffers are frozen (regenerated, or read from an imported adapter); parameters train with the job. Its
     `after_step(step)` hook runs on every stage after each of the job's optimizer steps, before its layers'."""
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> list[nn.Parameter] | None:
         """Optimizer hook (see AdapterLayer.after_step): job-wide per-step state, e.g. a rank sampled per step."""
 
     def __init__(self, config: AdapterConfig, shapes: dict[str, tuple[int, int]], num_layers: int,

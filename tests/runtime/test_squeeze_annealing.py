@@ -122,3 +122,5 @@ def test_fit_exports_a_plain_lora_of_target_rank(train_checkpoint, examples_data
     config, tensors = read_peft_adapter(folder)
     assert (config.type, config.rank, config.scaling) == ("lora", 1, 1.5)  # init_adapter of a follow-up job
     assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {1}
+    again = lf.squeeze(folder, rank=1, output_dir=tmp_path / "squeezed")  # post-hoc, from lorafusion's own export
+    assert again.source_type == "lora" and again.max_error <= 1e-6 and set(again.methods.values()) == {"factors"}
