@@ -84,7 +84,8 @@ def squeeze(adapter_dir: str | Path, rank: int, output_dir: str | Path, base_mod
     from lorafusion.models import build_model, read_architecture
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank={rank!r} must be a positive integer (the squeezed LoRA's rank), e.g. rank=8 (lorafusion squeeze: --rank 8)")
+        raise ValueError(f"rank={rank!r} must be a positive integer (the squeezed LoRA's rank), e.g. rank=8 "
+                         "(lorafusion squeeze: --rank 8)")
     if svd not in SVD_METHODS:
         raise ValueError(f"svd={svd!r}; choose one of {list(SVD_METHODS)}")
     output_dir = Path(output_dir)
