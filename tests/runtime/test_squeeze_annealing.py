@@ -87,7 +87,8 @@ def test_anneals_to_target_rank_resumes_exactly_and_exports(train_checkpoint, ex
     scale = squeeze_config().export_config().scaling
     for module, layer in want.adapters.job_layers("sq").items():  # the export is the trained ΔW, exactly
         a, b = exported[f"{module}.lora_A.weight"], exported[f"{module}.lora_B.weight"]
-        assert a.shape[0] == 1 and torch.equal(scale * b @ a, (layer.config.scaling * layer.lora_B @ layer.lora_A).detach())
+        trained = (layer.config.scaling * layer.lora_B @ layer.lora_A).detach()
+        assert a.shape[0] == 1 and torch.equal(scale * b @ a, trained)
     folder = write_peft_adapter(tmp_path / "export", exported, squeeze_config(), base_model=str(train_checkpoint))
     ids = torch.randint(0, 259, (2, 11), generator=torch.Generator().manual_seed(0))
     want.model.eval()
