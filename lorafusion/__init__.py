@@ -17,6 +17,7 @@ from lorafusion.adapters import (
     LoRAConfig,
     LoRAGAConfig,
     LoRASBConfig,
+    LoRASqueezeConfig,
     RandLoRAConfig,
     RsLoRAConfig,
     SHiRAConfig,
@@ -27,6 +28,7 @@ from lorafusion.adapters import BlockLoRAConfig, DyLoRAConfig, MatryoshkaLoRACon
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitInterrupted, FitResult, JobResult
+from lorafusion.squeeze import SqueezeResult, squeeze
 
 __all__ = [
     "__version__",
@@ -39,6 +41,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAGAConfig",
     "LoRASBConfig",
+    "LoRASqueezeConfig",
     "RandLoRAConfig",
     "RsLoRAConfig",
     "RunConfig",
@@ -51,6 +54,8 @@ __all__ = [
     "evaluate",
     "fit",
     "load_config",
+    "SqueezeResult",
+    "squeeze",
 ]
 
 

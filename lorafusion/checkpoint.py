@@ -68,9 +68,11 @@ def atomic_directory(target: Path, fill) -> Path:
 
 
 def write_peft_adapter(
-    directory: str | Path, tensors: dict[str, torch.Tensor], config: AdapterConfig, *, base_model: str
+    directory: str | Path, tensors: dict[str, torch.Tensor], config: AdapterConfig, *, base_model: str,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write one job's adapter so `PeftModel.from_pretrained(base, directory)` loads it."""
+    """Write one job's adapter so `PeftModel.from_pretrained(base, directory)` loads it; extra_files: other text
+    files (name -> content) written into the same folder, in the same atomic replacement."""
     config = config.export_config()
     peft_fields = config.peft_config()
     payload = {
@@ -84,6 +86,8 @@ def write_peft_adapter(
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
     return atomic_directory(Path(directory), fill)
 

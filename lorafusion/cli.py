@@ -1,4 +1,4 @@
-"""`lorafusion` command line: train, eval, plan, demo, report."""
+"""`lorafusion` command line: train, eval, plan, demo, report, squeeze."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def _eval(args: argparse.Namespace) -> int:
     result = lf.evaluate(args.base_model, args.adapter, args.dataset, max_seq_len=args.max_seq_len,
                          overflow=args.overflow, dtype=args.dtype, device=args.device, fields=fields or None)
     print(json.dumps({"loss": result.loss, "tokens": result.tokens}))
+    return 0
+
+
+def _squeeze(args: argparse.Namespace) -> int:
+    import lorafusion as lf
+
+    result = lf.squeeze(args.adapter, rank=args.rank, output_dir=args.output, base_model=args.base_model,
+                        force=args.force, svd=args.svd)
+    print(result.summary())
     return 0
 
 
@@ -146,6 +155,17 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--force", action="store_true", help="write into a folder that already holds files")
     tiny.set_defaults(func=_tiny)
+    squeeze = sub.add_parser("squeeze", help="compress an adapter (any variant) to the best rank-R plain LoRA "
+                                             "(LoRA-Squeeze); prints the relative error per module")
+    squeeze.add_argument("adapter", help="adapter folder (lorafusion's or PEFT's)")
+    squeeze.add_argument("--rank", type=int, required=True, help="rank R of the squeezed LoRA")
+    squeeze.add_argument("--output", required=True, help="folder for the squeezed PEFT LoRA")
+    squeeze.add_argument("--base-model", default=None,
+                         help="HF checkpoint folder (default: the adapter's base_model_name_or_path)")
+    squeeze.add_argument("--force", action="store_true", help="replace an output folder that already holds files")
+    squeeze.add_argument("--svd", default="auto", choices=["auto", "exact", "randomized"],
+                         help="SVD of dense updates (DoRA, SHiRA, RandLoRA); auto: randomized for large modules")
+    squeeze.set_defaults(func=_squeeze)
     report = sub.add_parser("report", help="loss-curve PNGs and a throughput summary of a fit's output directory")
     report.add_argument("output_dir", help="the run.output_dir of a fit (holds run.json and <job>/metrics.jsonl)")
     report.set_defaults(func=_report)

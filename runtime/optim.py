@@ -68,6 +68,12 @@ class JobOptimizer:
         self.step_count += 1
         return lr
 
+    def reset_state(self, params: list[torch.nn.Parameter]) -> None:
+        """Forget the AdamW state (moments and bias-correction count) of `params`: their next step is a first step.
+        The job's LR schedule position (step_count) is unchanged."""
+        for param in params:
+            self.optimizer.state.pop(param, None)
+
     def state_dict(self) -> dict:
         """{"step_count", "state": one {name: tensor} per parameter (order of `params`)}, tensors cloned to CPU.
 

@@ -151,10 +151,10 @@ class StageWorker:
         self.adapters.transform_grads(job)
 
     def step(self, job: str, total_norm: float) -> float:
-        """One optimizer step of `job` clipped by its global gradient norm, then its variant's after-step hooks;
-        returns the learning rate."""
+        """One optimizer step of `job` clipped by its global gradient norm, then its variant's after-step hooks (and
+        the reset of the optimizer state of the parameters they re-parametrised); returns the learning rate."""
         lr = self.optimizers[job].step(total_norm)
-        self.adapters.after_step(job, self.optimizers[job].step_count)
+        self.optimizers[job].reset_state(self.adapters.after_step(job, self.optimizers[job].step_count))
         return lr
 
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:

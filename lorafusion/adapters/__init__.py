@@ -6,6 +6,7 @@ from lorafusion.adapters.dora import DoRAConfig, DoRALayer
 from lorafusion.adapters.lora import LoRAConfig, LoRALayer, RsLoRAConfig
 from lorafusion.adapters.loraga import LoRAGAConfig, LoRAGALayer
 from lorafusion.adapters.lorasb import LoRASBConfig, LoRASBLayer
+from lorafusion.adapters.lorasqueeze import LoRASqueezeConfig, LoRASqueezeLayer
 from lorafusion.adapters.randlora import RandLoRAConfig, RandLoRALayer, RandLoRAShared
 from lorafusion.adapters.registry import (
     adapter_config_from_dict,
@@ -33,6 +34,7 @@ register_adapter(name="lorasb", config_cls=LoRASBConfig, layer_cls=LoRASBLayer)
 register_adapter(name="dylora", config_cls=DyLoRAConfig, layer_cls=DyLoRALayer, shared_cls=DyLoRAShared)
 register_adapter(name="matryoshka", config_cls=MatryoshkaLoRAConfig, layer_cls=MatryoshkaLoRALayer)
 register_adapter(name="blocklora", config_cls=BlockLoRAConfig, layer_cls=BlockLoRALayer)
+register_adapter(name="lorasqueeze", config_cls=LoRASqueezeConfig, layer_cls=LoRASqueezeLayer)
 
 __all__ = [
     "TARGET_MODULES",
@@ -43,6 +45,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAGAConfig",
     "LoRASBConfig",
+    "LoRASqueezeConfig",
     "RandLoRAConfig",
     "RsLoRAConfig",
     "SHiRAConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafusion.adapters.base import AdapterConfig, BaseView, JobShared, layer_generator
+from lorafusion.adapters.base import AdapterConfig, AdapterLayer, BaseView, JobShared, layer_generator
 from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear, job_key
 from lorafusion.adapters.registry import get_variant
 from lorafusion.models.builder import fc1_rows, qkv_rows
@@ -98,6 +98,10 @@ class ModelAdapters:
                 _, attr, hf_parent = SITES[target]
                 yield f"base_model.model.model.layers.{index}.{hf_parent}.{target}", self.layers[index][attr].adapters[key][target]
 
+    def job_layers(self, name: str) -> dict[str, AdapterLayer]:
+        """The job's layers held here by PEFT module name ('base_model.model.model.layers.<i>.self_attn.q_proj')."""
+        return dict(self._job_layers(name))
+
     def collect_grads(self, name: str) -> None:
         """Hand the job's gradients summed over the microbatches since the last call to its parameters' .grad
         (each layer caches the job's factors per optimizer step; see MultiAdapterLinear.collect_grads)."""
@@ -123,12 +127,13 @@ class ModelAdapters:
         for _, layer in self._job_layers(name):
             layer.transform_grads()
 
-    def after_step(self, name: str, step: int) -> None:
-        """Run the job's after-step hooks: its shared module's, then its layers'."""
-        if name in self.shared:
-            self.shared[name].after_step(step)
+    def after_step(self, name: str, step: int) -> list[nn.Parameter]:
+        """Run the job's after-step hooks: its shared module's, then its layers'; the parameters whose optimizer
+        state the hooks invalidated (see AdapterLayer.after_step)."""
+        reset = list(self.shared[name].after_step(step) or ()) if name in self.shared else []
         for _, layer in self._job_layers(name):
-            layer.after_step(step)
+            reset.extend(layer.after_step(step) or ())
+        return reset
 
     def init_pass_layers(self, name: str) -> list:
         """The job's layers that take a gradient init pass before its first step (see AdapterLayer.init_pass)."""

@@ -141,7 +141,7 @@ class JobShared(nn.Module):
     Buffers are frozen (regenerated, or read from an imported adapter); parameters train with the job. Its
     `after_step(step)` hook runs on every stage after each of the job's optimizer steps, before its layers'."""
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> list[nn.Parameter] | None:
         """Optimizer hook (see AdapterLayer.after_step): job-wide per-step state, e.g. a rank sampled per step."""
 
     def __init__(self, config: AdapterConfig, shapes: dict[str, tuple[int, int]], num_layers: int,
@@ -208,9 +208,11 @@ class AdapterLayer(nn.Module):
         gradients are complete: summed over microbatches and replicas; before the norm and clipping). LoRA-Pro's
         equivalent gradient, AltLoRA's projection. Default: none."""
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> list[nn.Parameter] | None:
         """Optimizer hook: called on every stage after the job's optimizer step `step` (1-based), before any
-        microbatch of its next global batch runs (DyLoRA's per-step rank). Default: none."""
+        microbatch of its next global batch runs (DyLoRA's per-step rank). Returns the parameters it re-parametrised
+        (LoRA-Squeeze's re-factorised A and B), whose optimizer state no longer applies: the runtime resets it, as
+        for a parameter that never stepped. Default: none."""
 
     def watched_parameters(self) -> list[nn.Parameter]:
         """Parameters whose change invalidates this layer's cached factors (its own and the job's shared ones)."""
