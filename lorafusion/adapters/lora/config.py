@@ -43,6 +43,8 @@ class LoRAConfig(AdapterConfig):
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
+        if cls not in (LoRAConfig, RsLoRAConfig):  # variants built on LoRA export as plain LoRA and read back as one
+            return None
         if data.get("peft_type") != "LORA" or data.get("use_dora") or bool(data.get("use_rslora")) != (cls is RsLoRAConfig):
             return None
         return cls(**read_lora_fields(data, where))

@@ -45,10 +45,6 @@ class LoRAGAConfig(LoRAConfig):
                 raise ValueError(f"adapter.rank={self.rank}: LoRA-GA takes 2·rank = {2 * self.rank} singular vectors "
                                  f"of {target}'s {out}×{inp} gradient; use rank ≤ {min(out, inp) // 2}")
 
-    @classmethod
-    def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
-        return None  # exported as a plain LoRA: it reads back as one
-
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=2 * self.rank, alpha=2 * self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))

@@ -59,10 +59,6 @@ class LoRASBConfig(LoRAConfig):
                 raise ValueError(f"adapter.rank={self.rank}: LoRA-SB takes rank singular vectors of {target}'s "
                                  f"{out}×{inp} gradient; use rank ≤ {min(out, inp)}")
 
-    @classmethod
-    def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
-        return None  # exported as a plain LoRA: it reads back as one
-
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))

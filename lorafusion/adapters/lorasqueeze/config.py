@@ -61,10 +61,6 @@ class LoRASqueezeConfig(LoRAConfig):
         done = (step - self.squeeze_start_step) / (self.squeeze_end_step - self.squeeze_start_step)
         return self.rank - int((self.rank - self.target_rank) * done)
 
-    @classmethod
-    def from_peft(cls, data: dict[str, Any], where: str) -> AdapterConfig | None:
-        return None  # exported as a plain LoRA: it reads back as one
-
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.target_rank, alpha=self.scaling * self.target_rank, dropout=self.dropout,
                           target_modules=list(self.target_modules))
