@@ -24,6 +24,7 @@ from lorafusion.adapters import (
 )
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
+from lorafusion.optimizers import AdamWConfig, AltLoRAConfig, LoRAProConfig
 from lorafusion.result import FitResult, JobResult
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "UniLoRAConfig",
     "VeRAConfig",
     "evaluate",
+    "AdamWConfig",
+    "AltLoRAConfig",
+    "LoRAProConfig",
     "fit",
     "load_config",
 ]
