@@ -183,6 +183,7 @@ class _Trainer:
         self.busy = [0.0] * len(group.places)
         self.span = [0.0] * len(group.places)
         self.peak_memory = 0
+        self.optimizer_state_bytes: dict[str, int] = {}  # job -> its optimizer state summed over the stages
         self.gpu_samples: list[dict] = []
 
     def resume_from(self, resumed: Resumed | None) -> None:
@@ -307,6 +308,9 @@ class _Trainer:
             self.peak_memory = max(self.peak_memory, result.peak_memory_bytes)
             if result.gpu is not None:
                 self.gpu_samples.append(result.gpu)
+        replica0 = [r for r, place in zip(results, self.group.places) if place.dp_rank == 0]
+        for job in {job for r in replica0 for job in r.optimizer_state_bytes}:
+            self.optimizer_state_bytes[job] = sum(r.optimizer_state_bytes.get(job, 0) for r in replica0)
 
     def _record_step(self, state: _JobState, event, tokens: int) -> None:
         name = state.job.name
@@ -355,6 +359,7 @@ class _Trainer:
             "capacity_choices": self.capacity_choices,
             "bubble_fraction": (sum(st["bubble_fraction"] for st in stages) / len(stages)) if stages else None,
             "peak_memory_bytes": self.peak_memory,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
             "stages": stages,
             "gpu": summarise_gpu(self.gpu_samples),
         }
