@@ -7,10 +7,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 import lorafusion as lf
 from runtime.fit import RUN_METRICS
 from tests.runtime.test_checkpointing import assert_bit_identical, interrupted_run, resume, straight_run, train_round
-from tests.runtime.test_isolation import CAPACITY, assert_same_adapters, fit_adapters, max_rel_diff
+from tests.runtime.test_isolation import CAPACITY, RTOL, assert_same_adapters, fit_adapters, max_rel_diff
 
 
 def optimizer_jobs(examples_data: Path) -> list[lf.JobSpec]:
@@ -79,3 +81,19 @@ def test_factor_optimizers_resume_to_the_same_adapter(train_checkpoint, examples
     for job in prepared.jobs:
         assert_bit_identical(worker, want_worker, job.name)
         assert progress[job.name] == want_progress[job.name]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_factor_optimizers_on_two_stages_equal_single_process(train_checkpoint, examples_data, tmp_path):
+    """2 pipeline stages (Ray): each stage steps its own layers' pairs, clipped by the job's norm summed over the
+    stages; the adapters and the reported state (summed over the stages) equal one process's."""
+    jobs = [dataclasses.replace(spec, max_grad_norm=0.5) for spec in optimizer_jobs(examples_data)]
+    single = fit_adapters(train_checkpoint, tmp_path / "single", jobs, CAPACITY, engine="local")
+    parallel = fit_adapters(train_checkpoint, tmp_path / "run", jobs, CAPACITY, balance_pipeline=False,
+                            pipeline_stages=2)
+    for spec in jobs:
+        worst, key = max_rel_diff(parallel[spec.name]["tensors"], single[spec.name]["tensors"])
+        assert worst <= RTOL, f"job {spec.name}: 2 stages vs 1 process differ by {worst:.3e} (relative) in {key}"
+    reported = [json.loads((tmp_path / run / RUN_METRICS).read_text())["optimizer_state_bytes"]
+                for run in ("single", "run")]
+    assert reported[0] == reported[1]
