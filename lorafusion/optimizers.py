@@ -60,11 +60,9 @@ class AdamWConfig(OptimizerConfig):
     type: ClassVar[str] = "adamw"
 
 
-def _check_fraction(name: str, value: Any, example: str, low_open: bool = False) -> None:
-    ok = is_number(value) and (0 < value < 1 if low_open else 0 <= value < 1)
-    if not ok:
-        bounds = "(0, 1)" if low_open else "[0, 1)"
-        raise ValueError(f"optimizer.{name}={value!r} must be a number in {bounds}, e.g. {name}: {example}")
+def _check_fraction(name: str, value: Any, example: str) -> None:
+    if not is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"optimizer.{name}={value!r} must be a number in [0, 1), e.g. {name}: {example}")
 
 
 def _check_positive(name: str, value: Any, example: str) -> None:

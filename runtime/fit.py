@@ -172,7 +172,7 @@ class _Trainer:
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress,
-                                 variants={j.name: j.spec.adapter.type for j in prepared.jobs})
+                                 variants={j.name: _variant_label(j.spec) for j in prepared.jobs})
         self.start = time.perf_counter()
         self.total_tokens = 0
         self.tokens: dict[tuple[str, int], int] = {}  # (job, step) -> tokens, for global batches sent, not stepped
@@ -377,6 +377,12 @@ class _Trainer:
         metrics = self.run_metrics(wall)
         atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
         return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
+
+
+def _variant_label(spec: JobSpec) -> str:
+    """The adapter type shown beside the job's name, and its optimizer when that is not the default AdamW."""
+    kind = spec.optimizer.type
+    return spec.adapter.type if kind == "adamw" else f"{spec.adapter.type}, {kind}"
 
 
 def _job_result(name: str, progress: JobProgress, adapter: str | None, out: Path) -> JobResult:

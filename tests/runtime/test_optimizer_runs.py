@@ -97,3 +97,10 @@ def test_factor_optimizers_on_two_stages_equal_single_process(train_checkpoint, 
     reported = [json.loads((tmp_path / run / RUN_METRICS).read_text())["optimizer_state_bytes"]
                 for run in ("single", "run")]
     assert reported[0] == reported[1]
+
+
+def test_progress_names_the_optimizer_beside_the_variant(examples_data):
+    from runtime.fit import _variant_label
+
+    assert [_variant_label(spec) for spec in optimizer_jobs(examples_data)] == ["lora", "lora, lorapro",
+                                                                                 "rslora, altlora"]
