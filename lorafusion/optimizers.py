@@ -47,9 +47,9 @@ class OptimizerConfig:
         """ValueError (naming the job, optimizer.type and the adapter type) when this method cannot step the adapter."""
         if self.factor_pairs and adapter_type not in FACTOR_ADAPTERS:
             raise ValueError(
-                f"job '{job}': optimizer.type='{self.type}' steps LoRA factor pairs (lora_A, lora_B), which adapter "
-                f"type '{adapter_type}' does not train; use an adapter of type {list(FACTOR_ADAPTERS)}, or "
-                "optimizer {type: adamw}")
+                f"job '{job}': optimizer.type='{self.type}' steps adapters that train only LoRA factor pairs "
+                f"(lora_A, lora_B with ΔW = s·B A), and adapter type '{adapter_type}' is not one; use adapter type "
+                f"{' / '.join(FACTOR_ADAPTERS)} with it, or optimizer {{type: adamw}} for '{adapter_type}'")
 
 
 @dataclass(kw_only=True)
