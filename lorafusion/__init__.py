@@ -29,6 +29,7 @@ from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
 from lorafusion.result import FitInterrupted, FitResult, JobResult
 from lorafusion.squeeze import SqueezeResult, squeeze
+from lorafusion.optimizers import AdamWConfig, AltLoRAConfig, LoRAProConfig
 
 __all__ = [
     "__version__",
@@ -52,6 +53,9 @@ __all__ = [
     "MatryoshkaLoRAConfig",
     "BlockLoRAConfig",
     "evaluate",
+    "AdamWConfig",
+    "AltLoRAConfig",
+    "LoRAProConfig",
     "fit",
     "load_config",
     "SqueezeResult",

@@ -24,6 +24,7 @@ from lorafusion.loggers import check_loggers
 from lorafusion.data.dataset import check_fields
 from lorafusion.hub import is_hub_id
 from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
+from lorafusion.optimizers import AdamWConfig, OptimizerConfig, optimizer_config_from_dict
 from lorafusion.validation import is_number
 
 __all__ = ["JobSpec", "RunConfig", "load_config", "apply_overrides", "check_jobs"]
@@ -65,7 +66,7 @@ class JobSpec:
     global_batch_size: int = 8
     """Samples per optimizer step."""
     learning_rate: float = 2e-4
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of the job's optimizer."""
     max_steps: int | None = None
     """Optimizer steps to run; exactly one of max_steps and num_epochs (default: 1 epoch)."""
     num_epochs: float | None = None
@@ -79,13 +80,16 @@ class JobSpec:
     min_lr_ratio: float = 0.0
     """Final LR of the linear/cosine decay as a fraction of learning_rate."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """Decoupled weight decay: each step multiplies the trainable tensors by 1 − lr·weight_decay (every optimizer)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW (beta1, beta2)."""
+    """Adam's (beta1, beta2), of AdamW and of LoRA-Pro's full-size moments (AltLoRA has optimizer.beta1)."""
     adam_eps: float = 1e-8
-    """AdamW epsilon."""
+    """Adam's epsilon, of AdamW and of LoRA-Pro."""
     max_grad_norm: float | None = 1.0
-    """Clip this job's gradient to this global L2 norm; None disables clipping."""
+    """Clip this job's gradient to this global L2 norm (of the raw gradients, before any optimizer transforms them);
+    None disables clipping."""
+    optimizer: OptimizerConfig = field(default_factory=AdamWConfig)
+    """The job's optimizer, e.g. lf.LoRAProConfig(); in YAML {type: adamw | lorapro | altlora, ...}. Default: AdamW."""
     max_seq_len: int | None = None
     """Longest sample in tokens; defaults to run.max_tokens_per_microbatch."""
     overflow: str = "reject"
@@ -115,6 +119,7 @@ class JobSpec:
             self.adapter = LoRAConfig()
         if not isinstance(self.adapter, AdapterConfig):
             raise ValueError(f"{owner}: adapter={self.adapter!r} must be an adapter config such as lf.LoRAConfig(...)")
+        self._check_optimizer(owner)
         _positive_int(owner, "global_batch_size", self.global_batch_size, "8")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"{owner}: seed={self.seed!r} must be an integer ≥ 0, e.g. seed: 0")
@@ -141,6 +146,14 @@ class JobSpec:
             raise ValueError(f"{owner}: adapter differs from init_adapter '{self.init_adapter}' in {differ} "
                              f"(yours: {[mine.get(k) for k in differ]}, the adapter's: {[theirs.get(k) for k in differ]}); "
                              "leave `adapter` out to use the adapter's own config")
+
+    def _check_optimizer(self, owner: str) -> None:
+        if isinstance(self.optimizer, dict):
+            self.optimizer = optimizer_config_from_dict(self.optimizer, where=owner)
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise ValueError(f"{owner}: optimizer={self.optimizer!r} must be a mapping like {{type: lorapro}} or an "
+                             "optimizer config such as lf.LoRAProConfig()")
+        self.optimizer.check_adapter(self.adapter.type, self.name)
 
     def _check_length(self) -> None:
         owner = f"job '{self.name}'"
@@ -186,6 +199,7 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["adapter"] = self.adapter.to_dict()
+        data["optimizer"] = self.optimizer.to_dict()
         data["adam_betas"] = list(self.adam_betas)
         return data
 
@@ -323,7 +337,7 @@ def check_jobs(jobs: list[JobSpec]) -> None:
         if not isinstance(job, JobSpec):
             raise ValueError(f"jobs must be lf.JobSpec objects, got {type(job).__name__}")
         # Configs are mutable: build validated copies so a field changed after construction is caught.
-        replace(job, adapter=replace(job.adapter))
+        replace(job, adapter=replace(job.adapter), optimizer=replace(job.optimizer))
         get_variant(job.adapter.type)
         if job.name in seen:
             raise ValueError(f"duplicate job name '{job.name}'; every job needs its own name")
@@ -373,11 +387,11 @@ def _set_job_field(data: dict, job_name: str, field_name: str, value: Any, item:
         if isinstance(job, dict) and job.get("name") == job_name:
             job[field_name] = value
             return
-    if "." in job_name:  # jobs.<job>.adapter.<field>
+    if "." in job_name:  # jobs.<job>.adapter.<field>, jobs.<job>.optimizer.<field>
         head, sub = job_name.rsplit(".", 1)
         for job in data.get("jobs") or []:
-            if isinstance(job, dict) and job.get("name") == head and sub == "adapter":
-                job.setdefault("adapter", {})[field_name] = value
+            if isinstance(job, dict) and job.get("name") == head and sub in ("adapter", "optimizer"):
+                job.setdefault(sub, {})[field_name] = value
                 return
     raise ValueError(f"--set {item!r}: no job named '{job_name}' in the config")
 

@@ -3,8 +3,8 @@
 Reads what a fit writes: `run.json` (which jobs), `<job>/metrics.jsonl` (train lines
 {"step", "loss", "lr", "tokens", "grad_norm", "time_s"} and eval lines {"step", "eval_loss", "eval_tokens"})
 and, when the runtime wrote it, `run_metrics.json` (wall time, real tokens/s, microbatches/s, bubble
-fraction, peak memory, per-stage and GPU figures). Writes `<output_dir>/report/loss_<job>.png`,
-`report/loss.png` and `report/summary.md`.
+fraction, peak memory, each job's optimizer state, per-stage and GPU figures). Writes
+`<output_dir>/report/loss_<job>.png`, `report/loss.png` and `report/summary.md`.
 """
 
 from __future__ import annotations
@@ -230,10 +230,12 @@ def render_summary(report: RunReport) -> str:
     """The summary as Markdown: one row per job, then the run's throughput figures."""
     lines = [f"# Fit report: {report.output_dir}", "", "## Jobs", "",
              "| job | steps | final loss (nats/token) | best eval loss (nats/token) | tokens (real) "
-             "| job tokens/s (its tokens ÷ seconds to its last step) |", "|---|---|---|---|---|---|"]
+             "| job tokens/s (its tokens ÷ seconds to its last step) | optimizer state |", "|---|---|---|---|---|---|---|"]
+    state_bytes = report.run_value("optimizer_state_bytes")
+    state_bytes = state_bytes if isinstance(state_bytes, dict) else {}
     for job in report.jobs:
         lines.append(f"| {job.name} | {job.steps} | {_fmt(job.final_loss)} | {_fmt(job.best_eval_loss)} | "
-                     f"{job.tokens} | {_fmt(job.tokens_per_s, '.0f')} |")
+                     f"{job.tokens} | {_fmt(job.tokens_per_s, '.0f')} | {_fmt_bytes(state_bytes.get(job.name))} |")
     lines += ["", "## Run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _run_rows(report)]
     lines += _stage_table(report.run_value("stages"))

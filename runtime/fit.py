@@ -177,7 +177,7 @@ class _Trainer:
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress,
-                                 variants={j.name: j.spec.adapter.type for j in prepared.jobs})
+                                 variants={j.name: _variant_label(j.spec) for j in prepared.jobs})
         self.start = time.perf_counter()
         self.last_checkpoint_s = self.start
         self.total_tokens = 0
@@ -189,6 +189,7 @@ class _Trainer:
         self.busy = [0.0] * len(group.places)
         self.span = [0.0] * len(group.places)
         self.peak_memory = 0
+        self.optimizer_state_bytes: dict[str, int] = {}  # job -> its optimizer state summed over the stages
         self.gpu_samples: list[dict] = []
 
     def resume_from(self, resumed: Resumed | None) -> None:
@@ -336,6 +337,9 @@ class _Trainer:
             self.peak_memory = max(self.peak_memory, result.peak_memory_bytes)
             if result.gpu is not None:
                 self.gpu_samples.append(result.gpu)
+        replica0 = [r for r, place in zip(results, self.group.places) if place.dp_rank == 0]
+        for job in {job for r in replica0 for job in r.optimizer_state_bytes}:
+            self.optimizer_state_bytes[job] = sum(r.optimizer_state_bytes.get(job, 0) for r in replica0)
 
     def _record_step(self, state: _JobState, event, tokens: int) -> None:
         name = state.job.name
@@ -384,6 +388,7 @@ class _Trainer:
             "capacity_choices": self.capacity_choices,
             "bubble_fraction": (sum(st["bubble_fraction"] for st in stages) / len(stages)) if stages else None,
             "peak_memory_bytes": self.peak_memory,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
             "stages": stages,
             "gpu": summarise_gpu(self.gpu_samples),
         }
@@ -401,6 +406,12 @@ class _Trainer:
         metrics = self.run_metrics(wall)
         atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
         return FitResult(jobs=jobs, output_dir=str(out), wall_time_s=wall, tokens_per_s=metrics["tokens_per_s"])
+
+
+def _variant_label(spec: JobSpec) -> str:
+    """The adapter type shown beside the job's name, and its optimizer when that is not the default AdamW."""
+    kind = spec.optimizer.type
+    return spec.adapter.type if kind == "adamw" else f"{spec.adapter.type}, {kind}"
 
 
 def _job_result(name: str, progress: JobProgress, adapter: str | None, out: Path) -> JobResult:

@@ -37,7 +37,7 @@ class Progress:
 
     def __init__(self, totals: dict[str, int], *, every: int, enabled: bool, stream: TextIO | None = None,
                  variants: dict[str, str] | None = None) -> None:
-        """variants: job -> its adapter type, shown beside the job's name."""
+        """variants: job -> its adapter type (and optimizer), shown beside the job's name."""
         self.totals, self.every, self.enabled, self.stream = totals, every, enabled, stream
         self.labels = {n: f"{n} [{variants[n]}]" if variants and n in variants else n for n in totals}
         self.width = max((len(n) for n in self.labels.values()), default=4)

@@ -83,6 +83,8 @@ class WindowResult:
     peak_memory_bytes: int = 0
     gpu: dict | None = None
     """nvidia-ml-py sample of this actor's GPU at the window's end (None on CPU or without nvidia-ml-py)."""
+    optimizer_state_bytes: dict[str, int] = field(default_factory=dict)
+    """job -> bytes of its optimizer's state on this actor (LoRA-Pro's full-size moments make it large)."""
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -132,6 +134,7 @@ class StageRunner:
         if flush:
             self._new_stream()
         result.peak_memory_bytes = _peak_memory_bytes(self.worker.device)
+        result.optimizer_state_bytes = {job: opt.state_bytes() for job, opt in self.worker.optimizers.items()}
         if self.worker.device.type == "cuda":
             result.gpu = gpu_sample(torch.cuda.current_device())
         return result

@@ -18,7 +18,7 @@ from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 from lorafusion.models.recompute import apply_recompute
 from lorafusion.ops.utils import resolve_backend
 from runtime.comm import StagePlace
-from runtime.optim import JobOptimizer
+from runtime.optim import JobOptimizer, build_optimizer
 
 __all__ = ["StageWorker", "local_device"]
 
@@ -54,7 +54,7 @@ class StageWorker:
             if spec.init_adapter is not None:  # a resume then overwrites it with the checkpoint's state
                 self.adapters.load_peft_state_dict(spec.name, read_peft_adapter(spec.init_adapter)[1],
                                                    where=f"job '{spec.name}': init_adapter '{spec.init_adapter}'")
-            self.optimizers[spec.name] = JobOptimizer(spec, self.adapters.parameters(spec.name), total_steps)
+            self.optimizers[spec.name] = build_optimizer(spec, self.adapters.named_parameters(spec.name), total_steps)
         if self.device.type == "cuda" and resolve_backend(run.kernels, self.device) == "triton":
             self._choose_tiles()
 
@@ -168,7 +168,8 @@ class StageWorker:
 
     def job_state(self, job: str) -> dict:
         """This stage's share of `job`'s training state, on CPU: {"step_count", "params": {name: tensor},
-        "optimizer": {name: {"step", "exp_avg", "exp_avg_sq"}}} (raw trainable tensors, exact for every variant)."""
+        "optimizer": {name: {key: tensor}}} (raw trainable tensors, exact for every variant; the optimizer's state
+        per parameter: AdamW's "step", "exp_avg", "exp_avg_sq", or a factor method's, see runtime/optim)."""
         named = self._named_job_parameters(job)
         optim = self.optimizers[job].state_dict()
         frozen = self.adapters.named_parameters(job, frozen=True)  # trainable ones and the job's frozen state

@@ -28,6 +28,7 @@ CHAT_LINES = [
 ]
 RUN_METRICS = {"wall_time_s": 6.0, "tokens_per_s": 150.0, "microbatches": 12, "microbatches_per_s": 2.0,
                "bubble_fraction": 0.125, "peak_memory_bytes": 3 * 1024**3,
+               "optimizer_state_bytes": {"sql": 2 * 1024**2},
                "stages": [{"stage": 0, "busy_s": 5.0}, {"stage": 1, "busy_s": 4.5}],
                "gpu": {"name": "Fake GPU", "utilization_pct": 87}}
 
@@ -65,11 +66,12 @@ def test_job_figures_from_metrics(tmp_path):
     assert (chat.steps, chat.final_loss, chat.best_eval_loss, chat.tokens) == (2, 3.5, 1.7, 600)
     assert chat.tokens_per_s == pytest.approx(600 / 5.0)
     summary = render_summary(report)
-    assert _table_row(summary, "sql")[1:] == ["3", "2.2500", "n/a", "300", "75"]
-    assert _table_row(summary, "chat")[1:] == ["2", "3.5000", "1.7000", "600", "120"]
+    assert _table_row(summary, "sql")[1:] == ["3", "2.2500", "n/a", "300", "75", "n/a"]  # no run_metrics.json
+    assert _table_row(summary, "chat")[1:] == ["2", "3.5000", "1.7000", "600", "120", "n/a"]
     # every figure says its unit; the per-job rate says it is the job's own
     assert _table_row(summary, "job")[1:] == ["steps", "final loss (nats/token)", "best eval loss (nats/token)",
-                                              "tokens (real)", "job tokens/s (its tokens ÷ seconds to its last step)"]
+                                              "tokens (real)", "job tokens/s (its tokens ÷ seconds to its last step)",
+                                              "optimizer state"]
 
 
 def test_run_figures_from_run_metrics(tmp_path):
@@ -81,6 +83,7 @@ def test_run_figures_from_run_metrics(tmp_path):
     assert _table_row(summary, "microbatches/s")[1] == "2.00"
     assert _table_row(summary, "bubble fraction (mean of stages)")[1] == "12.5%"
     assert _table_row(summary, "peak memory")[1] == "3.0 GiB"
+    assert _table_row(summary, "sql")[-1] == "2.0 MiB"  # the job's optimizer state
     assert _table_row(summary, "gpu utilization_pct")[1] == "87"
     assert _table_row(summary, "0")[1] == "5.0"  # stage table
     assert "no run_metrics.json" not in summary

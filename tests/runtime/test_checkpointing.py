@@ -18,7 +18,7 @@ from runtime.checkpointing import (
 )
 from runtime.comm import StageComm, StagePlace
 from runtime.fit import init_pass_window, plan_window
-from runtime.optim import JobOptimizer
+from runtime.optim import AdamWOptimizer
 from runtime.resume import JobProgress, commit_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
 from runtime.stage import StageRunner
 from runtime.worker import StageWorker
@@ -89,11 +89,11 @@ def test_optimizer_state_round_trip_is_exact():
     gen = torch.Generator().manual_seed(0)
     grads = [[torch.randn(3, 2, generator=gen), torch.randn(5, generator=gen)] for _ in range(5)]
 
-    def make() -> JobOptimizer:
+    def make() -> AdamWOptimizer:
         params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(5))]
-        return JobOptimizer(spec, params, total_steps=5)
+        return AdamWOptimizer(spec, params, total_steps=5)
 
-    def step(opt: JobOptimizer, i: int) -> None:
+    def step(opt: AdamWOptimizer, i: int) -> None:
         for p, g in zip(opt.params, grads[i]):
             p.grad = g.clone()
         opt.step(opt.grad_norm_sq() ** 0.5)
@@ -117,7 +117,7 @@ def test_optimizer_state_round_trip_is_exact():
 
 def test_optimizer_state_of_another_shape_is_refused():
     spec = lf.JobSpec(name="j", dataset="unused.jsonl")
-    opt = JobOptimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], total_steps=3)
+    opt = AdamWOptimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], total_steps=3)
     with pytest.raises(ValueError, match="holds state for 2 parameters, this job has 1"):
         opt.load_state_dict({"step_count": 1, "state": [{}, {}]})
     bad = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(2, 2)}

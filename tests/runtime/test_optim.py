@@ -1,4 +1,4 @@
-"""Per-job learning-rate schedules and gradient clipping (runtime/optim.py), checked by hand."""
+"""Per-job learning-rate schedules and gradient clipping (runtime/optim), checked by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorafusion as lf
-from runtime.optim import JobOptimizer, lr_at
+from runtime.optim import AdamWOptimizer, lr_at
 
 
 def spec(**kwargs) -> lf.JobSpec:
@@ -66,7 +66,7 @@ def _params_with_grads(*grads: list[float]) -> list[torch.nn.Parameter]:
     return params
 
 
-def _grad_seen_by_adam(opt: JobOptimizer) -> list[torch.Tensor]:
+def _grad_seen_by_adam(opt: AdamWOptimizer) -> list[torch.Tensor]:
     """After one AdamW step exp_avg = (1 - beta1)·g, so g (after clipping) can be read back."""
     beta1 = opt.spec.adam_betas[0]
     return [opt.optimizer.state[p]["exp_avg"] / (1 - beta1) for p in opt.params]
@@ -74,7 +74,7 @@ def _grad_seen_by_adam(opt: JobOptimizer) -> list[torch.Tensor]:
 
 def test_clipping_scales_the_gradient_to_max_grad_norm():
     params = _params_with_grads([3.0, 0.0], [0.0, 4.0])  # global norm 5
-    opt = JobOptimizer(spec(learning_rate=0.1, max_grad_norm=1.0), params, total_steps=10)
+    opt = AdamWOptimizer(spec(learning_rate=0.1, max_grad_norm=1.0), params, total_steps=10)
     norm = opt.grad_norm_sq() ** 0.5
     assert norm == pytest.approx(5.0)
     opt.step(norm)
@@ -88,7 +88,7 @@ def test_clipping_scales_the_gradient_to_max_grad_norm():
 def test_no_clipping_below_the_limit_or_when_disabled():
     for max_norm in (10.0, None):
         params = _params_with_grads([3.0, 0.0], [0.0, 4.0])
-        opt = JobOptimizer(spec(learning_rate=0.1, max_grad_norm=max_norm), params, total_steps=10)
+        opt = AdamWOptimizer(spec(learning_rate=0.1, max_grad_norm=max_norm), params, total_steps=10)
         opt.step(opt.grad_norm_sq() ** 0.5)
         seen = _grad_seen_by_adam(opt)
         assert torch.allclose(seen[0], torch.tensor([3.0, 0.0]))
@@ -99,7 +99,7 @@ def test_step_applies_the_scheduled_lr():
     """AdamW's first update is lr·sign(g) per element (m̂/√v̂ = g/|g|), so the LR is visible in the weights."""
     params = _params_with_grads([2.0, -0.5, 0.0])
     job = spec(learning_rate=0.1, warmup_steps=4, lr_schedule="linear", max_grad_norm=None)
-    opt = JobOptimizer(job, params, total_steps=10)
+    opt = AdamWOptimizer(job, params, total_steps=10)
     lr = opt.step(opt.grad_norm_sq() ** 0.5)
     assert lr == pytest.approx(0.025)  # warmup step 0 of 4
     assert torch.allclose(params[0].detach(), torch.tensor([-0.025, 0.025, 0.0]), atol=1e-7)
