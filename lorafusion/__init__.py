@@ -24,12 +24,14 @@ from lorafusion.adapters import (
 )
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
+from lorafusion.federation import FederationConfig
 from lorafusion.result import FitResult, JobResult
 
 __all__ = [
     "__version__",
     "DoRAConfig",
     "EvalResult",
+    "FederationConfig",
     "FitResult",
     "JobResult",
     "JobSpec",

@@ -25,6 +25,7 @@ from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_r
 from lorafusion.report import read_job_metrics
 from lorafusion.result import FitResult, JobResult
 from runtime.engine import LocalGroup, StageLost, choose_engine
+from runtime.federation import Federation
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
@@ -53,9 +54,11 @@ def _start_output(prepared: PreparedRun, resuming: bool) -> None:
 
 
 class _JobState:
-    def __init__(self, job: PreparedJob, output_dir: str) -> None:
+    def __init__(self, job: PreparedJob, output_dir: str, round_every: int | None = None) -> None:
         self.job = job
         self.metrics = MetricsWriter(output_dir, job.name)
+        self.round_every = round_every  # a federated client's local steps per round (None: not a client)
+        self.rounds_through = 0  # a client: the step count of its group's last aggregated round
         self.restore(JobProgress())
 
     def restore(self, progress: JobProgress) -> None:
@@ -70,13 +73,18 @@ class _JobState:
 
     @property
     def plannable(self) -> bool:
-        return self.error is None and self.planned < self.job.total_steps
+        return self.error is None and self.planned < self.job.total_steps and not self.awaits_round
+
+    @property
+    def awaits_round(self) -> bool:
+        """A federated client planned to the end of a round its group has not aggregated yet: it waits there."""
+        return bool(self.round_every) and self.planned % self.round_every == 0 and self.planned > self.rounds_through
 
     def steps_until_stop(self, checkpoint_every: int | None) -> int:
         """Global batches this job may be planned before the stream must drain: its last step, an evaluation
         or a checkpoint."""
         limit = self.job.total_steps - self.planned
-        for period in (self.eval_every, checkpoint_every):
+        for period in (self.eval_every, checkpoint_every, self.round_every):
             if period:
                 limit = min(limit, period - self.planned % period)
         return limit
@@ -167,7 +175,9 @@ def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
 class _Trainer:
     def __init__(self, prepared: PreparedRun, group: StageGroup) -> None:
         self.prepared, self.run, self.group = prepared, prepared.run, group
-        self.states = {j.name: _JobState(j, prepared.run.output_dir) for j in prepared.jobs}
+        self.federation = Federation(prepared.jobs)
+        self.states = {j.name: _JobState(j, prepared.run.output_dir, self.federation.every(j.name))
+                       for j in prepared.jobs}
         self.windows = 0  # windows completed: the checkpoint counter
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
@@ -191,6 +201,8 @@ class _Trainer:
         for name, state in self.states.items():
             state.restore(resumed.progress[name] if resumed is not None else JobProgress())
             trim_metrics(self.run.output_dir, name, state.step)
+        self.federation.restore(self.states)
+        self._note_rounds()
         if resumed is None:
             self._init_pass()
         if resumed is not None:
@@ -250,8 +262,10 @@ class _Trainer:
             state.planned = window_steps[state.job.name].stop
         evaluate = [s for s in active if s.eval_every and s.planned % s.eval_every == 0]
         checkpoint = bool(every) and any(s.planned % every == 0 for s in active)
+        rounds = any(s.round_every and Federation.ends_round(s.planned, s.round_every, s.job.total_steps)
+                     for s in active)  # an aggregation needs the clients' steps done: drain
         last = not any(s.plannable for s in self.states.values())
-        flush = bool(evaluate) or checkpoint or last
+        flush = bool(evaluate) or checkpoint or rounds or last
         jobs = scheduler_jobs(self.prepared.jobs, window_steps)
         plan, planner, choice = stream_window(jobs, planner, stages=self.run.pipeline_stages,
                                               replicas=self.run.data_parallel, balance=self.run.balance_pipeline,
@@ -270,9 +284,20 @@ class _Trainer:
         return planned, (evaluate, checkpoint), planner
 
     def _at_boundary(self, evaluate: list[_JobState], checkpoint: bool) -> None:
+        for rnd in self.federation.due(self.states):  # before evaluating: a client at a round's end is the aggregate
+            self.group.federate(rnd)
+            self.progress.note(f"federated group {rnd.group}: {rnd.method} of {', '.join(rnd.clients)} at step {rnd.step}")
+        self._note_rounds()
         self._evaluate([s for s in evaluate if s.error is None])
         if checkpoint:
             self.checkpoint()
+
+    def _note_rounds(self) -> None:
+        """Tell each client the last round its group aggregated (it may be planned past that round's end)."""
+        for name, state in self.states.items():
+            group = self.federation.group_of(name)
+            if group is not None:
+                state.rounds_through = self.federation.done[group]
 
     def checkpoint(self) -> None:
         """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
@@ -341,6 +366,11 @@ class _Trainer:
             state.metrics.write({"step": state.step, "eval_loss": state.eval_loss, "eval_tokens": int(count)})
             self.progress.eval(state.job.name, state.step, state.eval_loss)
 
+    def _folds(self, name: str) -> bool:
+        """A FLoRA client: after its last round it holds only its group's folded stack, which it exports."""
+        spec = self.states[name].job.spec
+        return spec.federation is not None and spec.federation.method == "flora"
+
     def run_metrics(self, wall: float) -> dict:
         stages = [{"stage": p.stage, "replica": p.dp_rank, "busy_s": round(b, 4), "span_s": round(s, 4),
                    "bubble_fraction": round(bubble_fraction(b, s), 4)}
@@ -365,9 +395,11 @@ class _Trainer:
         for name, state in self.states.items():
             path = None
             if state.error is None:
-                path = str(write_peft_adapter(out / name / "adapter", self.group.peft_state_dict(name),
-                                              state.job.spec.adapter, base_model=self.run.base_model))
+                config, tensors = (self.federation.export(name, self.group) if self._folds(name) else
+                                   (state.job.spec.adapter, self.group.peft_state_dict(name)))
+                path = str(write_peft_adapter(out / name / "adapter", tensors, config, base_model=self.run.base_model))
             jobs[name] = _job_result(name, state.progress(), path, out)
+        self.federation.write_exports(self.run.output_dir, self.states, self.group, self.run.base_model)
         wall = time.perf_counter() - self.start
         metrics = self.run_metrics(wall)
         atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
