@@ -56,6 +56,14 @@ class Federation:
         self.specs = {name: jobs[name].spec for clients in self.groups.values() for name in clients}
         self.samples = {name: len(jobs[name].samples) for name in self.specs}
         self.done = dict.fromkeys(self.groups, 0)  # group -> step count of its last aggregated round
+        for group, clients in self.groups.items():
+            first = jobs[clients[0]]
+            for name in clients[1:]:
+                if jobs[name].total_steps != first.total_steps:
+                    raise ValueError(
+                        f"job '{name}': trains {jobs[name].total_steps} steps but job '{first.name}' of federated group "
+                        f"'{group}' trains {first.total_steps}; the clients of a group run the same rounds, so give "
+                        f"them the same max_steps (e.g. max_steps: {first.total_steps})")
 
     def every(self, job: str) -> int | None:
         spec = self.specs.get(job)

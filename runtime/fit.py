@@ -440,6 +440,7 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     progress.note(f"checking the run and tokenising the datasets of {len(jobs)} job(s)")
     prepared = prepare_run(jobs, run)
     split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
+    Federation(prepared.jobs)  # and so do federated clients of unequal lengths
     resumed = open_checkpoint(prepared)  # a damaged or mismatched checkpoint fails before anything is written
     finished = _finished_result(prepared, resumed)
     if finished is not None:
