@@ -30,7 +30,7 @@ from lorafusion.adapters.multi import job_key
 from lorafusion.checkpoint import write_peft_adapter
 from lorafusion.federation import check_groups, client_weights, fedavg, fedsb_mean, flora_reinit_a, flora_stack, lorafair
 
-__all__ = ["GroupRound", "Federation", "aggregate_on_stage", "restore_folds", "folded_state_dict"]
+__all__ = ["GroupRound", "Federation", "aggregate_on_stage", "init_pass_sets", "restore_folds", "folded_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,20 @@ def _fold(layer) -> tuple[torch.Tensor, torch.Tensor]:
     if "lora_A_fold" in layer._parameters:
         return layer.lora_A_fold, layer.lora_B_fold
     return layer.lora_A.new_zeros(0, layer.in_features), layer.lora_B.new_zeros(layer.out_features, 0)
+
+
+def init_pass_sets(worker, jobs: list[str]) -> list[list[str]]:
+    """The live `jobs` (those with a gradient init pass) in sets that share one init: the clients of a Fed-SB group
+    together, so their A and B are the same (their init pass takes the gradient of all their first batches: the
+    group's data, as one federated gradient round would give the server), every other job alone."""
+    sets: dict[str, list[str]] = {}
+    for job in jobs:
+        if job not in worker.optimizers:
+            continue
+        federation = worker.optimizers[job].spec.federation
+        shared = federation is not None and federation.method == "fedsb"
+        sets.setdefault(f"group {federation.group}" if shared else f"job {job}", []).append(job)
+    return list(sets.values())
 
 
 def restore_folds(adapters, job: str, saved: dict[str, torch.Tensor]) -> None:

@@ -399,7 +399,9 @@ class _Trainer:
                                    (state.job.spec.adapter, self.group.peft_state_dict(name)))
                 path = str(write_peft_adapter(out / name / "adapter", tensors, config, base_model=self.run.base_model))
             jobs[name] = _job_result(name, state.progress(), path, out)
-        self.federation.write_exports(self.run.output_dir, self.states, self.group, self.run.base_model)
+        for group, path in self.federation.write_exports(self.run.output_dir, self.states, self.group,
+                                                         self.run.base_model).items():
+            self.progress.note(f"  federated group {group}: adapter → {path}")
         wall = time.perf_counter() - self.start
         metrics = self.run_metrics(wall)
         atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
