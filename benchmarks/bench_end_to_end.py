@@ -188,6 +188,7 @@ VARIANT_CONFIGS = {
     "shira": lambda r: lf.SHiRAConfig(rank=r),
     "unilora": lambda r: lf.UniLoRAConfig(rank=r, theta_dim=1 << 15, dropout=0.05),
     "loraga": lambda r: lf.LoRAGAConfig(rank=r, alpha=2 * r, dropout=0.05, init_batches=2),
+    "lorasb": lambda r: lf.LoRASBConfig(rank=r, dropout=0.05, init_batches=2),
 }
 
 

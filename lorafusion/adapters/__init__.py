@@ -5,6 +5,7 @@ from lorafusion.adapters.base import TARGET_MODULES, AdapterConfig, AdapterLayer
 from lorafusion.adapters.dora import DoRAConfig, DoRALayer
 from lorafusion.adapters.lora import LoRAConfig, LoRALayer, RsLoRAConfig
 from lorafusion.adapters.loraga import LoRAGAConfig, LoRAGALayer
+from lorafusion.adapters.lorasb import LoRASBConfig, LoRASBLayer
 from lorafusion.adapters.randlora import RandLoRAConfig, RandLoRALayer, RandLoRAShared
 from lorafusion.adapters.registry import (
     adapter_config_from_dict,
@@ -25,6 +26,7 @@ register_adapter(name="vera", config_cls=VeRAConfig, layer_cls=VeRALayer, shared
 register_adapter(name="randlora", config_cls=RandLoRAConfig, layer_cls=RandLoRALayer, shared_cls=RandLoRAShared)
 register_adapter(name="shira", config_cls=SHiRAConfig, layer_cls=SHiRALayer)
 register_adapter(name="unilora", config_cls=UniLoRAConfig, layer_cls=UniLoRALayer, shared_cls=UniLoRAShared)
+register_adapter(name="lorasb", config_cls=LoRASBConfig, layer_cls=LoRASBLayer)
 
 __all__ = [
     "TARGET_MODULES",
@@ -34,6 +36,7 @@ __all__ = [
     "JobShared",
     "LoRAConfig",
     "LoRAGAConfig",
+    "LoRASBConfig",
     "RandLoRAConfig",
     "RsLoRAConfig",
     "SHiRAConfig",

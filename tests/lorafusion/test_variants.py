@@ -40,6 +40,7 @@ VARIANTS = {
     "unilora": lambda: lf.UniLoRAConfig(rank=3, theta_dim=64, projection_seed=7, target_modules=ALL_TARGETS),
     "loraga": lambda: lf.LoRAGAConfig(rank=2, alpha=3, target_modules=ALL_TARGETS),
     "unilora_spare_theta": lambda: lf.UniLoRAConfig(rank=3, theta_dim=1000, target_modules=["q_proj"]),  # > 768 used
+    "lorasb": lambda: lf.LoRASBConfig(rank=3, alpha=5, init_scale=1e-3, target_modules=ALL_TARGETS),
 }
 PEFT_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=ALL_TARGETS),
@@ -57,7 +58,8 @@ PEFT_CONFIGS = {
                                                       save_indices=True),
 }
 FAMILY = {"unilora_spare_theta": "llama", "loraga": "llama", "lora": "qwen2", "rslora": "mistral", "dora": "qwen2", "vera": "llama", "randlora": "qwen2",
-          "randlora_sparse": "llama", "shira": "mistral", "shira_default_seed": "llama", "unilora": "qwen2"}
+          "randlora_sparse": "llama", "shira": "mistral", "shira_default_seed": "llama", "unilora": "qwen2",
+          "lorasb": "qwen2"}
 
 
 def finish_init_passes(layers, seed: int) -> None:
@@ -105,6 +107,8 @@ def _reference_module(layer, x: torch.Tensor, w: torch.Tensor, bias: torch.Tenso
         theta = layer.shared.unilora_theta_d
         a, b = theta[layer.idx_A] * layer.scale_A, theta[layer.idx_B] * layer.scale_B
         return base + (x @ a.t()) @ b.t()
+    if cfg.type == "lorasb":
+        return base + cfg.scaling * ((x @ layer.lorasb_A.t()) @ layer.lorasb_R.t()) @ layer.lorasb_B.t()
     raise AssertionError(cfg.type)
 
 
@@ -360,6 +364,11 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "shira", "mask_seed": -2}, r"mask_seed=-2 must be an integer ≥ 0 or null"),
     ({"type": "unilora", "init_bound": 0}, r"init_bound=0 must be a positive number"),
     ({"type": "vera", "alpha": 3}, r"unknown field\(s\) \['alpha'\] for type 'vera'"),
+    ({"type": "lorasb", "rank": 40}, r"rank=40: LoRA-SB takes rank singular vectors of k_proj's 32×64 .*rank ≤ 32"),
+    ({"type": "lorasb", "alpha": -2}, r"alpha=-2 must be a positive number, e.g. alpha: null \(alpha = rank\)"),
+    ({"type": "lorasb", "init_batches": 0}, r"init_batches=0 must be a positive integer"),
+    ({"type": "lorasb", "init_scale": "big"}, r"init_scale='big' must be a positive number"),
+    ({"type": "lorasb", "init_scale": -1e-6}, r"init_scale=-1e-06 must be a positive number"),
 ])
 def test_bad_variant_fields_are_named(adapter, message, tiny_checkpoints):
     with pytest.raises(ValueError, match=message):
