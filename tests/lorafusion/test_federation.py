@@ -165,6 +165,10 @@ def test_incompatible_adapters_are_refused_with_the_difference():
         _check(_job("a", fed, lf.DoRAConfig(rank=4)), _job("b", fed, lf.DoRAConfig(rank=4)))
     with pytest.raises(ValueError, match=r"job 'a': federation.method='fedsb' aggregates \['lorasb'\] adapters"):
         _check(_job("a", {**fed, "method": "fedsb"}), _job("b", {**fed, "method": "fedsb"}))
+    sb = {"type": "lorasb", "rank": 4}
+    _check(_job("a", {**fed, "method": "fedsb"}, sb), _job("b", {**fed, "method": "fedsb"}, sb))
+    with pytest.raises(ValueError, match=r"job 'b': adapter differs from job 'a' of group 'g' in \['init_batches'\]"):
+        _check(_job("a", {**fed, "method": "fedsb"}, sb), _job("b", {**fed, "method": "fedsb"}, {**sb, "init_batches": 2}))
     flora = {**fed, "method": "flora"}
     _check(_job("a", flora), _job("b", flora, lf.LoRAConfig(rank=8)))  # FLoRA stacks different ranks
     with pytest.raises(ValueError, match=r"job 'a': adapter.dropout=0.05 with federation.method='flora'.*set adapter.dropout: 0"):

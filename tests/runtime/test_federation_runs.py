@@ -139,3 +139,42 @@ def test_clients_of_unequal_length_are_refused_before_training(train_checkpoint,
                                          r".*give them the same max_steps"):
         _fit(train_checkpoint, tmp_path / "out", jobs)
     assert not (tmp_path / "out").exists()
+
+
+def test_fedsb_clients_share_their_init_and_average_r_exactly(train_checkpoint, examples_data, tmp_path, monkeypatch):
+    """Fed-SB: the clients' init pass shares one gradient (A and B identical), and the round's end replaces each
+    client's R by the unweighted mean, so s·B R̄ A = mean_k s·B R_k A; the group exports LoRA-SB's A' = R̄ A, B."""
+    import runtime.federation as federation
+
+    seen = []
+    real = federation.aggregate_on_stage
+
+    def spy(worker, rnd):
+        layers = {c: federation._client_layers(worker.adapters, c) for c in rnd.clients}
+        before = {c: {w: (l.lorasb_A.clone(), l.lorasb_B.clone(), l.lorasb_R.clone()) for w, l in ls.items()}
+                  for c, ls in layers.items()}
+        real(worker, rnd)
+        seen.append((before, {c: {w: l.lorasb_R.clone() for w, l in ls.items()} for c, ls in layers.items()}))
+
+    monkeypatch.setattr(federation, "aggregate_on_stage", spy)
+    fed = {"group": "g", "aggregate_every_steps": 2, "method": "fedsb"}
+    adapter = {"type": "lorasb", "rank": 2, "init_batches": 1, "target_modules": TARGETS}
+    jobs = [lf.JobSpec(name=name, dataset=str(examples_data / data), global_batch_size=4, learning_rate=1e-2,
+                       max_steps=2, seed=seed, adapter=adapter, federation=fed)
+            for name, data, seed in (("c1", "greet.jsonl", 1), ("c2", "arith.jsonl", 2))]
+    _fit(train_checkpoint, tmp_path, jobs)
+    assert len(seen) == 1  # one round, at the last step
+    before, after = seen[0]
+    exported = _factors(_adapter(tmp_path / "g" / "adapter"))
+    for where, (a, b, r1) in before["c1"].items():
+        a2, b2, r2 = before["c2"][where]
+        assert (a == a2).all() and (b == b2).all(), f"{where}: the clients' A, B differ"
+        assert not torch.equal(r1, r2)
+        r_bar = (r1 + r2) / 2
+        for client in ("c1", "c2"):
+            torch.testing.assert_close(after[client][where], r_bar, rtol=0, atol=0)
+        torch.testing.assert_close(b @ r_bar @ a, (b @ r1 @ a + b @ r2 @ a) / 2, rtol=0, atol=1e-6)
+        index, target = where
+        a_exp, b_exp = exported[f"base_model.model.model.layers.{index}.self_attn.{target}"]
+        torch.testing.assert_close(a_exp.float(), r_bar @ a, rtol=0, atol=1e-7)
+        torch.testing.assert_close(b_exp.float(), b, rtol=0, atol=0)
