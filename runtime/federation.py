@@ -183,7 +183,7 @@ def _flora(layers: list, p: list[float], seeds: list[int], step: int, index: int
 
 def _fold(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's folded offset (a [m, K], b [N, m] in its scale), empty (m = 0) before the first round."""
-    if "lora_A_fold" in layer._parameters:
+    if getattr(layer, "lora_A_fold", None) is not None:
         return layer.lora_A_fold, layer.lora_B_fold
     return layer.lora_A.new_zeros(0, layer.in_features), layer.lora_B.new_zeros(layer.out_features, 0)
 
