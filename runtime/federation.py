@@ -28,7 +28,9 @@ from lorafusion.adapters.attach import SITES
 from lorafusion.adapters.lora import LoRAConfig
 from lorafusion.adapters.multi import job_key
 from lorafusion.checkpoint import write_peft_adapter
-from lorafusion.federation import check_groups, client_weights, fedavg, fedsb_mean, flora_reinit_a, flora_stack, lorafair
+from lorafusion.federation import (
+    check_groups, client_weights, fedavg, fedsb_mean, flora_reinit_a, flora_stack, lorafair,
+)
 
 __all__ = ["GroupRound", "Federation", "aggregate_on_stage", "init_pass_sets", "restore_folds", "folded_state_dict"]
 
@@ -52,7 +54,8 @@ class Federation:
 
     def __init__(self, prepared_jobs: list) -> None:
         jobs = {job.name: job for job in prepared_jobs}
-        self.groups = {g: [c.name for c in clients] for g, clients in check_groups([j.spec for j in prepared_jobs]).items()}
+        groups = check_groups([j.spec for j in prepared_jobs])
+        self.groups = {g: [c.name for c in clients] for g, clients in groups.items()}
         self.specs = {name: jobs[name].spec for clients in self.groups.values() for name in clients}
         self.samples = {name: len(jobs[name].samples) for name in self.specs}
         self.done = dict.fromkeys(self.groups, 0)  # group -> step count of its last aggregated round
@@ -61,9 +64,9 @@ class Federation:
             for name in clients[1:]:
                 if jobs[name].total_steps != first.total_steps:
                     raise ValueError(
-                        f"job '{name}': trains {jobs[name].total_steps} steps but job '{first.name}' of federated group "
-                        f"'{group}' trains {first.total_steps}; the clients of a group run the same rounds, so give "
-                        f"them the same max_steps (e.g. max_steps: {first.total_steps})")
+                        f"job '{name}': trains {jobs[name].total_steps} steps but job '{first.name}' of federated "
+                        f"group '{group}' trains {first.total_steps}; the clients of a group run the same rounds, so "
+                        f"give them the same max_steps (e.g. max_steps: {first.total_steps})")
 
     def every(self, job: str) -> int | None:
         spec = self.specs.get(job)
@@ -86,7 +89,8 @@ class Federation:
                 continue
             slowest = min(s.step for s in live)
             every, total = self.every(clients[0]), live[0].job.total_steps
-            self.done[group] = max([0] + [s for s in (slowest - slowest % every, slowest) if self.ends_round(s, every, total)])
+            ends = [s for s in (slowest - slowest % every, slowest) if self.ends_round(s, every, total)]
+            self.done[group] = max(ends, default=0)
 
     def due(self, states: dict) -> list[GroupRound]:
         """The groups whose live clients have all finished the same unaggregated round (after a drain, every
@@ -98,7 +102,8 @@ class Federation:
             if len(steps) != 1:
                 continue
             step = steps.pop()
-            if step <= self.done[group] or not self.ends_round(step, self.every(live[0]), states[live[0]].job.total_steps):
+            total = states[live[0]].job.total_steps
+            if step <= self.done[group] or not self.ends_round(step, self.every(live[0]), total):
                 continue
             spec = self.specs[live[0]].federation
             weights = client_weights(spec.method, [self.specs[c].federation.weight for c in live],
@@ -120,6 +125,13 @@ class Federation:
             paths[group] = str(write_peft_adapter(Path(output_dir) / group / "adapter", tensors, config,
                                                   base_model=base_model))
         return paths
+
+    def job_adapter(self, spec, stage_group) -> tuple:
+        """(adapter config, PEFT tensors) a job exports: a FLoRA client its group's (after its last round it holds
+        only the folded stack, its own B being zero), every other job its own adapter."""
+        if spec.federation is not None and spec.federation.method == "flora":
+            return self.export(spec.name, stage_group)
+        return spec.adapter, stage_group.peft_state_dict(spec.name)
 
     def export(self, client: str, stage_group) -> tuple:
         """(adapter config, PEFT tensors) of the group adapter, read from one live client."""

@@ -81,8 +81,8 @@ class _JobState:
         return bool(self.round_every) and self.planned % self.round_every == 0 and self.planned > self.rounds_through
 
     def steps_until_stop(self, checkpoint_every: int | None) -> int:
-        """Global batches this job may be planned before the stream must drain: its last step, an evaluation
-        or a checkpoint."""
+        """Global batches this job may be planned before the stream must drain: its last step, an evaluation,
+        a checkpoint or the end of its federated round."""
         limit = self.job.total_steps - self.planned
         for period in (self.eval_every, checkpoint_every, self.round_every):
             if period:
@@ -286,7 +286,8 @@ class _Trainer:
     def _at_boundary(self, evaluate: list[_JobState], checkpoint: bool) -> None:
         for rnd in self.federation.due(self.states):  # before evaluating: a client at a round's end is the aggregate
             self.group.federate(rnd)
-            self.progress.note(f"federated group {rnd.group}: {rnd.method} of {', '.join(rnd.clients)} at step {rnd.step}")
+            self.progress.note(f"federated group {rnd.group}: {rnd.method} of {', '.join(rnd.clients)} "
+                               f"at step {rnd.step}")
         self._note_rounds()
         self._evaluate([s for s in evaluate if s.error is None])
         if checkpoint:
@@ -366,11 +367,6 @@ class _Trainer:
             state.metrics.write({"step": state.step, "eval_loss": state.eval_loss, "eval_tokens": int(count)})
             self.progress.eval(state.job.name, state.step, state.eval_loss)
 
-    def _folds(self, name: str) -> bool:
-        """A FLoRA client: after its last round it holds only its group's folded stack, which it exports."""
-        spec = self.states[name].job.spec
-        return spec.federation is not None and spec.federation.method == "flora"
-
     def run_metrics(self, wall: float) -> dict:
         stages = [{"stage": p.stage, "replica": p.dp_rank, "busy_s": round(b, 4), "span_s": round(s, 4),
                    "bubble_fraction": round(bubble_fraction(b, s), 4)}
@@ -395,8 +391,7 @@ class _Trainer:
         for name, state in self.states.items():
             path = None
             if state.error is None:
-                config, tensors = (self.federation.export(name, self.group) if self._folds(name) else
-                                   (state.job.spec.adapter, self.group.peft_state_dict(name)))
+                config, tensors = self.federation.job_adapter(state.job.spec, self.group)
                 path = str(write_peft_adapter(out / name / "adapter", tensors, config, base_model=self.run.base_model))
             jobs[name] = _job_result(name, state.progress(), path, out)
         for group, path in self.federation.write_exports(self.run.output_dir, self.states, self.group,

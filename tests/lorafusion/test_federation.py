@@ -41,7 +41,7 @@ def test_flora_stack_is_the_weighted_sum_of_products_and_independent_of_client_o
     ideal = sum(pk * sk * bk @ ak for pk, sk, ak, bk in zip(p, scales, a, b))
     torch.testing.assert_close(stacked_b @ stacked_a, ideal, rtol=0, atol=1e-12)
     order = [2, 0, 1]
-    sa, sb = flora_stack([a[i] for i in order], [b[i] for i in order], [scales[i] for i in order], [p[i] for i in order])
+    sa, sb = flora_stack(*([x[i] for i in order] for x in (a, b, scales, p)))
     torch.testing.assert_close(sb @ sa, stacked_b @ stacked_a, rtol=0, atol=1e-12)
 
 
@@ -96,7 +96,8 @@ def test_flora_stacked_export_loads_in_peft_with_the_dense_logits(train_checkpoi
             module = f"base_model.model.model.layers.{index}.self_attn.{target}"
             tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = sa, sb
             with torch.no_grad():
-                getattr(layer.self_attn, target).weight += sum(pk * sk * bk @ ak for pk, sk, ak, bk in zip(p, scales, a, b))
+                delta = sum(pk * sk * bk @ ak for pk, sk, ak, bk in zip(p, scales, a, b))
+                getattr(layer.self_attn, target).weight += delta
     export = lf.LoRAConfig(rank=sum(ranks), alpha=float(sum(ranks)), target_modules=list(targets))
     write_peft_adapter(tmp_path / "g", tensors, export, base_model=str(train_checkpoint))
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=g)
@@ -107,11 +108,13 @@ def test_flora_stacked_export_loads_in_peft_with_the_dense_logits(train_checkpoi
 
 
 def _job(name: str, federation, adapter=None, **kw) -> lf.JobSpec:
-    return lf.JobSpec(name=name, dataset="d.jsonl", adapter=adapter or lf.LoRAConfig(rank=4), federation=federation, **kw)
+    return lf.JobSpec(name=name, dataset="d.jsonl", adapter=adapter or lf.LoRAConfig(rank=4), federation=federation,
+                      **kw)
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"method": "fedprox"}, r"job 'a': federation.method='fedprox'; choose one of \['fedavg', 'flora', 'fedsb', 'lorafair'\]"),
+    ({"method": "fedprox"},
+     r"job 'a': federation.method='fedprox'; choose one of \['fedavg', 'flora', 'fedsb', 'lorafair'\]"),
     ({"aggregate_every_steps": 0}, r"job 'a': federation.aggregate_every_steps=0 must be a positive integer"),
     ({"aggregate_every_steps": -2}, r"federation.aggregate_every_steps=-2 must be a positive integer"),
     ({"aggregate_every_steps": 2.5}, r"federation.aggregate_every_steps=2.5 must be a positive integer"),
@@ -142,7 +145,8 @@ def _check(*jobs):
 
 def test_group_errors_name_the_job_the_field_and_the_fix():
     fed = {"group": "g", "aggregate_every_steps": 2}
-    with pytest.raises(ValueError, match=r"job 'a': federation.group='g' has only this one client; a group needs at least two"):
+    with pytest.raises(ValueError, match=r"job 'a': federation.group='g' has only this one client; a group needs "
+                                         r"at least two"):
         _check(_job("a", fed), _job("solo", None))
     with pytest.raises(ValueError, match=r"job 'b': federation.method='flora' but job 'a' of group 'g' has 'fedavg'"):
         _check(_job("a", fed), _job("b", {**fed, "method": "flora"}))
@@ -160,18 +164,20 @@ def test_incompatible_adapters_are_refused_with_the_difference():
         _check(_job("a", fed), _job("b", fed, lf.LoRAConfig(rank=8)))
     with pytest.raises(ValueError, match=r"job 'b': adapter \(lora, \['q_proj'\]\) differs from job 'a'"):
         _check(_job("a", fed), _job("b", fed, lf.LoRAConfig(rank=4, target_modules=["q_proj"])))
-    with pytest.raises(ValueError, match=r"job 'a': federation.method='fedavg' aggregates \['lora', 'rslora'\] adapters, "
-                                         r"but this job's adapter.type is 'dora'"):
+    with pytest.raises(ValueError, match=r"job 'a': federation.method='fedavg' aggregates \['lora', 'rslora'\] "
+                                         r"adapters, but this job's adapter.type is 'dora'"):
         _check(_job("a", fed, lf.DoRAConfig(rank=4)), _job("b", fed, lf.DoRAConfig(rank=4)))
     with pytest.raises(ValueError, match=r"job 'a': federation.method='fedsb' aggregates \['lorasb'\] adapters"):
         _check(_job("a", {**fed, "method": "fedsb"}), _job("b", {**fed, "method": "fedsb"}))
     sb = {"type": "lorasb", "rank": 4}
     _check(_job("a", {**fed, "method": "fedsb"}, sb), _job("b", {**fed, "method": "fedsb"}, sb))
     with pytest.raises(ValueError, match=r"job 'b': adapter differs from job 'a' of group 'g' in \['init_batches'\]"):
-        _check(_job("a", {**fed, "method": "fedsb"}, sb), _job("b", {**fed, "method": "fedsb"}, {**sb, "init_batches": 2}))
+        _check(_job("a", {**fed, "method": "fedsb"}, sb),
+               _job("b", {**fed, "method": "fedsb"}, {**sb, "init_batches": 2}))
     flora = {**fed, "method": "flora"}
     _check(_job("a", flora), _job("b", flora, lf.LoRAConfig(rank=8)))  # FLoRA stacks different ranks
-    with pytest.raises(ValueError, match=r"job 'a': adapter.dropout=0.05 with federation.method='flora'.*set adapter.dropout: 0"):
+    with pytest.raises(ValueError, match=r"job 'a': adapter.dropout=0.05 with federation.method='flora'.*"
+                                         r"set adapter.dropout: 0"):
         _check(_job("a", flora, lf.LoRAConfig(rank=4, dropout=0.05)), _job("b", flora))
 
 
@@ -179,8 +185,10 @@ def test_yaml_federation_is_read_and_checked(tmp_path):
     (tmp_path / "jobs.yaml").write_text(
         "run: {base_model: m, output_dir: out}\n"
         "jobs:\n"
-        "  - {name: a, dataset: a.jsonl, federation: {group: g, aggregate_every_steps: 5, method: lorafair, weight: 2}}\n"
-        "  - {name: b, dataset: b.jsonl, federation: {group: g, aggregate_every_steps: 5, method: lorafair, weight: 1}}\n")
+        "  - {name: a, dataset: a.jsonl,\n"
+        "     federation: {group: g, aggregate_every_steps: 5, method: lorafair, weight: 2}}\n"
+        "  - {name: b, dataset: b.jsonl,\n"
+        "     federation: {group: g, aggregate_every_steps: 5, method: lorafair, weight: 1}}\n")
     jobs, _ = lf.load_config(tmp_path / "jobs.yaml")
     assert jobs[0].federation == lf.FederationConfig(group="g", aggregate_every_steps=5, method="lorafair", weight=2)
     assert jobs[0].to_dict()["federation"]["method"] == "lorafair"

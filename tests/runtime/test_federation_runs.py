@@ -52,6 +52,10 @@ def _factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
     return {m: (tensors[f"{m}.lora_A.weight"].double(), tensors[f"{m}.lora_B.weight"].double()) for m in modules}
 
 
+def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys() and all((got[k] == v).all() for k, v in want.items()), f"{what} differs"
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     rel = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
     assert rel <= 1e-5, f"{what}: max rel. diff {rel:.2e}"
@@ -83,7 +87,7 @@ def test_after_a_round_the_clients_hold_the_aggregate(method, alone, train_check
         _close(a_g, a_bar, f"{module} A")
         _close(b_g, b_bar, f"{module} B")
     for name in ("c1", "c2"):  # every client holds (and exports) the group's adapter
-        assert all((_adapter(tmp_path / name / "adapter")[k] == v).all() for k, v in _adapter(tmp_path / "g" / "adapter").items())
+        _assert_equal(_adapter(tmp_path / name / "adapter"), _adapter(tmp_path / "g" / "adapter"), name)
     solo, solo_alone = _adapter(tmp_path / "solo" / "adapter"), _adapter(ref / "solo" / "adapter")
     for key in solo_alone:  # isolation: the job outside the group trains as it does without the group
         _close(solo[key].double(), solo_alone[key].double(), f"solo {key}")
@@ -104,7 +108,7 @@ def test_flora_folds_the_stack_and_restarts_the_clients(alone, train_checkpoint,
         _close(first, p[0] * 2.0 * b1 @ a1 + p[1] * 2.0 * b2 @ a2, module)  # Σ p_k s_k B_k A_k, s_k = 2
         assert (b_g[:, 6:] @ a_g[6:]).abs().max() > 1e-3 * first.abs().max()  # the second round learnt too
     for name in ("c1", "c2"):  # a client's export is the group's: its own B restarted at zero after the last round
-        assert all((_adapter(tmp_path / name / "adapter")[k] == v).all() for k, v in _adapter(tmp_path / "g" / "adapter").items())
+        _assert_equal(_adapter(tmp_path / name / "adapter"), _adapter(tmp_path / "g" / "adapter"), name)
 
 
 def _driver_step(ckpt: Path, job: str) -> int:
@@ -128,8 +132,7 @@ def test_resume_across_a_round_boundary_is_exact(train_checkpoint, examples_data
         result = _fit(train_checkpoint, out, jobs, checkpoint_every_steps=1, keep_checkpoints=10)
         assert not result.already_complete and result["c1"].steps == 5
         for name, tensors in want.items():
-            got = _adapter(out / name / "adapter")
-            assert all((got[k] == v).all() for k, v in tensors.items()), f"{name} differs after resuming at {step}"
+            _assert_equal(_adapter(out / name / "adapter"), tensors, f"{name} resumed at step {step}")
 
 
 def test_clients_of_unequal_length_are_refused_before_training(train_checkpoint, examples_data, tmp_path):
