@@ -181,3 +181,17 @@ def test_fedsb_clients_share_their_init_and_average_r_exactly(train_checkpoint, 
         a_exp, b_exp = exported[f"base_model.model.model.layers.{index}.self_attn.{target}"]
         torch.testing.assert_close(a_exp.float(), r_bar @ a, rtol=0, atol=1e-7)
         torch.testing.assert_close(b_exp.float(), b, rtol=0, atol=0)
+
+
+def test_a_failed_client_leaves_its_group_and_the_rest_go_on(train_checkpoint, examples_data, tmp_path):
+    """c1's learning rate blows its adapter up at step 1, so its step 2 fails; c2 waits at the round's end (step 2)
+    for nothing: the group aggregates its one live client there and at step 4, and exports c2's adapter."""
+    jobs = _jobs(examples_data, "fedavg", (2, 2), steps=4)
+    jobs[0].learning_rate, jobs[0].max_grad_norm = 1e30, None
+    for job in jobs[:2]:  # every module: a blown-up down_proj makes the loss infinite (RMSNorm hides q and v)
+        job.adapter = lf.LoRAConfig(rank=2, alpha=4.0)
+    result = _fit(train_checkpoint, tmp_path, jobs)
+    assert result["c1"].status == "failed" and result["c1"].steps == 1
+    assert result["c2"].status == "finished" and result["c2"].steps == 4
+    assert result["solo"].status == "finished" and result["solo"].steps == 4
+    _assert_equal(_adapter(tmp_path / "g" / "adapter"), _adapter(tmp_path / "c2" / "adapter"), "the group's adapter")
