@@ -27,14 +27,16 @@ from lorafusion.adapters import (
 from lorafusion.adapters import BlockLoRAConfig, DyLoRAConfig, MatryoshkaLoRAConfig
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
+from lorafusion.federation import FederationConfig
+from lorafusion.optimizers import AdamWConfig, AltLoRAConfig, LoRAProConfig
 from lorafusion.result import FitInterrupted, FitResult, JobResult
 from lorafusion.squeeze import SqueezeResult, squeeze
-from lorafusion.optimizers import AdamWConfig, AltLoRAConfig, LoRAProConfig
 
 __all__ = [
     "__version__",
     "DoRAConfig",
     "EvalResult",
+    "FederationConfig",
     "FitInterrupted",
     "FitResult",
     "JobResult",

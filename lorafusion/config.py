@@ -20,9 +20,10 @@ import yaml
 import torch
 
 from lorafusion.adapters import AdapterConfig, LoRAConfig, adapter_config_from_dict, get_variant
-from lorafusion.loggers import check_loggers
 from lorafusion.data.dataset import check_fields
+from lorafusion.federation import FederationConfig, check_groups
 from lorafusion.hub import is_hub_id
+from lorafusion.loggers import check_loggers
 from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from lorafusion.optimizers import AdamWConfig, OptimizerConfig, optimizer_config_from_dict
 from lorafusion.validation import is_number
@@ -102,6 +103,10 @@ class JobSpec:
     fields: dict[str, str] | None = None
     """The dataset's names for the row keys, e.g. {prompt: question, completion: answer} (keys: prompt,
     completion, messages, text; those left out keep their own names); for dataset and eval_dataset alike."""
+    federation: FederationConfig | None = None
+    """Make this job a client of a federated group: {group, aggregate_every_steps, method, weight}, e.g.
+    FederationConfig(group="clinics", aggregate_every_steps=10, method="flora"); see lorafusion.federation and
+    docs/variants.md "Federated LoRA". None: the job trains alone."""
 
     def __post_init__(self) -> None:
         owner = f"job '{self.name}'"
@@ -128,6 +133,29 @@ class JobSpec:
         self._check_length()
         self._check_schedule()
         self._check_data_options()
+        self._check_federation(owner)
+
+    def _check_federation(self, owner: str) -> None:
+        if isinstance(self.federation, dict):
+            known = {f.name for f in fields(FederationConfig)}
+            unknown = sorted(set(self.federation) - known)
+            if unknown:
+                raise ValueError(f"{owner}: federation has unknown field(s) {unknown}; known fields: {sorted(known)}")
+            try:
+                self.federation = FederationConfig(**self.federation)
+            except TypeError as err:  # a required field left out
+                raise ValueError(f"{owner}: federation needs group and aggregate_every_steps, e.g. "
+                                 "{group: clinics, aggregate_every_steps: 10} ({err})") from None
+            except ValueError as err:
+                raise ValueError(f"{owner}: {err}") from None
+        elif isinstance(self.federation, FederationConfig):
+            try:
+                replace(self.federation)  # validated again: a field may have changed after construction
+            except ValueError as err:
+                raise ValueError(f"{owner}: {err}") from None
+        elif self.federation is not None:
+            raise ValueError(f"{owner}: federation={self.federation!r} must be a mapping like "
+                             "{group: clinics, aggregate_every_steps: 10, method: fedavg}, or null")
 
     def _adopt_init_adapter(self, owner: str) -> None:
         """The job's adapter config from init_adapter's adapter_config.json (its tensors are checked in prepare)."""
@@ -201,6 +229,8 @@ class JobSpec:
         data["adapter"] = self.adapter.to_dict()
         data["optimizer"] = self.optimizer.to_dict()
         data["adam_betas"] = list(self.adam_betas)
+        if self.federation is None:
+            del data["federation"]  # a run without federation keeps the manifest it had before the field existed
         return data
 
 
@@ -329,7 +359,7 @@ class RunConfig:
 
 
 def check_jobs(jobs: list[JobSpec]) -> None:
-    """Checks across jobs: at least one, all JobSpec, unique names."""
+    """Checks across jobs: at least one, all JobSpec, unique names, consistent federated groups."""
     if not jobs:
         raise ValueError("no jobs given; pass at least one lf.JobSpec (or a `jobs:` list in the YAML)")
     seen: set[str] = set()
@@ -342,6 +372,7 @@ def check_jobs(jobs: list[JobSpec]) -> None:
         if job.name in seen:
             raise ValueError(f"duplicate job name '{job.name}'; every job needs its own name")
         seen.add(job.name)
+    check_groups(jobs)
 
 
 class _Loader(yaml.SafeLoader):

@@ -115,6 +115,16 @@ class StageActor:
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         return self.runner.worker.peft_state_dict(job)
 
+    def federate(self, rnd) -> None:
+        from runtime.federation import aggregate_on_stage
+
+        aggregate_on_stage(self.runner.worker, rnd)
+
+    def folded_state_dict(self, job: str) -> dict[str, torch.Tensor]:
+        from runtime.federation import folded_state_dict
+
+        return folded_state_dict(self.runner.worker.adapters, job)
+
     def save_shard(self, staging: str, progress: dict) -> None:
         from runtime.checkpointing import write_stage_shard
         from runtime.resume import stage_states
@@ -195,6 +205,16 @@ class StageGroup:
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         """The job's whole adapter: every stage's part, from replica 0 (replicas hold the same weights)."""
         parts = self._all([a.peft_state_dict.remote(job) for a, p in zip(self.actors, self.places) if p.dp_rank == 0])
+        return {key: value for part in parts for key, value in part.items()}
+
+    def federate(self, rnd) -> None:
+        """Every actor aggregates a federated group on its layers (runtime/federation.py), after the windows
+        sent before."""
+        self._all([actor.federate.remote(rnd) for actor in self.actors])
+
+    def folded_state_dict(self, job: str) -> dict[str, torch.Tensor]:
+        """A FLoRA client's folded stack as PEFT tensors: every stage's part, from replica 0."""
+        parts = self._all([a.folded_state_dict.remote(job) for a, p in zip(self.actors, self.places) if p.dp_rank == 0])
         return {key: value for part in parts for key, value in part.items()}
 
     def close(self) -> None:

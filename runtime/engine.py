@@ -114,6 +114,16 @@ class LocalGroup:
     def last_stage_results(self, results: list[WindowResult]) -> list[WindowResult]:
         return results
 
+    def federate(self, rnd) -> None:
+        from runtime.federation import aggregate_on_stage
+
+        self._on_thread(aggregate_on_stage, self.runner.worker, rnd)
+
+    def folded_state_dict(self, job: str) -> dict[str, torch.Tensor]:
+        from runtime.federation import folded_state_dict
+
+        return self._on_thread(folded_state_dict, self.runner.worker.adapters, job)
+
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         return self._on_thread(self.runner.worker.peft_state_dict, job)
 

@@ -27,6 +27,7 @@ from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_r
 from lorafusion.report import read_job_metrics
 from lorafusion.result import FitInterrupted, FitResult, JobResult
 from runtime.engine import LocalGroup, StageLost, choose_engine
+from runtime.federation import Federation
 from runtime.interrupt import StopSignals
 from runtime.checkpointing import begin_checkpoint
 from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
@@ -56,9 +57,12 @@ def _start_output(prepared: PreparedRun, resuming: bool) -> None:
 
 
 class _JobState:
-    def __init__(self, job: PreparedJob, output_dir: str, loggers: RunLoggers | None = None) -> None:
+    def __init__(self, job: PreparedJob, output_dir: str, loggers: RunLoggers | None = None,
+                 round_every: int | None = None) -> None:
         self.job = job
         self.metrics = MetricsWriter(output_dir, job.name, loggers)
+        self.round_every = round_every  # a federated client's local steps per round (None: not a client)
+        self.rounds_through = 0  # a client: the step count of its group's last aggregated round
         self.restore(JobProgress())
 
     def restore(self, progress: JobProgress) -> None:
@@ -73,13 +77,18 @@ class _JobState:
 
     @property
     def plannable(self) -> bool:
-        return self.error is None and self.planned < self.job.total_steps
+        return self.error is None and self.planned < self.job.total_steps and not self.awaits_round
+
+    @property
+    def awaits_round(self) -> bool:
+        """A federated client planned to the end of a round its group has not aggregated yet: it waits there."""
+        return bool(self.round_every) and self.planned % self.round_every == 0 and self.planned > self.rounds_through
 
     def steps_until_stop(self, checkpoint_every: int | None) -> int:
-        """Global batches this job may be planned before the stream must drain: its last step, an evaluation
-        or a checkpoint."""
+        """Global batches this job may be planned before the stream must drain: its last step, an evaluation,
+        a checkpoint or the end of its federated round."""
         limit = self.job.total_steps - self.planned
-        for period in (self.eval_every, checkpoint_every):
+        for period in (self.eval_every, checkpoint_every, self.round_every):
             if period:
                 limit = min(limit, period - self.planned % period)
         return limit
@@ -172,7 +181,9 @@ class _Trainer:
                  stop: StopSignals | None = None) -> None:
         self.prepared, self.run, self.group = prepared, prepared.run, group
         self.stop = stop or StopSignals()  # not entered: never requested
-        self.states = {j.name: _JobState(j, prepared.run.output_dir, loggers) for j in prepared.jobs}
+        self.federation = Federation(prepared.jobs)
+        self.states = {j.name: _JobState(j, prepared.run.output_dir, loggers, self.federation.every(j.name))
+                       for j in prepared.jobs}
         self.windows = 0  # windows completed: the checkpoint counter
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
@@ -198,6 +209,8 @@ class _Trainer:
         for name, state in self.states.items():
             state.restore(resumed.progress[name] if resumed is not None else JobProgress())
             trim_metrics(self.run.output_dir, name, state.step)
+        self.federation.restore(self.states)
+        self._note_rounds()
         if resumed is None:
             self._init_pass()
         if resumed is not None:
@@ -273,8 +286,10 @@ class _Trainer:
             state.planned = window_steps[state.job.name].stop
         evaluate = [s for s in active if s.eval_every and s.planned % s.eval_every == 0]
         checkpoint = (bool(every) and any(s.planned % every == 0 for s in active)) or self._checkpoint_due()
+        rounds = any(s.round_every and Federation.ends_round(s.planned, s.round_every, s.job.total_steps)
+                     for s in active)  # an aggregation needs the clients' steps done: drain
         last = not any(s.plannable for s in self.states.values())
-        flush = bool(evaluate) or checkpoint or last
+        flush = bool(evaluate) or checkpoint or rounds or last
         jobs = scheduler_jobs(self.prepared.jobs, window_steps)
         plan, planner, choice = stream_window(jobs, planner, stages=self.run.pipeline_stages,
                                               replicas=self.run.data_parallel, balance=self.run.balance_pipeline,
@@ -293,9 +308,21 @@ class _Trainer:
         return planned, (evaluate, checkpoint), planner
 
     def _at_boundary(self, evaluate: list[_JobState], checkpoint: bool) -> None:
+        for rnd in self.federation.due(self.states):  # before evaluating: a client at a round's end is the aggregate
+            self.group.federate(rnd)
+            self.progress.note(f"federated group {rnd.group}: {rnd.method} of {', '.join(rnd.clients)} "
+                               f"at step {rnd.step}")
+        self._note_rounds()
         self._evaluate([s for s in evaluate if s.error is None])
         if checkpoint:
             self.checkpoint()
+
+    def _note_rounds(self) -> None:
+        """Tell each client the last round its group aggregated (it may be planned past that round's end)."""
+        for name, state in self.states.items():
+            group = self.federation.group_of(name)
+            if group is not None:
+                state.rounds_through = self.federation.done[group]
 
     def checkpoint(self) -> Path:
         """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
@@ -399,9 +426,12 @@ class _Trainer:
         for name, state in self.states.items():
             path = None
             if state.error is None:
-                path = str(write_peft_adapter(out / name / "adapter", self.group.peft_state_dict(name),
-                                              state.job.spec.adapter, base_model=self.run.base_model))
+                config, tensors = self.federation.job_adapter(state.job.spec, self.group)
+                path = str(write_peft_adapter(out / name / "adapter", tensors, config, base_model=self.run.base_model))
             jobs[name] = _job_result(name, state.progress(), path, out)
+        for group, path in self.federation.write_exports(self.run.output_dir, self.states, self.group,
+                                                         self.run.base_model).items():
+            self.progress.note(f"  federated group {group}: adapter → {path}")
         wall = time.perf_counter() - self.start
         metrics = self.run_metrics(wall)
         atomic_write_text(out / RUN_METRICS, json.dumps(metrics, indent=2))
@@ -448,6 +478,7 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     progress.note(f"checking the run and tokenising the datasets of {len(jobs)} job(s)")
     prepared = prepare_run(jobs, run)
     split_layers(prepared.arch.num_layers, run.pipeline_stages, run.stage_layers)  # a bad split fails before output
+    Federation(prepared.jobs)  # and so do federated clients of unequal lengths
     resumed = open_checkpoint(prepared)  # a damaged or mismatched checkpoint fails before anything is written
     finished = _finished_result(prepared, resumed)
     if finished is not None:

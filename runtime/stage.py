@@ -21,6 +21,7 @@ import torch
 from lorafusion.batching import build_microbatch
 from lorafusion.data import Sample
 from runtime.comm import StageComm, StagePlace
+from runtime.federation import init_pass_sets
 from runtime.pipeline import OneFOneB
 from runtime.telemetry import gpu_sample
 from runtime.worker import StageWorker
@@ -126,8 +127,10 @@ class StageRunner:
         if flush:
             self._finish_steps(None, result)
             self.comm.wait_sends()
-        for job in window.init_jobs:
-            self._finish_init_pass(job, result)
+        for job in window.init_jobs:  # an init pass's loss sums are not a step's
+            self._loss.pop(job, None)
+        for jobs in init_pass_sets(self.worker, window.init_jobs):
+            self._finish_init_pass(jobs, result)
         if self._span_to is not None and self._span_from is not None:
             result.span_s = self._span_to - self._span_from
             self._span_from = self._span_to
@@ -242,14 +245,14 @@ class StageRunner:
         self._span_to = time.perf_counter()
         result.busy_s += self._span_to - tic
 
-    def _finish_init_pass(self, job: str, result: WindowResult) -> None:
-        """Initialise the job's init-pass layers from the gradients of the window just drained (summed over the
-        replicas; each stage holds its own layers'); its loss sums are not a step's and are dropped."""
-        self._loss.pop(job, None)
-        if job not in self.worker.optimizers:
-            return
-        grads = self.comm.sum_each_over_replicas(self.worker.init_pass_gradients(job))
-        self._compute(self.worker.finish_init_pass, job, grads, result=result)
+    def _finish_init_pass(self, jobs: list[str], result: WindowResult) -> None:
+        """Initialise the init-pass layers of `jobs` (one job, or the live clients of a Fed-SB group, which share
+        one init: runtime/federation.py) from the gradients of the window just drained, summed over the jobs and
+        the replicas (each stage holds its own layers')."""
+        local = [sum(grads) for grads in zip(*(self.worker.init_pass_gradients(job) for job in jobs))]
+        grads = self.comm.sum_each_over_replicas(local)
+        for job in jobs:
+            self._compute(self.worker.finish_init_pass, job, grads, result=result)
 
     def _finish_steps(self, jobs: set[str] | None, result: WindowResult) -> None:
         """Complete the pending steps of `jobs` (None: all), in the order they were started."""

@@ -18,6 +18,7 @@ from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 from lorafusion.models.recompute import apply_recompute
 from lorafusion.ops.utils import resolve_backend
 from runtime.comm import StagePlace
+from runtime.federation import restore_folds
 from runtime.optim import JobOptimizer, build_optimizer
 
 __all__ = ["StageWorker", "local_device"]
@@ -182,6 +183,7 @@ class StageWorker:
     def load_job_state(self, job: str, state: dict, where: str = "checkpoint") -> None:
         """Restore `job` from `job_state` output; `state` may also hold other stages' tensors (they are ignored)."""
         named = self._named_job_parameters(job)
+        restore_folds(self.adapters, job, state["params"])  # FLoRA's folded rounds: shapes the checkpoint decides
         every = self.adapters.named_parameters(job, frozen=True)
         missing = [name for name in every if name not in state["params"] or name not in state["optimizer"]]
         if missing:
