@@ -229,8 +229,6 @@ class JobSpec:
         data["adapter"] = self.adapter.to_dict()
         data["optimizer"] = self.optimizer.to_dict()
         data["adam_betas"] = list(self.adam_betas)
-        if self.federation is None:
-            del data["federation"]  # a run without federation keeps the manifest it had before the field existed
         return data
 
 

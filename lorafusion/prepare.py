@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +116,35 @@ def read_run_manifest(output_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _field_differences(prefix: str, saved: dict, now: dict, free: frozenset = frozenset()) -> list[str]:
+def _defaults(cls: type) -> dict[str, Any]:
+    """The JSON form of each field's default: a record written before a field existed held that value."""
+    found = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        found[f.name] = json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+    return found
+
+
+def _field_differences(prefix: str, saved: dict, now: dict, defaults: dict, free: frozenset = frozenset()) -> list[str]:
+    def before(key: str) -> Any:
+        return saved.get(key, defaults.get(key, "(absent)"))
+
     return [
-        f"{prefix}{key}: {saved.get(key, '(absent)')!r} before, {now.get(key, '(absent)')!r} now"
+        f"{prefix}{key}: {before(key)!r} before, {now.get(key, '(absent)')!r} now"
         for key in sorted(set(saved) | set(now))
-        if key not in free and saved.get(key, "(absent)") != now.get(key, "(absent)")
+        if key not in free and before(key) != now.get(key, "(absent)")
     ]
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between two `run_manifest` records in fields a resume must keep, one line per field."""
-    diffs = _field_differences("run.", saved.get("run", {}), now.get("run", {}), RESUME_FREE_RUN_FIELDS)
+    diffs = _field_differences("run.", saved.get("run", {}), now.get("run", {}), _defaults(RunConfig),
+                               RESUME_FREE_RUN_FIELDS)
     saved_jobs = {j.get("name"): j for j in saved.get("jobs", []) if isinstance(j, dict)}
     now_jobs = {j["name"]: j for j in now.get("jobs", [])}
     for name in sorted(set(saved_jobs) - set(now_jobs), key=str):
@@ -134,7 +152,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for name in sorted(set(now_jobs) - set(saved_jobs)):
         diffs.append(f"job '{name}': in this run, not in the saved one")
     for name in [n for n in now_jobs if n in saved_jobs]:
-        diffs += _field_differences(f"job '{name}' ", saved_jobs[name], now_jobs[name])
+        diffs += _field_differences(f"job '{name}' ", saved_jobs[name], now_jobs[name], _defaults(JobSpec))
     if not diffs and list(saved_jobs) != list(now_jobs):  # job order decides packing order
         diffs.append(f"job order: {list(saved_jobs)} before, {list(now_jobs)} now")
     return diffs

@@ -113,6 +113,17 @@ def test_config_differences_checks_job_order_and_ignores_free_fields(tmp_path):
         "run.dtype: 'auto' before, 'bfloat16' now"]
 
 
+def test_a_field_added_since_a_run_was_saved_reads_as_its_default(tmp_path):
+    """A run saved before a field existed resumes when the field is at its default, and not when it is set."""
+    saved = run_manifest(run(tmp_path), jobs(tmp_path))
+    for record in (saved["run"], *saved["jobs"]):  # as an older lorafusion wrote it
+        for key in ("attention", "optimizer", "fields", "loggers"):
+            record.pop(key, None)
+    assert config_differences(saved, run_manifest(run(tmp_path), jobs(tmp_path))) == []
+    assert config_differences(saved, run_manifest(run(tmp_path, attention="buckets"), jobs(tmp_path))) == [
+        "run.attention: 'auto' before, 'buckets' now"]
+
+
 def test_unreadable_run_json_names_the_file(tmp_path):
     out = saved_run(tmp_path)
     (out / "run.json").write_text("{not json")
