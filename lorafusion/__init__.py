@@ -21,6 +21,10 @@ from lorafusion.adapters import (
     SHiRAConfig,
     UniLoRAConfig,
     VeRAConfig,
+    PaCAConfig,
+    LoLDUConfig,
+    HydraConfig,
+    TeRAConfig,
 )
 from lorafusion.config import JobSpec, RunConfig, load_config
 from lorafusion.evaluate import EvalResult, evaluate
@@ -44,6 +48,10 @@ __all__ = [
     "evaluate",
     "fit",
     "load_config",
+    "PaCAConfig",
+    "LoLDUConfig",
+    "HydraConfig",
+    "TeRAConfig",
 ]
 
 

@@ -16,6 +16,10 @@ from lorafusion.adapters.registry import (
 from lorafusion.adapters.shira import SHiRAConfig, SHiRALayer
 from lorafusion.adapters.unilora import UniLoRAConfig, UniLoRALayer, UniLoRAShared
 from lorafusion.adapters.vera import VeRAConfig, VeRALayer, VeRAShared
+from lorafusion.adapters.paca import PaCAConfig, PaCALayer
+from lorafusion.adapters.loldu import LoLDUConfig, LoLDULayer
+from lorafusion.adapters.hydra import HydraConfig, HydraLayer
+from lorafusion.adapters.tera import TeRAConfig, TeRALayer, TeRAShared
 
 register_adapter(name="lora", config_cls=LoRAConfig, layer_cls=LoRALayer)
 register_adapter(name="rslora", config_cls=RsLoRAConfig, layer_cls=LoRALayer)
@@ -25,6 +29,10 @@ register_adapter(name="vera", config_cls=VeRAConfig, layer_cls=VeRALayer, shared
 register_adapter(name="randlora", config_cls=RandLoRAConfig, layer_cls=RandLoRALayer, shared_cls=RandLoRAShared)
 register_adapter(name="shira", config_cls=SHiRAConfig, layer_cls=SHiRALayer)
 register_adapter(name="unilora", config_cls=UniLoRAConfig, layer_cls=UniLoRALayer, shared_cls=UniLoRAShared)
+register_adapter(name="paca", config_cls=PaCAConfig, layer_cls=PaCALayer)
+register_adapter(name="loldu", config_cls=LoLDUConfig, layer_cls=LoLDULayer)
+register_adapter(name="hydra", config_cls=HydraConfig, layer_cls=HydraLayer)
+register_adapter(name="tera", config_cls=TeRAConfig, layer_cls=TeRALayer, shared_cls=TeRAShared)
 
 __all__ = [
     "TARGET_MODULES",
@@ -44,4 +52,8 @@ __all__ = [
     "get_variant",
     "register_adapter",
     "registered_names",
+    "PaCAConfig",
+    "LoLDUConfig",
+    "HydraConfig",
+    "TeRAConfig",
 ]
