@@ -15,7 +15,7 @@ def ldu_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     """(P L_r [N, r], U_r [r, K], z₀ = D[:r] [r]) of W [N, K] = P L D U (fp32 LU with partial pivoting, L unit
     lower [N, min(N, K)], U unit upper [min(N, K), K]); W may be rectangular. The dense P [N, N] is never built:
     P L_r is L_r with its rows permuted by the pivots."""
-    lu, pivots = torch.linalg.lu_factor(weight.float())
+    lu, pivots, _ = torch.linalg.lu_factor_ex(weight.float())  # a zero pivot is reported below, naming the fix
     n, k = lu.shape[0], min(weight.shape)
     l_r = lu[:, :rank].tril(-1)  # [N, r]: L's unit diagonal added below
     l_r[:rank].diagonal().fill_(1.0)
