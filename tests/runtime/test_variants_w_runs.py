@@ -1,6 +1,6 @@
 """PaCA, LoLDU, Hydra and TeRA jobs trained together in one fit: each starts at the base model's loss, learns,
 and is exported (three exact plain LoRAs, TeRA's native files beside its truncated LoRA) in a form lf.evaluate
-reads back."""
+reads back, TeRA's native files also as a later job's init_adapter."""
 
 from __future__ import annotations
 
@@ -37,3 +37,13 @@ def test_four_variants_train_together_and_export(train_checkpoint, examples_data
         assert (config["peft_type"], config["r"]) == ("LORA", rank)
     report = json.loads((out / "tera" / "adapter" / "export_report.json").read_text())
     assert len(report["relative_error"]) == 2 * 7 and 0 < report["max_relative_error"] < 1
+
+    # TeRA's native files as init_adapter: the job is TeRA again and starts where the first fit ended
+    trained = lf.evaluate(train_checkpoint, result["tera"].adapter_path, data, dtype="float32", device="cpu")
+    again = lf.JobSpec(name="again", dataset=str(data), init_adapter=result["tera"].adapter_path, global_batch_size=50,
+                       max_steps=1)
+    assert again.adapter == ADAPTERS["tera"]
+    lf.fit([again], lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path / "again"),
+                                 progress=False, dtype="float32", engine="local"))
+    first = json.loads((tmp_path / "again" / "again" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(trained.loss, rel=1e-5)
