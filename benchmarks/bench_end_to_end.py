@@ -188,6 +188,10 @@ VARIANT_CONFIGS = {
     "shira": lambda r: lf.SHiRAConfig(rank=r),
     "unilora": lambda r: lf.UniLoRAConfig(rank=r, theta_dim=1 << 15, dropout=0.05),
     "loraga": lambda r: lf.LoRAGAConfig(rank=r, alpha=2 * r, dropout=0.05, init_batches=2),
+    "paca": lambda r: lf.PaCAConfig(rank=r, alpha=2 * r),
+    "loldu": lambda r: lf.LoLDUConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "hydra": lambda r: lf.HydraConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "tera": lambda r: lf.TeRAConfig(rank=r, export_rank=r),
 }
 
 

@@ -150,9 +150,10 @@ def _native_config(directory: Path) -> AdapterConfig | None:
     if not path.is_file():
         return None
     data = _read_json(path)
-    if not isinstance(data, dict) or data.get("format") != NATIVE_FORMAT or "adapter" not in data:
-        raise ValueError(f"{path}: not a {NATIVE_FORMAT} file (format={data.get('format') if isinstance(data, dict) else data!r}); "
-                         f"remove it to read the folder's PEFT adapter alone")
+    found = data.get("format") if isinstance(data, dict) else data
+    if found != NATIVE_FORMAT or "adapter" not in data:
+        raise ValueError(f"{path}: not a {NATIVE_FORMAT} file (format={found!r}); remove it to read the folder's "
+                         "PEFT adapter alone")
     return adapter_config_from_dict(data["adapter"], where=str(path))
 
 
@@ -182,7 +183,8 @@ def read_peft_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, t
     native = (directory / NATIVE_CONFIG_NAME).is_file()
     weights_path = directory / (NATIVE_WEIGHTS_NAME if native else WEIGHTS_NAME)
     if not weights_path.is_file():
-        raise ValueError(f"adapter '{directory}' has no {WEIGHTS_NAME}; point at a folder written by lorafusion or PEFT")
+        raise ValueError(f"adapter '{directory}' has no {weights_path.name}; point at a folder written by lorafusion "
+                         "or PEFT")
     try:
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types for a damaged file

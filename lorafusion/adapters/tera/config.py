@@ -57,7 +57,8 @@ class TeRAConfig(AdapterConfig):
         return None  # the PEFT files hold the truncated LoRA; the native files name this config
 
     def export_config(self) -> AdapterConfig:
-        return LoRAConfig(rank=self.export_rank, alpha=float(self.export_rank), target_modules=list(self.target_modules))
+        return LoRAConfig(rank=self.export_rank, alpha=float(self.export_rank),
+                          target_modules=list(self.target_modules))
 
     def peft_config(self) -> dict[str, Any]:
         return self.export_config().peft_config()
