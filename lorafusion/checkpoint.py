@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -119,7 +119,7 @@ def write_peft_adapter(
     return path
 
 
-def _split_svd_export(tensors: dict[str, torch.Tensor]):
+def _split_svd_export(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict[str, float]]:
     """(the variant's own tensors, the truncated LoRA's, {module: relative error}) of a truncated-SVD export."""
     native, lora, errors = {}, {}, {}
     for key, value in tensors.items():
@@ -137,7 +137,7 @@ def _report(config: AdapterConfig, errors: dict[str, float]) -> dict:
             "max_relative_error": max(errors.values(), default=0.0), "relative_error": errors}
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
