@@ -408,6 +408,7 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "loldu", "dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
     ({"type": "hydra", "rank": -1}, r"rank=-1 must be a positive integer"),
     ({"type": "hydra", "dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
+    ({"type": "hydra", "alpha": None}, r"alpha=None must be a positive number"),
     ({"type": "tera", "rank": 1.5}, r"rank=1.5 must be a positive integer"),
     ({"type": "tera", "export_rank": 0}, r"export_rank=0 must be a positive integer"),
     ({"type": "tera", "export_rank": 33}, r"export_rank=33: k_proj's 32×64 update .*use export_rank ≤ 32"),
