@@ -194,6 +194,10 @@ VARIANT_CONFIGS = {
     "matryoshka": lambda r: lf.MatryoshkaLoRAConfig(train_ranks=sorted({1 << i for i in range(r.bit_length())} | {r}),
                                                     dropout=0.05),
     "blocklora": lambda r: lf.BlockLoRAConfig(rank=r, alpha=2 * r, blocks=math.gcd(r, 8), dropout=0.05),
+    "paca": lambda r: lf.PaCAConfig(rank=r, alpha=2 * r),
+    "loldu": lambda r: lf.LoLDUConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "hydra": lambda r: lf.HydraConfig(rank=r, alpha=2 * r, dropout=0.05),
+    "tera": lambda r: lf.TeRAConfig(rank=r, export_rank=r),
 }
 
 

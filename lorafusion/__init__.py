@@ -23,6 +23,10 @@ from lorafusion.adapters import (
     SHiRAConfig,
     UniLoRAConfig,
     VeRAConfig,
+    PaCAConfig,
+    LoLDUConfig,
+    HydraConfig,
+    TeRAConfig,
 )
 from lorafusion.adapters import BlockLoRAConfig, DyLoRAConfig, MatryoshkaLoRAConfig
 from lorafusion.config import JobSpec, RunConfig, load_config
@@ -60,6 +64,10 @@ __all__ = [
     "LoRAProConfig",
     "fit",
     "load_config",
+    "PaCAConfig",
+    "LoLDUConfig",
+    "HydraConfig",
+    "TeRAConfig",
     "SqueezeResult",
     "squeeze",
 ]

@@ -21,6 +21,10 @@ from lorafusion.adapters.vera import VeRAConfig, VeRALayer, VeRAShared
 from lorafusion.adapters.dylora import DyLoRAConfig, DyLoRALayer, DyLoRAShared
 from lorafusion.adapters.matryoshka import MatryoshkaLoRAConfig, MatryoshkaLoRALayer
 from lorafusion.adapters.blocklora import BlockLoRAConfig, BlockLoRALayer
+from lorafusion.adapters.paca import PaCAConfig, PaCALayer
+from lorafusion.adapters.loldu import LoLDUConfig, LoLDULayer
+from lorafusion.adapters.hydra import HydraConfig, HydraLayer
+from lorafusion.adapters.tera import TeRAConfig, TeRALayer, TeRAShared
 
 register_adapter(name="lora", config_cls=LoRAConfig, layer_cls=LoRALayer)
 register_adapter(name="rslora", config_cls=RsLoRAConfig, layer_cls=LoRALayer)
@@ -35,6 +39,10 @@ register_adapter(name="dylora", config_cls=DyLoRAConfig, layer_cls=DyLoRALayer, 
 register_adapter(name="matryoshka", config_cls=MatryoshkaLoRAConfig, layer_cls=MatryoshkaLoRALayer)
 register_adapter(name="blocklora", config_cls=BlockLoRAConfig, layer_cls=BlockLoRALayer)
 register_adapter(name="lorasqueeze", config_cls=LoRASqueezeConfig, layer_cls=LoRASqueezeLayer)
+register_adapter(name="paca", config_cls=PaCAConfig, layer_cls=PaCALayer)
+register_adapter(name="loldu", config_cls=LoLDUConfig, layer_cls=LoLDULayer)
+register_adapter(name="hydra", config_cls=HydraConfig, layer_cls=HydraLayer)
+register_adapter(name="tera", config_cls=TeRAConfig, layer_cls=TeRALayer, shared_cls=TeRAShared)
 
 __all__ = [
     "TARGET_MODULES",
@@ -59,4 +67,8 @@ __all__ = [
     "get_variant",
     "register_adapter",
     "registered_names",
+    "PaCAConfig",
+    "LoLDUConfig",
+    "HydraConfig",
+    "TeRAConfig",
 ]

@@ -145,10 +145,11 @@ class ModelAdapters:
 
     def peft_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The job's adapter under PEFT's key names (`base_model.model.model.layers.i.self_attn.q_proj.lora_A.weight`,
-        and the job's shared tensors such as `base_model.vera_A`)."""
+        and the job's shared tensors such as `base_model.vera_A`), as exported (AdapterLayer.export_tensors: with a
+        truncated-SVD LoRA beside a variant's own tensors when its export is not exact)."""
         shared = self.shared[name].peft_tensors() if name in self.shared else {}
         layers = {f"{module}.{key}": tensor for module, layer in self._job_layers(name)
-                  for key, tensor in layer.peft_tensors().items()}
+                  for key, tensor in layer.export_tensors().items()}
         return {key: tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
                 for key, tensor in {**shared, **layers}.items()}
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
 
-__all__ = ["TARGET_MODULES", "AdapterConfig", "AdapterLayer", "BaseView", "JobShared", "layer_generator",
-           "target_shapes"]
+__all__ = ["EXPORT_ERROR_KEY", "TARGET_MODULES", "AdapterConfig", "AdapterLayer", "BaseView", "JobShared",
+           "layer_generator", "target_shapes", "truncated_lora"]
 
 # Fields several variants share, checked alike wherever a config has them (the message's example is the
 # field's default): name -> check(where, value, example).
@@ -35,7 +35,12 @@ _COMMON_CHECKS = {
     "alpha": check_positive_number,
     "dropout": lambda where, value, example: check_probability(where, value),
     "projection_seed": lambda where, value, example: check_seed(where, value),
+    "export_rank": check_positive_int,
 }
+
+EXPORT_ERROR_KEY = "lorafusion_relative_error"
+"""Per-module key of the relative error a truncated-SVD export leaves (see AdapterLayer.export_tensors); the
+writer moves it from the tensors into the export's report."""
 
 # HF module names of a Llama-style decoder layer that an adapter can wrap.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,6 +94,13 @@ class AdapterConfig:
     def export_config(self) -> AdapterConfig:
         """The config of the adapter this one exports as (LoRA-GA: a plain LoRA of rank 2r)."""
         return self
+
+    @property
+    def svd_export_rank(self) -> int | None:
+        """Rank of the truncated-SVD LoRA exported for a variant whose update no PEFT adapter holds exactly (TeRA);
+        its own tensors then go to lorafusion's native files beside it (see checkpoint.write_peft_adapter).
+        None: the export is exact."""
+        return None
 
     def target_shapes(self, arch) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of each module this config adapts in a model of `arch`."""
@@ -228,6 +240,14 @@ class AdapterLayer(nn.Module):
         """Tensors under the PEFT module name, e.g. {'lora_A.weight': A, 'lora_B.weight': B}."""
         raise NotImplementedError
 
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """What an exported adapter holds for this module: `peft_tensors()`, and when the config exports a
+        truncated-SVD LoRA (`svd_export_rank`) also that LoRA's factors and the relative error it leaves."""
+        rank = self.config.svd_export_rank
+        if rank is None:
+            return self.peft_tensors()
+        return {**self.peft_tensors(), **truncated_lora(self.delta_weight(), rank)}
+
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of `peft_tensors` (the caller checks keys and shapes)."""
         copy_present(self.peft_tensors(), tensors)
@@ -240,6 +260,17 @@ def copy_present(current: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
         for key, live in current.items():
             if key in tensors:
                 live.copy_(tensors[key])
+
+
+def truncated_lora(delta: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """The best rank-`rank` LoRA of ΔW [N, K] (Eckart–Young: B = U_k·S_k, A = V_kᵀ, for lora_alpha = rank) and
+    the relative Frobenius error it leaves, ‖ΔW − B A‖ / ‖ΔW‖ (0 when ΔW = 0), measured on the product itself."""
+    delta = delta.detach().float()
+    u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
+    b, a = u[:, :rank] * sigma[:rank], vh[:rank]  # [N, k], [k, K]
+    norm = torch.linalg.norm(delta)
+    error = torch.linalg.norm(delta - b @ a) / norm if norm > 0 else norm
+    return {"lora_A.weight": a.contiguous(), "lora_B.weight": b.contiguous(), EXPORT_ERROR_KEY: error}
 
 
 def layer_generator(seed: int, layer_index: int, target: str) -> torch.Generator:

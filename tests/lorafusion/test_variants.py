@@ -48,6 +48,11 @@ VARIANTS = {
     "matryoshka_rank_scale": lambda: lf.MatryoshkaLoRAConfig(train_ranks=[2, 3, 6], scale="rank",
                                                              target_modules=["q_proj", "up_proj"]),
     "blocklora": lambda: lf.BlockLoRAConfig(rank=6, alpha=5, blocks=3, target_modules=ALL_TARGETS),
+    "paca": lambda: lf.PaCAConfig(rank=3, alpha=6, target_modules=ALL_TARGETS),
+    "loldu": lambda: lf.LoLDUConfig(rank=4, alpha=8, target_modules=ALL_TARGETS),
+    "hydra": lambda: lf.HydraConfig(rank=3, alpha=6, target_modules=ALL_TARGETS),
+    # Tucker rank 4 per mode: rank(ΔW) ≤ 16 on every module of the tiny models, so a rank-16 export is exact
+    "tera": lambda: lf.TeRAConfig(rank=4, export_rank=16, projection_seed=2, target_modules=ALL_TARGETS),
 }
 PEFT_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=ALL_TARGETS),
@@ -69,6 +74,7 @@ FAMILY = {"unilora_spare_theta": "llama", "loraga": "llama", "lora": "qwen2", "r
           "lorasb": "qwen2",
           "dylora": "qwen2", "dylora_unfrozen": "llama", "matryoshka": "llama", "matryoshka_rank_scale": "mistral",
           "blocklora": "mistral"}
+FAMILY.update({"paca": "qwen2", "loldu": "llama", "hydra": "qwen2", "tera": "mistral"})
 
 
 def finish_init_passes(layers, seed: int) -> None:
@@ -133,7 +139,39 @@ def _reference_module(layer, x: torch.Tensor, w: torch.Tensor, bias: torch.Tenso
     if cfg.type == "blocklora":  # every up-projection block B_i on the one shared down-projection A_s
         a = layer.lora_A
         return base + cfg.alpha / cfg.rank * sum((x @ a.t()) @ b_i.t() for b_i in layer.lora_B)
+    if cfg.type in ("paca", "loldu", "hydra", "tera"):
+        return _reference_module_ii(layer, x, w, bias)
     raise AssertionError(cfg.type)
+
+
+def _reference_module_ii(layer, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The formulas of the variants of issue 19 whose update depends on W or is high-rank."""
+    cfg = layer.config
+    if cfg.type == "paca":  # W with its columns idx replaced by s·P
+        w_eff = w.index_copy(1, layer.paca_idx, cfg.scaling * layer.paca_P)
+        return x @ w_eff.t() + bias
+    if cfg.type == "loldu":  # the LU computed here: W = P L U, D = diag(U)
+        p, l, u = torch.linalg.lu(w)
+        d, r = torch.diagonal(u), cfg.rank
+        delta = p @ l[:, :r] @ torch.diag(layer.loldu_z - d[:r]) @ (u[:r] / d[:r, None])
+        return x @ (w + cfg.scaling * delta).t() + bias
+    if cfg.type == "hydra":  # the sequential branch on W x, without the bias
+        s = cfg.scaling
+        parallel = (x @ layer.hydra_A_p.t()) @ layer.hydra_B_p.t()
+        sequential = ((x @ w.t()) @ layer.hydra_A_s.t()) @ layer.hydra_B_s.t()
+        return x @ w.t() + bias + s * (parallel + sequential)
+    if cfg.type == "tera":
+        return x @ (w + _tera_delta(layer)).t() + bias
+    raise AssertionError(cfg.type)
+
+
+def _tera_delta(layer) -> torch.Tensor:
+    """TeRA's ΔW through Kronecker products: c·(F₁ ⊗ F₂) G_(12) (F₃ ⊗ F₄)ᵀ, F_m = U_m diag(λ_m), c = 1/√K."""
+    core, factors = layer.shared.factors(layer.out_features, layer.in_features)
+    lambdas = [getattr(layer, f"tera_lambda_{m}") for m in range(4)]
+    f1, f2, f3, f4 = (u * lam for u, lam in zip(factors, lambdas))
+    r1, r2, r3, r4 = core.shape
+    return torch.kron(f1, f2) @ core.reshape(r1 * r2, r3 * r4) @ torch.kron(f3, f4).t() / layer.in_features ** 0.5
 
 
 def _randlora_delta(layer, shape: tuple[int, int]) -> torch.Tensor:
@@ -271,7 +309,8 @@ def test_our_export_loads_in_peft_with_our_logits(variant, tiny_checkpoints, loa
     assert (ours - theirs).abs().max().item() <= LOGITS_ATOL
 
     again, tensors = read_peft_adapter(directory)
-    assert again.to_dict() == config.export_config().to_dict()  # LoRA-GA: the equivalent plain LoRA
+    # LoRA-GA: the equivalent plain LoRA; TeRA: its own config, from the native files beside the PEFT ones
+    assert again.to_dict() == (config if config.svd_export_rank else config.export_config()).to_dict()
     fresh_model, fresh = _ours(checkpoint)
     fresh.add_job("job", again, seed=99)  # a different seed: everything that matters comes from the file
     fresh.load_peft_state_dict("job", tensors)
@@ -406,6 +445,20 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "matryoshka", "rank": 8}, r"unknown field\(s\) \['rank'\] for type 'matryoshka'"),
     ({"type": "blocklora", "blocks": 0}, r"blocks=0 must be a positive integer"),
     ({"type": "blocklora", "rank": 6, "blocks": 4}, r"blocks=4 does not divide adapter.rank=6; .* \[1, 2, 3, 6\]"),
+    ({"type": "paca", "rank": 0}, r"rank=0 must be a positive integer"),
+    ({"type": "paca", "rank": 65}, r"rank=65: PaCA trains rank input columns of q_proj.*use rank ≤ 64"),
+    ({"type": "paca", "alpha": "big"}, r"alpha='big' must be a positive number"),
+    ({"type": "paca", "dropout": 0.1}, r"unknown field\(s\) \['dropout'\] for type 'paca'"),
+    ({"type": "loldu", "rank": 33}, r"rank=33: LoLDU .* k_proj's 32×64 weight.*use rank ≤ 32"),
+    ({"type": "loldu", "alpha": 0}, r"alpha=0 must be a positive number"),
+    ({"type": "loldu", "dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+    ({"type": "hydra", "rank": -1}, r"rank=-1 must be a positive integer"),
+    ({"type": "hydra", "dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
+    ({"type": "hydra", "alpha": None}, r"alpha=None must be a positive number"),
+    ({"type": "tera", "rank": 1.5}, r"rank=1.5 must be a positive integer"),
+    ({"type": "tera", "export_rank": 0}, r"export_rank=0 must be a positive integer"),
+    ({"type": "tera", "export_rank": 33}, r"export_rank=33: k_proj's 32×64 update .*use export_rank ≤ 32"),
+    ({"type": "tera", "projection_seed": -1}, r"projection_seed=-1 must be an integer ≥ 0"),
 ])
 def test_bad_variant_fields_are_named(adapter, message, tiny_checkpoints):
     with pytest.raises(ValueError, match=message):
