@@ -35,7 +35,8 @@ _COMMON_CHECKS = {
     "alpha": check_positive_number,
     "dropout": lambda where, value, example: check_probability(where, value),
     "projection_seed": lambda where, value, example: check_seed(where, value),
-    "export_rank": check_positive_int,
+    # None: the variant's own default rank (DyLoRA, Matryoshka: their full rank), resolved by the variant
+    "export_rank": lambda where, value, example: value is None or check_positive_int(where, value, example),
 }
 
 EXPORT_ERROR_KEY = "lorafusion_relative_error"
