@@ -399,18 +399,32 @@ def test_each_variant_resumes_to_the_same_adapter(train_checkpoint, examples_dat
     """A mixed-variant run checkpointed after 2 rounds and resumed ends bit-identical to the straight run, for
     every variant (trainable tensors shared by the job's layers included: Uni-LoRA's θ; frozen state too:
     LoRA-GA's offset, which only its init pass computes)."""
-    adapters = [lf.DoRAConfig(rank=2, dropout=0.1), lf.VeRAConfig(rank=8, target_modules=["q_proj", "down_proj"]),
+    two = ["q_proj", "down_proj"]
+    adapters = [lf.DoRAConfig(rank=2, dropout=0.1), lf.VeRAConfig(rank=8, target_modules=two),
                 lf.RandLoRAConfig(rank=16, target_modules=["v_proj"]), lf.SHiRAConfig(rank=1),
-                lf.UniLoRAConfig(rank=2, theta_dim=128), lf.LoRAGAConfig(rank=2, init_batches=2)]
+                lf.UniLoRAConfig(rank=2, theta_dim=128), lf.LoRAGAConfig(rank=2, init_batches=2),
+                # adapter variants II
+                lf.LoRASBConfig(rank=2, init_batches=2, target_modules=two),
+                lf.DyLoRAConfig(rank=4, target_modules=two), lf.MatryoshkaLoRAConfig(train_ranks=[1, 2, 4]),
+                lf.BlockLoRAConfig(rank=4, blocks=2, target_modules=two), lf.PaCAConfig(rank=2, target_modules=two),
+                lf.LoLDUConfig(rank=2, target_modules=two), lf.HydraConfig(rank=2, target_modules=two),
+                lf.TeRAConfig(rank=2, target_modules=two),
+                lf.LoRASqueezeConfig(rank=4, target_rank=2, squeeze_start_step=2, squeeze_end_step=4,
+                                     target_modules=two)]
     jobs = [lf.JobSpec(name=a.type, dataset=str(examples_data / ("greet.jsonl" if i % 2 else "arith.jsonl")),
                        adapter=a, global_batch_size=3, learning_rate=1e-3, max_steps=5, seed=i, lr_schedule="cosine")
             for i, a in enumerate(adapters)]
-    want_worker, want_progress = straight_run(train_checkpoint, tmp_path / "straight", jobs)
+    assert_resume_is_exact(train_checkpoint, tmp_path, jobs, steps=5)
+
+
+def assert_resume_is_exact(checkpoint: Path, tmp_path: Path, jobs: list[lf.JobSpec], steps: int) -> None:
+    """Checkpointed after 2 rounds and resumed, every job ends bit-identical to the straight run of `steps`."""
+    want_worker, want_progress = straight_run(checkpoint, tmp_path / "straight", jobs)
     out = tmp_path / "run"
-    interrupted_run(train_checkpoint, out, jobs, rounds=2)
-    prepared, worker, (counter, progress) = resume(train_checkpoint, out, jobs)
+    interrupted_run(checkpoint, out, jobs, rounds=2)
+    prepared, worker, (counter, progress) = resume(checkpoint, out, jobs)
     assert counter == 2
-    for _ in range(counter, 5):
+    for _ in range(counter, steps):
         train_round(worker, prepared, progress)
     for job in prepared.jobs:
         assert_bit_identical(worker, want_worker, job.name)

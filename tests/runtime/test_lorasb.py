@@ -14,7 +14,7 @@ from lorafusion.adapters import get_variant
 from lorafusion.adapters.base import BaseView
 from lorafusion.adapters.lorasb import LoRASBLayer
 from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear, Segment
-from lorafusion.data import IGNORE_INDEX, load_jsonl_dataset, load_tokenizer
+from lorafusion.data import IGNORE_INDEX, load_dataset, load_tokenizer
 from tests.runtime.test_checkpointing import (
     assert_bit_identical,
     interrupted_run,
@@ -160,7 +160,7 @@ def test_init_pass_hands_each_layer_the_jobs_gradient(train_checkpoint, examples
 
     monkeypatch.setattr(StageWorker, "finish_init_pass", record)
     worker = make_worker(prepare(train_checkpoint, tmp_path / "run", [spec]), init_pass=True)
-    samples = load_jsonl_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
+    samples = load_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
     modules = {(i, p.rsplit(".", 1)[1]): f"model.layers.{i}.{p}" for i in range(2)
                for p in ("self_attn.k_proj", "mlp.up_proj")}
     grads = _hf_weight_grads(train_checkpoint, samples, list(modules.values()), load_hf_model)
@@ -215,7 +215,7 @@ def test_fit_starts_from_the_init_trains_r_and_exports_a_plain_lora(train_checkp
                                          dtype="float32", engine="local"))
     first = json.loads((out / "sb" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
-    samples = load_jsonl_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
+    samples = load_dataset(data, load_tokenizer(train_checkpoint), max_seq_len=4096)
     modules = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
     grads = _hf_weight_grads(train_checkpoint, samples, modules, load_hf_model)
     start = peft.get_peft_model(load_hf_model(train_checkpoint),

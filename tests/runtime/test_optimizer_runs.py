@@ -11,7 +11,7 @@ import pytest
 
 import lorafusion as lf
 from runtime.fit import RUN_METRICS
-from tests.runtime.test_checkpointing import assert_bit_identical, interrupted_run, resume, straight_run, train_round
+from tests.runtime.test_checkpointing import assert_resume_is_exact
 from tests.runtime.test_isolation import CAPACITY, RTOL, assert_same_adapters, fit_adapters, max_rel_diff
 
 
@@ -71,16 +71,7 @@ def test_factor_optimizers_resume_to_the_same_adapter(train_checkpoint, examples
                        dataset=str(examples_data / ("greet.jsonl" if i % 2 else "arith.jsonl")), global_batch_size=3,
                        learning_rate=1e-3, max_steps=5, seed=i, lr_schedule="cosine", weight_decay=0.01)
             for i, (adapter, optimizer) in enumerate(setups)]
-    want_worker, want_progress = straight_run(train_checkpoint, tmp_path / "straight", jobs)
-    out = tmp_path / "run"
-    interrupted_run(train_checkpoint, out, jobs, rounds=2)
-    prepared, worker, (counter, progress) = resume(train_checkpoint, out, jobs)
-    assert counter == 2
-    for _ in range(counter, 5):
-        train_round(worker, prepared, progress)
-    for job in prepared.jobs:
-        assert_bit_identical(worker, want_worker, job.name)
-        assert progress[job.name] == want_progress[job.name]
+    assert_resume_is_exact(train_checkpoint, tmp_path, jobs, steps=5)
 
 
 @pytest.mark.usefixtures("ray_session")
