@@ -198,6 +198,9 @@ VARIANT_CONFIGS = {
     "loldu": lambda r: lf.LoLDUConfig(rank=r, alpha=2 * r, dropout=0.05),
     "hydra": lambda r: lf.HydraConfig(rank=r, alpha=2 * r, dropout=0.05),
     "tera": lambda r: lf.TeRAConfig(rank=r, export_rank=r),
+    # annealed to a quarter of the rank over the bench's first steps (the re-factorisations are what it costs)
+    "lorasqueeze": lambda r: lf.LoRASqueezeConfig(rank=r, alpha=2 * r, target_rank=max(r // 4, 1), squeeze_start_step=1,
+                                                  squeeze_end_step=3, dropout=0.05),
 }
 
 

@@ -214,18 +214,26 @@ def test_engine_choice(monkeypatch):
 
 def test_variant_jobs_never_read_a_tensor_back(train_checkpoint, examples_data, tmp_path):
     """The same for jobs of every way a variant computes: DoRA's column scale, VeRA's shared projections,
-    Uni-LoRA's gathered factors, SHiRA's sparse and RandLoRA's full-rank updates (dropout on where they have it)."""
+    Uni-LoRA's gathered factors, SHiRA's sparse and RandLoRA's full-rank updates, DyLoRA's per-step rank mask,
+    Matryoshka's nested scale, Block-LoRA's summed blocks, PaCA's column node, LoLDU's and Hydra's factors from W,
+    TeRA's tensor network (dropout on where they have it)."""
+    two = ["q_proj", "down_proj"]
     adapters = [lf.DoRAConfig(rank=2, dropout=0.1), lf.VeRAConfig(rank=8, dropout=0.1),
                 lf.UniLoRAConfig(rank=2, theta_dim=128), lf.SHiRAConfig(rank=1),
-                lf.RandLoRAConfig(rank=32, dropout=0.1, target_modules=["q_proj", "down_proj"])]
+                lf.RandLoRAConfig(rank=32, dropout=0.1, target_modules=two),
+                lf.DyLoRAConfig(rank=4, dropout=0.1, target_modules=two),
+                lf.MatryoshkaLoRAConfig(train_ranks=[1, 2, 4], target_modules=two),
+                lf.BlockLoRAConfig(rank=4, blocks=2, target_modules=two), lf.PaCAConfig(rank=2, target_modules=two),
+                lf.LoLDUConfig(rank=2, target_modules=two), lf.HydraConfig(rank=2, dropout=0.1, target_modules=two),
+                lf.TeRAConfig(rank=2, target_modules=two)]
     names = [a.type for a in adapters]
     specs = [lf.JobSpec(name=a.type, dataset=str(examples_data / "greet.jsonl"), adapter=a, global_batch_size=2,
                         max_steps=2, seed=i) for i, a in enumerate(adapters)]
     run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path / "run"), progress=False,
                        dtype="float32")
     worker = StageWorker(run, [(spec, 2) for spec in specs])
-    items = [(names[i % len(names)], sample, seed) for i, (_, sample, seed) in enumerate(_items([5, 17, 40, 9, 3, 33,
-                                                                                               11, 8, 20, 6], 3))]
+    lengths = [5, 17, 40, 9, 3, 33, 11, 8, 20, 6, 14, 7, 25, 4]  # at least one sample of every job
+    items = [(names[i % len(names)], sample, seed) for i, (_, sample, seed) in enumerate(_items(lengths, 3))]
     for _ in range(2):  # the second reuses the step's cached factors
         mb = build_microbatch(items).to(worker.device)
         with _no_host_sync():

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import lorafusion as lf
+from lorafusion.checkpoint import read_peft_adapter
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.adapters.multi import Segment
 from lorafusion.data import IGNORE_INDEX, SampleStream, load_dataset, load_tokenizer
@@ -56,7 +56,9 @@ def fit_adapters(checkpoint: Path, output_dir: Path, jobs: list[lf.JobSpec], cap
         assert result[spec.name].status == "finished", result[spec.name].error
         lines = (output_dir / spec.name / "metrics.jsonl").read_text().splitlines()
         out[spec.name] = {
-            "tensors": load_file(str(output_dir / spec.name / "adapter" / "adapter_model.safetensors")),
+            # what was trained: the variant's own tensors where its PEFT export is a truncated-SVD LoRA (TeRA),
+            # whose singular vectors are only defined up to sign and rotation
+            "tensors": read_peft_adapter(output_dir / spec.name / "adapter")[1],
             "metrics": [json.loads(line) for line in lines],
         }
     return out
@@ -230,16 +232,29 @@ def variant_jobs(examples_data: Path) -> list[lf.JobSpec]:
         "shira": lf.SHiRAConfig(rank=2, mask_seed=3),
         "unilora": lf.UniLoRAConfig(rank=4, theta_dim=512, projection_seed=5),
         "loraga": lf.LoRAGAConfig(rank=2, init_batches=2, target_modules=["o_proj", "gate_proj"]),
+        # adapter variants II: an r×r core from an init pass, per-step ranks, nested ranks, shared blocks, W's own
+        # columns, W's LU factors, a branch on W x, a shared tensor network, re-factorisations mid-run
+        "lorasb": lf.LoRASBConfig(rank=2, init_batches=1, target_modules=["q_proj", "down_proj"]),
+        "dylora": lf.DyLoRAConfig(rank=4, dropout=0.1, target_modules=["v_proj", "up_proj"]),
+        "matryoshka": lf.MatryoshkaLoRAConfig(train_ranks=[1, 2, 4], target_modules=["k_proj", "o_proj"]),
+        # not gate_proj: in this job's slot its gradients are near AdamW's eps (a plain LoRA there differs by 1.2e-5)
+        "blocklora": lf.BlockLoRAConfig(rank=4, blocks=2, target_modules=["up_proj"]),
+        "paca": lf.PaCAConfig(rank=2, target_modules=["q_proj", "up_proj"]),
+        "loldu": lf.LoLDUConfig(rank=2, target_modules=["v_proj", "down_proj"]),
+        "hydra": lf.HydraConfig(rank=2, dropout=0.1, target_modules=["o_proj"]),
+        "tera": lf.TeRAConfig(rank=2, target_modules=["q_proj", "gate_proj"]),
+        "lorasqueeze": lf.LoRASqueezeConfig(rank=4, target_rank=2, squeeze_start_step=1, squeeze_end_step=2,
+                                            target_modules=["k_proj"]),
     }
-    data = ["greet", "arith", "reverse", "arith", "greet", "reverse"]
-    return [lf.JobSpec(name=name, dataset=str(examples_data / f"{d}.jsonl"), adapter=adapter, global_batch_size=3 + i % 2,
-                       learning_rate=1e-3, max_steps=3, seed=10 + i)
-            for i, ((name, adapter), d) in enumerate(zip(adapters.items(), data))]
+    data = ["greet", "arith", "reverse", "arith", "greet", "reverse"] * 3
+    return [lf.JobSpec(name=name, dataset=str(examples_data / f"{data[i]}.jsonl"), adapter=adapter,
+                       global_batch_size=3 + i % 2, learning_rate=1e-3, max_steps=3, seed=10 + i)
+            for i, (name, adapter) in enumerate(adapters.items())]
 
 
 def test_jobs_of_different_variants_stay_isolated(train_checkpoint, examples_data, tmp_path):
-    """Jobs of six variants share microbatches (and LoRA-GA's init pass); each ends with the adapter it gets alone, and its metrics
-    name its variant."""
+    """Jobs of every variant share microbatches (and the init passes of LoRA-GA and LoRA-SB); each ends with the
+    adapter it gets alone, and its metrics name its variant."""
     jobs = variant_jobs(examples_data)
     together = fit_adapters(train_checkpoint, tmp_path / "together", jobs, SPLIT_CAPACITY, engine="local")
     for spec in jobs:
