@@ -117,7 +117,11 @@ class AdapterConfig:
         return None
 
     def peft_config(self) -> dict[str, Any]:
-        """PEFT's adapter_config.json fields (peft_type, r, ...) of an adapter exported from this config."""
+        """PEFT's adapter_config.json fields (peft_type, r, ...) of an adapter exported from this config (those of
+        `export_config()` when the export is another variant's)."""
+        exported = self.export_config()
+        if exported is not self:
+            return exported.peft_config()
         raise NotImplementedError(f"adapter type '{self.type}' does not export to PEFT")
 
 
@@ -250,7 +254,12 @@ class AdapterLayer(nn.Module):
         return {**self.peft_tensors(), **truncated_lora(self.delta_weight(), rank)}
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of `peft_tensors` (the caller checks keys and shapes)."""
+        """Inverse of `peft_tensors` (the caller checks keys and shapes). A variant exported exactly as another one
+        (LoRA-GA, DyLoRA, ... as a plain LoRA) is never read back as itself: its export reads back as that one."""
+        exported = self.config.export_config()
+        if exported is not self.config and self.config.svd_export_rank is None:
+            raise ValueError(f"a '{self.config.type}' adapter is exported as a plain '{exported.type}' adapter, which "
+                             f"is what reads back; load it as '{exported.type}' (init_adapter reads it so)")
         copy_present(self.peft_tensors(), tensors)
 
 

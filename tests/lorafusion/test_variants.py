@@ -467,6 +467,22 @@ def test_bad_variant_fields_are_named(adapter, message, tiny_checkpoints):
         adapters.add_job("j", config, seed=0)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if VARIANTS[v]().export_config().type != VARIANTS[v]().type
+                                     and VARIANTS[v]().svd_export_rank is None])
+def test_a_variant_exported_as_another_reads_back_only_as_that_one(variant):
+    """LoRA-GA, DyLoRA, ... write a plain LoRA: tensors handed to the variant itself are refused, naming the type to
+    load them as (the PEFT config is the exported one's)."""
+    config = VARIANTS[variant]()
+    exported = config.export_config()
+    assert config.peft_config() == exported.peft_config()
+    spec = get_variant(config.type)
+    shared = spec.shared_cls(config, {"q_proj": (8, 8)}, 1, 0) if spec.shared_cls else None
+    base = BaseView(torch.nn.Linear(8, 8), torch.arange(8))
+    layer = spec.layer_cls(config, 8, 8, generator=torch.Generator().manual_seed(0), base=base, shared=shared)
+    with pytest.raises(ValueError, match=f"exported as a plain '{exported.type}' adapter.*load it as '{exported.type}'"):
+        layer.load_peft_tensors(layer.peft_tensors())
+
+
 @pytest.mark.parametrize("variant", ["dora", "vera", "randlora", "shira", "unilora"])
 def test_evaluate_reads_peft_made_adapters_like_peft(variant, tiny_checkpoints, load_hf_model, tmp_path, examples_data):
     """lf.evaluate on a PEFT-saved adapter of each variant: the loss transformers + PEFT computes."""

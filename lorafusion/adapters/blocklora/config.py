@@ -4,7 +4,7 @@ down-projections are all one shared block."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.lora import LoRAConfig
@@ -58,6 +58,3 @@ class BlockLoRAConfig(AdapterConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.block_rank, alpha=self.alpha / self.blocks, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -25,7 +25,3 @@ class BlockLoRALayer(AdapterLayer):
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach().sum(0)}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a Block-LoRA adapter is exported as a plain LoRA of rank rank/blocks; load it as 'lora' "
-                         "(init_adapter reads it so)")

@@ -4,7 +4,7 @@ sub-adapter of rank b ≤ r works on its own and the rank can be chosen after tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.lora import LoRAConfig
@@ -49,6 +49,3 @@ class DyLoRAConfig(AdapterConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.export_rank, alpha=self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -64,7 +64,3 @@ class DyLoRALayer(AdapterLayer):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         rank = self.config.export_rank
         return {"lora_A.weight": self.lora_A.detach()[:rank], "lora_B.weight": self.lora_B.detach()[:, :rank]}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a DyLoRA adapter is exported as a plain LoRA of its export_rank; load it as 'lora' "
-                         "(init_adapter reads it so)")

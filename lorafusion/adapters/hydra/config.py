@@ -33,6 +33,3 @@ class HydraConfig(LoRAConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=2 * self.rank, alpha=2 * self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -39,7 +39,3 @@ class HydraLayer(AdapterLayer):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         a, b, _ = self.effective_factors()
         return {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a Hydra adapter is exported as a plain rank-2r LoRA; load it as 'lora' "
-                         "(init_adapter reads it so)")

@@ -39,6 +39,3 @@ class LoLDUConfig(LoRAConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -50,6 +50,3 @@ class LoLDULayer(AdapterLayer):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         a, b, _ = self.effective_factors()
         return {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a LoLDU adapter is exported as a plain LoRA; load it as 'lora' (init_adapter reads it so)")

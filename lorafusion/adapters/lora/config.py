@@ -50,6 +50,8 @@ class LoRAConfig(AdapterConfig):
         return cls(**read_lora_fields(data, where))
 
     def peft_config(self) -> dict[str, Any]:
+        if self.export_config() is not self:  # LoRA-GA, Hydra, ...: the config of the LoRA they export as
+            return super().peft_config()
         return {
             "peft_type": "LORA",
             "r": self.rank,

@@ -4,7 +4,7 @@ follow the full fine-tuning gradient's best rank-2r approximation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.lora import LoRAConfig
@@ -48,6 +48,3 @@ class LoRAGAConfig(LoRAConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=2 * self.rank, alpha=2 * self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -42,7 +42,3 @@ class LoRAGALayer(GradientInitLayer):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         a, b, _ = self.effective_factors()
         return {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a LoRA-GA adapter is exported as a plain rank-2r LoRA; load it as 'lora' "
-                         "(init_adapter reads it so)")

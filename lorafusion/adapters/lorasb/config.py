@@ -4,7 +4,7 @@ frozen factors initialised from the job's gradient."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.lora import LoRAConfig
@@ -62,6 +62,3 @@ class LoRASBConfig(LoRAConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -44,7 +44,3 @@ class LoRASBLayer(GradientInitLayer):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         a, b, _ = self.effective_factors()
         return {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a LoRA-SB adapter is exported as a plain LoRA (A' = R A) of the same rank; load it as "
-                         "'lora' (init_adapter reads it so)")

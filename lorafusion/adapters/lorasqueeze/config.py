@@ -64,6 +64,3 @@ class LoRASqueezeConfig(LoRAConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.target_rank, alpha=self.scaling * self.target_rank, dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -47,7 +47,3 @@ class LoRASqueezeLayer(LoRALayer):
         if a[t:].count_nonzero() or b[:, t:].count_nonzero():
             a, b = self.squeezed_factors(t)
         return {"lora_A.weight": a[:t], "lora_B.weight": b[:, :t]}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a LoRA-Squeeze adapter is exported as a plain LoRA of target_rank; load it as 'lora' "
-                         "(init_adapter reads it so)")

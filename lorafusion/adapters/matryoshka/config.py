@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lorafusion.adapters.base import AdapterConfig
 from lorafusion.adapters.lora import LoRAConfig
@@ -70,6 +70,3 @@ class MatryoshkaLoRAConfig(AdapterConfig):
         t = self.export_rank
         return LoRAConfig(rank=t, alpha=t * self.scale_of(t), dropout=self.dropout,
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -40,7 +40,3 @@ class MatryoshkaLoRALayer(AdapterLayer):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         t = self.config.export_rank
         return {"lora_A.weight": self.lora_A.detach()[:t], "lora_B.weight": self.lora_B.detach()[:, :t]}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a MatryoshkaLoRA adapter is exported as a plain LoRA of its export_rank; load it as 'lora' "
-                         "(init_adapter reads it so)")

@@ -43,6 +43,3 @@ class PaCAConfig(AdapterConfig):
 
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.rank, alpha=float(self.rank), target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()

@@ -40,9 +40,6 @@ class PaCALayer(AdapterLayer):
         one_hot[torch.arange(self.config.rank, device=one_hot.device), self.paca_idx] = 1.0
         return {"lora_A.weight": one_hot, "lora_B.weight": self.column_delta().detach()}
 
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise ValueError("a PaCA adapter is exported as a plain LoRA; load it as 'lora' (init_adapter reads it so)")
-
 
 class _ColumnDelta(torch.autograd.Function):
     """x [T, K] ↦ x[:, idx] (s·P − W_idx)ᵀ [T, N]. Saves x[:, idx] [T, r] and the r columns, not x: the point of

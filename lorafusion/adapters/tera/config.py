@@ -59,6 +59,3 @@ class TeRAConfig(AdapterConfig):
     def export_config(self) -> AdapterConfig:
         return LoRAConfig(rank=self.export_rank, alpha=float(self.export_rank),
                           target_modules=list(self.target_modules))
-
-    def peft_config(self) -> dict[str, Any]:
-        return self.export_config().peft_config()
