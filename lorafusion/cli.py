@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--rank", type=int, required=True, help="rank R of the squeezed LoRA")
     squeeze.add_argument("--output", required=True, help="folder for the squeezed PEFT LoRA")
     squeeze.add_argument("--base-model", default=None,
-                         help="HF checkpoint folder (default: the adapter's base_model_name_or_path)")
+                         help="HF checkpoint folder or Hub id (default: the adapter's base_model_name_or_path)")
     squeeze.add_argument("--force", action="store_true", help="replace an output folder that already holds files")
     squeeze.add_argument("--svd", default="auto", choices=["auto", "exact", "randomized"],
                          help="SVD of dense updates (DoRA, SHiRA, RandLoRA); auto: randomized for large modules")

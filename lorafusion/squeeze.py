@@ -91,8 +91,14 @@ def squeeze(adapter_dir: str | Path, rank: int, output_dir: str | Path, base_mod
     output_dir = Path(output_dir)
     _check_output(output_dir, force)
     config, tensors = read_peft_adapter(adapter_dir)
+    given = base_model is not None
     base_model = _base_model(Path(adapter_dir), base_model)
-    arch = read_architecture(base_model)
+    try:
+        arch = read_architecture(base_model)
+    except ValueError as err:
+        source = "given" if given else f"the adapter's base_model_name_or_path={base_model!r}"
+        raise ValueError(f"{err} ({source}); pass the checkpoint the adapter was trained on as base_model= "
+                         "(lorafusion squeeze: --base-model PATH)") from None
     _check_rank(rank, config.target_shapes(arch), config.type)
     model, arch = build_model(base_model, dtype=torch.float32)
     adapters = ModelAdapters(model, arch, kernels="torch")
@@ -140,21 +146,19 @@ def _check_output(output_dir: Path, force: bool) -> None:
                          "force=True (lorafusion squeeze: --force)")
 
 
-def _base_model(adapter_dir: Path, base_model: str | Path | None) -> Path:
-    """The base model folder: the one given, else the adapter's base_model_name_or_path (ValueError naming it)."""
+def _base_model(adapter_dir: Path, base_model: str | Path | None) -> str:
+    """The base model (a folder or a Hub id, resolved where it is read): the one given, else the adapter's
+    base_model_name_or_path (ValueError naming the file when it has none)."""
     from lorafusion.checkpoint import CONFIG_NAME
 
-    hint = "pass the HF checkpoint folder it was trained on as base_model= (lorafusion squeeze: --base-model PATH)"
-    if base_model is None:
-        config_path = adapter_dir / CONFIG_NAME
-        base_model = json.loads(config_path.read_text()).get("base_model_name_or_path")
-        if not base_model:
-            raise ValueError(f"{config_path}: base_model_name_or_path is not set; {hint}")
-        if not Path(base_model).is_dir():
-            raise ValueError(f"{config_path}: base_model_name_or_path={base_model!r} is not a folder here; {hint}")
-    elif not Path(base_model).is_dir():
-        raise ValueError(f"base model '{base_model}' is not a folder; {hint}")
-    return Path(base_model)
+    if base_model is not None:
+        return str(base_model)
+    config_path = adapter_dir / CONFIG_NAME
+    found = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not found:
+        raise ValueError(f"{config_path}: base_model_name_or_path is not set; pass the HF checkpoint folder or Hub id "
+                         "it was trained on as base_model= (lorafusion squeeze: --base-model PATH)")
+    return str(found)
 
 
 def _check_rank(rank: int, shapes: dict[str, tuple[int, int]], source_type: str) -> None:

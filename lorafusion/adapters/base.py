@@ -35,8 +35,7 @@ _COMMON_CHECKS = {
     "alpha": check_positive_number,
     "dropout": lambda where, value, example: check_probability(where, value),
     "projection_seed": lambda where, value, example: check_seed(where, value),
-    # None: the variant's own default rank (DyLoRA, Matryoshka: their full rank), resolved by the variant
-    "export_rank": lambda where, value, example: value is None or check_positive_int(where, value, example),
+    "export_rank": check_positive_int,
 }
 
 EXPORT_ERROR_KEY = "lorafusion_relative_error"
@@ -73,6 +72,8 @@ class AdapterConfig:
         self.target_modules = [m for m in TARGET_MODULES if m in self.target_modules]
         for f in fields(self):
             check = _COMMON_CHECKS.get(f.name)
+            if f.default is None and getattr(self, f.name) is None:
+                continue  # a field defaulting to None: the variant resolves it (DyLoRA's export_rank = its rank)
             if check is not None:
                 example = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
                 check(f"adapter.{f.name}", getattr(self, f.name), example)

@@ -123,3 +123,7 @@ def test_fit_on_a_hub_id_with_a_parquet_dataset(offline_cache, tmp_path, train_c
     assert hub_config["base_model_name_or_path"] == REPO_ID
     hub, local = (load_file(str(outputs[d] / "adapter_model.safetensors")) for d in ("arith.parquet", "arith.jsonl"))
     assert hub.keys() == local.keys() and all(torch.equal(hub[k], local[k]) for k in hub)
+    # the adapter names the Hub id: lf.squeeze finds its base model through the same cache
+    squeezed = lf.squeeze(outputs["arith.parquet"], rank=1, output_dir=tmp_path / "squeezed")
+    assert json.loads((tmp_path / "squeezed" / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO_ID
+    assert squeezed.rank == 1 and len(squeezed.errors) == 4

@@ -190,8 +190,8 @@ def test_cli_happy_path_and_force(source_dir, tmp_path, capsys):
     ("rank too big", ["rank=33", "k_proj's 32×64", "choose rank ≤ 32"]),
     ("no adapter", ["has no adapter_config.json", "folder written by lorafusion or PEFT"]),
     ("bad json", ["adapter_config.json: not valid JSON"]),
-    ("base model gone", ["base_model_name_or_path=", "is not a folder here", "--base-model PATH"]),
-    ("bad base model", ["base model", "is not a folder", "--base-model PATH"]),
+    ("base model gone", ["base_model_name_or_path=", "moved' is not a directory", "--base-model PATH"]),
+    ("bad base model", ["base model", "nowhere' is not a directory", "(given)", "--base-model PATH"]),
 ])
 def test_cli_bad_input_names_the_value_and_the_fix(case, words, source_dir, tmp_path, capsys):
     args = {"rank 0": ["--rank", "0"], "rank too big": ["--rank", "33"],

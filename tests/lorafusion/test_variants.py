@@ -457,6 +457,7 @@ def test_unexpected_or_missing_tensors_are_errors(lora_dir, tiny_checkpoints):
     ({"type": "hydra", "alpha": None}, r"alpha=None must be a positive number"),
     ({"type": "tera", "rank": 1.5}, r"rank=1.5 must be a positive integer"),
     ({"type": "tera", "export_rank": 0}, r"export_rank=0 must be a positive integer"),
+    ({"type": "tera", "export_rank": None}, r"export_rank=None must be a positive integer"),
     ({"type": "tera", "export_rank": 33}, r"export_rank=33: k_proj's 32×64 update .*use export_rank ≤ 32"),
     ({"type": "tera", "projection_seed": -1}, r"projection_seed=-1 must be an integer ≥ 0"),
 ])
