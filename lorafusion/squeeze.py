@@ -6,7 +6,7 @@ U_R S_R V_Rᵀ, exported as PEFT's `convert_to_lora` does: B = U_R S_R, A = V_R�
 Eckart-Young this is the rank-R matrix nearest to ΔW in Frobenius norm; each module's relative error
 ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F is measured against ΔW itself and reported.
 
-How the SVD is computed (lorafusion/adapters/lorasqueeze/svd.py): for variants that compute by plain factors
+How the SVD is computed (lorafusion/adapters/svd.py): for variants that compute by plain factors
 (LoRA, rsLoRA, VeRA, Uni-LoRA) exactly from thin QRs of the factors; for the others from the dense ΔW, exactly, or by
 a seeded randomized SVD where the module is large and R small (svd_method).
 """
@@ -21,7 +21,7 @@ import torch
 
 from lorafusion.adapters import LoRAConfig
 from lorafusion.adapters.base import AdapterLayer
-from lorafusion.adapters.lorasqueeze.svd import SVD_METHODS, dense_svd, factor_svd, svd_method
+from lorafusion.adapters.svd import SVD_METHODS, best_lora
 
 __all__ = ["SqueezeResult", "squeeze", "squeeze_layer", "REPORT_NAME"]
 
@@ -119,23 +119,10 @@ def squeeze(adapter_dir: str | Path, rank: int, output_dir: str | Path, base_mod
 
 
 def squeeze_layer(layer: AdapterLayer, rank: int, svd: str = "auto") -> tuple[torch.Tensor, torch.Tensor, float, str]:
-    """(A [rank, K], B [N, rank], relative error, method) of one layer's best rank-`rank` LoRA at scaling 1.
-
-    Directions beyond ΔW's own rank (a rank-4 LoRA squeezed to 8) are zero rows of A and columns of B."""
-    delta = layer.delta_weight().float()  # [N, K]
-    if layer.compute == "factors" and layer.column_scale() is None:
-        a, b, scale = layer.effective_factors()
-        (u, s, vh), method = factor_svd(a.detach(), b.detach(), scale, rank), "factors"
-    else:
-        method = svd_method(tuple(delta.shape), rank, svd)
-        u, s, vh = dense_svd(delta, rank, method)
-    kept = s.shape[0]
-    a_out = torch.zeros(rank, delta.shape[1])
-    b_out = torch.zeros(delta.shape[0], rank)
-    a_out[:kept], b_out[:, :kept] = vh, u * s
-    norm = torch.linalg.norm(delta)
-    error = float(torch.linalg.norm(delta - b_out @ a_out) / norm) if norm > 0 else 0.0
-    return a_out, b_out, error, method
+    """(A [rank, K], B [N, rank], relative error, method) of one layer's best rank-`rank` LoRA at scaling 1: from
+    its factors where ΔW is s·B A (the exact small-core SVD), else from its dense ΔW (see svd.best_lora)."""
+    plain = layer.compute == "factors" and layer.column_scale() is None
+    return best_lora(layer.delta_weight(), rank, factors=layer.effective_factors() if plain else None, method=svd)
 
 
 def _check_output(output_dir: Path, force: bool) -> None:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lorafusion.adapters.svd import best_lora
 from lorafusion.validation import check_positive_int, check_positive_number, check_probability, check_seed
 
 __all__ = ["EXPORT_ERROR_KEY", "TARGET_MODULES", "AdapterConfig", "AdapterLayer", "BaseView", "JobShared",
@@ -274,14 +275,10 @@ def copy_present(current: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
 
 
 def truncated_lora(delta: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
-    """The best rank-`rank` LoRA of ΔW [N, K] (Eckart–Young: B = U_k·S_k, A = V_kᵀ, for lora_alpha = rank) and
-    the relative Frobenius error it leaves, ‖ΔW − B A‖ / ‖ΔW‖ (0 when ΔW = 0), measured on the product itself."""
-    delta = delta.detach().float()
-    u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
-    b, a = u[:, :rank] * sigma[:rank], vh[:rank]  # [N, k], [k, K]
-    norm = torch.linalg.norm(delta)
-    error = torch.linalg.norm(delta - b @ a) / norm if norm > 0 else norm
-    return {"lora_A.weight": a.contiguous(), "lora_B.weight": b.contiguous(), EXPORT_ERROR_KEY: error}
+    """The best rank-`rank` LoRA of ΔW [N, K] (svd.best_lora, for lora_alpha = rank) under PEFT's keys, and the
+    relative Frobenius error it leaves under EXPORT_ERROR_KEY."""
+    a, b, error, _ = best_lora(delta, rank)
+    return {"lora_A.weight": a, "lora_B.weight": b, EXPORT_ERROR_KEY: torch.tensor(error)}
 
 
 def layer_generator(seed: int, layer_index: int, target: str) -> torch.Generator:

@@ -9,6 +9,7 @@ import hashlib
 import torch
 
 from lorafusion.adapters.base import AdapterConfig, AdapterLayer
+from lorafusion.adapters.svd import randomized_svd
 
 __all__ = ["EXACT_SVD_MAX_DIM", "GradientInitLayer", "module_seed", "top_singular"]
 
@@ -31,14 +32,9 @@ def top_singular(matrix: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor,
     """(U [N, k], S [k], Vᵀ [k, K]) of the k largest singular values of `matrix` [N, K], in fp32. Deterministic: an
     exact SVD up to EXACT_SVD_MAX_DIM, else torch's randomised SVD (2k directions, 4 power iterations) under a
     generator seeded with `seed` that leaves the global RNG as it was."""
-    if min(matrix.shape) <= EXACT_SVD_MAX_DIM:
-        u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    else:
-        devices = [matrix.device] if matrix.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(matrix.float(), q=min(2 * k, min(matrix.shape)), niter=4)
-        vh = v.t()
+    if min(matrix.shape) > EXACT_SVD_MAX_DIM:
+        return randomized_svd(matrix, k, seed, width=2 * k)
+    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
     return u[:, :k], s[:k], vh[:k]
 
 

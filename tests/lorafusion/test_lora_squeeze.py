@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorafusion as lf
-from lorafusion.adapters.lorasqueeze.svd import RANDOMIZED_MIN_DIM, randomized_svd, svd_method
+from lorafusion.adapters.svd import RANDOMIZED_MIN_DIM, randomized_svd, svd_method
 from lorafusion.cli import main
 from lorafusion.squeeze import REPORT_NAME
 

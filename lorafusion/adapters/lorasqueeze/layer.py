@@ -8,7 +8,7 @@ from torch import nn
 
 from lorafusion.adapters.lora import LoRALayer
 from lorafusion.adapters.lorasqueeze.config import LoRASqueezeConfig
-from lorafusion.adapters.lorasqueeze.svd import factor_svd
+from lorafusion.adapters.svd import factor_svd
 
 __all__ = ["LoRASqueezeLayer"]
 

@@ -1,5 +1,6 @@
-"""Truncated SVDs for LoRA-Squeeze: of a dense ΔW (exact, or randomized where that pays) and of a low-rank ΔW given
-by its factors (exact, without forming the N×K matrix).
+"""Truncated SVDs, one home for every variant and tool that needs one: of a dense ΔW (exact, or randomized where that
+pays), of a low-rank ΔW given by its factors (exact, without forming the N×K matrix), and the best rank-R LoRA built
+from them (LoRA-Squeeze, the truncated-SVD export of variants without an exact one).
 
 Every function returns (U [N, t], S [t], Vh [t, K]) with ΔW ≈ U diag(S) Vh, singular values descending; t ≤ the
 rank asked for (a factored ΔW of inner rank r has at most r non-zero singular values).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["SVD_METHODS", "RANDOMIZED_MIN_DIM", "OVERSAMPLE", "POWER_ITERATIONS", "svd_method", "dense_svd",
-           "randomized_svd", "factor_svd"]
+           "randomized_svd", "factor_svd", "best_lora"]
 
 SVD_METHODS = ("auto", "exact", "randomized")
 
@@ -42,19 +43,16 @@ def dense_svd(delta: torch.Tensor, rank: int, method: str = "auto", seed: int = 
     return u[:, :rank], s[:rank], vh[:rank]
 
 
-def randomized_svd(delta: torch.Tensor, rank: int, seed: int = 0):
-    """Halko-Martinsson-Tropp randomized SVD: a Gaussian sketch of rank + OVERSAMPLE columns, POWER_ITERATIONS
-    subspace iterations (re-orthonormalised each half-step, so small singular values are not lost to rounding), then
-    the exact SVD of the small projected matrix. Deterministic for a given seed."""
-    n, k = delta.shape
-    width = min(rank + OVERSAMPLE, n, k)
-    omega = torch.randn(k, width, generator=torch.Generator().manual_seed(seed)).to(delta)  # [K, w]
-    q, _ = torch.linalg.qr(delta @ omega)  # [N, w]
-    for _ in range(POWER_ITERATIONS):
-        z, _ = torch.linalg.qr(delta.t() @ q)  # [K, w]
-        q, _ = torch.linalg.qr(delta @ z)  # [N, w]
-    u_small, s, vh = torch.linalg.svd(q.t() @ delta, full_matrices=False)  # [w, w], [w], [w, K]
-    return (q @ u_small)[:, :rank], s[:rank], vh[:rank]
+def randomized_svd(matrix: torch.Tensor, rank: int, seed: int = 0, width: int | None = None):
+    """torch.svd_lowrank (Halko-Martinsson-Tropp: a Gaussian sketch of `width` columns, default rank + OVERSAMPLE,
+    POWER_ITERATIONS subspace iterations re-orthonormalised each half-step, then the exact SVD of the small projected
+    matrix), in fp32, under an RNG seeded with `seed` that leaves the global one as it was: deterministic."""
+    width = min(width or rank + OVERSAMPLE, *matrix.shape)
+    devices = [matrix.device] if matrix.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(matrix.float(), q=width, niter=POWER_ITERATIONS)
+    return u[:, :rank], s[:rank], v.t()[:rank]
 
 
 def factor_svd(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int):
@@ -65,3 +63,25 @@ def factor_svd(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int):
     u_core, s, vh_core = torch.linalg.svd(scale * (r_b @ r_a.t()), full_matrices=False)  # core [m, m']
     rank = min(rank, s.shape[0])
     return q_b @ u_core[:, :rank], s[:rank], vh_core[:rank] @ q_a.t()
+
+
+def best_lora(delta: torch.Tensor, rank: int, *, factors: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+              method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    """(A [rank, K], B [N, rank], relative error, method) of the best rank-`rank` LoRA of ΔW [N, K] at scaling 1
+    (Eckart–Young: B = U S, A = Vᵀ, as peft's convert_to_lora writes it). `factors` (A, B, s) of a ΔW = s·B A
+    take the exact factored SVD; else `method` ('auto', 'exact', 'randomized'). Directions beyond ΔW's own rank are
+    zero rows of A and columns of B; the error ‖ΔW − B A‖ / ‖ΔW‖ (0 for ΔW = 0) is measured on the product."""
+    delta = delta.detach().float()
+    if factors is not None:
+        a, b, scale = factors
+        (u, s, vh), method = factor_svd(a.detach(), b.detach(), scale, rank), "factors"
+    else:
+        method = svd_method(tuple(delta.shape), rank, method)
+        u, s, vh = dense_svd(delta, rank, method, seed)
+    kept = s.shape[0]
+    a_out = torch.zeros(rank, delta.shape[1], device=delta.device)
+    b_out = torch.zeros(delta.shape[0], rank, device=delta.device)
+    a_out[:kept], b_out[:, :kept] = vh, u * s
+    norm = torch.linalg.norm(delta)
+    error = float(torch.linalg.norm(delta - b_out @ a_out) / norm) if norm > 0 else 0.0
+    return a_out, b_out, error, method
