@@ -176,10 +176,9 @@ def aggregate_on_stage(worker, rnd: GroupRound) -> None:
                 layer.lora_A.copy_(a)
                 layer.lora_B.copy_(b)
     for c in clients:
-        worker.optimizers[c].optimizer.state.clear()
-        for sites in worker.adapters.layers.values():
-            for wrapper in sites.values():
-                wrapper.drop_factors(c)
+        optimizer = worker.optimizers[c]
+        optimizer.reset_state(optimizer.params)  # AdamW's moments, or LoRA-Pro's / AltLoRA's state
+        worker.adapters.drop_factors(c)
 
 
 def _flora(layers: list, p: list[float], seeds: list[int], step: int, index: int, target: str) -> None:

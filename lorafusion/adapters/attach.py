@@ -164,7 +164,11 @@ class ModelAdapters:
             shared.load_peft_tensors(picked_shared)
         for module, layer in layers.items():
             layer.load_peft_tensors(picked[module])
-        for sites in self.layers.values():  # buffers (index maps) may have changed without a parameter version
+        self.drop_factors(name)  # buffers (index maps) may have changed without a parameter version
+
+    def drop_factors(self, name: str) -> None:
+        """Forget the job's cached factors at every site: tensors they depend on changed without an optimizer step."""
+        for sites in self.layers.values():
             for wrapper in sites.values():
                 wrapper.drop_factors(name)
 

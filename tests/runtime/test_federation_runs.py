@@ -195,3 +195,25 @@ def test_a_failed_client_leaves_its_group_and_the_rest_go_on(train_checkpoint, e
     assert result["c2"].status == "finished" and result["c2"].steps == 4
     assert result["solo"].status == "finished" and result["solo"].steps == 4
     _assert_equal(_adapter(tmp_path / "g" / "adapter"), _adapter(tmp_path / "c2" / "adapter"), "the group's adapter")
+
+
+@pytest.mark.parametrize("optimizer", [lf.LoRAProConfig(), lf.AltLoRAConfig()])
+def test_clients_of_factor_optimizers_restart_their_state_at_each_round(optimizer, train_checkpoint, examples_data,
+                                                                       tmp_path):
+    """A round resets every client's optimizer state, whichever optimizer it has (LoRA-Pro's full-size moments,
+    AltLoRA's momenta): the checkpoint taken at the round's end holds fresh (zero) state, and training goes on."""
+    import dataclasses
+
+    from runtime.checkpointing import read_manifest, read_stage_state
+
+    jobs = [dataclasses.replace(j, optimizer=optimizer) if j.federation else j
+            for j in _jobs(examples_data, "fedavg", (2, 2), steps=3)]
+    result = _fit(train_checkpoint, tmp_path, jobs, checkpoint_every_steps=1, keep_checkpoints=10)
+    assert all(result[name].status == "finished" and result[name].steps == 3 for name in ("c1", "c2", "solo"))
+    at_round = [c for c in (tmp_path / "checkpoints").iterdir() if c.name.startswith("step-")
+                and _driver_step(c, "c1") == 2 and _driver_step(c, "c2") == 2]
+    assert at_round, "no checkpoint at the round's end"
+    for name in ("c1", "c2"):
+        state = read_stage_state(at_round[0], name, read_manifest(at_round[0]))["optimizer"]
+        moments = [t for per_param in state.values() for t in per_param.values()]
+        assert moments and all(not t.any() for t in moments), f"{name}: state survived the round"
