@@ -249,7 +249,9 @@ class StageRunner:
         """Initialise the init-pass layers of `jobs` (one job, or the live clients of a Fed-SB group, which share
         one init: runtime/federation.py) from the gradients of the window just drained, summed over the jobs and
         the replicas (each stage holds its own layers')."""
-        local = [sum(grads) for grads in zip(*(self.worker.init_pass_gradients(job) for job in jobs))]
+        local, *others = (self.worker.init_pass_gradients(job) for job in jobs)
+        for other in others:  # summed into the first job's gradients in place: no second [N, K] copy per layer
+            torch._foreach_add_(local, other)
         grads = self.comm.sum_each_over_replicas(local)
         for job in jobs:
             self._compute(self.worker.finish_init_pass, job, grads, result=result)
