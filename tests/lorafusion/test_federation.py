@@ -7,7 +7,7 @@ import torch
 
 import lorafusion as lf
 from lorafusion.checkpoint import write_peft_adapter
-from lorafusion.federation import client_weights, fedavg, fedsb_mean, flora_stack, lorafair
+from lorafusion.federation import LORAFAIR_RIDGE, client_weights, fedavg, fedsb_mean, flora_stack, lorafair
 
 N, K = 7, 11
 
@@ -64,7 +64,11 @@ def test_lorafair_is_the_least_squares_b_and_never_worse_than_fedavg():
     fair_a, fair_b = lorafair(a, b, p)
     torch.testing.assert_close(fair_a, a_bar, rtol=0, atol=1e-12)
     least_squares = ideal @ a_bar.t() @ torch.linalg.inv(a_bar @ a_bar.t())  # argmin_B ‖B Ā − ΔW‖
-    torch.testing.assert_close(fair_b, least_squares, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lorafair(a, b, p, ridge=0.0)[1], least_squares, rtol=1e-10, atol=1e-12)
+    gram = a_bar @ a_bar.t()  # the ridge on ΔB as documented: λ = LORAFAIR_RIDGE·tr(ĀĀᵀ)/r
+    lam = LORAFAIR_RIDGE * torch.trace(gram) / 3 * torch.eye(3, dtype=gram.dtype)
+    ridged = b_bar + (ideal - b_bar @ a_bar) @ a_bar.t() @ torch.linalg.inv(gram + lam)
+    torch.testing.assert_close(fair_b, ridged, rtol=1e-10, atol=1e-12)
     error_fair = torch.linalg.norm(fair_b @ a_bar - ideal)
     error_fedavg = torch.linalg.norm(b_bar @ a_bar - ideal)
     assert error_fair <= error_fedavg and error_fair < 0.9 * error_fedavg

@@ -114,12 +114,15 @@ def test_matryoshka_training_update_is_the_sum_of_its_nested_adapters(scale):
     """ΔW of the training form (one product with the fixed diagonal P) = Σ_t of the nested adapters' ΔW at
     evaluation with export_rank t (each scale(t)·B[:, :t]A[:t], what the rank-t export computes)."""
     ranks = [2, 3, 7]
+    factor = {"none": lambda t: 1.0, "rank": lambda t: 1.0 / t, "sqrt": lambda t: t ** -0.5}[scale]
     nested = []
     for t in ranks:
         config = lf.MatryoshkaLoRAConfig(train_ranks=ranks, scale=scale, export_rank=t)
         layer = get_variant("matryoshka").layer_cls(config, 11, 13, generator=torch.Generator())
         perturb(layer.parameters(), seed=1)  # the same tensors in every layer
-        nested.append(layer.eval().delta_weight())
+        a, b = layer.lora_A.detach(), layer.lora_B.detach()
+        nested.append(factor(t) * b[:, :t] @ a[:t])  # the nested rank-t adapter, written here
+        torch.testing.assert_close(layer.eval().delta_weight(), nested[-1], atol=1e-7, rtol=1e-6)
     assert not torch.equal(nested[0], nested[1])
     torch.testing.assert_close(layer.train().delta_weight(), sum(nested), atol=1e-6, rtol=1e-6)
 
@@ -137,8 +140,11 @@ def test_blocklora_exports_rank_r_over_n(tiny_checkpoints, tmp_path):
     tensors = layer.peft_tensors()
     assert tensors["lora_A.weight"].shape == (2, layer.in_features)
     torch.testing.assert_close(tensors["lora_B.weight"], sum(layer.lora_B[i] for i in range(4)).detach())
+    block_sum = sum(layer.lora_B[i] for i in range(4)).detach() @ layer.lora_A.detach()  # Σ B_i A_s, written here
     torch.testing.assert_close(config.export_config().scaling * tensors["lora_B.weight"] @ tensors["lora_A.weight"],
-                               layer.delta_weight().detach(), atol=1e-7, rtol=1e-6)
+                               config.alpha / config.rank * block_sum, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(layer.delta_weight().detach(), config.alpha / config.rank * block_sum, atol=1e-7,
+                               rtol=1e-6)
 
 
 def test_dylora_rank_is_a_function_of_seed_and_step(tiny_checkpoints):

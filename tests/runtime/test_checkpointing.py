@@ -74,10 +74,12 @@ def fresh_progress(prepared: PreparedRun) -> dict[str, JobProgress]:
 
 
 def assert_bit_identical(got: StageWorker, want: StageWorker, job: str) -> None:
-    a, b = got.adapters.peft_state_dict(job), want.adapters.peft_state_dict(job)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"job {job}: {key} differs by {(a[key] - b[key]).abs().max():.3e}"
+    """The job's export and every tensor of its state (frozen ones and ranks beyond the export's included)."""
+    for view in (lambda w: w.adapters.peft_state_dict(job), lambda w: w.adapters.named_parameters(job, frozen=True)):
+        a, b = view(got), view(want)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"job {job}: {key} differs by {(a[key] - b[key]).abs().max():.3e}"
 
 
 # ----------------------------------------------------------------------------- optimizer and worker state
@@ -417,18 +419,23 @@ def test_each_variant_resumes_to_the_same_adapter(train_checkpoint, examples_dat
     assert_resume_is_exact(train_checkpoint, tmp_path, jobs, steps=5)
 
 
-def assert_resume_is_exact(checkpoint: Path, tmp_path: Path, jobs: list[lf.JobSpec], steps: int) -> None:
-    """Checkpointed after 2 rounds and resumed, every job ends bit-identical to the straight run of `steps`."""
+def assert_resume_is_exact(checkpoint: Path, tmp_path: Path, jobs: list[lf.JobSpec], steps: int,
+                           on_resume=None) -> StageWorker:
+    """Checkpointed after 2 rounds and resumed, every job ends bit-identical to the straight run of `steps`;
+    `on_resume(worker)` checks the resumed worker before it trains on. Returns the resumed worker."""
     want_worker, want_progress = straight_run(checkpoint, tmp_path / "straight", jobs)
     out = tmp_path / "run"
     interrupted_run(checkpoint, out, jobs, rounds=2)
     prepared, worker, (counter, progress) = resume(checkpoint, out, jobs)
     assert counter == 2
+    if on_resume is not None:
+        on_resume(worker)
     for _ in range(counter, steps):
         train_round(worker, prepared, progress)
     for job in prepared.jobs:
         assert_bit_identical(worker, want_worker, job.name)
         assert progress[job.name] == want_progress[job.name]
+    return worker
 
 
 def test_crash_while_saving_the_same_counter_again_keeps_the_old_checkpoint(train_checkpoint, examples_data, tmp_path,

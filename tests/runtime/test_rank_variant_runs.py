@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 import lorafusion as lf
 from lorafusion.adapters.dylora import sampled_rank
 from lorafusion.checkpoint import read_peft_adapter
-from tests.runtime.test_checkpointing import interrupted_run, resume, straight_run, train_round
+from tests.runtime.test_checkpointing import assert_resume_is_exact
 
 
 def _jobs(examples_data) -> list[lf.JobSpec]:
@@ -27,21 +26,10 @@ def _jobs(examples_data) -> list[lf.JobSpec]:
 def test_resume_continues_with_the_ranks_of_an_uninterrupted_run(train_checkpoint, examples_data, tmp_path):
     """Checkpointed after 2 steps and resumed, every job ends with the straight run's tensors, all of them (not only
     the exported ranks), and DyLoRA samples the straight run's rank at each step after the resume."""
-    jobs = _jobs(examples_data)
-    want, _ = straight_run(train_checkpoint, tmp_path / "straight", jobs)
-    out = tmp_path / "run"
-    interrupted_run(train_checkpoint, out, jobs, rounds=2)
-    prepared, worker, (counter, progress) = resume(train_checkpoint, out, jobs)
-    assert counter == 2
-    assert int(worker.adapters.shared["dylora"].dylora_rank) == sampled_rank(1, 3, 6)  # step 3's, not step 1's
-    for _ in range(counter, 5):
-        train_round(worker, prepared, progress)
-    for job in jobs:
-        got = worker.adapters.named_parameters(job.name, frozen=True)
-        wanted = want.adapters.named_parameters(job.name, frozen=True)
-        assert got.keys() == wanted.keys()
-        for name in got:
-            assert torch.equal(got[name], wanted[name]), f"{job.name}: {name}"
+    def rank_of_step_3(worker):  # the step after the checkpoint's, not step 1's
+        assert int(worker.adapters.shared["dylora"].dylora_rank) == sampled_rank(1, 3, 6)
+
+    worker = assert_resume_is_exact(train_checkpoint, tmp_path, _jobs(examples_data), steps=5, on_resume=rank_of_step_3)
     assert int(worker.adapters.shared["dylora"].dylora_rank) == sampled_rank(1, 6, 6)
 
 

@@ -69,10 +69,12 @@ def test_run_config_rejects_unknown_kernels(tmp_path):
         lf.RunConfig(base_model=str(tmp_path), output_dir=str(tmp_path / "out"), kernels="cuda")
 
 
-@pytest.mark.parametrize("variant", ["dora", "vera", "unilora", "loraga", "shira", "randlora", "dylora"])
+@pytest.mark.parametrize("variant", ["dora", "vera", "unilora", "loraga", "shira", "randlora", "dylora", "lorasb",
+                                     "matryoshka", "hydra", "paca"])
 def test_variant_jobs_same_through_the_kernels(variant):
-    """A site with a LoRA job and a job of each variant (DoRA's column scale inside the kernels; SHiRA's and
-    RandLoRA's own updates after them): output and every gradient equal the torch path's (fp32)."""
+    """A site with a LoRA job and a job of each variant (DoRA's column scale inside the kernels; factors built from
+    shared tensors, a gradient init, a rank mask, an r×r core, nested scales, W itself; SHiRA's, RandLoRA's and
+    PaCA's own updates after them): output and every gradient equal the torch path's (fp32)."""
     from tests.lorafusion.test_variants import _site
 
     results = []
