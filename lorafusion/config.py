@@ -411,16 +411,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# JobSpec fields that are configs of their own, set field by field with jobs.<job>.<section>.<field>=value
+_NESTED_JOB_FIELDS = ("adapter", "optimizer", "federation")
+
+
 def _set_job_field(data: dict, job_name: str, field_name: str, value: Any, item: str) -> None:
     for job in data.get("jobs") or []:
         if isinstance(job, dict) and job.get("name") == job_name:
             job[field_name] = value
             return
-    if "." in job_name:  # jobs.<job>.adapter.<field>, jobs.<job>.optimizer.<field>
+    if "." in job_name:  # jobs.<job>.<section>.<field> of a nested config
         head, sub = job_name.rsplit(".", 1)
         for job in data.get("jobs") or []:
-            if isinstance(job, dict) and job.get("name") == head and sub in ("adapter", "optimizer"):
-                job.setdefault(sub, {})[field_name] = value
+            if isinstance(job, dict) and job.get("name") == head and sub in _NESTED_JOB_FIELDS:
+                section = job.get(sub)
+                job[sub] = {**(section if isinstance(section, dict) else {}), field_name: value}
                 return
     raise ValueError(f"--set {item!r}: no job named '{job_name}' in the config")
 

@@ -188,6 +188,11 @@ class MultiAdapterLinear(nn.Module):
             del self.adapters[key]
         self.drop_factors(job)
 
+    def train(self, mode: bool = True) -> MultiAdapterLinear:
+        if mode:
+            self._eval_factors.clear()  # back to training: the evaluation's factors are not kept beside the training's
+        return super().train(mode)
+
     def drop_factors(self, job: str) -> None:
         """Forget the job's cached factors (after a load); its next microbatch rebuilds them."""
         self._factors.pop(job_key(job), None)

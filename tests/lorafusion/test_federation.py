@@ -198,3 +198,7 @@ def test_yaml_federation_is_read_and_checked(tmp_path):
     assert jobs[0].to_dict()["federation"]["method"] == "lorafair"
     with pytest.raises(ValueError, match=r"job 'a': federation.method='fedx'"):
         lf.load_config(tmp_path / "jobs.yaml", ["jobs.a.federation={group: g, aggregate_every_steps: 5, method: fedx}"])
+    jobs, _ = lf.load_config(tmp_path / "jobs.yaml", [f"jobs.{n}.federation.aggregate_every_steps=3" for n in "ab"])
+    assert [j.federation.aggregate_every_steps for j in jobs] == [3, 3] and jobs[1].federation.weight == 1
+    with pytest.raises(ValueError, match=r"job 'a': federation.method='fedx'"):  # one field of the mapping
+        lf.load_config(tmp_path / "jobs.yaml", ["jobs.a.federation.method=fedx"])
