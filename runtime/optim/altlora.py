@@ -19,42 +19,36 @@ from __future__ import annotations
 import torch
 
 from lorafusion.config import JobSpec
-from runtime.optim.base import FactorOptimizer, FactorPair
+from runtime.optim.base import FactorGroup, FactorOptimizer, FactorPair
 
-__all__ = ["AltLoRAOptimizer", "momentum_a", "momentum_b", "reprojection_a", "reprojection_b"]
+__all__ = ["AltLoRAOptimizer", "momentum_a", "momentum_b"]
 
 
 def _reg_inverse(gram: torch.Tensor, reg: float) -> torch.Tensor:
-    """(gram + λI)⁻¹ for an r × r Gram matrix, solved in fp64."""
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    return torch.linalg.inv(gram.double() + reg * eye).to(gram.dtype)
-
-
-def reprojection_a(b: torch.Tensor, b_old: torch.Tensor, reg: float) -> torch.Tensor:
-    """(BᵀB + λI)⁻¹BᵀB_old [r, r]: carries A's momentum from B_old's basis into B's."""
-    return _reg_inverse(b.t() @ b, reg) @ (b.t() @ b_old)
-
-
-def reprojection_b(a: torch.Tensor, a_old: torch.Tensor, reg: float) -> torch.Tensor:
-    """A_old Aᵀ(AAᵀ + λI)⁻¹ [r, r]: carries B's momentum (multiplied from the right) from A_old's basis into A's."""
-    return a_old @ a.t() @ _reg_inverse(a @ a.t(), reg)
+    """(gram + λI)⁻¹ for r × r Gram matrices [..., r, r], in fp64 (positive definite for λ > 0, so the inverse
+    exists and is taken unchecked: no host sync on CUDA)."""
+    eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
+    return torch.linalg.inv_ex(gram.double() + reg * eye).inverse.to(gram.dtype)
 
 
 def momentum_a(b: torch.Tensor, b_old: torch.Tensor, m_a: torch.Tensor, grad_a: torch.Tensor, beta1: float,
                reg: float) -> torch.Tensor:
-    """A's new momentum [r, K]: β₁·reprojection_a·m_A + (1 − β₁)(BᵀB + λI)⁻¹g_A."""
-    return beta1 * (reprojection_a(b, b_old, reg) @ m_a) + (1 - beta1) * (_reg_inverse(b.t() @ b, reg) @ grad_a)
+    """A's new momentum [..., r, K]: (BᵀB + λI)⁻¹[β₁·BᵀB_old·m_A + (1 − β₁)g_A], i.e. the momentum re-projected
+    from B_old's basis into B's by (BᵀB + λI)⁻¹BᵀB_old, plus the scaled gradient (one inverse serves both)."""
+    return _reg_inverse(b.mT @ b, reg) @ (beta1 * ((b.mT @ b_old) @ m_a) + (1 - beta1) * grad_a)
 
 
 def momentum_b(a: torch.Tensor, a_old: torch.Tensor, m_b: torch.Tensor, grad_b: torch.Tensor, beta1: float,
                reg: float) -> torch.Tensor:
-    """B's new momentum [N, r] with A the updated A: β₁·m_B·reprojection_b + (1 − β₁)g_B(AAᵀ + λI)⁻¹."""
-    return beta1 * (m_b @ reprojection_b(a, a_old, reg)) + (1 - beta1) * (grad_b @ _reg_inverse(a @ a.t(), reg))
+    """B's new momentum [..., N, r] with A the updated A: [β₁·m_B·A_old Aᵀ + (1 − β₁)g_B](AAᵀ + λI)⁻¹, i.e. the
+    momentum re-projected from A_old's basis into A's by A_old Aᵀ(AAᵀ + λI)⁻¹, plus the scaled gradient."""
+    return (beta1 * (m_b @ (a_old @ a.mT)) + (1 - beta1) * grad_b) @ _reg_inverse(a @ a.mT, reg)
 
 
 class AltLoRAOptimizer(FactorOptimizer):
-    """AltLoRA over the job's (A, B) pairs on this stage. State per pair: m_A [r, K] and B_old [N, r] (under A's
-    name), m_B [N, r] (under B's); A_old is the A at the step's start, so it needs no state."""
+    """AltLoRA over the job's (A, B) pairs on this stage, batched per shape. State per pair: m_A [r, K] and
+    B_old [N, r] (under A's name), m_B [N, r] (under B's); A_old is the A at the step's start, so it needs no
+    state."""
 
     def __init__(self, spec: JobSpec, named: dict[str, torch.nn.Parameter], total_steps: int) -> None:
         super().__init__(spec, named, total_steps)
@@ -65,16 +59,14 @@ class AltLoRAOptimizer(FactorOptimizer):
                 {"exp_avg": torch.zeros_like(pair.b)})
 
     @torch.no_grad()
-    def _update(self, lr: float) -> None:
+    def _step_group(self, group: FactorGroup, lr: float) -> None:
         step_size = lr / (1 - self.beta1 ** (self.step_count + 1))
         decay = 1 - lr * self.spec.weight_decay
-        for pair in self.pairs:
-            grad_a, grad_b = pair.grads()
-            a, b = pair.a, pair.b
-            m_a, b_old, m_b = pair.state_a["exp_avg"], pair.state_a["b_old"], pair.state_b["exp_avg"]
-            a_old = a.clone()
-            m_a.copy_(momentum_a(b, b_old, m_a, grad_a, self.beta1, self.reg))
-            b_old.copy_(b)
-            a.mul_(decay).sub_(m_a, alpha=step_size)
-            m_b.copy_(momentum_b(a, a_old, m_b, grad_b, self.beta1, self.reg))
-            b.mul_(decay).sub_(m_b, alpha=step_size)
+        a_old, b = group.factors()  # [P, r, K], [P, N, r]
+        grad_a, grad_b = group.grads()
+        m_a, b_old, m_b = group.state_a["exp_avg"], group.state_a["b_old"], group.state_b["exp_avg"]
+        m_a.copy_(momentum_a(b, b_old, m_a, grad_a, self.beta1, self.reg))
+        b_old.copy_(b)
+        a = (a_old * decay).sub_(m_a, alpha=step_size)
+        m_b.copy_(momentum_b(a, a_old, m_b, grad_b, self.beta1, self.reg))
+        group.write_back(a, b.mul_(decay).sub_(m_b, alpha=step_size))

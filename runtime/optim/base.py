@@ -16,7 +16,7 @@ import torch
 
 from lorafusion.config import JobSpec
 
-__all__ = ["lr_at", "JobOptimizer", "FactorPair", "FactorOptimizer"]
+__all__ = ["lr_at", "JobOptimizer", "FactorPair", "FactorGroup", "FactorOptimizer"]
 
 
 def lr_at(spec: JobSpec, step: int, total_steps: int) -> float:
@@ -134,20 +134,71 @@ class FactorPair:
                 self.b.grad if self.b.grad is not None else torch.zeros_like(self.b))
 
 
+@dataclass
+class FactorGroup:
+    """The pairs of one shape, stepped together: their factors, gradients and state as batches over the pairs, so
+    a step costs a fixed number of (batched) ops per shape, not per module. The state lives here, stacked
+    [P, ...]; each pair's state dicts hold views of it (what is checkpointed per parameter)."""
+
+    pairs: list[FactorPair]
+    state_a: dict[str, torch.Tensor]
+    """State kept under A's names, [P, ...]."""
+    state_b: dict[str, torch.Tensor]
+    """State kept under B's names, [P, ...]."""
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [P, r, K], B [P, N, r]): copies; `write_back` stores them."""
+        return torch.stack([p.a.detach() for p in self.pairs]), torch.stack([p.b.detach() for p in self.pairs])
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_A [P, r, K], g_B [P, N, r]); zeros for a factor without a gradient."""
+        grads = [p.grads() for p in self.pairs]
+        return torch.stack([g for g, _ in grads]), torch.stack([g for _, g in grads])
+
+    def write_back(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Store the stepped A [P, r, K] and B [P, N, r] into the pairs' parameters (in place on the parameters
+        themselves, not their .data, so their version counters move and packed copies of them are rebuilt)."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.a for p in self.pairs] + [p.b for p in self.pairs],
+                                 list(a.unbind(0)) + list(b.unbind(0)))
+
+
 class FactorOptimizer(JobOptimizer):
-    """A method that steps each module's (lora_A, lora_B) pair together (LoRA-Pro, AltLoRA). Its state is allocated
-    up front (zeros, which the methods' first steps treat as "no history"), so it is the same before and after a
-    resume and `state_bytes` is what the job holds from its first step on."""
+    """A method that steps each module's (lora_A, lora_B) pair together (LoRA-Pro, AltLoRA), batched over the pairs
+    of one shape (`FactorGroup`). Its state is allocated up front (zeros, which the methods' first steps treat as
+    "no history"), so it is the same before and after a resume and `state_bytes` is what the job holds from its
+    first step on."""
 
     def __init__(self, spec: JobSpec, named: dict[str, torch.nn.Parameter], total_steps: int) -> None:
         super().__init__(spec, list(named.values()), total_steps)
         self.pairs = _pair_factors(named, spec.adapter.scaling, spec.name)
+        self.scale = spec.adapter.scaling
+        by_shape: dict[tuple, list[FactorPair]] = {}
         for pair in self.pairs:
-            pair.state_a, pair.state_b = self._new_state(pair)
+            key = (tuple(pair.a.shape), tuple(pair.b.shape), pair.a.dtype, pair.a.device)
+            by_shape.setdefault(key, []).append(pair)
+        self.groups = [self._new_group(pairs) for pairs in by_shape.values()]
         self._state_of = {id(p.a): p.state_a for p in self.pairs} | {id(p.b): p.state_b for p in self.pairs}
+
+    def _new_group(self, pairs: list[FactorPair]) -> FactorGroup:
+        first_a, first_b = self._new_state(pairs[0])
+        group = FactorGroup(pairs, {k: v.new_zeros(len(pairs), *v.shape) for k, v in first_a.items()},
+                            {k: v.new_zeros(len(pairs), *v.shape) for k, v in first_b.items()})
+        for i, pair in enumerate(pairs):
+            pair.state_a = {k: v[i] for k, v in group.state_a.items()}
+            pair.state_b = {k: v[i] for k, v in group.state_b.items()}
+        return group
 
     def _new_state(self, pair: FactorPair) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Zero state for one pair: (kept under A's name, kept under B's name)."""
+        raise NotImplementedError
+
+    def _update(self, lr: float) -> None:
+        for group in self.groups:
+            self._step_group(group, lr)
+
+    def _step_group(self, group: FactorGroup, lr: float) -> None:
+        """One step of the method for every pair of `group`, from their (clipped) gradients."""
         raise NotImplementedError
 
     def state_bytes(self) -> int:
@@ -155,12 +206,11 @@ class FactorOptimizer(JobOptimizer):
 
     def reset_state(self, params: list[torch.nn.Parameter]) -> None:
         reset = {id(p) for p in params}
-        for pair in self.pairs:  # a pair's state is one history of both factors: reset together
-            if id(pair.a) in reset or id(pair.b) in reset:
-                fresh_a, fresh_b = self._new_state(pair)
-                for live, fresh in ((pair.state_a, fresh_a), (pair.state_b, fresh_b)):
-                    live.clear()
-                    live.update(fresh)
+        with torch.no_grad():
+            for pair in self.pairs:  # a pair's state is one history of both factors: reset together, to zeros
+                if id(pair.a) in reset or id(pair.b) in reset:
+                    for value in (*pair.state_a.values(), *pair.state_b.values()):
+                        value.zero_()
 
     def _param_states(self) -> list[dict[str, torch.Tensor]]:
         return [self._state_of[id(p)] for p in self.params]

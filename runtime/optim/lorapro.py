@@ -24,35 +24,36 @@ from __future__ import annotations
 import torch
 
 from lorafusion.config import JobSpec
-from runtime.optim.base import FactorOptimizer, FactorPair
+from runtime.optim.base import FactorGroup, FactorOptimizer, FactorPair
 
 __all__ = ["FactorGrams", "LoRAProOptimizer", "equivalent_gradient", "project_update"]
 
 
 class FactorGrams:
-    """The r × r Gram matrices BᵀB and AAᵀ of one pair, their eigendecompositions (fp64) and regularised inverses."""
+    """The r × r Gram matrices BᵀB and AAᵀ of one pair, or of a batch of pairs (A [..., r, K], B [..., N, r]; every
+    function here works on either), their eigendecompositions (fp64) and regularised inverses."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, delta: float) -> None:
         self.a, self.b = a, b
-        self.bb_vals, self.bb_vecs = torch.linalg.eigh(b.double().t() @ b.double())  # BᵀB = U Λ Uᵀ
-        self.aa_vals, self.aa_vecs = torch.linalg.eigh(a.double() @ a.double().t())  # AAᵀ = V M Vᵀ
+        self.bb_vals, self.bb_vecs = torch.linalg.eigh(b.double().mT @ b.double())  # BᵀB = U Λ Uᵀ
+        self.aa_vals, self.aa_vecs = torch.linalg.eigh(a.double() @ a.double().mT)  # AAᵀ = V M Vᵀ
         self.inv_bb = self._inverse(self.bb_vals, self.bb_vecs, delta)  # (BᵀB + δI)⁻¹ [r, r]
         self.inv_aa = self._inverse(self.aa_vals, self.aa_vecs, delta)  # (AAᵀ + δI)⁻¹ [r, r]
 
     def _inverse(self, vals: torch.Tensor, vecs: torch.Tensor, delta: float) -> torch.Tensor:
         # A Gram matrix's eigenvalues are ≥ 0 up to rounding: clamp so + δ stays positive.
-        return ((vecs / (vals.clamp_min(0) + delta)) @ vecs.t()).to(self.a.dtype)
+        return ((vecs / (vals.clamp_min(0) + delta).unsqueeze(-2)) @ vecs.mT).to(self.a.dtype)
 
     def off_b(self, m: torch.Tensor) -> torch.Tensor:
         """(I − P_B) m for m [N, ·], without the N × N projector."""
-        return m - self.b @ (self.inv_bb @ (self.b.t() @ m))
+        return m - self.b @ (self.inv_bb @ (self.b.mT @ m))
 
     def sylvester(self, c: torch.Tensor) -> torch.Tensor:
         """X [r, r] with BᵀB X + X AAᵀ = c: in the eigenbases, Y = UᵀcV divided elementwise by λ_i + μ_j."""
         u, v = self.bb_vecs, self.aa_vecs
-        denom = self.bb_vals.clamp_min(0)[:, None] + self.aa_vals.clamp_min(0)[None, :]
+        denom = self.bb_vals.clamp_min(0).unsqueeze(-1) + self.aa_vals.clamp_min(0).unsqueeze(-2)
         denom = denom.clamp_min(torch.finfo(denom.dtype).tiny)  # 0 only where A and B are both rank-deficient
-        return (u @ ((u.t() @ c.double() @ v) / denom) @ v.t()).to(self.a.dtype)
+        return (u @ ((u.mT @ c.double() @ v) / denom) @ v.mT).to(self.a.dtype)
 
 
 def equivalent_gradient(grams: FactorGrams, grad_a: torch.Tensor, grad_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -68,9 +69,9 @@ def project_update(grams: FactorGrams, update: torch.Tensor, scale: float
     """(g̃_A [r, K], g̃_B [N, r], X [r, r]): the factor gradients whose equivalent gradient is `update` [N, K]
     projected onto the tangent space, with the Sylvester-optimal X."""
     a, b = grams.a, grams.b
-    grad_a, grad_b = scale * (b.t() @ update), scale * (update @ a.t())  # g_A' [r, K], g_B' [N, r]
+    grad_a, grad_b = scale * (b.mT @ update), scale * (update @ a.mT)  # g_A' [r, K], g_B' [N, r]
     base_a = grams.inv_bb @ grad_a / scale**2  # (1/s²)(BᵀB)⁻¹ g_A'
-    x = grams.sylvester(-(base_a @ a.t()))
+    x = grams.sylvester(-(base_a @ a.mT))
     tilde_a = base_a + x @ a
     tilde_b = grams.off_b(grad_b) @ grams.inv_aa / scale**2 - b @ x
     return tilde_a, tilde_b, x
@@ -89,18 +90,17 @@ class LoRAProOptimizer(FactorOptimizer):
         return {"full_exp_avg": torch.zeros(full, **zeros), "full_exp_avg_sq": torch.zeros(full, **zeros)}, {}
 
     @torch.no_grad()
-    def _update(self, lr: float) -> None:
+    def _step_group(self, group: FactorGroup, lr: float) -> None:
         (beta1, beta2), eps = self.spec.adam_betas, self.spec.adam_eps
         t = self.step_count + 1
         correction1, correction2 = 1 - beta1**t, 1 - beta2**t
+        a, b = group.factors()  # [P, r, K], [P, N, r]
+        grams = FactorGrams(a, b, self.delta)
+        g_hat = equivalent_gradient(grams, *group.grads(), self.scale)  # [P, N, K]
+        m, v = group.state_a["full_exp_avg"], group.state_a["full_exp_avg_sq"]
+        m.lerp_(g_hat, 1 - beta1)
+        v.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+        update = (m / correction1) / ((v / correction2).sqrt_().add_(eps))  # [P, N, K]
+        tilde_a, tilde_b, _ = project_update(grams, update, self.scale)
         decay = 1 - lr * self.spec.weight_decay
-        for pair in self.pairs:
-            grams = FactorGrams(pair.a, pair.b, self.delta)
-            g_hat = equivalent_gradient(grams, *pair.grads(), pair.scale)  # [N, K]
-            m, v = pair.state_a["full_exp_avg"], pair.state_a["full_exp_avg_sq"]
-            m.lerp_(g_hat, 1 - beta1)
-            v.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
-            update = (m / correction1) / ((v / correction2).sqrt_().add_(eps))  # [N, K]
-            tilde_a, tilde_b, _ = project_update(grams, update, pair.scale)
-            pair.a.mul_(decay).sub_(tilde_a, alpha=lr)
-            pair.b.mul_(decay).sub_(tilde_b, alpha=lr)
+        group.write_back(a.mul_(decay).sub_(tilde_a, alpha=lr), b.mul_(decay).sub_(tilde_b, alpha=lr))

@@ -7,7 +7,7 @@ import torch
 
 import lorafusion as lf
 from runtime.optim import AltLoRAOptimizer, LoRAProOptimizer, build_optimizer
-from runtime.optim.altlora import reprojection_a, reprojection_b
+from runtime.optim.altlora import momentum_a, momentum_b
 from runtime.optim.lorapro import FactorGrams, equivalent_gradient, project_update
 
 SCALE = 2.0  # alpha / rank of the specs below
@@ -107,7 +107,7 @@ def lorapro_reference(a, b, g, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8):
 
 
 def test_lorapro_three_steps_match_a_full_size_adam_reference():
-    shapes = [(7, 5), (4, 9)]
+    shapes = [(7, 5), (4, 9), (7, 5)]  # modules 0 and 2 are stepped as one batch
     named = named_pairs(shapes, zero_b=(0,))  # module 0 starts at B = 0, as LoRA does
     opt = build_optimizer(spec(lf.LoRAProConfig(delta=1e-14)), named, total_steps=3)
     assert isinstance(opt, LoRAProOptimizer)
@@ -164,12 +164,17 @@ def test_altlora_without_momentum_moves_w_by_the_two_projections():
     torch.testing.assert_close(w_after_b - w_after_a, -lr * SCALE**2 * g @ proj_a(a.detach()), rtol=1e-8, atol=1e-10)
 
 
-def test_altlora_momentum_reprojection_matrices():
-    n, k, r, reg = 9, 5, 3, 1e-3
+def test_altlora_momenta_reproject_by_the_papers_matrices():
+    n, k, r, reg, beta1 = 9, 5, 3, 1e-3, 0.8
     b, b_old, a, a_old = rand(n, r, seed=1), rand(n, r, seed=2), rand(r, k, seed=3), rand(r, k, seed=4)
+    m_a, g_a, m_b, g_b = rand(r, k, seed=5), rand(r, k, seed=6), rand(n, r, seed=7), rand(n, r, seed=8)
     eye = torch.eye(r, dtype=torch.float64)
-    torch.testing.assert_close(reprojection_a(b, b_old, reg), torch.linalg.inv(b.t() @ b + reg * eye) @ b.t() @ b_old)
-    torch.testing.assert_close(reprojection_b(a, a_old, reg), a_old @ a.t() @ torch.linalg.inv(a @ a.t() + reg * eye))
+    inv_b, inv_a = torch.linalg.inv(b.t() @ b + reg * eye), torch.linalg.inv(a @ a.t() + reg * eye)
+    reproject_a, reproject_b = inv_b @ b.t() @ b_old, a_old @ a.t() @ inv_a
+    torch.testing.assert_close(momentum_a(b, b_old, m_a, g_a, beta1, reg),
+                               beta1 * reproject_a @ m_a + (1 - beta1) * inv_b @ g_a)
+    torch.testing.assert_close(momentum_b(a, a_old, m_b, g_b, beta1, reg),
+                               beta1 * m_b @ reproject_b + (1 - beta1) * g_b @ inv_a)
 
 
 def altlora_reference(named_init, grads, beta1, reg, lr):
@@ -190,18 +195,21 @@ def altlora_reference(named_init, grads, beta1, reg, lr):
 
 
 def test_altlora_three_steps_match_algorithm_1():
-    named = named_pairs([(7, 6)], zero_b=(0,))
-    a, b = named["layers.0.q_proj.lora_A"], named["layers.0.q_proj.lora_B"]
-    init = (a.detach().clone(), b.detach().clone())
+    shapes = [(7, 6), (5, 4), (7, 6)]  # modules 0 and 2 are stepped as one batch
+    named = named_pairs(shapes, zero_b=(0,))
+    factors = [(named[f"layers.{i}.q_proj.lora_A"], named[f"layers.{i}.q_proj.lora_B"]) for i in range(len(shapes))]
+    init = [(a.detach().clone(), b.detach().clone()) for a, b in factors]
     opt = build_optimizer(spec(lf.AltLoRAConfig(beta1=0.9)), named, total_steps=3)
-    grads = []
+    grads = [[] for _ in shapes]
     for t in range(3):
-        grads.append((rand(3, 6, seed=50 + t), rand(7, 3, seed=60 + t)))
-        a.grad, b.grad = (x.clone() for x in grads[-1])
+        for i, ((n, k), (a, b)) in enumerate(zip(shapes, factors)):
+            grads[i].append((rand(3, k, seed=50 + 10 * i + t), rand(n, 3, seed=60 + 10 * i + t)))
+            a.grad, b.grad = (x.clone() for x in grads[i][-1])
         opt.step(0.0)
-    want_a, want_b = altlora_reference(init, grads, beta1=0.9, reg=1e-3, lr=1e-2)
-    torch.testing.assert_close(a.detach(), want_a, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(b.detach(), want_b, rtol=1e-9, atol=1e-12)
+    for (a, b), start, module_grads in zip(factors, init, grads):
+        want_a, want_b = altlora_reference(start, module_grads, beta1=0.9, reg=1e-3, lr=1e-2)
+        torch.testing.assert_close(a.detach(), want_a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.detach(), want_b, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- state
@@ -210,7 +218,7 @@ def test_altlora_three_steps_match_algorithm_1():
 @pytest.mark.parametrize("optimizer", [lf.LoRAProConfig(), lf.AltLoRAConfig(beta1=0.9)], ids=lambda o: o.type)
 def test_factor_optimizer_state_round_trip_is_exact(optimizer):
     job = spec(optimizer, weight_decay=0.1, warmup_steps=1, lr_schedule="cosine", max_grad_norm=1.0)
-    shapes = [(6, 5), (4, 7)]
+    shapes = [(6, 5), (4, 7), (6, 5)]
 
     def make() -> tuple[object, dict[str, torch.nn.Parameter]]:
         named = named_pairs(shapes, zero_b=(1,))
@@ -224,7 +232,7 @@ def test_factor_optimizer_state_round_trip_is_exact(optimizer):
     (straight, named_s), (resumed, named_r) = make(), make()
     run(straight, named_s, range(2))
     state = straight.state_dict()
-    assert state["step_count"] == 2 and len(state["state"]) == 4
+    assert state["step_count"] == 2 and len(state["state"]) == 6
     with torch.no_grad():
         for mine, theirs in zip(resumed.params, straight.params):
             mine.copy_(theirs)
