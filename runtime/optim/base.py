@@ -147,8 +147,9 @@ class FactorGroup:
     """State kept under B's names, [P, ...]."""
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [P, r, K], B [P, N, r]): copies; `write_back` stores them."""
-        return torch.stack([p.a.detach() for p in self.pairs]), torch.stack([p.b.detach() for p in self.pairs])
+        """(A [P, r, K], B [P, N, r]): copies, outside autograd; `write_back` stores them."""
+        with torch.no_grad():
+            return torch.stack([p.a for p in self.pairs]), torch.stack([p.b for p in self.pairs])
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(g_A [P, r, K], g_B [P, N, r]); zeros for a factor without a gradient."""

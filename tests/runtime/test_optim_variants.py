@@ -244,3 +244,29 @@ def test_factor_optimizer_state_round_trip_is_exact(optimizer):
     bad[0] = {"exp_avg": torch.zeros(1)}
     with pytest.raises(ValueError, match="parameter #0 has state"):
         resumed.load_state_dict({"step_count": 2, "state": bad})
+
+
+@pytest.mark.parametrize("optimizer", [lf.LoRAProConfig(), lf.AltLoRAConfig(beta1=0.9)], ids=lambda o: o.type)
+def test_factor_optimizer_ops_do_not_grow_with_the_modules_of_one_shape(optimizer):
+    """The pairs of one shape are stepped as one batch: a step of 6 same-shape modules runs as many aten ops as a
+    step of 2."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_per_step(modules: int) -> int:
+        named = named_pairs([(6, 5)] * modules)
+        opt = build_optimizer(spec(optimizer), named, total_steps=2)
+        set_lora_grads(named, [rand(6, 5, seed=i) for i in range(modules)])
+        with CountOps() as counter:
+            opt.step(0.0)
+        return counter.ops
+
+    assert ops_per_step(6) == ops_per_step(2)
