@@ -27,7 +27,7 @@ import torch
 from lorafusion.adapters.attach import SITES
 from lorafusion.adapters.lora import LoRAConfig
 from lorafusion.adapters.multi import job_key
-from lorafusion.checkpoint import write_peft_adapter
+from lorafusion.adapter_io import write_peft_adapter
 from lorafusion.federation import (
     check_groups, client_weights, fedavg, fedsb_mean, flora_reinit_a, flora_stack, lorafair,
 )

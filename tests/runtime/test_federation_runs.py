@@ -206,7 +206,7 @@ def test_clients_of_factor_optimizers_restart_their_state_at_each_round(optimize
     AltLoRA's momenta): the checkpoint taken at the round's end holds fresh (zero) state, and training goes on."""
     import dataclasses
 
-    from runtime.checkpointing import read_manifest, read_stage_state
+    from lorafusion.checkpoint import read_manifest, read_stage_state
 
     jobs = [dataclasses.replace(j, optimizer=optimizer) if j.federation else j
             for j in _jobs(examples_data, "fedavg", (2, 2), steps=3)]
