@@ -250,6 +250,24 @@ def test_crash_before_the_manifest_leaves_the_previous_checkpoint(train_checkpoi
     assert {p.name for p in removed} == {".step-00000004.partial", "step-00000005"}
 
 
+def test_a_checkpoint_of_an_older_lorafusion_resumes_and_is_pruned_first(train_checkpoint, examples_data, tmp_path):
+    """Format 1 (before checkpoints were named by step) named its folder by the window counter and held that counter
+    as "step": it resumes as saved, and sorts before every newer checkpoint, so a larger number in its name neither
+    makes it the latest nor keeps it when keep_checkpoints prunes."""
+    out = tmp_path / "run"
+    jobs = specs(examples_data)
+    interrupted_run(train_checkpoint, out, jobs, rounds=2, keep_checkpoints=1)
+    new, old = checkpoint_dir(out, 2 + 2), checkpoint_dir(out, 9)  # as if the older lorafusion had counted 9 windows
+    manifest = {k: v for k, v in json.loads((new / "manifest.json").read_text()).items() if k != "windows"}
+    (new / "manifest.json").write_text(json.dumps({**manifest, "format": "lorafusion-checkpoint/1", "step": 9}))
+    new.rename(old)
+    prepared, worker, (windows, progress) = resume(train_checkpoint, out, jobs, keep_checkpoints=1)
+    assert windows == 9 and progress["greet"].step == progress["arith"].step == 2
+    train_round(worker, prepared, progress)
+    path = save_checkpoint(prepared, windows + 1, {0: worker}, progress)
+    assert path == checkpoint_dir(out, 3 + 3) == latest_checkpoint(out) and not old.exists()
+
+
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
