@@ -210,7 +210,7 @@ class _Trainer:
         for name, state in self.states.items():
             state.restore(resumed.progress[name] if resumed is not None else JobProgress())
             trim_metrics(self.run.output_dir, name, state.step)
-        self.federation.restore(self.states)
+        self.federation.restore(self.states, resumed.rounds if resumed is not None else None)
         self._note_rounds()
         if resumed is None:
             self._init_pass()
@@ -333,7 +333,7 @@ class _Trainer:
         self.group.save_shards(staging, progress)
         self.last_checkpoint_s = time.perf_counter()
         return commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages,
-                                 self._stream)
+                                 self._stream, self.federation.done)
 
     def _checkpoint_due(self) -> bool:
         """run.checkpoint_every_s has passed since the last checkpoint (or the start)."""

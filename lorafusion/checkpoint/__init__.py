@@ -16,7 +16,8 @@ against a real checkpoint):
 - manifest.json: {"format": "lorafusion-checkpoint/2", "step": N, "windows": the driver's windows completed,
   "config": run.json's record when it was taken, "jobs": {job: {"status": "active" | "finished" | "failed",
   "stages": its shard count (0 when failed)}}, "files": {path: {"bytes", "sha256"}} of every other file,
-  "stream" (only when run.balance_pipeline chose a microbatch capacity): {"capacity_tokens", "jobs", "layout"}}.
+  "stream" (only when run.balance_pipeline chose a microbatch capacity): {"capacity_tokens", "jobs", "layout"},
+  "federation_rounds" (only when the run has federated groups): {group: step count of its last aggregated round}}.
 - driver.json: {"job", "status", "step", "total_steps", "tokens", "last_loss", "eval_loss", "error", "position":
   {"next_lr", "num_samples", "data_sha256", "next_sample_indices", "next_dropout_seeds"}}: the job's progress, and
   what this run must reproduce at its next step for a resume to be exact.
@@ -35,13 +36,14 @@ the staging fsynced; (3) rename it to `step-<N>` (an existing `step-<N>` is firs
 deleted only after the new one is in place) and fsync `checkpoints/`; (4) only then prune to run.keep_checkpoints,
 deleting each folder's manifest first. A crash at any moment leaves every earlier complete checkpoint as it was.
 
-Resume (resume.open_checkpoint). The latest is the complete folder with the largest N (those of an older
-lorafusion first); its files are verified against the manifest, its "config" against this run's settings (only
+Resume (resume.open_checkpoint). The latest is the complete folder with the largest N (one an older lorafusion
+wrote counts as older than every other); its files are verified against the manifest, its "config" against this run's settings (only
 record.RESUME_FREE_RUN_FIELDS may change), and each job's position against its data; a damaged one is an error
 naming the file, resolved by deleting that folder (the previous one is then used). Each job's metrics.jsonl is cut
 back to the checkpoint's step. A run saved by an older lorafusion: format 1 named folders by the window counter
 and stored it as "step"; it is read as "windows", and such folders sort before every newer one; a field missing
-from an older settings record reads as its default.
+from an older settings record reads as its default, and missing "federation_rounds" are derived from the clients'
+steps (runtime/federation.py).
 
 A user may delete any checkpoint folder, or copy a whole output_dir and resume it under another path; a file
 edited inside a checkpoint is refused.

@@ -142,13 +142,15 @@ def _expected_files(jobs: dict[str, dict]) -> list[str]:
 
 
 def finalize_checkpoint(ckpt_dir: str | Path, *, step: int, windows: int, config: dict[str, Any],
-                        jobs: dict[str, dict], stream: dict[str, Any] | None = None) -> Path:
+                        jobs: dict[str, dict], stream: dict[str, Any] | None = None,
+                        rounds: dict[str, int] | None = None) -> Path:
     """Write the manifest that marks the staged checkpoint complete, then rename it into place; returns its path.
 
     `step`: the optimizer steps of all jobs together (the folder's name); `windows`: the driver's windows completed;
     `config` is the run's `run_manifest` record; `jobs` maps each job to {"status", "stages": number of shards}
     (0 for a failed job); `stream`, when given, the driver's planning state that a resume must continue with
-    (kept as the manifest's "stream"). RuntimeError if a stage or the driver did not write its file.
+    (kept as the manifest's "stream"); `rounds`, when given, each federated group's last aggregated round (the
+    manifest's "federation_rounds"). RuntimeError if a stage or the driver did not write its file.
     """
     staging = Path(ckpt_dir)
     final = checkpoint_dir(staging.parent.parent, step)
@@ -166,6 +168,8 @@ def finalize_checkpoint(ckpt_dir: str | Path, *, step: int, windows: int, config
                 "files": files}
     if stream is not None:
         manifest["stream"] = stream
+    if rounds is not None:
+        manifest["federation_rounds"] = rounds
     atomic_write_text(staging / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))
     for folder in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:  # the files' directory entries too
         fsync_path(folder)
@@ -287,7 +291,8 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     complete = [path for _, path in complete_checkpoints(output_dir)]
     doomed = complete[:-keep] if keep > 0 else complete
     if root.is_dir():
-        doomed += [p for p in root.iterdir() if p.is_dir() and p not in complete and p.name.startswith((".step-", "step-"))]
+        doomed += [p for p in root.iterdir()
+                   if p.is_dir() and p not in complete and p.name.startswith((".step-", "step-"))]
     for path in doomed:
         # Manifest first: if the deletion is interrupted, a half-deleted folder is never taken as complete.
         (path / CHECKPOINT_MANIFEST).unlink(missing_ok=True)

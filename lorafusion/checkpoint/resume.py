@@ -109,11 +109,12 @@ def stage_states(worker: JobStates, progress: Mapping[str, JobProgress]) -> dict
 
 def commit_checkpoint(
     prepared: PreparedRun, staging: Path, windows: int, progress: Mapping[str, JobProgress], num_stages: int,
-    stream: StreamState | None = None,
+    stream: StreamState | None = None, rounds: Mapping[str, int] | None = None,
 ) -> Path:
     """The driver's half of a save, after every stage wrote its shard into `staging` (begun for
     `checkpoint_step(progress)`): the job records, the manifest (the checkpoint is then complete, with the driver's
-    `windows` completed and `stream` when given) and pruning to run.keep_checkpoints. Returns the folder."""
+    `windows` completed, `stream` when given, and `rounds`, each federated group's last aggregated round, when the
+    run has groups) and pruning to run.keep_checkpoints. Returns the folder."""
     run = prepared.run
     for job in prepared.jobs:
         write_driver_state(staging, job.name, _driver_record(job, progress[job.name]))
@@ -121,7 +122,8 @@ def commit_checkpoint(
                        "stages": num_stages if progress[job.name].error is None else 0} for job in prepared.jobs}
     path = finalize_checkpoint(staging, step=checkpoint_step(progress), windows=windows, jobs=jobs,
                                config=run_manifest(run, [job.spec for job in prepared.jobs]),
-                               stream=None if stream is None else stream.record())
+                               stream=None if stream is None else stream.record(),
+                               rounds=dict(rounds) if rounds else None)
     prune_checkpoints(run.output_dir, run.keep_checkpoints)
     return path
 
@@ -165,8 +167,8 @@ def _read_progress(job: PreparedJob, path: Path) -> JobProgress:
     record = read_driver_state(path, job.name)
     missing = [key for key in _RECORD_KEYS if key not in record]
     if missing:
-        raise ValueError(f"checkpoint file '{path / 'jobs' / job.name / 'driver.json'}' lacks {missing}; delete '{path}' to "
-                         "resume from the previous checkpoint, or set run.overwrite=true to start over")
+        raise ValueError(f"checkpoint file '{path / 'jobs' / job.name / 'driver.json'}' lacks {missing}; delete "
+                         f"'{path}' to resume from the previous checkpoint, or set run.overwrite=true to start over")
     _check_position(job, record, path)
     return JobProgress(step=record["step"], tokens=record["tokens"], last_loss=record["last_loss"],
                        eval_loss=record["eval_loss"], error=record["error"])
@@ -198,6 +200,9 @@ class Resumed:
     manifest: dict[str, Any]
     stream: StreamState | None = None
     """The capacity run.balance_pipeline had chosen, and for which jobs (None: none chosen yet)."""
+    rounds: dict[str, int] | None = None
+    """Each federated group's last aggregated round, as a step count (None: the run has no groups, or an older
+    lorafusion wrote the checkpoint without them)."""
 
 
 def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
@@ -216,7 +221,8 @@ def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
                          "settings to resume, or set run.overwrite=true to start over")
     progress = {job.name: _read_progress(job, path) for job in prepared.jobs}
     return Resumed(path=path, windows=manifest["windows"], progress=progress, manifest=manifest,
-                   stream=_read_stream(manifest.get("stream"), prepared, path))
+                   stream=_read_stream(manifest.get("stream"), prepared, path),
+                   rounds=_read_rounds(manifest.get("federation_rounds"), prepared, path))
 
 
 def _read_stream(record: Any, prepared: PreparedRun, path: Path) -> StreamState | None:
@@ -233,6 +239,19 @@ def _read_stream(record: Any, prepared: PreparedRun, path: Path) -> StreamState 
                          f"names and a [stages, replicas] layout); delete '{path}' to resume from the previous "
                          "checkpoint, or set run.overwrite=true to start over")
     return StreamState(capacity_tokens=capacity, jobs=tuple(jobs), layout=(layout[0], layout[1]))
+
+
+def _read_rounds(record: Any, prepared: PreparedRun, path: Path) -> dict[str, int] | None:
+    if record is None:
+        return None
+    totals = {job.spec.federation.group: job.total_steps for job in prepared.jobs if job.spec.federation is not None}
+    if not (isinstance(record, dict) and set(record) == set(totals)
+            and all(isinstance(record[g], int) and 0 <= record[g] <= totals[g] for g in totals)):
+        raise ValueError(f"checkpoint '{path}' has a damaged \"federation_rounds\" record {record!r} in its manifest "
+                         f"(expected each of this run's groups {sorted(totals)} with the step count of its last "
+                         f"aggregated round); delete '{path}' to resume from the previous checkpoint, or set "
+                         "run.overwrite=true to start over")
+    return dict(record)
 
 
 def restore_worker(worker: JobStates, resumed: Resumed) -> None:

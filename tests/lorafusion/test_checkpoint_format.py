@@ -110,6 +110,8 @@ def test_the_documented_keys_are_the_keys_of_each_file(fitted):
     record = checkpoint.read_driver_state(folder, "greet")
     keys = {k for k in record if k != "position"} | {f"position.{k}" for k in record["position"]}
     assert keys == set(_table("### jobs/&lt;job&gt;/driver.json", "key"))
+    for key in [*documented, *keys]:  # the module's own description names the same keys
+        assert f'"{key.rsplit(".", 1)[-1]}"' in checkpoint.__doc__, f"lorafusion/checkpoint/__init__.py lacks '{key}'"
 
     with safe_open(str(folder / "jobs" / "greet" / "stage-0.safetensors"), framework="pt") as shard:
         tensors, metadata = set(shard.keys()), shard.metadata()
