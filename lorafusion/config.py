@@ -159,7 +159,7 @@ class JobSpec:
 
     def _adopt_init_adapter(self, owner: str) -> None:
         """The job's adapter config from init_adapter's adapter_config.json (its tensors are checked in prepare)."""
-        from lorafusion.checkpoint import read_peft_config
+        from lorafusion.adapter_io import read_peft_config
 
         if not isinstance(self.init_adapter, (str, Path)) or not str(self.init_adapter):
             raise ValueError(f"{owner}: init_adapter={self.init_adapter!r} must be the path of an adapter folder")

@@ -77,7 +77,7 @@ def evaluate(
     run.dtype ('auto' = bfloat16 where the device multiplies it natively, else float32); dataset and fields: as a
     job's eval_dataset and fields (a DatasetDict folder is read as `folder:split`)."""
     from lorafusion.adapters.attach import ModelAdapters
-    from lorafusion.checkpoint import read_peft_adapter
+    from lorafusion.adapter_io import read_peft_adapter
     from lorafusion.models import build_model, read_architecture
     from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 

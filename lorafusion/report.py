@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafusion.prepare import RUN_MANIFEST
+from lorafusion.checkpoint import RUN_MANIFEST
 
 __all__ = ["REPORT_DIR", "JobMetrics", "RunReport", "load_run", "read_job_metrics", "render_summary", "write_report"]
 

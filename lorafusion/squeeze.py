@@ -80,7 +80,7 @@ def squeeze(adapter_dir: str | Path, rank: int, output_dir: str | Path, base_mod
     squeezed from their dense ΔW. Nothing is written unless every module was squeezed; the folder appears whole.
     """
     from lorafusion.adapters.attach import ModelAdapters
-    from lorafusion.checkpoint import read_peft_adapter, write_peft_adapter
+    from lorafusion.adapter_io import read_peft_adapter, write_peft_adapter
     from lorafusion.models import build_model, read_architecture
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -136,7 +136,7 @@ def _check_output(output_dir: Path, force: bool) -> None:
 def _base_model(adapter_dir: Path, base_model: str | Path | None) -> str:
     """The base model (a folder or a Hub id, resolved where it is read): the one given, else the adapter's
     base_model_name_or_path (ValueError naming the file when it has none)."""
-    from lorafusion.checkpoint import CONFIG_NAME
+    from lorafusion.adapter_io import CONFIG_NAME
 
     if base_model is not None:
         return str(base_model)

@@ -126,13 +126,12 @@ class StageActor:
         return folded_state_dict(self.runner.worker.adapters, job)
 
     def save_shard(self, staging: str, progress: dict) -> None:
-        from runtime.checkpointing import write_stage_shard
-        from runtime.resume import stage_states
+        from lorafusion.checkpoint import stage_states, write_stage_shard
 
         write_stage_shard(staging, self.place.stage, stage_states(self.runner.worker, progress))
 
     def restore(self, resumed) -> None:
-        from runtime.resume import restore_worker
+        from lorafusion.checkpoint import restore_worker
 
         restore_worker(self.runner.worker, resumed)
 

@@ -101,13 +101,12 @@ class LocalGroup:
         return self._thread.submit(fn, *args).result()
 
     def save_shards(self, staging, progress: dict) -> None:
-        from runtime.checkpointing import write_stage_shard
-        from runtime.resume import stage_states
+        from lorafusion.checkpoint import stage_states, write_stage_shard
 
         self._on_thread(lambda: write_stage_shard(str(staging), 0, stage_states(self.runner.worker, progress)))
 
     def restore(self, resumed) -> None:
-        from runtime.resume import restore_worker
+        from lorafusion.checkpoint import restore_worker
 
         self._on_thread(restore_worker, self.runner.worker, resumed)
 

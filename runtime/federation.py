@@ -5,9 +5,11 @@ Rounds. A client's round ends at each multiple of its group's `aggregate_every_s
 group's clients have the same step count). The driver plans a client no further than its round's end, drains the
 pipeline when one reaches it (as for a checkpoint), and holds it there until every live client of its group is
 there too; then every actor aggregates the group's layers it holds, before any evaluation or checkpoint of that
-drain. So at every checkpoint a group has aggregated exactly the rounds its slowest live client has finished, and
-a resume derives the round state from the clients' steps; the tensors (FLoRA's folded offset, the clients'
-adapters, their reset optimizer moments) are the clients' own checkpointed state.
+drain. A checkpoint keeps each group's last aggregated round (`Federation.done`), not only the clients' steps: one
+written when a client had just failed while its partner waited at a round's end (Ctrl-C before the next drain)
+holds that round unaggregated, and the resumed fit aggregates the partner alone as the uninterrupted one would. The
+tensors (FLoRA's folded offset, the clients' adapters, their reset optimizer moments) are the clients' own
+checkpointed state.
 
 Every actor holds identical client tensors (replicas: the same steps; stages: their own layers), and the
 aggregation is deterministic, so actors agree without exchanging anything.
@@ -27,7 +29,7 @@ import torch
 from lorafusion.adapters.attach import SITES
 from lorafusion.adapters.lora import LoRAConfig
 from lorafusion.adapters.multi import job_key
-from lorafusion.checkpoint import write_peft_adapter
+from lorafusion.adapter_io import write_peft_adapter
 from lorafusion.federation import (
     check_groups, client_weights, fedavg, fedsb_mean, flora_reinit_a, flora_stack, lorafair,
 )
@@ -80,9 +82,13 @@ class Federation:
     def ends_round(step: int, every: int, total: int) -> bool:
         return step > 0 and (step % every == 0 or step == total)
 
-    def restore(self, states: dict) -> None:
-        """Each group's last aggregated round from its clients' steps (`states`: job -> fit._JobState): the last
-        round end its slowest live client reached (see the module docstring)."""
+    def restore(self, states: dict, saved: dict[str, int] | None = None) -> None:
+        """Each group's last aggregated round: `saved`, a checkpoint's record of it, when given; else (a fresh fit,
+        or a checkpoint of an older lorafusion) from its clients' steps (`states`: job -> fit._JobState), the last
+        round end its slowest live client reached."""
+        if saved is not None:
+            self.done.update(saved)
+            return
         for group, clients in self.groups.items():
             live = [states[c] for c in clients if states[c].error is None]
             if not live:

@@ -19,18 +19,20 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import scheduler
-from lorafusion.checkpoint import atomic_write_text, write_peft_adapter
+from lorafusion.adapter_io import write_peft_adapter
+from lorafusion.checkpoint import (
+    JobProgress, Resumed, StreamState, atomic_write_text, begin_checkpoint, checkpoint_step, commit_checkpoint,
+    open_checkpoint, trim_metrics, write_run_manifest,
+)
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.data import Sample
 from lorafusion.loggers import RunLoggers
-from lorafusion.prepare import RUN_MANIFEST, PreparedJob, PreparedRun, prepare_run, run_manifest
+from lorafusion.prepare import PreparedJob, PreparedRun, prepare_run
 from lorafusion.report import read_job_metrics
 from lorafusion.result import FitInterrupted, FitResult, JobResult
 from runtime.engine import LocalGroup, StageLost, choose_engine
 from runtime.federation import Federation
 from runtime.interrupt import StopSignals
-from runtime.checkpointing import begin_checkpoint
-from runtime.resume import JobProgress, Resumed, StreamState, commit_checkpoint, open_checkpoint, trim_metrics
 from runtime.pipeline import bubble_fraction, split_layers
 from runtime.planning import last_microbatch, scheduler_jobs, stream_window, window_items, window_size
 from runtime.progress import MetricsWriter, Progress
@@ -49,8 +51,7 @@ def _start_output(prepared: PreparedRun, resuming: bool) -> None:
     if out.exists() and prepared.run.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = run_manifest(prepared.run, [j.spec for j in prepared.jobs])
-    atomic_write_text(out / RUN_MANIFEST, json.dumps(manifest, indent=2))
+    write_run_manifest(prepared.run, [j.spec for j in prepared.jobs])
     if not resuming:
         for job in prepared.jobs:
             MetricsWriter(prepared.run.output_dir, job.name).clear()
@@ -184,7 +185,7 @@ class _Trainer:
         self.federation = Federation(prepared.jobs)
         self.states = {j.name: _JobState(j, prepared.run.output_dir, loggers, self.federation.every(j.name))
                        for j in prepared.jobs}
-        self.windows = 0  # windows completed: the checkpoint counter
+        self.windows = 0  # windows completed (run_metrics.json; a checkpoint keeps it for a resume)
         self.drains = 0  # training windows that drained the pipeline (evaluation, checkpoint or end followed)
         self.progress = Progress({j.name: j.total_steps for j in prepared.jobs},
                                  every=prepared.run.log_every_steps, enabled=prepared.run.progress,
@@ -205,11 +206,11 @@ class _Trainer:
 
     def resume_from(self, resumed: Resumed | None) -> None:
         """Take every job's progress from `resumed` (None: from the start); their metrics files follow."""
-        self.windows = resumed.counter if resumed is not None else 0
+        self.windows = resumed.windows if resumed is not None else 0
         for name, state in self.states.items():
             state.restore(resumed.progress[name] if resumed is not None else JobProgress())
             trim_metrics(self.run.output_dir, name, state.step)
-        self.federation.restore(self.states)
+        self.federation.restore(self.states, resumed.rounds if resumed is not None else None)
         self._note_rounds()
         if resumed is None:
             self._init_pass()
@@ -325,13 +326,14 @@ class _Trainer:
                 state.rounds_through = self.federation.done[group]
 
     def checkpoint(self) -> Path:
-        """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint."""
+        """Save every job (adapter shards from each stage, optimizer, progress) as one complete checkpoint, named by
+        the jobs' optimizer steps summed (lorafusion/checkpoint/__init__.py)."""
         progress = {name: state.progress() for name, state in self.states.items()}
-        staging = begin_checkpoint(self.run.output_dir, self.windows)
+        staging = begin_checkpoint(self.run.output_dir, checkpoint_step(progress))
         self.group.save_shards(staging, progress)
         self.last_checkpoint_s = time.perf_counter()
         return commit_checkpoint(self.prepared, staging, self.windows, progress, self.run.pipeline_stages,
-                                 self._stream)
+                                 self._stream, self.federation.done)
 
     def _checkpoint_due(self) -> bool:
         """run.checkpoint_every_s has passed since the last checkpoint (or the start)."""

@@ -11,7 +11,7 @@ import torch
 
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import Microbatch, token_losses
-from lorafusion.checkpoint import read_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter
 from lorafusion.config import JobSpec, RunConfig
 from lorafusion.models import build_model
 from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu

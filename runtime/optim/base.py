@@ -1,5 +1,5 @@
-"""What every per-job optimizer shares: the LR schedule, the job's own gradient norm and clipping, the step
-counter, and checkpointable state held per parameter.
+"""What every per-job optimizer shares: the LR schedule (lorafusion/schedule.py), the job's own gradient norm and
+clipping, the step counter, and checkpointable state held per parameter.
 
 A job has one optimizer per pipeline stage (and replica), over the job's parameters that stage holds. The stage
 runner sums the squared norm over the stages (`grad_norm_sq`), then calls `step(total_norm)`: the raw gradients
@@ -9,30 +9,14 @@ its moments), and then the method updates the parameters (`_update`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from lorafusion.config import JobSpec
+from lorafusion.schedule import lr_at
 
 __all__ = ["lr_at", "JobOptimizer", "FactorPair", "FactorGroup", "FactorOptimizer"]
-
-
-def lr_at(spec: JobSpec, step: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based) out of `total_steps`."""
-    peak = spec.learning_rate
-    if step < spec.warmup_steps:
-        return peak * (step + 1) / spec.warmup_steps
-    if spec.lr_schedule == "constant":
-        return peak
-    # Decay reaches min_lr_ratio·peak after the last step, so the last step still learns.
-    decay_steps = max(total_steps - spec.warmup_steps, 1)
-    progress = min((step - spec.warmup_steps) / decay_steps, 1.0)
-    floor = spec.min_lr_ratio
-    if spec.lr_schedule == "linear":
-        return peak * (1.0 - (1.0 - floor) * progress)
-    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class JobOptimizer:

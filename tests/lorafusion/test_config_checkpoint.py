@@ -10,7 +10,7 @@ import yaml
 
 import lorafusion as lf
 from lorafusion.config import load_config
-from lorafusion.prepare import check_output_dir, complete_checkpoints, config_differences, run_manifest
+from lorafusion.checkpoint import check_output_dir, complete_checkpoints, config_differences, run_manifest
 
 
 def run(tmp_path: Path, **fields) -> lf.RunConfig:

@@ -14,7 +14,7 @@ import lorafusion as lf
 from lorafusion.adapters import AdapterConfig
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.batching import build_microbatch
-from lorafusion.checkpoint import read_peft_adapter, write_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter, write_peft_adapter
 from lorafusion.data import IGNORE_INDEX, Sample, load_dataset, load_tokenizer
 from lorafusion.models import build_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorafusion as lf
-from lorafusion.checkpoint import write_peft_adapter
+from lorafusion.adapter_io import write_peft_adapter
 from lorafusion.federation import LORAFAIR_RIDGE, client_weights, fedavg, fedsb_mean, flora_stack, lorafair
 
 N, K = 7, 11

@@ -14,7 +14,7 @@ import lorafusion as lf
 from lorafusion.adapters import AdapterConfig, get_variant
 from lorafusion.adapters.dylora import sampled_rank
 from lorafusion.adapters.multi import Segment
-from lorafusion.checkpoint import write_peft_adapter
+from lorafusion.adapter_io import write_peft_adapter
 from tests.lorafusion.test_variants import LOGITS_ATOL, _ids, _our_logits, _ours, _site, perturb
 
 peft = pytest.importorskip("peft")

@@ -16,7 +16,7 @@ from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.adapters.base import BaseView
 from lorafusion.adapters.multi import AdapterBatch, MultiAdapterLinear, Segment
 from lorafusion.batching import build_microbatch
-from lorafusion.checkpoint import read_peft_adapter, write_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter, write_peft_adapter
 from lorafusion.data import IGNORE_INDEX, Sample
 from lorafusion.models import build_model
 

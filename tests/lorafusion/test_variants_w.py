@@ -13,7 +13,7 @@ import lorafusion as lf
 from lorafusion.adapters import get_variant
 from lorafusion.adapters.base import BaseView
 from lorafusion.adapters.loldu import ldu_factors
-from lorafusion.checkpoint import read_peft_adapter, write_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter, write_peft_adapter
 
 from test_variants import _ids, _our_logits, _ours, perturb
 

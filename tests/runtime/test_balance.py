@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lorafusion as lf
-from lorafusion.prepare import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR, prepare_run
+from lorafusion.checkpoint import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR
+from lorafusion.prepare import prepare_run
 from runtime.planning import (MIN_BALANCE_GAIN, balanced_plan, format_run_plan, plan_windows, scheduler_jobs,
                               simulated_makespan, stream_window)
 from scheduler import verify_windows
@@ -136,7 +137,7 @@ def test_a_resumed_fit_goes_on_at_the_chosen_capacity(train_checkpoint, examples
     straight = fit_adapters(train_checkpoint, tmp_path / "straight", jobs, CAPACITY, **fields)
     [choice] = json.loads((tmp_path / "straight" / "run_metrics.json").read_text())["capacity_choices"]
     assert choice["capacity_tokens"] < CAPACITY
-    first = tmp_path / "straight" / CHECKPOINTS_DIR / "step-00000001"
+    first = min((tmp_path / "straight" / CHECKPOINTS_DIR).glob("step-*"))
     stream = json.loads((first / CHECKPOINT_MANIFEST).read_text())["stream"]
     assert stream == {"capacity_tokens": choice["capacity_tokens"], "jobs": sorted(NAMES), "layout": [2, 1]}
 
@@ -148,7 +149,7 @@ def test_a_resumed_fit_goes_on_at_the_chosen_capacity(train_checkpoint, examples
     manifest_path = tmp_path / "resumed" / CHECKPOINTS_DIR / first.name / CHECKPOINT_MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "stream": {**stream, "capacity_tokens": 2 * CAPACITY}}))
-    with pytest.raises(ValueError, match=r"damaged \"stream\" record .* delete '.*step-00000001' to resume"):
+    with pytest.raises(ValueError, match=rf"damaged \"stream\" record .* delete '.*{first.name}' to resume"):
         fit_adapters(train_checkpoint, tmp_path / "resumed", jobs, CAPACITY, **fields)
     manifest_path.write_text(json.dumps(manifest))
     resumed = fit_adapters(train_checkpoint, tmp_path / "resumed", jobs, CAPACITY, **fields)

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import lorafusion as lf
-from lorafusion.prepare import RUN_MANIFEST, PreparedRun, prepare_run, run_manifest
-from runtime.checkpointing import (
-    begin_checkpoint, checkpoint_dir, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state,
-    read_manifest, read_stage_state, write_driver_state, write_stage_shard,
+from lorafusion.checkpoint import (
+    RUN_MANIFEST, JobProgress, begin_checkpoint, checkpoint_dir, checkpoint_step, commit_checkpoint,
+    finalize_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
+    read_stage_state, run_manifest, save_checkpoint, trim_metrics, write_driver_state, write_stage_shard,
 )
+from lorafusion.prepare import PreparedRun, prepare_run
 from runtime.comm import StageComm, StagePlace
 from runtime.fit import init_pass_window, plan_window
 from runtime.optim import AdamWOptimizer
-from runtime.resume import JobProgress, commit_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
 from runtime.stage import StageRunner
 from runtime.worker import StageWorker
 
@@ -193,9 +193,9 @@ def test_resumed_fit_ends_with_the_same_adapters(train_checkpoint, examples_data
     for job in prepared.jobs:
         assert_bit_identical(worker, want_worker, job.name)
         assert progress[job.name] == want_progress[job.name]
-    manifest = json.loads((checkpoint_dir(out, 3) / "manifest.json").read_text())
+    manifest = json.loads((checkpoint_dir(out, 3 + 3) / "manifest.json").read_text())  # named by both jobs' steps
     assert manifest["jobs"] == {"greet": {"status": "active", "stages": 1}, "arith": {"status": "finished", "stages": 1}}
-    record = json.loads((checkpoint_dir(out, 3) / "jobs" / "greet" / "driver.json").read_text())
+    record = json.loads((checkpoint_dir(out, 3 + 3) / "jobs" / "greet" / "driver.json").read_text())
     assert record["position"]["next_sample_indices"] == [int(i) for i in prepared.jobs[0].stream.batch(3)]
 
 
@@ -208,7 +208,7 @@ def test_failed_job_resumes_as_failed(train_checkpoint, examples_data, tmp_path)
     progress["arith"].error = "loss became nan at step 2; the job was stopped"
     worker.remove_job("arith")
     save_checkpoint(prepared, 1, {0: worker}, progress)
-    assert not list((checkpoint_dir(out, 1) / "jobs" / "arith").glob("stage-*"))
+    assert not list((checkpoint_dir(out, 1 + 1) / "jobs" / "arith").glob("stage-*"))
     prepared, fresh, (_, loaded) = resume(train_checkpoint, out, jobs)
     assert loaded["arith"] == progress["arith"] and "arith" not in fresh.optimizers
     assert_bit_identical(fresh, worker, "greet")
@@ -217,11 +217,12 @@ def test_failed_job_resumes_as_failed(train_checkpoint, examples_data, tmp_path)
 def test_keeps_the_last_checkpoints_and_replaces_a_repeated_one(train_checkpoint, examples_data, tmp_path):
     out = tmp_path / "run"
     prepared = interrupted_run(train_checkpoint, out, specs(examples_data), rounds=4, keep_checkpoints=2)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    # steps of greet + arith (3 steps, then finished) after rounds 3 and 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006", "step-00000007"]
     worker = make_worker(prepared)
     progress = load_checkpoint(prepared, {0: worker})[1]
     save_checkpoint(prepared, 4, {0: worker}, progress)  # e.g. the end-of-fit save right after a periodic one
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006", "step-00000007"]
     assert load_checkpoint(prepared, {0: make_worker(prepared)})[0] == 4
 
 
@@ -236,17 +237,35 @@ def test_crash_before_the_manifest_leaves_the_previous_checkpoint(train_checkpoi
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed between the shards and the manifest")
 
-    monkeypatch.setattr("runtime.resume.finalize_checkpoint", crash)  # after every shard and driver record
+    monkeypatch.setattr("lorafusion.checkpoint.resume.finalize_checkpoint", crash)  # after every shard and driver record
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(prepared, 2, {0: worker}, progress)
     monkeypatch.undo()
-    assert (out / "checkpoints" / ".step-00000002.partial" / "jobs" / "greet" / "stage-0.safetensors").is_file()
+    assert (out / "checkpoints" / ".step-00000004.partial" / "jobs" / "greet" / "stage-0.safetensors").is_file()
     (out / "checkpoints" / "step-00000005" / "greet").mkdir(parents=True)  # a folder without manifest
-    assert latest_checkpoint(out) == checkpoint_dir(out, 1)
+    assert latest_checkpoint(out) == checkpoint_dir(out, 2)
     _, _, (counter, loaded) = resume(train_checkpoint, out, jobs)
     assert counter == 1 and loaded["greet"].step == 1
     removed = prune_checkpoints(out, keep=2)
-    assert {p.name for p in removed} == {".step-00000002.partial", "step-00000005"}
+    assert {p.name for p in removed} == {".step-00000004.partial", "step-00000005"}
+
+
+def test_a_checkpoint_of_an_older_lorafusion_resumes_and_is_pruned_first(train_checkpoint, examples_data, tmp_path):
+    """Format 1 (before checkpoints were named by step) named its folder by the window counter and held that counter
+    as "step": it resumes as saved, and sorts before every newer checkpoint, so a larger number in its name neither
+    makes it the latest nor keeps it when keep_checkpoints prunes."""
+    out = tmp_path / "run"
+    jobs = specs(examples_data)
+    interrupted_run(train_checkpoint, out, jobs, rounds=2, keep_checkpoints=1)
+    new, old = checkpoint_dir(out, 2 + 2), checkpoint_dir(out, 9)  # as if the older lorafusion had counted 9 windows
+    manifest = {k: v for k, v in json.loads((new / "manifest.json").read_text()).items() if k != "windows"}
+    (new / "manifest.json").write_text(json.dumps({**manifest, "format": "lorafusion-checkpoint/1", "step": 9}))
+    new.rename(old)
+    prepared, worker, (windows, progress) = resume(train_checkpoint, out, jobs, keep_checkpoints=1)
+    assert windows == 9 and progress["greet"].step == progress["arith"].step == 2
+    train_round(worker, prepared, progress)
+    path = save_checkpoint(prepared, windows + 1, {0: worker}, progress)
+    assert path == checkpoint_dir(out, 3 + 3) == latest_checkpoint(out) and not old.exists()
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -281,13 +300,13 @@ def saved_run(train_checkpoint, examples_data, tmp_path_factory) -> Path:
 def test_damaged_checkpoint_names_the_file_and_the_fix(saved_run, train_checkpoint, examples_data, tmp_path, case):
     out = Path(shutil.copytree(saved_run, tmp_path / "run"))
     rel, damage, words = DAMAGE[case]
-    damage(checkpoint_dir(out, 1) / rel)
+    damage(checkpoint_dir(out, 2) / rel)
     prepared = prepare(train_checkpoint, out, specs(examples_data))
     with pytest.raises(ValueError) as err:
         load_checkpoint(prepared, {0: make_worker(prepared)})
     message = str(err.value)
-    assert str(checkpoint_dir(out, 1) / rel) in message and words in message
-    assert f"delete '{checkpoint_dir(out, 1)}'" in message and "run.overwrite=true" in message
+    assert str(checkpoint_dir(out, 2) / rel) in message and words in message
+    assert f"delete '{checkpoint_dir(out, 2)}'" in message and "run.overwrite=true" in message
 
 
 def test_shards_of_two_stages_are_merged_and_checked(saved_run, train_checkpoint, examples_data, tmp_path):
@@ -307,7 +326,7 @@ def test_shards_of_two_stages_are_merged_and_checked(saved_run, train_checkpoint
         halves.append(states)
 
     def save_two_stages(counter: int, second: dict) -> None:
-        staging = begin_checkpoint(out, counter)
+        staging = begin_checkpoint(out, checkpoint_step(progress))
         write_stage_shard(staging, 0, halves[0])
         write_stage_shard(staging, 1, second)
         commit_checkpoint(prepared, staging, counter, progress, num_stages=2)
@@ -388,7 +407,8 @@ def test_any_job_name_round_trips_through_the_files(tmp_path):
     staging = begin_checkpoint(tmp_path, 7)
     write_stage_shard(staging, 0, {"manifest.json": state})
     write_driver_state(staging, "manifest.json", {"job": "manifest.json", "step": 2})
-    path = finalize_checkpoint(staging, counter=7, config={}, jobs={"manifest.json": {"status": "active", "stages": 1}})
+    path = finalize_checkpoint(staging, step=7, windows=3, config={},
+                               jobs={"manifest.json": {"status": "active", "stages": 1}})
     assert path == checkpoint_dir(tmp_path, 7) == latest_checkpoint(tmp_path) and not staging.exists()
     back = read_stage_state(path, "manifest.json", read_manifest(path))
     assert back["step_count"] == 2 and back["optimizer"]["layers.0.v"] == {}
@@ -438,11 +458,11 @@ def assert_resume_is_exact(checkpoint: Path, tmp_path: Path, jobs: list[lf.JobSp
     return worker
 
 
-def test_crash_while_saving_the_same_counter_again_keeps_the_old_checkpoint(train_checkpoint, examples_data, tmp_path,
+def test_crash_while_saving_the_same_step_again_keeps_the_old_checkpoint(train_checkpoint, examples_data, tmp_path,
                                                                             monkeypatch):
-    """The same counter saved again (as at the end right after a periodic save) with a crash between moving the old
+    """The same step saved again (as at the end right after a periodic save) with a crash between moving the old
     checkpoint aside and putting the new one in place: the old one is still found, and resumes exactly."""
-    import runtime.checkpointing as checkpointing
+    import lorafusion.checkpoint.files as checkpointing
 
     out = tmp_path / "run"
     prepared = prepare(train_checkpoint, out, specs(examples_data), keep_checkpoints=1)
@@ -452,7 +472,7 @@ def test_crash_while_saving_the_same_counter_again_keeps_the_old_checkpoint(trai
     real_replace = checkpointing.os.replace
 
     def crash_on_second(src, dst):  # the staged checkpoint's rename into place, once the old one is aside
-        if Path(src).name.endswith(".partial") and (out / "checkpoints" / ".step-00000001.old").exists():
+        if Path(src).name.endswith(".partial") and (out / "checkpoints" / ".step-00000002.old").exists():
             raise OSError("simulated crash between the two renames")
         return real_replace(src, dst)
 
@@ -460,32 +480,33 @@ def test_crash_while_saving_the_same_counter_again_keeps_the_old_checkpoint(trai
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(prepared, 1, {0: worker}, progress)
     monkeypatch.setattr(checkpointing.os, "replace", real_replace)
-    assert not checkpoint_dir(out, 1).exists()
+    assert not checkpoint_dir(out, 2).exists()
     found = latest_checkpoint(out)
-    assert found is not None and found.name == ".step-00000001.old"
+    assert found is not None and found.name == ".step-00000002.old"
     fresh = make_worker(prepared)
     counter, _ = load_checkpoint(prepared, {0: fresh})
     assert counter == 1
     for job in prepared.jobs:
         assert_bit_identical(fresh, worker, job.name)
-    # the next save of that counter puts a complete one back in place and clears the old one away
+    # the next save of that step puts a complete one back in place and clears the old one away
     save_checkpoint(prepared, 1, {0: worker}, progress)
-    assert latest_checkpoint(out) == checkpoint_dir(out, 1)
-    assert not (out / "checkpoints" / ".step-00000001.old").exists()
+    assert latest_checkpoint(out) == checkpoint_dir(out, 2)
+    assert not (out / "checkpoints" / ".step-00000002.old").exists()
 
 
 def test_exported_adapter_is_flushed_to_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
-    import lorafusion.checkpoint as checkpoint
+    import lorafusion.checkpoint.durable as durable
+    from lorafusion.adapter_io import write_peft_adapter
 
     synced = []
-    real = checkpoint.fsync_path
-    monkeypatch.setattr(checkpoint, "fsync_path", lambda path: synced.append(Path(path).name) or real(path))
+    real = durable.fsync_path
+    monkeypatch.setattr(durable, "fsync_path", lambda path: synced.append(Path(path).name) or real(path))
     tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2)}
     config = lf.LoRAConfig(rank=2, target_modules=["q_proj"])
-    checkpoint.write_peft_adapter(tmp_path / "job" / "adapter", tensors, config, base_model="base")
+    write_peft_adapter(tmp_path / "job" / "adapter", tensors, config, base_model="base")
     synced.clear()
-    checkpoint.write_peft_adapter(tmp_path / "job" / "adapter", tensors, config, base_model="base")
+    write_peft_adapter(tmp_path / "job" / "adapter", tensors, config, base_model="base")
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(synced)  # the files
     assert synced.index("adapter_config.json") < synced.index("job")  # ... before the rename is made durable
     assert any(name.startswith(".adapter.tmp-") for name in synced)  # the new folder's entries

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorafusion as lf
-from lorafusion.checkpoint import read_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -125,6 +126,10 @@ def test_resume_across_a_round_boundary_is_exact(train_checkpoint, examples_data
     straight = tmp_path / "straight"
     _fit(train_checkpoint, straight, jobs, checkpoint_every_steps=1, keep_checkpoints=10)
     want = {name: _adapter(straight / name / "adapter") for name in ("g", "c1", "c2", "solo")}
+    for ckpt in (straight / "checkpoints").iterdir():  # each records the last round both clients had finished
+        both = min(_driver_step(ckpt, "c1"), _driver_step(ckpt, "c2"))
+        rounds = json.loads((ckpt / "manifest.json").read_text())["federation_rounds"]
+        assert rounds == {"g": max(end for end in (0, 2, 4, 5) if end <= both)}, ckpt.name
     assert json.loads((straight / "g" / "adapter" / "adapter_config.json").read_text())["r"] == 18  # 3 rounds of 6
     for step in (2, 3):
         out = tmp_path / f"from{step}"
@@ -136,6 +141,34 @@ def test_resume_across_a_round_boundary_is_exact(train_checkpoint, examples_data
         assert not result.already_complete and result["c1"].steps == 5
         for name, tensors in want.items():
             _assert_equal(_adapter(out / name / "adapter"), tensors, f"{name} resumed at step {step}")
+    damaged = Path(shutil.copytree(straight, tmp_path / "damaged"))
+    for ckpt in (damaged / "checkpoints").iterdir():
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        (ckpt / "manifest.json").write_text(json.dumps({**manifest, "federation_rounds": {"g": 9}}))
+    with pytest.raises(ValueError, match=r"damaged \"federation_rounds\" record \{'g': 9\}.* delete '"):
+        _fit(train_checkpoint, damaged, jobs, checkpoint_every_steps=1, keep_checkpoints=10)
+
+
+def test_a_round_a_checkpoint_left_unaggregated_is_aggregated_after_the_resume(train_checkpoint, examples_data,
+                                                                               tmp_path):
+    """Ctrl-C right after c1 failed, while c2 waited at the round's end (step 2), saves that round unaggregated (no
+    drain came between). The resumed driver aggregates c2 alone there, as the uninterrupted fit does at its next
+    drain, instead of taking the round as done because every live client has reached its end; a checkpoint without
+    the record (an older lorafusion's) is still read that way."""
+    from lorafusion.prepare import prepare_run
+    from runtime.federation import Federation
+
+    run = lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(tmp_path / "run"), max_tokens_per_microbatch=256)
+    prepared = prepare_run(_jobs(examples_data, "flora", (2, 2), steps=4), run)
+    states = {job.name: SimpleNamespace(job=job, step=2, error=None) for job in prepared.jobs}
+    states["c1"].step, states["c1"].error = 1, "loss became nan at step 2; the job was stopped"
+    saved = Federation(prepared.jobs)
+    saved.restore(states, {"g": 0})
+    [aggregation] = saved.due(states)
+    assert (aggregation.clients, aggregation.step, saved.done) == (["c2"], 2, {"g": 2})
+    derived = Federation(prepared.jobs)
+    derived.restore(states)
+    assert derived.done == {"g": 2} and derived.due(states) == []
 
 
 def test_clients_of_unequal_length_are_refused_before_training(train_checkpoint, examples_data, tmp_path):
@@ -206,7 +239,7 @@ def test_clients_of_factor_optimizers_restart_their_state_at_each_round(optimize
     AltLoRA's momenta): the checkpoint taken at the round's end holds fresh (zero) state, and training goes on."""
     import dataclasses
 
-    from runtime.checkpointing import read_manifest, read_stage_state
+    from lorafusion.checkpoint import read_manifest, read_stage_state
 
     jobs = [dataclasses.replace(j, optimizer=optimizer) if j.federation else j
             for j in _jobs(examples_data, "fedavg", (2, 2), steps=3)]

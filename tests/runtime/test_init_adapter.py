@@ -10,7 +10,7 @@ import torch
 
 import lorafusion as lf
 from lorafusion.adapters.attach import ModelAdapters
-from lorafusion.checkpoint import write_peft_adapter
+from lorafusion.adapter_io import write_peft_adapter
 from lorafusion.models import build_model
 
 peft = pytest.importorskip("peft")

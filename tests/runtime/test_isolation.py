@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import lorafusion as lf
-from lorafusion.checkpoint import read_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter
 from lorafusion.adapters.attach import ModelAdapters
 from lorafusion.adapters.multi import Segment
 from lorafusion.data import IGNORE_INDEX, SampleStream, load_dataset, load_tokenizer

@@ -9,7 +9,7 @@ import pytest
 
 import lorafusion as lf
 from lorafusion.adapters.dylora import sampled_rank
-from lorafusion.checkpoint import read_peft_adapter
+from lorafusion.adapter_io import read_peft_adapter
 from tests.runtime.test_checkpointing import assert_resume_is_exact
 
 

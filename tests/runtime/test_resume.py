@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 
 import lorafusion as lf
 from runtime.backend import ACTOR_PREFIX
-from runtime.checkpointing import read_driver_state, read_manifest
+from lorafusion.checkpoint import read_driver_state, read_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 STEPS = 24  # windows take ~0.1 s here: enough of them that the interruption lands mid-run
+LAST = f"step-{STEPS + STEPS - 2:08d}"  # the last checkpoint: named by both jobs' steps summed
 
 
 def jobs(examples_data: Path) -> list[lf.JobSpec]:
@@ -90,7 +91,7 @@ def kill_driver_after_a_checkpoint(config: Path, out: Path, env_changes: dict[st
         driver.wait()
     assert driver.returncode == -signal.SIGKILL, "the driver ended before it could be killed mid-run"
     done = checkpoints(out)
-    assert done and done[-1] < f"step-{STEPS:08d}", f"killed too late to test a resume: {done}"
+    assert done and done[-1] < LAST, f"killed too late to test a resume: {done}"
 
 
 def test_killed_driver_resumes_to_the_same_adapters(straight, train_checkpoint, examples_data, tmp_path):
@@ -136,7 +137,7 @@ def test_dead_stage_actor_restarts_from_the_checkpoint(straight, train_checkpoin
     killer.start()
     result = lf.fit(jobs(examples_data), run_config(train_checkpoint, out, pipeline_stages=2, progress=True))
     killer.join()
-    assert killed and killed[0] < f"step-{STEPS:08d}", f"killed too late to test a restart: {killed}"
+    assert killed and killed[0] < LAST, f"killed too late to test a restart: {killed}"
     printed = capsys.readouterr().out
     assert "a stage actor died" in printed and "restarting the stage group from checkpoint" in printed
     assert all(job.status == "finished" for job in result.jobs.values())
@@ -216,5 +217,5 @@ def test_checkpoints_on_a_time_interval(train_checkpoint, examples_data, tmp_pat
                   checkpoint_every_steps=None)
     lf.fit(short, run)
     saved = checkpoints(out)
-    windows = read_manifest(out / "checkpoints" / saved[-1], verify=False)["step"]
+    windows = read_manifest(out / "checkpoints" / saved[-1], verify=False)["windows"]
     assert len(saved) == (windows if every_s else 1), saved

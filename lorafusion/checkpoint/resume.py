@@ -1,9 +1,10 @@
-"""Save and restore a whole fit: the driver calls `save_checkpoint` between rounds and `load_checkpoint` at start.
+"""Save and restore a whole fit: the driver calls `save_checkpoint` between windows and `load_checkpoint` at start.
 
 Each side has its own half, so the Ray driver can run the stage halves as actor methods:
-save = `begin_checkpoint` (driver) → `write_stage_shard(staging, stage, stage_states(worker, progress))` (data-
-parallel rank 0 of every stage) → `commit_checkpoint` (driver); resume = `open_checkpoint` (driver) →
-`restore_worker(worker, resumed)` (every actor). `save_checkpoint`/`load_checkpoint` chain them for local workers.
+save = `begin_checkpoint(output_dir, checkpoint_step(progress))` (driver) → `write_stage_shard(staging, stage,
+stage_states(worker, progress))` (data-parallel rank 0 of every stage) → `commit_checkpoint` (driver); resume =
+`open_checkpoint` (driver) → `restore_worker(worker, resumed)` (every actor). `save_checkpoint`/`load_checkpoint`
+chain them for local workers.
 
 Data position and RNG: a job's global batch `step` and its dropout seeds are pure functions of (seed, step,
 sample index) (lorafusion/prepare.py), so the job's step is its whole data and RNG position. The driver
@@ -17,28 +18,40 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 import numpy as np
 
-from lorafusion.checkpoint import atomic_write_text
-from lorafusion.prepare import PreparedJob, PreparedRun, config_differences, run_manifest
-from runtime.checkpointing import (
+from lorafusion.checkpoint.durable import atomic_write_text
+from lorafusion.checkpoint.files import (
     begin_checkpoint, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
     read_stage_state, write_driver_state, write_stage_shard,
 )
-from runtime.optim import lr_at
-from runtime.worker import StageWorker
+from lorafusion.checkpoint.record import config_differences, run_manifest
+from lorafusion.schedule import lr_at
+
+if TYPE_CHECKING:  # prepare imports this package (check_output_dir)
+    from lorafusion.prepare import PreparedJob, PreparedRun
 
 __all__ = [
-    "JobProgress", "StreamState", "Resumed", "save_checkpoint", "stage_states", "commit_checkpoint", "load_checkpoint",
-    "open_checkpoint", "restore_worker", "trim_metrics",
+    "JobProgress", "StreamState", "Resumed", "JobStates", "checkpoint_step", "save_checkpoint", "stage_states",
+    "commit_checkpoint", "load_checkpoint", "open_checkpoint", "restore_worker", "trim_metrics",
 ]
+
+
+class JobStates(Protocol):
+    """What a stage worker (runtime/worker.py's StageWorker) offers a checkpoint: each job's state out and in."""
+
+    def job_state(self, job: str) -> dict: ...
+
+    def load_job_state(self, job: str, state: dict, where: str = ...) -> None: ...
+
+    def remove_job(self, job: str) -> None: ...
 
 
 @dataclass(kw_only=True)
 class JobProgress:
-    """What the driver knows about one job between rounds."""
+    """What the driver knows about one job between windows."""
 
     step: int = 0
     """Optimizer steps taken (= the index of the job's next global batch and its LR schedule position)."""
@@ -47,6 +60,12 @@ class JobProgress:
     eval_loss: float | None = None
     error: str | None = None
     """Why the job failed; None while it trains or once it finished."""
+
+
+def checkpoint_step(progress: Mapping[str, JobProgress]) -> int:
+    """The step a checkpoint is named by: the optimizer steps every job has taken, summed (with one job, its step;
+    a fit resumed from it says "N job steps already done")."""
+    return sum(p.step for p in progress.values())
 
 
 def _status(job: PreparedJob, progress: JobProgress) -> str:
@@ -83,41 +102,43 @@ def _driver_record(job: PreparedJob, progress: JobProgress) -> dict[str, Any]:
     }
 
 
-def stage_states(worker: StageWorker, progress: Mapping[str, JobProgress]) -> dict[str, dict]:
+def stage_states(worker: JobStates, progress: Mapping[str, JobProgress]) -> dict[str, dict]:
     """What one stage writes with `write_stage_shard`: the state of every job that has not failed."""
     return {name: worker.job_state(name) for name, p in progress.items() if p.error is None}
 
 
 def commit_checkpoint(
-    prepared: PreparedRun, staging: Path, counter: int, progress: Mapping[str, JobProgress], num_stages: int,
-    stream: StreamState | None = None,
+    prepared: PreparedRun, staging: Path, windows: int, progress: Mapping[str, JobProgress], num_stages: int,
+    stream: StreamState | None = None, rounds: Mapping[str, int] | None = None,
 ) -> Path:
-    """The driver's half of a save, after every stage wrote its shard into `staging`: the job records, the
-    manifest (the checkpoint is then complete, with `stream` when given) and pruning to run.keep_checkpoints.
-    Returns the folder."""
+    """The driver's half of a save, after every stage wrote its shard into `staging` (begun for
+    `checkpoint_step(progress)`): the job records, the manifest (the checkpoint is then complete, with the driver's
+    `windows` completed, `stream` when given, and `rounds`, each federated group's last aggregated round, when the
+    run has groups) and pruning to run.keep_checkpoints. Returns the folder."""
     run = prepared.run
     for job in prepared.jobs:
         write_driver_state(staging, job.name, _driver_record(job, progress[job.name]))
     jobs = {job.name: {"status": _status(job, progress[job.name]),
                        "stages": num_stages if progress[job.name].error is None else 0} for job in prepared.jobs}
-    path = finalize_checkpoint(staging, counter=counter, jobs=jobs,
+    path = finalize_checkpoint(staging, step=checkpoint_step(progress), windows=windows, jobs=jobs,
                                config=run_manifest(run, [job.spec for job in prepared.jobs]),
-                               stream=None if stream is None else stream.record())
+                               stream=None if stream is None else stream.record(),
+                               rounds=dict(rounds) if rounds else None)
     prune_checkpoints(run.output_dir, run.keep_checkpoints)
     return path
 
 
 def save_checkpoint(
-    prepared: PreparedRun, counter: int, workers_by_stage: Mapping[int, StageWorker], progress: Mapping[str, JobProgress]
+    prepared: PreparedRun, windows: int, workers_by_stage: Mapping[int, JobStates], progress: Mapping[str, JobProgress]
 ) -> Path:
-    """Checkpoint every job after `counter` driver rounds (single process: the workers are local objects).
+    """Checkpoint every job after `windows` driver windows (single process: the workers are local objects).
 
-    Call it between rounds (no job mid-global-batch). Failed jobs get a driver record and no shards.
+    Call it between windows (no job mid-global-batch). Failed jobs get a driver record and no shards.
     """
-    staging = begin_checkpoint(prepared.run.output_dir, counter)
+    staging = begin_checkpoint(prepared.run.output_dir, checkpoint_step(progress))
     for stage, worker in sorted(workers_by_stage.items()):
         write_stage_shard(staging, stage, stage_states(worker, progress))
-    return commit_checkpoint(prepared, staging, counter, progress, len(workers_by_stage))
+    return commit_checkpoint(prepared, staging, windows, progress, len(workers_by_stage))
 
 
 def _check_position(job: PreparedJob, record: dict[str, Any], path: Path) -> None:
@@ -146,8 +167,8 @@ def _read_progress(job: PreparedJob, path: Path) -> JobProgress:
     record = read_driver_state(path, job.name)
     missing = [key for key in _RECORD_KEYS if key not in record]
     if missing:
-        raise ValueError(f"checkpoint file '{path / 'jobs' / job.name / 'driver.json'}' lacks {missing}; delete '{path}' to "
-                         "resume from the previous checkpoint, or set run.overwrite=true to start over")
+        raise ValueError(f"checkpoint file '{path / 'jobs' / job.name / 'driver.json'}' lacks {missing}; delete "
+                         f"'{path}' to resume from the previous checkpoint, or set run.overwrite=true to start over")
     _check_position(job, record, path)
     return JobProgress(step=record["step"], tokens=record["tokens"], last_loss=record["last_loss"],
                        eval_loss=record["eval_loss"], error=record["error"])
@@ -173,12 +194,15 @@ class Resumed:
     """A checkpoint checked by the driver, ready for the stages to load."""
 
     path: Path
-    counter: int
-    """Driver rounds completed when it was taken."""
+    windows: int
+    """Driver windows completed when it was taken (run_metrics.json counts on from there)."""
     progress: dict[str, JobProgress]
     manifest: dict[str, Any]
     stream: StreamState | None = None
     """The capacity run.balance_pipeline had chosen, and for which jobs (None: none chosen yet)."""
+    rounds: dict[str, int] | None = None
+    """Each federated group's last aggregated round, as a step count (None: the run has no groups, or an older
+    lorafusion wrote the checkpoint without them)."""
 
 
 def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
@@ -196,8 +220,9 @@ def open_checkpoint(prepared: PreparedRun) -> Resumed | None:
         raise ValueError(f"checkpoint '{path}' was taken with other settings: {'; '.join(diffs)}. Use those "
                          "settings to resume, or set run.overwrite=true to start over")
     progress = {job.name: _read_progress(job, path) for job in prepared.jobs}
-    return Resumed(path=path, counter=manifest["step"], progress=progress, manifest=manifest,
-                   stream=_read_stream(manifest.get("stream"), prepared, path))
+    return Resumed(path=path, windows=manifest["windows"], progress=progress, manifest=manifest,
+                   stream=_read_stream(manifest.get("stream"), prepared, path),
+                   rounds=_read_rounds(manifest.get("federation_rounds"), prepared, path))
 
 
 def _read_stream(record: Any, prepared: PreparedRun, path: Path) -> StreamState | None:
@@ -216,7 +241,20 @@ def _read_stream(record: Any, prepared: PreparedRun, path: Path) -> StreamState 
     return StreamState(capacity_tokens=capacity, jobs=tuple(jobs), layout=(layout[0], layout[1]))
 
 
-def restore_worker(worker: StageWorker, resumed: Resumed) -> None:
+def _read_rounds(record: Any, prepared: PreparedRun, path: Path) -> dict[str, int] | None:
+    if record is None:
+        return None
+    totals = {job.spec.federation.group: job.total_steps for job in prepared.jobs if job.spec.federation is not None}
+    if not (isinstance(record, dict) and set(record) == set(totals)
+            and all(isinstance(record[g], int) and 0 <= record[g] <= totals[g] for g in totals)):
+        raise ValueError(f"checkpoint '{path}' has a damaged \"federation_rounds\" record {record!r} in its manifest "
+                         f"(expected each of this run's groups {sorted(totals)} with the step count of its last "
+                         f"aggregated round); delete '{path}' to resume from the previous checkpoint, or set "
+                         "run.overwrite=true to start over")
+    return dict(record)
+
+
+def restore_worker(worker: JobStates, resumed: Resumed) -> None:
     """A stage's half of a resume: load every live job's state from the shards, drop the failed jobs."""
     for name, progress in resumed.progress.items():
         if progress.error is not None:
@@ -233,16 +271,16 @@ def restore_worker(worker: StageWorker, resumed: Resumed) -> None:
 
 
 def load_checkpoint(
-    prepared: PreparedRun, workers_by_stage: Mapping[int, StageWorker]
+    prepared: PreparedRun, workers_by_stage: Mapping[int, JobStates]
 ) -> tuple[int, dict[str, JobProgress]] | None:
-    """Restore local workers from the newest complete checkpoint; returns (global counter, progress per job),
+    """Restore local workers from the newest complete checkpoint; returns (windows completed, progress per job),
     or None when there is nothing to resume (see open_checkpoint)."""
     resumed = open_checkpoint(prepared)
     if resumed is None:
         return None
     for worker in workers_by_stage.values():
         restore_worker(worker, resumed)
-    return resumed.counter, resumed.progress
+    return resumed.windows, resumed.progress
 
 
 def _record_step(line: str) -> float:

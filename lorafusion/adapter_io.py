@@ -1,7 +1,9 @@
 """Adapters on disk in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
-Writes are atomic: files go to a temporary sibling folder that replaces the target in one rename, so a
-crash never leaves a half-written adapter where a complete one was.
+This is the export format (what a user loads with PEFT), not a run checkpoint (lorafusion/checkpoint/, which
+holds optimizer state and progress for a resume). Writes are atomic (lorafusion/checkpoint/durable.py): files go
+to a temporary sibling folder, flushed to disk, that replaces the target in one rename, so a crash never leaves a
+half-written adapter where a complete one was.
 
 A variant whose update no PEFT adapter holds exactly (`config.svd_export_rank` set: TeRA) exports two things in
 one folder: the PEFT files hold the truncated-SVD plain LoRA of that rank (PEFT loads it as any LoRA), and
@@ -14,18 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lorafusion.adapters import AdapterConfig, adapter_config_from_dict, config_from_peft
 from lorafusion.adapters.base import EXPORT_ERROR_KEY
+from lorafusion.checkpoint.durable import atomic_directory
 
-__all__ = ["write_peft_adapter", "read_peft_adapter", "atomic_directory", "atomic_file", "atomic_write_text", "fsync_path"]
+__all__ = ["write_peft_adapter", "read_peft_adapter", "read_peft_config"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,50 +37,6 @@ REPORT_NAME = "export_report.json"
 _LORA_KEYS = (".lora_A.weight", ".lora_B.weight")
 
 logger = logging.getLogger(__name__)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)`, flush it to disk, then rename over `path`: readers see the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_file(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_directory(target: Path, fill) -> Path:
-    """Call `fill(tmp_dir)`, flush its files and entries to disk, then move tmp_dir to `target`, replacing any
-    previous content; the previous content is deleted only once the new one is in place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    fill(tmp)
-    for path in tmp.rglob("*"):
-        fsync_path(path)
-    fsync_path(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    fsync_path(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def write_peft_adapter(

@@ -1,30 +1,12 @@
-"""Checkpoint files: per-stage shards, per-job driver state, and a manifest written last.
-
-One checkpoint is one consistent cut of the whole fit, taken between driver rounds (global counter N =
-rounds completed):
-
-    <output_dir>/checkpoints/step-<N>/
-        manifest.json                       written last: config record, job statuses, size + sha256 of every file
-        jobs/<job>/driver.json              the driver's progress of the job (runtime/resume.py fills it)
-        jobs/<job>/stage-<s>.safetensors    pipeline stage s's parameters of the job and their AdamW state
-
-Why one folder per global counter with a sub-folder per job: every job is cut at the same round, so one
-manifest marks all of them complete at once, and a resume never mixes jobs from different moments; the
-per-job sub-folders keep a job's files together and let a failed job simply have no shards (under `jobs/`,
-so a job may be named like any file of the checkpoint).
-
-Crash safety: a checkpoint is filled in `.step-<N>.partial/` (each file written under a temporary name,
-flushed and renamed), its manifest goes in last, its folders' entries are flushed, and only then is the folder
-renamed to `step-<N>`. A crash at any moment leaves the previous checkpoints untouched and the partial one
-invisible to `latest_checkpoint`. When counter N is saved again, the old `step-<N>` is moved aside to
-`.step-<N>.old` (still found by `complete_checkpoints`) and deleted only once the new one is in place.
-"""
+"""A checkpoint's files: naming and listing the folders, writing them under the commit protocol, reading and
+verifying them, pruning. The format itself is described in lorafusion/checkpoint/__init__.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,22 +15,62 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorafusion.checkpoint import atomic_file, atomic_write_text, fsync_path
-from lorafusion.prepare import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR, complete_checkpoints
+from lorafusion.checkpoint.durable import atomic_file, atomic_write_text, fsync_path
 
 __all__ = [
-    "checkpoint_dir", "begin_checkpoint", "write_stage_shard", "write_driver_state", "finalize_checkpoint",
-    "latest_checkpoint", "read_manifest", "read_stage_state", "read_driver_state", "prune_checkpoints",
+    "CHECKPOINTS_DIR", "CHECKPOINT_MANIFEST", "checkpoint_dir", "complete_checkpoints", "latest_checkpoint",
+    "begin_checkpoint", "write_stage_shard", "write_driver_state", "finalize_checkpoint", "read_manifest",
+    "read_stage_state", "read_driver_state", "prune_checkpoints",
 ]
 
-MANIFEST_FORMAT = "lorafusion-checkpoint/1"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_MANIFEST = "manifest.json"
+"""Written last inside a checkpoint folder: a folder without it is not a checkpoint."""
+MANIFEST_FORMAT = "lorafusion-checkpoint/2"
+V1_MANIFEST_FORMAT = "lorafusion-checkpoint/1"
+"""Written by lorafusion before checkpoints were named by step: folders named by the window counter, which the
+manifest's "step" held."""
 SHARD_FORMAT = "lorafusion-stage-shard/1"
 DRIVER_FILE = "driver.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_REPLACED_STEP_DIR = re.compile(r"^\.step-(\d+)\.old$")
+"""A complete checkpoint moved aside while the same step is saved again (finalize_checkpoint)."""
 
 
-def checkpoint_dir(output_dir: str | Path, counter: int) -> Path:
-    """Where the complete checkpoint of global counter `counter` lives."""
-    return Path(output_dir) / CHECKPOINTS_DIR / f"step-{counter:08d}"
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the complete checkpoint taken after `step` optimizer steps (summed over the jobs) lives."""
+    return Path(output_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+def _written_by_v1(folder: Path) -> bool:
+    """Whether an older lorafusion wrote it (named by its window counter: it sorts before any newer one)."""
+    try:
+        return json.loads((folder / CHECKPOINT_MANIFEST).read_text()).get("format") == V1_MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):  # damaged: read_manifest says so when it is chosen
+        return False
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(number in the name, folder) of every checkpoint whose manifest was written, oldest first: by step, with
+    the ones an older lorafusion named by its window counter before all others (a run resumed from one of those
+    only writes newer ones)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    # A step saved again and interrupted between its two renames: the old one, moved aside, stands.
+    for pattern in (_STEP_DIR, _REPLACED_STEP_DIR):
+        for folder in root.iterdir():
+            match = pattern.match(folder.name)
+            if match and folder.is_dir() and (folder / CHECKPOINT_MANIFEST).is_file():
+                found.setdefault(int(match.group(1)), folder)
+    return sorted(found.items(), key=lambda item: (not _written_by_v1(item[1]), item[0]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in output_dir, or None; partial ones (no manifest) are ignored."""
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 def _staging(final: Path) -> Path:
@@ -68,9 +90,9 @@ def _fix(ckpt_dir: Path) -> str:
             "run.overwrite=true to start over")
 
 
-def begin_checkpoint(output_dir: str | Path, counter: int) -> Path:
-    """An empty staging folder for checkpoint `counter` (left-overs of an earlier, crashed attempt are removed)."""
-    staging = _staging(checkpoint_dir(output_dir, counter))
+def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """An empty staging folder for the checkpoint of `step` (left-overs of an earlier, crashed attempt are removed)."""
+    staging = _staging(checkpoint_dir(output_dir, step))
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
@@ -119,33 +141,39 @@ def _expected_files(jobs: dict[str, dict]) -> list[str]:
     return files
 
 
-def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str, Any], jobs: dict[str, dict],
-                        stream: dict[str, Any] | None = None) -> Path:
+def finalize_checkpoint(ckpt_dir: str | Path, *, step: int, windows: int, config: dict[str, Any],
+                        jobs: dict[str, dict], stream: dict[str, Any] | None = None,
+                        rounds: dict[str, int] | None = None) -> Path:
     """Write the manifest that marks the staged checkpoint complete, then rename it into place; returns its path.
 
+    `step`: the optimizer steps of all jobs together (the folder's name); `windows`: the driver's windows completed;
     `config` is the run's `run_manifest` record; `jobs` maps each job to {"status", "stages": number of shards}
     (0 for a failed job); `stream`, when given, the driver's planning state that a resume must continue with
-    (kept as the manifest's "stream"). RuntimeError if a stage or the driver did not write its file.
+    (kept as the manifest's "stream"); `rounds`, when given, each federated group's last aggregated round (the
+    manifest's "federation_rounds"). RuntimeError if a stage or the driver did not write its file.
     """
     staging = Path(ckpt_dir)
-    final = checkpoint_dir(staging.parent.parent, counter)
+    final = checkpoint_dir(staging.parent.parent, step)
     if staging != _staging(final):
-        raise RuntimeError(f"finalize_checkpoint: '{staging}' is not the staging folder of step {counter} "
+        raise RuntimeError(f"finalize_checkpoint: '{staging}' is not the staging folder of step {step} "
                            f"('{_staging(final)}'); start it with begin_checkpoint")
     files = {}
     for rel in _expected_files(jobs):
         path = staging / rel
         if not path.is_file():
-            raise RuntimeError(f"checkpoint step {counter}: '{path}' was not written; a stage or the driver failed "
+            raise RuntimeError(f"checkpoint step {step}: '{path}' was not written; a stage or the driver failed "
                                "before finalize_checkpoint")
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format": MANIFEST_FORMAT, "step": counter, "config": config, "jobs": jobs, "files": files}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "windows": windows, "config": config, "jobs": jobs,
+                "files": files}
     if stream is not None:
         manifest["stream"] = stream
+    if rounds is not None:
+        manifest["federation_rounds"] = rounds
     atomic_write_text(staging / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))
     for folder in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:  # the files' directory entries too
         fsync_path(folder)
-    if final.exists():  # the same counter saved again (e.g. at the end right after a periodic save)
+    if final.exists():  # the same step saved again (e.g. at the end right after a periodic save)
         # Moved aside, not deleted, until the new one is in place: a crash between the two renames leaves the old
         # one as `.step-<N>.old`, which complete_checkpoints still finds.
         old = final.with_name(f".{final.name}.old")
@@ -161,23 +189,22 @@ def finalize_checkpoint(ckpt_dir: str | Path, *, counter: int, config: dict[str,
     return final
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in output_dir, or None; partial ones (no manifest) are ignored."""
-    found = complete_checkpoints(output_dir)
-    return found[-1][1] if found else None
-
-
 def read_manifest(ckpt_dir: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """The checkpoint's manifest; with `verify`, every file it lists is checked against its size and sha256."""
+    """The checkpoint's manifest; with `verify`, every file it lists is checked against its size and sha256.
+
+    One written by an older lorafusion (format 1) is read as format 2 without "step": its "step" was the
+    window counter, returned as "windows"."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CHECKPOINT_MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"checkpoint file '{path}' cannot be read ({err}); {_fix(ckpt_dir)}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (MANIFEST_FORMAT, V1_MANIFEST_FORMAT):
         raise ValueError(f"checkpoint file '{path}' is not a {MANIFEST_FORMAT} manifest; {_fix(ckpt_dir)}")
-    for key in ("step", "config", "jobs", "files"):
+    if manifest["format"] == V1_MANIFEST_FORMAT and "step" in manifest:
+        manifest = {key: value for key, value in manifest.items() if key != "step"} | {"windows": manifest["step"]}
+    for key in ("windows", "config", "jobs", "files"):
         if key not in manifest:
             raise ValueError(f"checkpoint file '{path}' has no '{key}'; {_fix(ckpt_dir)}")
     if verify:
@@ -258,12 +285,14 @@ def read_driver_state(ckpt_dir: str | Path, job: str) -> dict[str, Any]:
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints and any partial left-overs; returns what went."""
+    """Delete all but the newest `keep` complete checkpoints and any partial left-overs; returns what went.
+    Called only once a new checkpoint is complete and flushed, so the one it succeeds is never deleted first."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     complete = [path for _, path in complete_checkpoints(output_dir)]
     doomed = complete[:-keep] if keep > 0 else complete
     if root.is_dir():
-        doomed += [p for p in root.iterdir() if p.is_dir() and p not in complete and p.name.startswith((".step-", "step-"))]
+        doomed += [p for p in root.iterdir()
+                   if p.is_dir() and p not in complete and p.name.startswith((".step-", "step-"))]
     for path in doomed:
         # Manifest first: if the deletion is interrupted, a half-deleted folder is never taken as complete.
         (path / CHECKPOINT_MANIFEST).unlink(missing_ok=True)
