@@ -235,7 +235,16 @@ class _Trainer:
         evaluate and checkpoint where a drained window brings the jobs to those points."""
         sent: deque[tuple[_WindowPlan, list]] = deque()
         planner = self._new_planner()
-        while any(s.plannable for s in self.states.values()) and not self.stop.requested:
+        while not self.stop.requested:
+            if not any(s.plannable for s in self.states.values()):
+                if not sent:
+                    break
+                # The last plannable job failed while a window streamed on (its federated partner may wait at
+                # the round's end for it): drain, then take what falls due, which may let jobs go on.
+                self._drain(sent)
+                planner = self._new_planner()
+                self._at_boundary([], False)
+                continue
             planned, boundary, planner = self._plan_next(planner)
             sent.append((planned, self.group.submit_window(planned.window)))
             while len(sent) > (0 if planned.window.flush else 1):
@@ -252,16 +261,20 @@ class _Trainer:
     def _stop(self, sent: deque[tuple[_WindowPlan, list]]) -> None:
         """After SIGINT/SIGTERM: finish the window in flight, drain the pipeline (an empty window), checkpoint
         every job where it stands, and raise FitInterrupted."""
-        while sent:
-            planned, calls = sent.popleft()
-            self._collect(planned, calls)
-            if not planned.window.flush:
-                drain = Window(slots=[[] for _ in range(self.run.data_parallel)], flush=True)
-                self._collect(_WindowPlan(window=drain, tokens={}, microbatches=0), self.group.submit_window(drain))
+        self._drain(sent)
         path = self.checkpoint()
         steps = ", ".join(f"{name} {state.step}/{state.job.total_steps}" for name, state in self.states.items())
         raise FitInterrupted(f"stopped by {signal.Signals(self.stop.signum).name} at steps {steps}; checkpoint "
                              f"{path}; run the same command again to resume from it", self.stop.signum)
+
+    def _drain(self, sent: deque[tuple[_WindowPlan, list]]) -> None:
+        """Collect the windows in flight; when the last of them streamed on, drain the pipeline (an empty window)."""
+        while sent:
+            planned, calls = sent.popleft()
+            self._collect(planned, calls)
+            if not sent and not planned.window.flush:
+                drain = Window(slots=[[] for _ in range(self.run.data_parallel)], flush=True)
+                self._collect(_WindowPlan(window=drain, tokens={}, microbatches=0), self.group.submit_window(drain))
 
     @property
     def _layout(self) -> tuple[int, int]:

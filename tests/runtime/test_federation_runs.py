@@ -4,6 +4,7 @@ jobs reach without federation; a job outside the group is unaffected; a resume a
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -252,3 +253,34 @@ def test_clients_of_factor_optimizers_restart_their_state_at_each_round(optimize
         state = read_stage_state(at_round[0], name, read_manifest(at_round[0]))["optimizer"]
         moments = [t for per_param in state.values() for t in per_param.values()]
         assert moments and all(not t.any() for t in moments), f"{name}: state survived the round"
+
+
+def test_when_the_last_job_fails_mid_stream_the_window_in_flight_is_collected_and_drained(
+        train_checkpoint, examples_data, tmp_path, monkeypatch):
+    """One job, streamed one window ahead: its step 2 fails while the next window is in flight. Every window sent
+    is still collected and the pipeline ends drained (before, the fit ended with that window never collected, and
+    a federated partner waiting at its round's end for the failed client was never aggregated)."""
+    from runtime.engine import LocalGroup
+
+    sent, collected = [], []
+    submit, collect = LocalGroup.submit_window, LocalGroup.collect
+
+    def spy_submit(self, window):
+        calls = submit(self, window)
+        sent.append((window.flush, calls))
+        return calls
+
+    def spy_collect(self, calls):
+        collected.append(calls)
+        return collect(self, calls)
+
+    monkeypatch.setattr(LocalGroup, "submit_window", spy_submit)
+    monkeypatch.setattr(LocalGroup, "collect", spy_collect)
+    monkeypatch.setattr(importlib.import_module("runtime.fit"), "_MAX_STEPS_PER_WINDOW", 1)  # one-step windows
+    job = lf.JobSpec(name="bad", dataset=str(examples_data / "arith.jsonl"), global_batch_size=4, learning_rate=1e30,
+                     max_grad_norm=None, max_steps=8, adapter=lf.LoRAConfig(rank=2, alpha=4.0))
+    result = _fit(train_checkpoint, tmp_path, [job])
+    assert result["bad"].status == "failed" and result["bad"].steps == 1
+    training = [(flush, calls) for flush, calls in sent if calls in collected]
+    assert len(training) == len(sent), "a window sent to the stage was never collected"
+    assert not sent[0][0] and sent[-1][0], "expected streamed windows and a drain at the end"
