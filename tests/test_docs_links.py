@@ -55,3 +55,18 @@ def test_relative_links_resolve(page: Path) -> None:
         elif fragment and linked.suffix == ".md" and fragment not in anchors(linked):
             broken.append(f"{target}: no heading '#{fragment}' in {linked.name}")
     assert not broken, f"{page.relative_to(ROOT)} has dead links:\n" + "\n".join(broken)
+
+
+def test_readme_yaml_example_is_a_valid_config(tmp_path: Path) -> None:
+    """The README's jobs YAML loads as written (field names, adapter types, options), so the tour cannot drift
+    from lorafusion/config.py."""
+    from lorafusion.config import load_config
+
+    blocks = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    configs = [block for block in blocks if block.startswith("run:")]
+    assert configs, "README.md has no complete {run, jobs} YAML example"
+    for i, block in enumerate(configs):
+        path = tmp_path / f"example{i}.yaml"
+        path.write_text(block)
+        jobs, run = load_config(path)
+        assert jobs and run.output_dir
