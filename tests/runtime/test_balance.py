@@ -105,44 +105,57 @@ def test_lorafusion_plan_shows_the_capacity_the_fit_would_choose(prepared):
     assert total[5] == f"{1 - real / room:.1%}"
 
 
+# Checkpointed every step: the resume test below restarts this fit from its first checkpoint.
+CHECKPOINTED_2_STAGES = dict(pipeline_stages=2, checkpoint_every_steps=1, keep_checkpoints=5)
+
+
+@pytest.fixture(scope="module")
+def balanced(ray_session, train_checkpoint, examples_data, tmp_path_factory):
+    """One balanced 2-stage fit (Ray actors) that both tests below read: its output folder and adapters."""
+    out = tmp_path_factory.mktemp("balanced") / "straight"
+    return out, fit_adapters(train_checkpoint, out, dominated_jobs(examples_data, steps=3), CAPACITY,
+                             **CHECKPOINTED_2_STAGES)
+
+
 @pytest.mark.usefixtures("ray_session")
-def test_balanced_fit_trains_the_same_jobs(train_checkpoint, examples_data, tmp_path):
+def test_balanced_fit_trains_the_same_jobs(balanced, train_checkpoint, examples_data, tmp_path):
     """The fit (balanced by default) records its choice and trains every job to the adapters of a 1-stage fit, up
     to the fp32 rounding of gradient sums over a different packing (Adam amplifies it: 9.4e-5 measured here, so
-    3e-4 leaves a margin for other CPUs' kernels and nothing for a real difference)."""
+    3e-4 leaves a margin for other CPUs' kernels and nothing for a real difference). The 1-stage fit runs in
+    process: the engines give the same adapters bit for bit (tests/runtime/test_resume.py)."""
     jobs = dominated_jobs(examples_data, steps=3)
-    single = fit_adapters(train_checkpoint, tmp_path / "single", jobs, CAPACITY)
-    balanced = fit_adapters(train_checkpoint, tmp_path / "balanced", jobs, CAPACITY, pipeline_stages=2)
-    metrics = json.loads((tmp_path / "balanced" / "run_metrics.json").read_text())
+    single = fit_adapters(train_checkpoint, tmp_path / "single", jobs, CAPACITY, engine="local")
+    out, adapters = balanced
+    metrics = json.loads((out / "run_metrics.json").read_text())
     [choice] = metrics["capacity_choices"]  # one set of jobs, one choice
     assert choice["window"] == 0 and choice["jobs"] == sorted(NAMES)
     assert choice["capacity_tokens"] < CAPACITY
     for name in NAMES:
-        worst, key = max_rel_diff(balanced[name]["tensors"], single[name]["tensors"])
+        worst, key = max_rel_diff(adapters[name]["tensors"], single[name]["tensors"])
         assert worst <= 3e-4, f"job {name}: balanced 2-stage vs 1 process differ by {worst:.3e} in {key}"
-        assert [m["step"] for m in balanced[name]["metrics"]] == [1, 2, 3]
-    # Off: no choice, every microbatch filled up to the full capacity, so fewer of them.
-    fit_adapters(train_checkpoint, tmp_path / "full", jobs, CAPACITY, pipeline_stages=2, balance_pipeline=False)
+        assert [m["step"] for m in adapters[name]["metrics"]] == [1, 2, 3]
+    # Off: no choice, every microbatch filled up to the full capacity, so fewer of them (same windows).
+    fit_adapters(train_checkpoint, tmp_path / "full", jobs, CAPACITY, balance_pipeline=False, **CHECKPOINTED_2_STAGES)
     full = json.loads((tmp_path / "full" / "run_metrics.json").read_text())
     assert full["capacity_choices"] == [] and full["microbatches"] < metrics["microbatches"]
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_a_resumed_fit_goes_on_at_the_chosen_capacity(train_checkpoint, examples_data, tmp_path):
+def test_a_resumed_fit_goes_on_at_the_chosen_capacity(balanced, train_checkpoint, examples_data, tmp_path):
     """The checkpoint keeps the stream's capacity choice, so a fit resumed from it plans its later windows
     as the uninterrupted fit did (and gets its adapters bit for bit) instead of choosing again; a damaged
     record is refused before anything is written."""
     jobs = dominated_jobs(examples_data, steps=3)
-    fields = dict(pipeline_stages=2, checkpoint_every_steps=1, keep_checkpoints=5)
-    straight = fit_adapters(train_checkpoint, tmp_path / "straight", jobs, CAPACITY, **fields)
-    [choice] = json.loads((tmp_path / "straight" / "run_metrics.json").read_text())["capacity_choices"]
+    fields = CHECKPOINTED_2_STAGES
+    out, straight = balanced
+    [choice] = json.loads((out / "run_metrics.json").read_text())["capacity_choices"]
     assert choice["capacity_tokens"] < CAPACITY
-    first = min((tmp_path / "straight" / CHECKPOINTS_DIR).glob("step-*"))
+    first = min((out / CHECKPOINTS_DIR).glob("step-*"))
     stream = json.loads((first / CHECKPOINT_MANIFEST).read_text())["stream"]
     assert stream == {"capacity_tokens": choice["capacity_tokens"], "jobs": sorted(NAMES), "layout": [2, 1]}
 
     # Interrupted after the first checkpoint: its output as it stood then (later checkpoints never written).
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.copytree(out, tmp_path / "resumed")
     for later in (tmp_path / "resumed" / CHECKPOINTS_DIR).glob("step-*"):
         if later.name != first.name:
             shutil.rmtree(later)

@@ -83,26 +83,33 @@ def assert_same_adapters(together: dict, alone: dict, name: str) -> None:
 # ----------------------------------------------------------------------------- promise 1, via lf.fit
 
 
-def test_jobs_trained_together_equal_each_trained_alone(train_checkpoint, examples_data, tmp_path):
+@pytest.fixture(scope="module")
+def alone(train_checkpoint, examples_data, tmp_path_factory) -> dict[str, dict]:
+    """Each of three_jobs (no dropout) fitted alone, in process: job -> {tensors, metrics}. The fits together
+    below run on Ray actors (the session's Ray instance), so each comparison also crosses the engines, which give
+    the same adapters bit for bit (tests/runtime/test_resume.py)."""
+    return {spec.name: fit_adapters(train_checkpoint, tmp_path_factory.mktemp(f"alone_{spec.name}"), [spec], CAPACITY,
+                                    engine="local")[spec.name]
+            for spec in three_jobs(examples_data)}
+
+
+def test_jobs_trained_together_equal_each_trained_alone(alone, train_checkpoint, examples_data, tmp_path):
     jobs = three_jobs(examples_data)
     together = fit_adapters(train_checkpoint, tmp_path / "together", jobs, CAPACITY)
     for spec in jobs:
         b_max = max(v.abs().max().item() for k, v in together[spec.name]["tensors"].items() if "lora_B" in k)
         assert b_max > 1e-4, f"job {spec.name}: B stayed ~0, so the comparison would be vacuous"
-        alone = fit_adapters(train_checkpoint, tmp_path / f"alone_{spec.name}", [spec], CAPACITY)
         assert_same_adapters(together, alone, spec.name)
 
 
-def test_dropout_job_trained_together_equals_itself_alone(train_checkpoint, examples_data, tmp_path):
+def test_dropout_job_trained_together_equals_itself_alone(alone, train_checkpoint, examples_data, tmp_path):
     jobs = three_jobs(examples_data, dropout=(0.1, 0.2, 0.0))
     together = fit_adapters(train_checkpoint, tmp_path / "together", jobs, CAPACITY)
     for spec in jobs[:2]:
-        alone = fit_adapters(train_checkpoint, tmp_path / f"alone_{spec.name}", [spec], CAPACITY)
-        assert_same_adapters(together, alone, spec.name)
+        solo = fit_adapters(train_checkpoint, tmp_path / f"alone_{spec.name}", [spec], CAPACITY, engine="local")
+        assert_same_adapters(together, solo, spec.name)
     # Dropout is really on: without it the same job ends somewhere else.
-    no_dropout = three_jobs(examples_data)[0]
-    plain = fit_adapters(train_checkpoint, tmp_path / "no_dropout", [no_dropout], CAPACITY)
-    worst, _ = max_rel_diff(together["greet"]["tensors"], plain["greet"]["tensors"])
+    worst, _ = max_rel_diff(together["greet"]["tensors"], alone["greet"]["tensors"])
     assert worst > 1e-2, "dropout=0.1 trained exactly like dropout=0; the masks are not applied"
 
 

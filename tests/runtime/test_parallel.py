@@ -34,7 +34,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(checkpoint, examples_data, tmp_path_factory):
-    return fit_adapters(checkpoint, tmp_path_factory.mktemp("single"), three_jobs(examples_data), CAPACITY)
+    """The reference: one stage, one replica, in this process (no Ray actor to start)."""
+    return fit_adapters(checkpoint, tmp_path_factory.mktemp("single"), three_jobs(examples_data), CAPACITY,
+                        engine="local")
 
 
 @pytest.mark.parametrize("layout, steps_per_window", [
