@@ -21,8 +21,10 @@ def _argv(cache_dir, **extra) -> list[str]:
     return [part for key, value in args.items() for part in ("--" + key.replace("_", "-"), str(value))]
 
 
-def test_providers_train_the_same_tokens(tmp_path, ray_session):
-    cfg = BenchConfig(**TOY, cache_dir=str(tmp_path / "cache"), dtype="float32")
+def test_providers_train_the_same_tokens(tmp_path):
+    # engine local, as the bench runs one stage by default (auto without Ray): five fits without an actor each;
+    # test_pipeline_stages_2_is_measured runs (a) on Ray actors.
+    cfg = BenchConfig(**TOY, cache_dir=str(tmp_path / "cache"), dtype="float32", engine="local")
     results = run_benchmark(cfg)
     assert [len(runs) for runs in results.values()] == [1, 1, 1, 1]
     (a,), (b,), (c,), (cp,) = results["a"], results["b"], results["c"], results["cp"]
@@ -43,11 +45,12 @@ def test_providers_train_the_same_tokens(tmp_path, ray_session):
     assert row["c_padding_fraction"] == pytest.approx(1 - c.tokens / c.padded_tokens, abs=1e-3)
 
 
-def test_main_appends_one_row_of_medians(tmp_path, ray_session, monkeypatch):
+def test_main_appends_one_row_of_medians(tmp_path, monkeypatch):
     # Repeats are tested here, on a and c only: b (four fits) would double the time and test nothing more.
     measured = []
     monkeypatch.setattr(bench, "run_benchmark", lambda cfg: measured.append(run_benchmark(cfg)) or measured[-1])
-    assert main(_argv(tmp_path / "cache", providers="a,c", repeats=2), results_dir=tmp_path / "results") == 0
+    assert main(_argv(tmp_path / "cache", providers="a,c", repeats=2, engine="local"),
+                results_dir=tmp_path / "results") == 0
     (results,) = measured
     (a, a2), (c, c2) = results["a"], results["c"]
     assert a2.tokens == a.tokens and c2.first_loss == pytest.approx(c.first_loss)  # repeats redo the same work

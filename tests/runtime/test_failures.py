@@ -11,9 +11,10 @@ from lorafusion.adapter_io import read_peft_adapter
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-def test_diverging_job_is_stopped_and_the_others_finish(train_checkpoint, examples_data, tmp_path, stages):
-    """A learning rate of 1e30 blows the job's adapter up after its first step: its next loss is not finite."""
+@pytest.mark.parametrize("stages, engine", [(1, "local"), (2, "ray")])
+def test_diverging_job_is_stopped_and_the_others_finish(train_checkpoint, examples_data, tmp_path, stages, engine):
+    """A learning rate of 1e30 blows the job's adapter up after its first step: its next loss is not finite.
+    One stage in process, two on Ray actors: each engine stops the job and finishes the others."""
     jobs = [
         lf.JobSpec(name=name, dataset=str(examples_data / f"{data}.jsonl"), adapter=lf.LoRAConfig(rank=2),
                    global_batch_size=4, learning_rate=lr, max_steps=3, seed=i, max_grad_norm=None)
@@ -22,7 +23,7 @@ def test_diverging_job_is_stopped_and_the_others_finish(train_checkpoint, exampl
     ]
     out = tmp_path / "run"
     result = lf.fit(jobs, lf.RunConfig(base_model=str(train_checkpoint), output_dir=str(out), progress=False,
-                                       pipeline_stages=stages))
+                                       pipeline_stages=stages, engine=engine))
 
     bad = result["bad"]
     assert bad.status == "failed" and bad.steps == 1 and bad.adapter_path is None
