@@ -273,6 +273,11 @@ def _save_figure(draw, title: str, path: Path) -> None:
 def write_report(output_dir: str | Path) -> RunReport:
     """Write loss_<job>.png, loss.png and summary.md under <output_dir>/report; returns what was read."""
     report = load_run(output_dir)
+    try:
+        import matplotlib  # noqa: F401  (checked before anything is written)
+    except ImportError as err:
+        raise RuntimeError("lorafusion report draws its loss curves with matplotlib, which is not installed: "
+                           "pip install 'lorafusion[report]'") from err
     folder = report.output_dir / REPORT_DIR
     folder.mkdir(exist_ok=True)
     for job in report.jobs:

@@ -4,6 +4,7 @@ errors for non-run folders and malformed metrics lines, PNGs that decode, and on
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,14 @@ def test_write_report_files(tmp_path):
         assert image.shape[:2] == (450, 700)
         assert image[..., :3].std() > 0.01  # something was drawn, not a blank canvas
     assert (folder / "summary.md").read_text() == render_summary(report)
+
+
+def test_without_matplotlib_the_report_names_its_extra_and_writes_nothing(tmp_path, monkeypatch):
+    out = _fake_run(tmp_path / "out", run_metrics=RUN_METRICS)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets where it is not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'lorafusion\[report\]'"):
+        write_report(out)
+    assert not (out / "report").exists()
 
 
 def test_cli_report_prints_summary(tmp_path, capsys):
