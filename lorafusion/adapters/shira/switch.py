@@ -21,17 +21,30 @@ __all__ = ["restore_entries", "switch_entries", "switched"]
 
 
 def switch_entries(weight: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """weight.view(-1)[index] += values in place (duplicated indices add up, each entry rounded once to the
-    weight's dtype from its fp32 sum); returns the entries' previous values [m], for `restore_entries`."""
+    """weight.view(-1)[index] += values in place; returns the entries' previous values [m], for `restore_entries`.
+
+    Each addition is float(w) + float(v) rounded once to the weight's dtype; an index listed several times (jobs
+    whose supports overlap) takes its additions one after another in list order, as if each job were switched
+    in turn. Native and torch paths give the same bits."""
     if native.enabled(weight.device):
         saved = torch.empty(index.numel(), dtype=weight.dtype, device=weight.device)  # [m]
         native.sparse_switch(weight, index, values.contiguous(), saved)
         return saved
     flat = weight.view(-1)
     saved = flat[index]  # [m], a copy
-    unique, inverse = torch.unique(index, return_inverse=True)
-    total = torch.zeros(unique.numel(), dtype=torch.float32, device=weight.device).index_add_(0, inverse, values.float())
-    flat[unique] = (flat[unique].float() + total).to(flat.dtype)
+    if index.numel() == 0:
+        return saved
+    # the k-th time an index appears in the list (0 for its first): one pass per k, each over distinct entries
+    order = torch.sort(index, stable=True).indices
+    position = torch.arange(index.numel(), device=index.device)
+    starts = torch.ones_like(index, dtype=torch.bool)
+    starts[1:] = index[order][1:] != index[order][:-1]
+    repeat = torch.empty_like(position)
+    repeat[order] = position - torch.cummax(torch.where(starts, position, 0), 0).values
+    for k in range(int(repeat.max()) + 1):
+        pick = repeat == k
+        entries = index[pick]
+        flat[entries] = (flat[entries].float() + values[pick].float()).to(flat.dtype)
     return saved
 
 
