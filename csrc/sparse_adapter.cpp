@@ -87,21 +87,41 @@ void pack_tile(const T* src, int64_t features, int64_t t0, int64_t count, int64_
   }
 }
 
+// This CPU's fp32 SIMD register as a value (GCC/Clang vector extension), so the loops below compile to plain
+// broadcast-FMA sequences with their accumulators in registers; `omp simd` vectorised across support entries with
+// gathers instead, and a vector type wider than the hardware's is spilled to the stack.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr int64_t kVecs = kTokens / kLanes;  // registers per kTokens-wide row of a tile
+static_assert(kTokens % kLanes == 0 && kDotTokens % kLanes == 0, "tiles hold whole SIMD registers");
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // out[t0 + i, r] += Σ_j v_j · tile[c_j, i] for rows r in [r0, r1) of the CSR: one kTokens-wide FMA per entry.
 template <typename T>
 void csr_tile(const float* tile, const int64_t* crow, const int64_t* cols, const float* vals, int64_t r0,
               int64_t r1, T* out, int64_t out_cols, int64_t t0, int64_t count) {
   for (int64_t r = r0; r < r1; ++r) {
-    float acc[kTokens] = {};
+    Vec acc[kVecs] = {};
     for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
-      const float v = vals[j];
       const float* col = tile + cols[j] * kTokens;
-#pragma omp simd
-      for (int64_t i = 0; i < kTokens; ++i) acc[i] += v * col[i];
+      for (int64_t q = 0; q < kVecs; ++q) acc[q] += vals[j] * load_vec(col + q * kLanes);
     }
+    float sums[kTokens];
+    std::memcpy(sums, acc, sizeof sums);
     for (int64_t i = 0; i < count; ++i) {
       T& o = out[(t0 + i) * out_cols + r];
-      o = static_cast<T>(static_cast<float>(o) + acc[i]);
+      o = static_cast<T>(static_cast<float>(o) + sums[i]);
     }
   }
 }
@@ -200,9 +220,12 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
       for (int64_t k = k0; k < k1; ++k) {
         const float* a = db + r[k] * kDotTokens;
         const float* e = xb + c[k] * kDotTokens;
+        Vec prod = load_vec(a) * load_vec(e);
+        for (int64_t i = kLanes; i < kDotTokens; i += kLanes) prod += load_vec(a + i) * load_vec(e + i);
+        float lanes[kLanes];
+        std::memcpy(lanes, &prod, sizeof lanes);
         float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < kDotTokens; ++i) sum += a[i] * e[i];
+        for (int64_t i = 0; i < kLanes; ++i) sum += lanes[i];
         dv[k] += sum;
       }
     }
