@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -203,20 +204,21 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
                  float* dv) {
   const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1), nnz = rows.numel();
   const int64_t tiles = (tokens + kDotTokens - 1) / kDotTokens;
-  std::vector<float> xt(tiles * in_f * kDotTokens), dyt(tiles * out_f * kDotTokens);
+  // uninitialised: pack_tile writes every element (zeros past the last token), so no memset of T·(N + K) floats
+  std::unique_ptr<float[]> xt(new float[tiles * in_f * kDotTokens]), dyt(new float[tiles * out_f * kDotTokens]);
   at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = b * kDotTokens, count = std::min(kDotTokens, tokens - t0);
-      pack_tile(x.data_ptr<T>(), in_f, t0, count, kDotTokens, xt.data() + b * in_f * kDotTokens);
-      pack_tile(dy.data_ptr<T>(), out_f, t0, count, kDotTokens, dyt.data() + b * out_f * kDotTokens);
+      pack_tile(x.data_ptr<T>(), in_f, t0, count, kDotTokens, xt.get() + b * in_f * kDotTokens);
+      pack_tile(dy.data_ptr<T>(), out_f, t0, count, kDotTokens, dyt.get() + b * out_f * kDotTokens);
     }
   });
   const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* c = cols.data_ptr<int64_t>();
   at::parallel_for(0, nnz, 2048, [&](int64_t k0, int64_t k1) {
     for (int64_t b = 0; b < tiles; ++b) {
-      const float* xb = xt.data() + b * in_f * kDotTokens;
-      const float* db = dyt.data() + b * out_f * kDotTokens;
+      const float* xb = xt.get() + b * in_f * kDotTokens;
+      const float* db = dyt.get() + b * out_f * kDotTokens;
       for (int64_t k = k0; k < k1; ++k) {
         const float* a = db + r[k] * kDotTokens;
         const float* e = xb + c[k] * kDotTokens;

@@ -111,6 +111,8 @@ def _missing_tool() -> str | None:
 def _load() -> frozenset[str]:
     """The device types the native ops were built for, building them on the first call of this process;
     empty, with one RuntimeWarning saying why, when they cannot be built."""
+    if _state["devices"] is not None:  # every call after the first (each SHiRA forward asks)
+        return _state["devices"]
     with _lock:
         if _state["devices"] is not None:
             return _state["devices"]
