@@ -2,12 +2,13 @@
 //
 // S is one job's sparse ΔW [N, K] on a fixed support, given as CSR (row-major, columns ascending within a row).
 // The CUDA kernels of the same ops live in sparse_adapter_cuda.cu (TORCH_LIBRARY_IMPL only); torch's
-// dispatcher picks a kernel by the tensors' device. Every op has a pure-torch fallback in lorafusion/ops/native.py.
+// dispatcher picks a kernel by the tensors' device. Every op has a pure-torch fallback (the SHiRA layer's
+// _SparseDelta and lorafusion/adapters/shira/switch.py), which lorafusion/ops/native.py chooses when no build exists.
 //
-// CPU kernels: at::parallel_for (OpenMP in torch's CPU builds, sharing torch's thread pool) over token blocks or
-// support entries; activations are copied into fp32 tiles whose rows are kTokens tokens of one feature, so each
-// support entry costs one contiguous kTokens-wide multiply-add that the compiler vectorises. fp32 accumulation;
-// x/dy/y/dx may be fp32, bf16 or fp16, values fp32 or the activations' dtype. Never a dense [N, K] tensor.
+// CPU kernels: OpenMP (torch's own runtime, at torch's thread count; dynamic schedules for the heavy loops) over
+// token tiles or support entries; activations are copied into fp32 tiles whose rows are kTokens tokens of one
+// feature, so each support entry costs one contiguous kTokens-wide multiply-add in SIMD registers. fp32
+// accumulation; x/dy/y/dx may be fp32, bf16 or fp16, values fp32 or the activations' dtype. Never a dense [N, K].
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -141,14 +142,18 @@ void csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& c
   const std::vector<float> v = values_as_float(values);
   const int64_t tiles = (tokens + kTokens - 1) / kTokens;
   if (tiles >= at::get_num_threads()) {
-    at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
+    // Tiles handed out one at a time (dynamic): a thread whose core another process shares takes fewer of them,
+    // where at::parallel_for's equal halves made the other thread wait for it.
+#pragma omp parallel num_threads(static_cast<int>(at::get_num_threads()))
+    {
       std::vector<float> tile(features * kTokens);
-      for (int64_t b = b0; b < b1; ++b) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < tiles; ++b) {
         const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
         pack_tile(src, features, t0, count, kTokens, tile.data());
         csr_tile(tile.data(), c, k, v.data(), 0, rows, dst, rows, t0, count);
       }
-    });
+    }
     return;
   }
   std::vector<float> tile(features * kTokens);
@@ -215,7 +220,11 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
   });
   const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* c = cols.data_ptr<int64_t>();
-  at::parallel_for(0, nnz, 2048, [&](int64_t k0, int64_t k1) {
+  constexpr int64_t kChunk = 16384;  // entries per dynamically scheduled chunk, as the forward's tiles
+  const int64_t chunks = (nnz + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(at::get_num_threads()))
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t k0 = chunk * kChunk, k1 = std::min(nnz, k0 + kChunk);
     for (int64_t b = 0; b < tiles; ++b) {
       const float* xb = xt.get() + b * in_f * kDotTokens;
       const float* db = dyt.get() + b * out_f * kDotTokens;
@@ -231,7 +240,7 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
         dv[k] += sum;
       }
     }
-  });
+  }
 }
 
 at::Tensor sparse_backward_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows,
