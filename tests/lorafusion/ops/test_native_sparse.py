@@ -113,7 +113,8 @@ def test_native_and_fallback_match_dense_formulas(mode, case, tokens, n, k, dtyp
     for value in ("on", "off"):
         mode(value)
         got[value] = run_layer(layer, x, dy)
-        for name, a, b, tol in zip(("y", "dx", "dv"), got[value], want, (OUTPUT_TOLERANCES[dtype],) * 2 + (DV_TOLERANCE,)):
+        tolerances = (OUTPUT_TOLERANCES[dtype], OUTPUT_TOLERANCES[dtype], DV_TOLERANCE)
+        for name, a, b, tol in zip(("y", "dx", "dv"), got[value], want, tolerances):
             assert a.dtype == (dtype if name != "dv" else torch.float32), f"{value} {name}: dtype {a.dtype}"
             close(f"native_ops={value}: {name}", a, b, tol)
     for name, a, b in zip(("y", "dx"), got["on"][:2], got["off"][:2]):  # both round one fp32 sum: ≤ one ulp apart
@@ -210,7 +211,8 @@ def test_shira_fit_gives_the_same_adapter_with_native_ops_on_and_off(mode, train
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters()), "weights not restored exactly"
 
 
-@pytest.mark.parametrize("compiler,reason", [("/nonexistent/c++", "no C++ compiler"), ("false", "building csrc/ failed")])
+@pytest.mark.parametrize("compiler,reason", [("/nonexistent/c++", "no C++ compiler"),
+                                             ("false", "building csrc/ failed")])
 def test_without_a_build_one_notice_and_the_fallback(monkeypatch, tmp_path, compiler, reason):
     """No compiler, or a compiler that fails: one RuntimeWarning per process, the torch path computes, 'on' is a
     clear error; nothing raises at import or in 'auto'."""
