@@ -94,8 +94,10 @@ def _compile(directory: Path, with_cuda: bool) -> None:
 
 
 def _missing_tool() -> str | None:
-    """Why no build can start here (no compiler, no ninja), else None; puts pip's ninja on PATH when only it has one
-    (a venv's python run without activating the venv, as Ray actors are)."""
+    """Why no build can start here (no sources, compiler or ninja), else None; puts pip's ninja on PATH when only it
+    has one (a venv's python run without activating the venv, as Ray actors are)."""
+    if not _CPU_SOURCE.is_file():
+        return f"{_CPU_SOURCE} is missing (the sources ship with a clone of the repository: pip install -e .)"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} is not on PATH; set CXX or install g++)"
