@@ -1,7 +1,8 @@
 """SHiRA's sparse ΔW: the native ops of csrc/ vs the torch fallback vs a dense ΔW, side by side in one process.
 
 For Llama-3.1-8B's o_proj (4096×4096) and down_proj (out 4096 × in 14336) at SHiRA's 1% and 2% density: the
-forward + backward (y = x ΔWᵀ, dx, dv) of --tokens tokens, in tokens/s (median of --repeats), for
+forward + backward (y = x ΔWᵀ, dx, dv) of --tokens tokens, in tokens/s (median of --repeats) and in CPU seconds
+over all threads (steadier on a shared host), for
 - native: the SHiRA layer with run.native_ops 'on';
 - fallback: the same layer with 'off' (torch's sparse CSR kernels);
 - dense: ΔW scattered into a dense [N, K] tensor, then x ΔWᵀ and autograd through both;
@@ -71,19 +72,21 @@ def dense_delta(layer: SHiRALayer, x: torch.Tensor, dy: torch.Tensor) -> None:
     (x @ delta.t()).backward(dy)
 
 
-def timed(step, repeats: int) -> tuple[float, int]:
-    """(median seconds of `step` after one warm-up, the largest tensor it produced)."""
+def timed(step, repeats: int) -> tuple[float, float, int]:
+    """(median wall seconds of `step` after one warm-up, its median CPU seconds over all threads, the largest tensor
+    it produced). CPU seconds barely move when other processes share the cores; wall seconds do."""
     step()
-    watch, times = LargestTensor(), []
+    watch, wall, cpu = LargestTensor(), [], []
     for i in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if i == 0:
             with watch:
                 step()
         else:
             step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), watch.largest
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu), watch.largest
 
 
 def fwd_bwd_rows(name: str, n: int, k: int, tokens: int, repeats: int) -> list[dict]:
@@ -93,21 +96,23 @@ def fwd_bwd_rows(name: str, n: int, k: int, tokens: int, repeats: int) -> list[d
     dy = torch.randn(tokens, n, generator=gen)
     for density in DENSITIES:
         layer = shira_layer(n, k, density)
-        seconds = {}
+        seconds, cpu = {}, {}
         for path in ("native", "fallback", "dense"):
             if path == "dense":
                 step = lambda: dense_delta(layer, x, dy)  # noqa: E731
             else:
                 native.configure("on" if path == "native" else "off", "cpu")
                 step = lambda: native_or_fallback(layer, x, dy)  # noqa: E731
-            seconds[path], largest = timed(step, repeats)
+            seconds[path], cpu[path], largest = timed(step, repeats)
             rows.append({"op": "fwd_bwd", "module": name, "n": n, "k": k, "density": density,
                          "nnz": layer.shira_weight.numel(), "tokens": tokens, "path": path,
                          "seconds": round(seconds[path], 4), "tokens_per_s": round(tokens / seconds[path], 1),
+                         "cpu_s": round(cpu[path], 4),
                          "largest_tensor": largest, "dense_nk": largest >= n * k})
         for row in rows[-3:]:
             row["speedup_vs_fallback"] = round(seconds["fallback"] / row["seconds"], 2)
             row["speedup_vs_dense"] = round(seconds["dense"] / row["seconds"], 2)
+            row["cpu_speedup_vs_fallback"] = round(cpu["fallback"] / row["cpu_s"], 2)
         native.configure("auto", "cpu")
     return rows
 
