@@ -24,6 +24,7 @@ from lorafusion.data.dataset import check_fields
 from lorafusion.federation import FederationConfig, check_groups
 from lorafusion.hub import is_hub_id
 from lorafusion.loggers import check_loggers
+from lorafusion.ops.native import MODES as NATIVE_MODES
 from lorafusion.ops.utils import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from lorafusion.optimizers import AdamWConfig, OptimizerConfig, optimizer_config_from_dict
 from lorafusion.validation import is_number
@@ -296,6 +297,10 @@ class RunConfig:
     kernels: str = "auto"
     """LoRA layer implementation: 'auto' = fused Triton kernels on CUDA, torch elsewhere; 'triton' = force
     Triton (on CPU only under TRITON_INTERPRET=1, else a clear error); 'torch' = force the torch reference."""
+    native_ops: str = "auto"
+    """SHiRA's sparse ops from csrc/ (C++/OpenMP on CPU, CUDA on GPU), built on first use (lorafusion/ops/native.py):
+    'auto' = native where the build succeeded, else the torch fallback with one warning; 'on' = native or an
+    error before training; 'off' = always the torch fallback."""
     loggers: list[str] = field(default_factory=list)
     """Experiment loggers that also get every job's metrics: any of 'tensorboard', 'wandb', 'mlflow' (each needs
     its extra, e.g. pip install 'lorafusion[tensorboard]'); where they write: lorafusion/loggers.py."""
@@ -335,6 +340,9 @@ class RunConfig:
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"run.kernels={self.kernels!r}; choose one of {list(KERNEL_BACKENDS)} "
                              "('auto' picks Triton on CUDA and torch elsewhere)")
+        if self.native_ops not in NATIVE_MODES:
+            raise ValueError(f"run.native_ops={self.native_ops!r}; choose one of {list(NATIVE_MODES)} ('auto' uses "
+                             "the native ops where they build, else the torch fallback)")
         self.loggers = check_loggers(self.loggers)
         self._check_checkpointing()
 

@@ -78,6 +78,7 @@ def evaluate(
     job's eval_dataset and fields (a DatasetDict folder is read as `folder:split`)."""
     from lorafusion.adapters.attach import ModelAdapters
     from lorafusion.adapter_io import read_peft_adapter
+    from lorafusion.adapters.shira.switch import switched
     from lorafusion.models import build_model, read_architecture
     from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 
@@ -102,4 +103,7 @@ def evaluate(
     adapters = ModelAdapters(model, arch)  # adapters live on the model's device
     adapters.add_job("eval", loaded[0], seed=0)
     adapters.load_peft_state_dict("eval", loaded[1], where=str(adapter))
+    if loaded[0].type == "shira":  # this model is ours alone: its weights take the sparse ΔW for the evaluation
+        with switched(adapters, ["eval"]):
+            return evaluate_samples(model, samples, job=None, capacity=max_tokens_per_microbatch)
     return evaluate_samples(model, samples, job="eval", batch=adapters.batch, capacity=max_tokens_per_microbatch)

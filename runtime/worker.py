@@ -16,6 +16,7 @@ from lorafusion.config import JobSpec, RunConfig
 from lorafusion.models import build_model
 from lorafusion.models.builder import resolve_dtype, warn_if_slow_on_cpu
 from lorafusion.models.recompute import apply_recompute
+from lorafusion.ops import native
 from lorafusion.ops.utils import resolve_backend
 from runtime.comm import StagePlace
 from runtime.federation import restore_folds
@@ -41,6 +42,7 @@ class StageWorker:
         """jobs: (spec, total optimizer steps) of every job; layers: this chunk's [start, end), None = all."""
         self.run, self.place = run, place
         self.device = local_device()
+        native.configure(run.native_ops, self.device)  # 'on' without a build fails here, before any training
         self.dtype = resolve_dtype(run.dtype, self.device)
         if self.device.type == "cpu":
             warn_if_slow_on_cpu(self.dtype)

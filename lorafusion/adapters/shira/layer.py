@@ -11,6 +11,7 @@ from torch import nn
 
 from lorafusion.adapters.base import AdapterLayer
 from lorafusion.adapters.shira.config import SHiRAConfig
+from lorafusion.ops import native
 
 __all__ = ["SHiRALayer", "shira_support"]
 
@@ -58,6 +59,10 @@ class SHiRALayer(AdapterLayer):
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseDelta.apply(x, self.shira_weight, self)
 
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """ΔW [N, K] as a torch sparse CSR tensor with fp32 `values` on the support."""
+        return torch.sparse_csr_tensor(self.crow, self.cols, values.float(), (self.out_features, self.in_features))
+
     def delta_weight(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, device=self.shira_weight.device)
         dense[self.rows, self.cols] = self.shira_weight
@@ -85,28 +90,41 @@ class SHiRALayer(AdapterLayer):
 
 class _SparseDelta(torch.autograd.Function):
     """x [T, K] ↦ x ΔWᵀ [T, N] for ΔW sparse on the layer's support with `values`: forward and dx as CSR products,
-    the values' gradient sampled at the support (dv_k = Σ_t dy[t, row_k] · x[t, col_k]). Computed in fp32
-    (torch's CPU sparse kernels have no bf16)."""
+    the values' gradient sampled at the support (dv_k = Σ_t dy[t, row_k] · x[t, col_k]), accumulated in fp32 and
+    rounded once to x's dtype. The native ops of csrc/ where they are built for x's device (run.native_ops), else
+    torch's sparse kernels, the reference (which compute in fp32 copies: torch's CPU sparse kernels have no bf16)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, layer: SHiRALayer) -> torch.Tensor:
+        ctx.native, ctx.layer = native.enabled(x.device), layer
+        if ctx.native:
+            x = x.contiguous()
+            ctx.save_for_backward(x, values)
+            y = x.new_zeros(x.shape[0], layer.out_features)  # [T, N]
+            native.sparse_forward(x, layer.crow, layer.cols, values, y)
+            return y
         xf = x.float()
-        weight = torch.sparse_csr_tensor(layer.crow, layer.cols, values.float(), (layer.out_features, layer.in_features))
         ctx.save_for_backward(xf, values)
-        ctx.layer = layer
-        return torch.sparse.mm(weight, xf.t()).t().to(x.dtype)
+        return torch.sparse.mm(layer.csr(values), xf.t()).t().to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xf, values = ctx.saved_tensors
-        layer, dyf = ctx.layer, dy.float()
+        x, values = ctx.saved_tensors
+        layer = ctx.layer
         dx = dv = None
+        if ctx.native:
+            dy = dy.to(x.dtype).contiguous()
+            if ctx.needs_input_grad[0]:
+                dx = torch.zeros_like(x)  # [T, K]
+                native.sparse_backward_input(dy, layer.t_crow, layer.t_cols, values[layer.t_perm], dx)
+            if ctx.needs_input_grad[1]:
+                dv = native.sparse_backward_values(dy, x, layer.rows, layer.cols).to(values.dtype)
+            return dx, dv, None
+        dyf = dy.float()
         if ctx.needs_input_grad[0]:
             transposed = torch.sparse_csr_tensor(layer.t_crow, layer.t_cols, values.float()[layer.t_perm],
                                                  (layer.in_features, layer.out_features))
             dx = torch.sparse.mm(transposed, dyf.t()).t().to(dy.dtype)
         if ctx.needs_input_grad[1]:  # the support's pattern, its values ignored (beta = 0)
-            support = torch.sparse_csr_tensor(layer.crow, layer.cols, values.float(),
-                                              (layer.out_features, layer.in_features))
-            dv = torch.sparse.sampled_addmm(support, dyf.t(), xf, beta=0.0).values().to(values.dtype)
+            dv = torch.sparse.sampled_addmm(layer.csr(values), dyf.t(), x, beta=0.0).values().to(values.dtype)
         return dx, dv, None

@@ -1,0 +1,343 @@
+// SHiRA's sparse ΔW ops: the operator library `lorafusion_sparse` (schemas) and its CPU kernels.
+//
+// S is one job's sparse ΔW [N, K] on a fixed support, given as CSR (row-major, columns ascending within a row).
+// The CUDA kernels of the same ops live in sparse_adapter_cuda.cu (TORCH_LIBRARY_IMPL only); torch's
+// dispatcher picks a kernel by the tensors' device. Every op has a pure-torch fallback (the SHiRA layer's
+// _SparseDelta and lorafusion/adapters/shira/switch.py), which lorafusion/ops/native.py chooses when no build exists.
+//
+// CPU kernels: OpenMP (torch's own runtime, at torch's thread count; dynamic schedules for the heavy loops) over
+// token tiles or support entries; activations are copied into fp32 tiles whose rows are kTokens tokens of one
+// feature, so each support entry costs one contiguous kTokens-wide multiply-add in SIMD registers. fp32
+// accumulation; x/dy/y/dx may be fp32, bf16 or fp16, values fp32 or the activations' dtype. Never a dense [N, K].
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace {
+
+// Tokens per tile of the forward and dx: one entry of S is then one 16-wide fp32 FMA (two AVX2 or one AVX-512
+// register), and a tile of x^T [K, 16] (256 KiB at K = 4096) stays in L2 while the support is walked.
+constexpr int64_t kTokens = 16;
+// Tokens per tile of the values' gradient: x^T and dy^T tiles of 32 tokens keep 128 KiB per 1024 features,
+// so the columns one row's entries read stay in L2 (see benchmarks/bench_sparse.py for the measured effect).
+constexpr int64_t kDotTokens = 32;
+
+void check_tokens(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [tokens, features], got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, name,
+              " must be float32, bfloat16 or float16, got ", dtype);
+}
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.is_contiguous(), name,
+              " must be a contiguous 1-D int64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+}
+
+// Every index in [0, bound), so a malformed support is an error instead of an out-of-bounds read.
+void check_range(const at::Tensor& idx, int64_t bound, const char* name) {
+  const int64_t* p = idx.data_ptr<int64_t>();
+  const int64_t n = idx.numel();
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= (p[i] >= 0) & (p[i] < bound);
+  TORCH_CHECK(ok, name, " holds an index outside [0, ", bound, ")");
+}
+
+// CSR of a [rows, cols] matrix with values: sizes, dtypes, monotone row pointers and in-range columns.
+void check_csr(const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values, int64_t rows,
+               int64_t ncols, at::ScalarType act, const char* crow_name, const char* cols_name,
+               const char* values_name) {
+  check_index(crow, crow_name);
+  check_index(cols, cols_name);
+  TORCH_CHECK(crow.numel() == rows + 1, crow_name, " must have ", rows + 1, " entries (rows + 1), got ", crow.numel());
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && values.numel() == cols.numel(), values_name,
+              " must be contiguous 1-D with as many entries as ", cols_name, " (", cols.numel(), "), got shape ",
+              values.sizes());
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == act, values_name,
+              " must be float32 or the activations' dtype ", act, ", got ", values.scalar_type());
+  const int64_t* c = crow.data_ptr<int64_t>();
+  bool ok = c[0] == 0 && c[rows] == cols.numel();
+  for (int64_t r = 0; r < rows; ++r) ok &= c[r] <= c[r + 1];
+  TORCH_CHECK(ok, crow_name, " must rise from 0 to nnz = ", cols.numel());
+  check_range(cols, ncols, cols_name);
+}
+
+std::vector<float> values_as_float(const at::Tensor& values) {
+  const at::Tensor v = values.scalar_type() == at::kFloat ? values : values.to(at::kFloat);
+  const float* p = v.data_ptr<float>();
+  return std::vector<float>(p, p + v.numel());
+}
+
+// tile[f * width + i] = src[(t0 + i) * features + f] as fp32, for i < count; the rest of the width zero.
+template <typename T>
+void pack_tile(const T* src, int64_t features, int64_t t0, int64_t count, int64_t width, float* tile) {
+  if (count < width) std::fill(tile, tile + features * width, 0.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    const T* row = src + (t0 + i) * features;
+    for (int64_t f = 0; f < features; ++f) tile[f * width + i] = static_cast<float>(row[f]);
+  }
+}
+
+// This CPU's fp32 SIMD register as a value (GCC/Clang vector extension), so the loops below compile to plain
+// broadcast-FMA sequences with their accumulators in registers; `omp simd` vectorised across support entries with
+// gathers instead, and a vector type wider than the hardware's is spilled to the stack.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr int64_t kVecs = kTokens / kLanes;  // registers per kTokens-wide row of a tile
+static_assert(kTokens % kLanes == 0 && kDotTokens % kLanes == 0, "tiles hold whole SIMD registers");
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[t0 + i, r] += Σ_j v_j · tile[c_j, i] for rows r in [r0, r1) of the CSR: one kTokens-wide FMA per entry.
+template <typename T>
+void csr_tile(const float* tile, const int64_t* crow, const int64_t* cols, const float* vals, int64_t r0,
+              int64_t r1, T* out, int64_t out_cols, int64_t t0, int64_t count) {
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec acc[kVecs] = {};
+    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+      const float* col = tile + cols[j] * kTokens;
+      for (int64_t q = 0; q < kVecs; ++q) acc[q] += vals[j] * load_vec(col + q * kLanes);
+    }
+    float sums[kTokens];
+    std::memcpy(sums, acc, sizeof sums);
+    for (int64_t i = 0; i < count; ++i) {
+      T& o = out[(t0 + i) * out_cols + r];
+      o = static_cast<T>(static_cast<float>(o) + sums[i]);
+    }
+  }
+}
+
+// out [T, rows] += in [T, features] · Mᵀ for M [rows, features] as CSR: parallel over token tiles when there
+// are enough of them for every thread, else over M's rows within each tile (short segments, T = 1).
+template <typename T>
+void csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
+               const at::Tensor& out) {
+  const int64_t tokens = in.size(0), features = in.size(1), rows = out.size(1);
+  if (tokens == 0 || rows == 0) return;
+  const T* src = in.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t* c = crow.data_ptr<int64_t>();
+  const int64_t* k = cols.data_ptr<int64_t>();
+  const std::vector<float> v = values_as_float(values);
+  const int64_t tiles = (tokens + kTokens - 1) / kTokens;
+  if (tiles >= at::get_num_threads()) {
+    // Tiles handed out one at a time (dynamic): a thread whose core another process shares takes fewer of them,
+    // where at::parallel_for's equal halves made the other thread wait for it.
+#pragma omp parallel num_threads(static_cast<int>(at::get_num_threads()))
+    {
+      std::vector<float> tile(features * kTokens);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < tiles; ++b) {
+        const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
+        pack_tile(src, features, t0, count, kTokens, tile.data());
+        csr_tile(tile.data(), c, k, v.data(), 0, rows, dst, rows, t0, count);
+      }
+    }
+    return;
+  }
+  std::vector<float> tile(features * kTokens);
+  for (int64_t b = 0; b < tiles; ++b) {
+    const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
+    pack_tile(src, features, t0, count, kTokens, tile.data());
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      csr_tile(tile.data(), c, k, v.data(), r0, r1, dst, rows, t0, count);
+    });
+  }
+}
+
+template <typename F>
+void by_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
+  }
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* a_name, const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), b_name, " must have ", a_name, "'s dtype ", a.scalar_type(),
+              ", got ", b.scalar_type());
+}
+
+void sparse_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
+                    const at::Tensor& y) {
+  check_tokens(x, "x");
+  check_tokens(y, "y");
+  check_same(x, y, "x", "y");
+  TORCH_CHECK(y.size(0) == x.size(0), "y must have x's ", x.size(0), " tokens, got ", y.size(0));
+  check_csr(crow, cols, values, y.size(1), x.size(1), x.scalar_type(), "crow", "cols", "values");
+  by_dtype(x.scalar_type(), [&](auto tag) { csr_apply<decltype(tag)>(x, crow, cols, values, y); });
+}
+
+void sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const at::Tensor& t_cols,
+                           const at::Tensor& t_values, const at::Tensor& dx) {
+  check_tokens(dy, "dy");
+  check_tokens(dx, "dx");
+  check_same(dy, dx, "dy", "dx");
+  TORCH_CHECK(dx.size(0) == dy.size(0), "dx must have dy's ", dy.size(0), " tokens, got ", dx.size(0));
+  check_csr(t_crow, t_cols, t_values, dx.size(1), dy.size(1), dy.scalar_type(), "t_crow", "t_cols", "t_values");
+  by_dtype(dy.scalar_type(), [&](auto tag) { csr_apply<decltype(tag)>(dy, t_crow, t_cols, t_values, dx); });
+}
+
+// dv_k = Σ_t dy[t, rows_k] · x[t, cols_k]: both transposed tile by tile into [features, kDotTokens] fp32, then
+// one contiguous kDotTokens-long dot product per entry; parallel over contiguous ranges of entries (each thread
+// writes only its own dv), tiles outermost so one tile of x^T is shared by all entries while it is in cache.
+template <typename T>
+void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
+                 float* dv) {
+  const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1), nnz = rows.numel();
+  const int64_t tiles = (tokens + kDotTokens - 1) / kDotTokens;
+  // uninitialised: pack_tile writes every element (zeros past the last token), so no memset of T·(N + K) floats
+  std::unique_ptr<float[]> xt(new float[tiles * in_f * kDotTokens]), dyt(new float[tiles * out_f * kDotTokens]);
+  at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * kDotTokens, count = std::min(kDotTokens, tokens - t0);
+      pack_tile(x.data_ptr<T>(), in_f, t0, count, kDotTokens, xt.get() + b * in_f * kDotTokens);
+      pack_tile(dy.data_ptr<T>(), out_f, t0, count, kDotTokens, dyt.get() + b * out_f * kDotTokens);
+    }
+  });
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  constexpr int64_t kChunk = 16384;  // entries per dynamically scheduled chunk, as the forward's tiles
+  const int64_t chunks = (nnz + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(at::get_num_threads()))
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t k0 = chunk * kChunk, k1 = std::min(nnz, k0 + kChunk);
+    for (int64_t b = 0; b < tiles; ++b) {
+      const float* xb = xt.get() + b * in_f * kDotTokens;
+      const float* db = dyt.get() + b * out_f * kDotTokens;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* a = db + r[k] * kDotTokens;
+        const float* e = xb + c[k] * kDotTokens;
+        Vec prod = load_vec(a) * load_vec(e);
+        for (int64_t i = kLanes; i < kDotTokens; i += kLanes) prod += load_vec(a + i) * load_vec(e + i);
+        float lanes[kLanes];
+        std::memcpy(lanes, &prod, sizeof lanes);
+        float sum = 0.0f;
+        for (int64_t i = 0; i < kLanes; ++i) sum += lanes[i];
+        dv[k] += sum;
+      }
+    }
+  }
+}
+
+at::Tensor sparse_backward_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows,
+                                  const at::Tensor& cols) {
+  check_tokens(dy, "dy");
+  check_tokens(x, "x");
+  check_same(x, dy, "x", "dy");
+  TORCH_CHECK(dy.size(0) == x.size(0), "dy must have x's ", x.size(0), " tokens, got ", dy.size(0));
+  check_index(rows, "rows");
+  check_index(cols, "cols");
+  TORCH_CHECK(rows.numel() == cols.numel(), "rows and cols must have the same length, got ", rows.numel(), " and ",
+              cols.numel());
+  check_range(rows, dy.size(1), "rows");
+  check_range(cols, x.size(1), "cols");
+  at::Tensor dv = at::empty({rows.numel()}, x.options().dtype(at::kFloat));
+  float* out = dv.data_ptr<float>();
+  std::fill(out, out + dv.numel(), 0.0f);
+  if (x.size(0) > 0 && rows.numel() > 0) {
+    by_dtype(x.scalar_type(), [&](auto tag) { sampled_dot<decltype(tag)>(dy, x, rows, cols, out); });
+  }
+  return dv;
+}
+
+void check_switch(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& other, const char* other_name) {
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  check_index(index, "index");
+  TORCH_CHECK(other.dim() == 1 && other.is_contiguous() && other.numel() == index.numel(), other_name,
+              " must be contiguous 1-D with as many entries as index (", index.numel(), "), got shape ", other.sizes());
+  check_range(index, weight.numel(), "index");
+}
+
+// Each thread owns one contiguous range of the weight and walks the whole index list in order, so duplicated
+// indices (several jobs' supports) add up in list order without a race, whatever the thread count.
+template <typename W, typename V>
+void add_at(W* w, int64_t numel, const int64_t* index, const V* values, int64_t m) {
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = 0; k < m; ++k) {
+      const int64_t i = index[k];
+      if (i >= lo && i < hi) w[i] = static_cast<W>(static_cast<float>(w[i]) + static_cast<float>(values[k]));
+    }
+  });
+}
+
+void sparse_switch(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& values,
+                   const at::Tensor& saved) {
+  check_switch(weight, index, values, "values");
+  check_switch(weight, index, saved, "saved");
+  check_same(weight, saved, "weight", "saved");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == weight.scalar_type(),
+              "values must be float32 or weight's dtype ", weight.scalar_type(), ", got ", values.scalar_type());
+  const int64_t m = index.numel();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  by_dtype(weight.scalar_type(), [&](auto tag) {
+    using W = decltype(tag);
+    W* w = weight.data_ptr<W>();
+    W* s = saved.data_ptr<W>();
+    at::parallel_for(0, m, 1 << 14, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) s[k] = w[idx[k]];
+    });
+    if (values.scalar_type() == at::kFloat) {
+      add_at(w, weight.numel(), idx, values.data_ptr<float>(), m);
+    } else {
+      add_at(w, weight.numel(), idx, values.data_ptr<W>(), m);
+    }
+  });
+}
+
+void sparse_restore(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& saved) {
+  check_switch(weight, index, saved, "saved");
+  check_same(weight, saved, "weight", "saved");
+  const int64_t m = index.numel();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  // A duplicated index has the same saved bits at each of its places, so the writes agree and order is moot.
+  by_dtype(weight.scalar_type(), [&](auto tag) {
+    using W = decltype(tag);
+    W* w = weight.data_ptr<W>();
+    const W* s = saved.data_ptr<W>();
+    at::parallel_for(0, m, 1 << 14, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) std::memcpy(&w[idx[k]], &s[k], sizeof(W));
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lorafusion_sparse, m) {
+  m.def("sparse_forward(Tensor x, Tensor crow, Tensor cols, Tensor values, Tensor(a!) y) -> ()");
+  m.def("sparse_backward_input(Tensor dy, Tensor t_crow, Tensor t_cols, Tensor t_values, Tensor(a!) dx) -> ()");
+  m.def("sparse_backward_values(Tensor dy, Tensor x, Tensor rows, Tensor cols) -> Tensor");
+  m.def("sparse_switch(Tensor(a!) weight, Tensor index, Tensor values, Tensor(b!) saved) -> ()");
+  m.def("sparse_restore(Tensor(a!) weight, Tensor index, Tensor saved) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lorafusion_sparse, CPU, m) {
+  m.impl("sparse_forward", &sparse_forward);
+  m.impl("sparse_backward_input", &sparse_backward_input);
+  m.impl("sparse_backward_values", &sparse_backward_values);
+  m.impl("sparse_switch", &sparse_switch);
+  m.impl("sparse_restore", &sparse_restore);
+}
