@@ -80,8 +80,9 @@ SHAPES = [
     (7, 13, 19, 0.0, ()),
     (0, 13, 19, 0.3, ()),
 ]
+# (activations, values): every combination the kernels are instantiated for.
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-          (torch.float16, torch.float16)]
+          (torch.float16, torch.float32), (torch.float16, torch.float16)]
 
 
 def make_case(shape, dtype, values_dtype, seed: int = 0):
