@@ -307,24 +307,19 @@ void check_index(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(numel < 0 || t.numel() == numel, name, " has ", t.numel(), " elements; expected ", numel);
 }
 
-// A [rows, width] matrix whose rows are contiguous (any row stride, e.g. a slice of a wider output).
-void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t width) {
+// A [rows, width] matrix whose rows are contiguous (any row stride, e.g. a slice of a wider output); an output's
+// rows must also be distinct memory.
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t width, bool output = false) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK(rows < 0 || t.size(0) == rows, name, " has ", t.size(0), " rows; expected ", rows);
   TORCH_CHECK(width < 0 || t.size(1) == width, name, " has ", t.size(1), " columns; expected ", width);
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have contiguous rows (stride(1) == 1), got strides ",
               t.strides(), "; pass .contiguous()");
   TORCH_CHECK(t.size(1) < std::numeric_limits<int>::max(), name, " has ", t.size(1), " columns, over int32's range");
+  TORCH_CHECK(!output || t.size(0) <= 1 || t.stride(0) >= t.size(1), name, " has overlapping rows (strides ",
+              t.strides(), "); pass a tensor whose rows are distinct memory");
 }
 
-void check_output(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), name, " has overlapping rows (strides ", t.strides(),
-              "); pass a tensor whose rows are distinct memory");
-}
-
-// How many tokens of a row width `width` one block stages, and at what row stride (in elements). The stride
-// is an odd number of 4-byte words, so that the tile's rows start in different shared-memory banks and the
-// tokens' gathers at one column do not conflict. bytes == 0: a single row does not fit, gather from global.
 // An attribute of the current device (the caller's CUDAGuard made it the tensors' device).
 int64_t device_attribute(cudaDeviceAttr attribute) {
   int value = 0;
@@ -332,6 +327,9 @@ int64_t device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
+// How many tokens of a row width `width` one block stages, and at what row stride (in elements). The stride
+// is an odd number of 4-byte words, so that the tile's rows start in different shared-memory banks and the
+// tokens' gathers at one column do not conflict. bytes == 0: a single row does not fit, gather from global.
 struct TokenTile {
   int tokens;
   int64_t stride;
@@ -375,16 +373,14 @@ void csr_rows_product(const at::Tensor& in, const at::Tensor& crow, const at::Te
   check_on_device(out, names[4], in, names[0]);
   check_matrix(in, names[0], -1, -1);
   const int64_t tokens = in.size(0), width = in.size(1);
-  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1, names[1], " must be 1-D with rows + 1 entries, got shape ",
-              crow.sizes());
+  check_index(crow, names[1], -1);
+  TORCH_CHECK(crow.numel() >= 1, names[1], " is empty; it holds rows + 1 pointers, [0] for no row");
   const int64_t rows = crow.numel() - 1;
-  check_index(crow, names[1], rows + 1);
   check_index(cols, names[2], -1);
   TORCH_CHECK(values.dim() == 1 && values.numel() == cols.numel() && values.is_contiguous(), names[3],
               " must be contiguous 1-D with as many entries as ", names[2], " (", cols.numel(), "), got shape ",
               values.sizes());
-  check_matrix(out, names[4], tokens, rows);
-  check_output(out, names[4]);
+  check_matrix(out, names[4], tokens, rows, /*output=*/true);
   TORCH_CHECK(out.scalar_type() == in.scalar_type(), names[4], " has dtype ", out.scalar_type(), " but ", names[0],
               " has ", in.scalar_type(), "; they must match");
   if (tokens == 0 || rows == 0 || cols.numel() == 0) {
@@ -497,7 +493,8 @@ void dispatch_bits(const at::Tensor& weight, F&& f) {
   });
 }
 
-void sparse_switch(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& values, const at::Tensor& saved) {
+void sparse_switch(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& values,
+                   const at::Tensor& saved) {
   check_switch_weight(weight, index, saved);
   check_on_device(values, "values", weight, "weight");
   TORCH_CHECK(values.dim() == 1 && values.numel() == index.numel() && values.is_contiguous(), "values must be "

@@ -24,7 +24,8 @@ def ops():
     if not torch._C._dispatch_has_kernel_for_dispatch_key("lorafusion_sparse::sparse_forward", "CUDA"):
         if shutil.which("nvcc") is None:
             pytest.skip("no nvcc on this machine: the extension was built without its CUDA kernels")
-        pytest.fail("nvcc is here but lorafusion_sparse has no CUDA kernels: the CUDA build failed (see the loader's notice)")
+        pytest.fail("nvcc is here but lorafusion_sparse has no CUDA kernels: the CUDA build failed "
+                    "(see the loader's notice)")
     return torch.ops.lorafusion_sparse
 
 
@@ -64,8 +65,9 @@ def assert_within_rounding(name: str, actual: torch.Tensor, expected: torch.Tens
     bad = (actual - expected).abs() > bound
     if bad.any():
         where = bad.nonzero()[:5].tolist()
+        pairs = [(actual[tuple(i)].item(), expected[tuple(i)].item()) for i in where]
         raise AssertionError(f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements off beyond rounding; "
-                             f"first at {where}: {[(actual[tuple(i)].item(), expected[tuple(i)].item()) for i in where]}")
+                             f"first (actual, expected) at {where}: {pairs}")
 
 
 # (tokens, out N, in K, density, empty rows): odd sizes; 37 tokens is not a multiple of any tile; 600 rows span
@@ -127,7 +129,8 @@ def test_forward_and_input_gradient_match_dense_maths(ops, shape, dtype, values_
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}-N{s[1]}-K{s[2]}-{s[3]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).removeprefix("torch."))
 def test_values_gradient_is_the_sampled_product(ops, shape, dtype):
     rows, cols, _, x, dy = make_case(shape, dtype, dtype)
     cuda = torch.device("cuda")
