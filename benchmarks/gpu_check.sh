@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the hot path, run as is on an H100/H200 machine (about 6 of its 10 minutes):
+# The GPU check of the hot path, run as is on an H100/H200 machine (about 8 of its 10 minutes, 6 without 1b and 5):
 #
 #     bash benchmarks/gpu_check.sh            # from anywhere; rows land in benchmarks/results/*.csv (and $OUT)
 #
@@ -7,7 +7,8 @@
 #    megatron-core and ortools, see docs/gpu_check.md), else from the package index;
 # 2. pytest -m gpu (the compiled Triton kernels and the GPU-only paths);
 # 3. bench_kernels: the fused LoRA layer against cuBLAS (the frozen GEMM alone) and torch at Llama-3.1-8B shapes;
-# 4. bench_end_to_end at bf16 on a Llama-shaped model (hidden 2048), providers a, b, c, cp, in-process engine.
+# 4. bench_end_to_end at bf16 on a Llama-shaped model (hidden 2048), providers a, b, c, cp, in-process engine;
+# 5. bench_sparse: SHiRA's native sparse ops (csrc/, built with their CUDA kernels in step 1b) on the GPU.
 # Without a CUDA device it stops after step 1 with exit code 2 (tests/benchmarks/test_gpu_check.py runs that).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 "$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 
+# --- 1b. native ops: JIT-build csrc/ (C++ and CUDA, about a minute) once, so that step 2's tests of the CUDA
+# kernels (tests/lorafusion/ops/test_native_cuda.py, marked gpu) and step 5 find it in the cache -----------------
+timeout 240 "$PY" -c "from lorafusion.ops import native; native.load()" || status=1
+
 # --- 2. GPU tests ----------------------------------------------------------------------------------------------
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || status=1
 
@@ -49,6 +54,9 @@ timeout 120 "$PY" -m benchmarks.bench_kernels --models llama-3.1-8b --m 4096 --i
 timeout 240 "$PY" benchmarks/bench_end_to_end.py --dtype bfloat16 --hidden-size 2048 --intermediate-size 5504 \
     --num-layers 8 --num-heads 16 --num-kv-heads 8 --steps 4 --repeats 1 --threads 8 --engine local \
     --max-tokens-per-microbatch 4096 --cache-dir /tmp/lorafusion-bench || status=1
+
+# --- 5. native sparse ops against the torch fallback and a dense ΔW, on the GPU ------------------------------------
+timeout 90 "$PY" benchmarks/bench_sparse.py --device cuda || status=1
 
 if [ -n "${OUT:-}" ]; then
     cp benchmarks/results/*.csv "$OUT"/ 2>/dev/null || true
