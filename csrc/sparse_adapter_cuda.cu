@@ -209,7 +209,8 @@ __global__ void scatter_bits_kernel(bits_t* __restrict__ weight, const int64_t* 
   }
 }
 
-// weight[p] = round(weight[p] + Σ values at p), the sum in fp32 in the order the entries were given.
+// weight[p] takes the values at p one after another in the order they were given, each addition in fp32 rounded
+// once to the weight's dtype: the CPU kernel's and the torch fallback's result, bit for bit.
 // `sorted` is index stably sorted, `order` its permutation: the entries of one position form a segment, and
 // only its first thread writes, once: no two threads touch one element, and no bf16/fp16 atomics are needed.
 template <typename scalar_t, typename value_t>
@@ -222,11 +223,11 @@ __global__ void add_segments_kernel(scalar_t* __restrict__ weight, const int64_t
   }
   const int64_t p = sorted[i];
   CUDA_KERNEL_ASSERT(p >= 0 && p < numel);
-  float delta = to_float(values[order[i]]);  // not 0 + v: -0.0 must stay -0.0
-  for (int64_t j = i + 1; j < count && sorted[j] == p; ++j) {
-    delta += to_float(values[order[j]]);
+  scalar_t w = weight[p];
+  for (int64_t j = i; j < count && sorted[j] == p; ++j) {  // the stable sort kept the segment in list order
+    w = static_cast<scalar_t>(to_float(w) + to_float(values[order[j]]));
   }
-  weight[p] = static_cast<scalar_t>(to_float(weight[p]) + delta);
+  weight[p] = w;
 }
 
 // Every kernel the host code launches: the activations' dtype × the values' (fp32 or the same), the bits of a

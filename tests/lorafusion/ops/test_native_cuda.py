@@ -160,16 +160,12 @@ def test_switch_adds_every_jobs_deltas_and_restore_is_bit_exact(ops, dtype, valu
     index = torch.cat([first, second, first[::3]])  # [m]
     values = torch.randn(index.numel(), generator=generator).to(values_dtype)  # [m]
     weight.view(-1)[index[0]] = -0.0
-    values[0] = -0.0  # -0.0 + -0.0 stays -0.0 where it is the position's only delta
+    values[0] = -0.0  # -0.0 + -0.0 stays -0.0
     assert index.unique().numel() < index.numel()
 
     expected = weight.clone().view(-1)
-    for position in index.unique().tolist():
-        deltas = values[index == position].float()  # in the order they were given
-        total = deltas[0]
-        for delta in deltas[1:]:
-            total = total + delta  # fp32, in order
-        expected[position] = (weight.view(-1)[position].float() + total).to(dtype)
+    for position, value in zip(index.tolist(), values.float()):  # each addition in list order, rounded once
+        expected[position] = (expected[position].float() + value).to(dtype)
 
     cuda = torch.device("cuda")
     on_device = weight.to(cuda)

@@ -38,7 +38,7 @@ def nvcc_command(output: Path, keep_dir: Path) -> list[str]:
     return command
 
 
-# About 30 s of CPU (nearly all of it torch's headers in the host pass); measured figures in csrc/CUDA.md.
+# About 30 s of CPU (nearly all of it torch's headers in the host pass); measured figures in csrc/README.md.
 @pytest.mark.slow
 def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path: Path) -> None:
     objects = tmp_path / "sparse_adapter_cuda.o"

@@ -166,7 +166,7 @@ def test_switch_round_trip_is_bit_exact(mode, adapters, dtype):
 
 
 def fit_shira(checkpoint, data, out, native_ops: str) -> dict[str, torch.Tensor]:
-    from lorafusion.checkpoint import read_peft_adapter
+    from lorafusion.adapter_io import read_peft_adapter
 
     job = lf.JobSpec(name="s", dataset=str(data), global_batch_size=4, learning_rate=1e-2, max_steps=2, seed=4,
                      adapter=lf.SHiRAConfig(rank=2, mask_seed=7, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -181,7 +181,7 @@ def test_shira_fit_gives_the_same_adapter_with_native_ops_on_and_off(mode, train
     """The run field reaches the stage worker; both fits give one adapter (fp32, ≤ 1e-5 relative), and
     lf.evaluate of it (the base model with the delta switched in) gives the unswitched path's loss."""
     from lorafusion.adapters.attach import ModelAdapters
-    from lorafusion.checkpoint import read_peft_adapter
+    from lorafusion.adapter_io import read_peft_adapter
     from lorafusion.data import load_dataset, load_tokenizer
     from lorafusion.evaluate import evaluate_samples
     from lorafusion.models import build_model
