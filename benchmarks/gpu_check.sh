@@ -56,7 +56,7 @@ timeout 240 "$PY" benchmarks/bench_end_to_end.py --dtype bfloat16 --hidden-size 
     --max-tokens-per-microbatch 4096 --cache-dir /tmp/lorafusion-bench || status=1
 
 # --- 5. native sparse ops against the torch fallback and a dense ΔW, on the GPU ------------------------------------
-timeout 90 "$PY" benchmarks/bench_sparse.py --device cuda || status=1
+timeout 90 "$PY" -m benchmarks.bench_sparse --device cuda || status=1
 
 if [ -n "${OUT:-}" ]; then
     cp benchmarks/results/*.csv "$OUT"/ 2>/dev/null || true
