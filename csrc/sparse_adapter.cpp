@@ -80,12 +80,22 @@ std::vector<float> values_as_float(const at::Tensor& values) {
 }
 
 // tile[f * width + i] = src[(t0 + i) * features + f] as fp32, for i < count; the rest of the width zero.
+// Features in blocks of kPackBlock, so the tile rows one block writes (kPackBlock · width floats) stay in L1 while
+// every token's segment of them is read; a token at a time over all features revisited the whole tile per token.
+constexpr int64_t kPackBlock = 64;
 template <typename T>
 void pack_tile(const T* src, int64_t features, int64_t t0, int64_t count, int64_t width, float* tile) {
-  if (count < width) std::fill(tile, tile + features * width, 0.0f);
-  for (int64_t i = 0; i < count; ++i) {
-    const T* row = src + (t0 + i) * features;
-    for (int64_t f = 0; f < features; ++f) tile[f * width + i] = static_cast<float>(row[f]);
+  for (int64_t f0 = 0; f0 < features; f0 += kPackBlock) {
+    const int64_t f1 = std::min(features, f0 + kPackBlock);
+    for (int64_t i = 0; i < width; ++i) {
+      float* out = tile + i;
+      if (i < count) {
+        const T* row = src + (t0 + i) * features;
+        for (int64_t f = f0; f < f1; ++f) out[f * width] = static_cast<float>(row[f]);
+      } else {
+        for (int64_t f = f0; f < f1; ++f) out[f * width] = 0.0f;
+      }
+    }
   }
 }
 
@@ -202,14 +212,20 @@ void sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const
 }
 
 // dv_k = Σ_t dy[t, rows_k] · x[t, cols_k]: both transposed tile by tile into [features, kDotTokens] fp32, then
-// one contiguous kDotTokens-long dot product per entry; parallel over contiguous ranges of entries (each thread
-// writes only its own dv), tiles outermost so one tile of x^T is shared by all entries while it is in cache.
+// one contiguous kDotTokens-long dot product per entry. The entries are cut into chunks (parallel, dynamically
+// scheduled, two per thread; each thread writes only its own dv), and a chunk's entries are grouped by column
+// block of kColBlock features (stable, so rows stay in order within a group): within one (chunk, tile, block)
+// pass the x columns read lie in kColBlock · kDotTokens floats (16 KiB), which stay in L1, where the support's
+// order scattered them over the whole [K, kDotTokens] tile (L2) and the loads from there bounded the op. Every
+// chunk reads every tile once, so chunks are as large as the threads allow (within [kMinDotChunk, kMaxDotChunk]).
+constexpr int64_t kMinDotChunk = 16384;
+constexpr int64_t kMaxDotChunk = 131072;
+constexpr int64_t kColBlock = 128;
 template <typename T>
 void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
                  float* dv) {
   const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1), nnz = rows.numel();
   const int64_t tiles = (tokens + kDotTokens - 1) / kDotTokens;
-  // uninitialised: pack_tile writes every element (zeros past the last token), so no memset of T·(N + K) floats
   std::unique_ptr<float[]> xt(new float[tiles * in_f * kDotTokens]), dyt(new float[tiles * out_f * kDotTokens]);
   at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -220,25 +236,45 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
   });
   const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* c = cols.data_ptr<int64_t>();
-  constexpr int64_t kChunk = 16384;  // entries per dynamically scheduled chunk, as the forward's tiles
-  const int64_t chunks = (nnz + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(at::get_num_threads()))
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t k0 = chunk * kChunk, k1 = std::min(nnz, k0 + kChunk);
-    for (int64_t b = 0; b < tiles; ++b) {
-      const float* xb = xt.get() + b * in_f * kDotTokens;
-      const float* db = dyt.get() + b * out_f * kDotTokens;
-      for (int64_t k = k0; k < k1; ++k) {
-        const float* a = db + r[k] * kDotTokens;
-        const float* e = xb + c[k] * kDotTokens;
-        Vec prod = load_vec(a) * load_vec(e);
-        for (int64_t i = kLanes; i < kDotTokens; i += kLanes) prod += load_vec(a + i) * load_vec(e + i);
-        float lanes[kLanes];
-        std::memcpy(lanes, &prod, sizeof lanes);
-        float sum = 0.0f;
-        for (int64_t i = 0; i < kLanes; ++i) sum += lanes[i];
-        dv[k] += sum;
+  const int64_t blocks = (in_f + kColBlock - 1) / kColBlock;
+  const int64_t per_thread = (nnz + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t chunk_size = std::clamp(per_thread, kMinDotChunk, kMaxDotChunk);
+  const int64_t chunks = (nnz + chunk_size - 1) / chunk_size;
+#pragma omp parallel num_threads(static_cast<int>(at::get_num_threads()))
+  {
+    // one chunk's entries grouped by column block: their tile offsets and their place in dv, and the groups' starts
+    std::vector<int64_t> row_at(chunk_size), col_at(chunk_size), entry(chunk_size), start(blocks + 1);
+    std::vector<float> sums(chunk_size);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t k0 = chunk * chunk_size, size = std::min(nnz, k0 + chunk_size) - k0;
+      std::fill(start.begin(), start.end(), 0);
+      for (int64_t k = k0; k < k0 + size; ++k) ++start[c[k] / kColBlock + 1];
+      for (int64_t g = 0; g < blocks; ++g) start[g + 1] += start[g];
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t k = k0; k < k0 + size; ++k) {
+        const int64_t at = fill[c[k] / kColBlock]++;
+        row_at[at] = r[k] * kDotTokens;
+        col_at[at] = c[k] * kDotTokens;
+        entry[at] = k;
       }
+      std::fill(sums.begin(), sums.begin() + size, 0.0f);
+      for (int64_t b = 0; b < tiles; ++b) {
+        const float* xb = xt.get() + b * in_f * kDotTokens;
+        const float* db = dyt.get() + b * out_f * kDotTokens;
+        for (int64_t i = 0; i < size; ++i) {
+          const float* a = db + row_at[i];
+          const float* e = xb + col_at[i];
+          Vec prod = load_vec(a) * load_vec(e);
+          for (int64_t q = kLanes; q < kDotTokens; q += kLanes) prod += load_vec(a + q) * load_vec(e + q);
+          float lanes[kLanes];
+          std::memcpy(lanes, &prod, sizeof lanes);
+          float sum = 0.0f;
+          for (int64_t q = 0; q < kLanes; ++q) sum += lanes[q];
+          sums[i] += sum;
+        }
+      }
+      for (int64_t i = 0; i < size; ++i) dv[entry[i]] = sums[i];
     }
   }
 }
