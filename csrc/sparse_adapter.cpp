@@ -191,24 +191,29 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* a_name, co
               ", got ", b.scalar_type());
 }
 
+// out [T, rows] += in [T, features] · Mᵀ after checking the arguments under the op's own names (names[0..4]:
+// in, out, crow, cols, values), shared by the forward (M = S) and dx (M = Sᵀ).
+void checked_csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
+                       const at::Tensor& out, const char* const names[5]) {
+  check_tokens(in, names[0]);
+  check_tokens(out, names[1]);
+  check_same(in, out, names[0], names[1]);
+  TORCH_CHECK(out.size(0) == in.size(0), names[1], " must have ", names[0], "'s ", in.size(0), " tokens, got ",
+              out.size(0));
+  check_csr(crow, cols, values, out.size(1), in.size(1), in.scalar_type(), names[2], names[3], names[4]);
+  by_dtype(in.scalar_type(), [&](auto tag) { csr_apply<decltype(tag)>(in, crow, cols, values, out); });
+}
+
 void sparse_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
                     const at::Tensor& y) {
-  check_tokens(x, "x");
-  check_tokens(y, "y");
-  check_same(x, y, "x", "y");
-  TORCH_CHECK(y.size(0) == x.size(0), "y must have x's ", x.size(0), " tokens, got ", y.size(0));
-  check_csr(crow, cols, values, y.size(1), x.size(1), x.scalar_type(), "crow", "cols", "values");
-  by_dtype(x.scalar_type(), [&](auto tag) { csr_apply<decltype(tag)>(x, crow, cols, values, y); });
+  static const char* const names[5] = {"x", "y", "crow", "cols", "values"};
+  checked_csr_apply(x, crow, cols, values, y, names);
 }
 
 void sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const at::Tensor& t_cols,
                            const at::Tensor& t_values, const at::Tensor& dx) {
-  check_tokens(dy, "dy");
-  check_tokens(dx, "dx");
-  check_same(dy, dx, "dy", "dx");
-  TORCH_CHECK(dx.size(0) == dy.size(0), "dx must have dy's ", dy.size(0), " tokens, got ", dx.size(0));
-  check_csr(t_crow, t_cols, t_values, dx.size(1), dy.size(1), dy.scalar_type(), "t_crow", "t_cols", "t_values");
-  by_dtype(dy.scalar_type(), [&](auto tag) { csr_apply<decltype(tag)>(dy, t_crow, t_cols, t_values, dx); });
+  static const char* const names[5] = {"dy", "dx", "t_crow", "t_cols", "t_values"};
+  checked_csr_apply(dy, t_crow, t_cols, t_values, dx, names);
 }
 
 // dv_k = Σ_t dy[t, rows_k] · x[t, cols_k]: both transposed tile by tile into [features, kDotTokens] fp32, then
