@@ -231,12 +231,18 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
                  float* dv) {
   const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1), nnz = rows.numel();
   const int64_t tiles = (tokens + kDotTokens - 1) / kDotTokens;
-  std::unique_ptr<float[]> xt(new float[tiles * in_f * kDotTokens]), dyt(new float[tiles * out_f * kDotTokens]);
+  // The calling thread's packing buffers, kept between calls: freshly allocated, their tens of MB were page-faulted
+  // in on every call (glibc maps blocks that large afresh), which cost as much as packing them.
+  thread_local std::vector<float> x_buffer, dy_buffer;
+  x_buffer.resize(std::max<size_t>(x_buffer.size(), tiles * in_f * kDotTokens));
+  dy_buffer.resize(std::max<size_t>(dy_buffer.size(), tiles * out_f * kDotTokens));
+  float* const xt = x_buffer.data();
+  float* const dyt = dy_buffer.data();
   at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = b * kDotTokens, count = std::min(kDotTokens, tokens - t0);
-      pack_tile(x.data_ptr<T>(), in_f, t0, count, kDotTokens, xt.get() + b * in_f * kDotTokens);
-      pack_tile(dy.data_ptr<T>(), out_f, t0, count, kDotTokens, dyt.get() + b * out_f * kDotTokens);
+      pack_tile(x.data_ptr<T>(), in_f, t0, count, kDotTokens, xt + b * in_f * kDotTokens);
+      pack_tile(dy.data_ptr<T>(), out_f, t0, count, kDotTokens, dyt + b * out_f * kDotTokens);
     }
   });
   const int64_t* r = rows.data_ptr<int64_t>();
@@ -265,8 +271,8 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
       }
       std::fill(sums.begin(), sums.begin() + size, 0.0f);
       for (int64_t b = 0; b < tiles; ++b) {
-        const float* xb = xt.get() + b * in_f * kDotTokens;
-        const float* db = dyt.get() + b * out_f * kDotTokens;
+        const float* xb = xt + b * in_f * kDotTokens;
+        const float* db = dyt + b * out_f * kDotTokens;
         for (int64_t i = 0; i < size; ++i) {
           const float* a = db + row_at[i];
           const float* e = xb + col_at[i];
