@@ -10,7 +10,9 @@ and the time to switch 1 and 16 adapters' deltas into the base weight and restor
 
 Every op each path dispatches is watched by a TorchDispatchMode that records the largest tensor it produces: a
 dense [N, K] anywhere (N·K elements or more, far above T·N and T·K at T < min(N, K)) makes the row's
-`dense_nk` true, and the native path must have none (the dense path shows that the check can fire).
+`dense_nk` true (the dense path shows that the check can fire). The watch sees the tensors torch makes, not
+the C++ kernels' own buffers: for the native path it checks the Python side around the ops (their buffers are
+token tiles, T·max(N, K) floats at most, by construction in csrc/sparse_adapter.cpp).
 
     python -m benchmarks.bench_sparse                 # rows -> benchmarks/results/sparse.csv
     python -m benchmarks.bench_sparse --tokens 256 --shapes o_proj --no-record   # a quick look

@@ -42,7 +42,7 @@ fi
 
 # --- 1b. native ops: JIT-build csrc/ (C++ and CUDA, about a minute) once, so that step 2's tests of the CUDA
 # kernels (tests/lorafusion/ops/test_native_cuda.py, marked gpu) and step 5 find it in the cache -----------------
-timeout 240 "$PY" -c "from lorafusion.ops import native; native.load()" || status=1
+timeout 240 "$PY" -c "import sys; from lorafusion.ops import native; sys.exit(0 if native.available('cuda') else 1)" || status=1
 
 # --- 2. GPU tests ----------------------------------------------------------------------------------------------
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || status=1

@@ -73,11 +73,7 @@ void check_csr(const at::Tensor& crow, const at::Tensor& cols, const at::Tensor&
   check_range(cols, ncols, cols_name);
 }
 
-std::vector<float> values_as_float(const at::Tensor& values) {
-  const at::Tensor v = values.scalar_type() == at::kFloat ? values : values.to(at::kFloat);
-  const float* p = v.data_ptr<float>();
-  return std::vector<float>(p, p + v.numel());
-}
+
 
 // tile[f * width + i] = src[(t0 + i) * features + f] as fp32, for i < count; the rest of the width zero.
 // Features in blocks of kPackBlock, so the tile rows one block writes (kPackBlock · width floats) stay in L1 while
@@ -149,7 +145,8 @@ void csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& c
   T* dst = out.data_ptr<T>();
   const int64_t* c = crow.data_ptr<int64_t>();
   const int64_t* k = cols.data_ptr<int64_t>();
-  const std::vector<float> v = values_as_float(values);
+  const at::Tensor v_float = values.to(at::kFloat);  // the values themselves when fp32 (SHiRA's are): no copy
+  const float* v = v_float.data_ptr<float>();
   const int64_t tiles = (tokens + kTokens - 1) / kTokens;
   if (tiles >= at::get_num_threads()) {
     // Tiles handed out one at a time (dynamic): a thread whose core another process shares takes fewer of them,
@@ -161,7 +158,7 @@ void csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& c
       for (int64_t b = 0; b < tiles; ++b) {
         const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
         pack_tile(src, features, t0, count, kTokens, tile.data());
-        csr_tile(tile.data(), c, k, v.data(), 0, rows, dst, rows, t0, count);
+        csr_tile(tile.data(), c, k, v, 0, rows, dst, rows, t0, count);
       }
     }
     return;
@@ -171,7 +168,7 @@ void csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& c
     const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
     pack_tile(src, features, t0, count, kTokens, tile.data());
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      csr_tile(tile.data(), c, k, v.data(), r0, r1, dst, rows, t0, count);
+      csr_tile(tile.data(), c, k, v, r0, r1, dst, rows, t0, count);
     });
   }
 }

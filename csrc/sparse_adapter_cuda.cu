@@ -2,7 +2,7 @@
 // y += x Sᵀ, the input gradient dx += dy S, the values' gradient sampled at the support, and the in-place
 // switch / restore of many jobs' deltas in a base weight. The schemas live in sparse_adapter.cpp
 // (TORCH_LIBRARY); this file only registers the CUDA implementations. Why each kernel is laid out the way it
-// is: csrc/CUDA.md.
+// is: csrc/README.md, "The CUDA kernels".
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>

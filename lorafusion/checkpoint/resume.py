@@ -1,10 +1,10 @@
-"""Save and restore a whole fit: the driver calls `save_checkpoint` between windows and `load_checkpoint` at start.
+"""Save and restore a whole fit: the driver saves between windows and resumes at start, in halves.
 
 Each side has its own half, so the Ray driver can run the stage halves as actor methods:
 save = `begin_checkpoint(output_dir, checkpoint_step(progress))` (driver) → `write_stage_shard(staging, stage,
 stage_states(worker, progress))` (data-parallel rank 0 of every stage) → `commit_checkpoint` (driver); resume =
 `open_checkpoint` (driver) → `restore_worker(worker, resumed)` (every actor). `save_checkpoint`/`load_checkpoint`
-chain them for local workers.
+chain them for one local worker (the checkpointing tests drive a worker through them).
 
 Data position and RNG: a job's global batch `step` and its dropout seeds are pure functions of (seed, step,
 sample index) (lorafusion/prepare.py), so the job's step is its whole data and RNG position. The driver

@@ -8,11 +8,11 @@ import torch
 from lorafusion.config import JobSpec
 from runtime.optim.adamw import AdamWOptimizer
 from runtime.optim.altlora import AltLoRAOptimizer
-from runtime.optim.base import FactorOptimizer, FactorPair, JobOptimizer, lr_at
+from runtime.optim.base import FactorOptimizer, FactorPair, JobOptimizer
 from runtime.optim.lorapro import LoRAProOptimizer
 
 __all__ = ["AdamWOptimizer", "AltLoRAOptimizer", "FactorOptimizer", "FactorPair", "JobOptimizer", "LoRAProOptimizer",
-           "build_optimizer", "lr_at"]
+           "build_optimizer"]
 
 
 def build_optimizer(spec: JobSpec, named: dict[str, torch.nn.Parameter], total_steps: int) -> JobOptimizer:

@@ -16,7 +16,7 @@ import torch
 from lorafusion.config import JobSpec
 from lorafusion.schedule import lr_at
 
-__all__ = ["lr_at", "JobOptimizer", "FactorPair", "FactorGroup", "FactorOptimizer"]
+__all__ = ["JobOptimizer", "FactorPair", "FactorGroup", "FactorOptimizer"]
 
 
 class JobOptimizer:
@@ -105,8 +105,6 @@ class FactorPair:
     """A [r, K]."""
     b: torch.nn.Parameter
     """B [N, r]."""
-    scale: float
-    """s of ΔW = s·B A."""
     state_a: dict[str, torch.Tensor] = field(default_factory=dict)
     """State checkpointed under A's name."""
     state_b: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -156,7 +154,7 @@ class FactorOptimizer(JobOptimizer):
 
     def __init__(self, spec: JobSpec, named: dict[str, torch.nn.Parameter], total_steps: int) -> None:
         super().__init__(spec, list(named.values()), total_steps)
-        self.pairs = _pair_factors(named, spec.adapter.scaling, spec.name)
+        self.pairs = _pair_factors(named, spec.name)
         self.scale = spec.adapter.scaling
         by_shape: dict[tuple, list[FactorPair]] = {}
         for pair in self.pairs:
@@ -215,7 +213,7 @@ class FactorOptimizer(JobOptimizer):
                     live[key].copy_(value)
 
 
-def _pair_factors(named: dict[str, torch.nn.Parameter], scale: float, job: str) -> list[FactorPair]:
+def _pair_factors(named: dict[str, torch.nn.Parameter], job: str) -> list[FactorPair]:
     """One FactorPair per module from the job's trainable parameters '<module>.lora_A' / '<module>.lora_B'."""
     pairs, unpaired = [], [name for name in named if not name.endswith((".lora_A", ".lora_B"))]
     for name, a in named.items():
@@ -224,7 +222,7 @@ def _pair_factors(named: dict[str, torch.nn.Parameter], scale: float, job: str) 
             if partner not in named:
                 unpaired.append(name)
                 continue
-            pairs.append(FactorPair(a=a, b=named[partner], scale=scale))
+            pairs.append(FactorPair(a=a, b=named[partner]))
     if unpaired or 2 * len(pairs) != len(named):
         raise ValueError(f"job '{job}': a factor optimizer steps (lora_A, lora_B) pairs, but the adapter also trains "
                          f"{sorted(set(unpaired)) or 'unpaired factors'}; use optimizer {{type: adamw}}")

@@ -33,7 +33,7 @@ def ray_head(tmp_path):
 
     `ray start --block` runs in its own process group and is stopped by signalling that group: `ray stop`
     would stop every Ray instance on the machine, the tests' own one (and so the test process) included. SIGTERM
-    gets 5 s, then whatever is left of the group gets SIGKILL: the graceful path took ~30 s here (the raylet waits
+    gets 5 s, then whatever is left of the group gets SIGKILL: the graceful path is slow (the raylet waits
     on the GCS the same signal stopped), which a throwaway head need not wait for.
     """
     if shutil.which("ray", path=str(BIN)) is None or shutil.which("lorafusion", path=str(BIN)) is None:

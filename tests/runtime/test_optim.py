@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lorafusion as lf
-from runtime.optim import AdamWOptimizer, lr_at
+from lorafusion.schedule import lr_at
+from runtime.optim import AdamWOptimizer
 
 
 def spec(**kwargs) -> lf.JobSpec:

@@ -20,7 +20,7 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 def ops():
     """torch.ops.lorafusion_sparse once the loader has built and loaded the extension with its CUDA kernels."""
     native = pytest.importorskip("lorafusion.ops.native")
-    native.load()
+    native.available("cuda")  # builds (with the CUDA kernels where nvcc is found) and loads them
     if not torch._C._dispatch_has_kernel_for_dispatch_key("lorafusion_sparse::sparse_forward", "CUDA"):
         if shutil.which("nvcc") is None:
             pytest.skip("no nvcc on this machine: the extension was built without its CUDA kernels")
