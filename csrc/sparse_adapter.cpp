@@ -13,11 +13,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -25,9 +29,17 @@
 
 namespace {
 
-// Tokens per tile of the forward and dx: one entry of S is then one 16-wide fp32 FMA (two AVX2 or one AVX-512
-// register), and a tile of x^T [K, 16] (256 KiB at K = 4096) stays in L2 while the support is walked.
-constexpr int64_t kTokens = 16;
+// The forward and dx: tiles of kTokens tokens, so one entry of M is one kTokens-wide fp32 FMA (four AVX2 or two
+// AVX-512 registers: the index and value loads, the address and the loop are shared by that many tokens). M is
+// walked in bands of kBandRows rows, whose accumulators [kBandRows, kTokens] (32 KiB) stay in L1/L2 and are
+// written out a band at a time, a contiguous run per token (writing each row's kTokens sums straight into
+// out's column cost three times the whole product's output traffic); within a band, in column blocks of
+// kSlabFeatures features, so the tile rows a block reads (kSlabFeatures · kTokens fp32, 256 KiB) stay in L2.
+// Narrower blocks keep the slab in L1 but leave a few entries per (row, block), and the branch mispredictions of
+// those short loops cost more than the L2 reads (1-thread timings of the candidates: docs/native_ops.md).
+constexpr int64_t kTokens = 32;
+constexpr int64_t kBandRows = 256;
+constexpr int64_t kSlabFeatures = 2048;
 // Tokens per tile of the values' gradient: x^T and dy^T tiles of 32 tokens keep 128 KiB per 1024 features,
 // so the columns one row's entries read stay in L2 (see benchmarks/bench_sparse.py for the measured effect).
 constexpr int64_t kDotTokens = 32;
@@ -115,62 +127,167 @@ inline Vec load_vec(const float* p) {
   return v;
 }
 
-// out[t0 + i, r] += Σ_j v_j · tile[c_j, i] for rows r in [r0, r1) of the CSR: one kTokens-wide FMA per entry.
+// M [rows, features] (CSR) regrouped for the tiled product: its entries ordered by (row band, column block, row),
+// each as its offset in a packed tile (column · kTokens) and its fp32 value. Key (band · blocks + g) · band_rows +
+// (r − band start) holds row r's entries in column block g, at [ptr[key], ptr[key + 1]). Within a key the
+// entries keep the CSR's order. Built per call (parallel over bands, O(nnz + rows · blocks)); the values change
+// every step anyway.
+struct BlockedCsr {
+  int64_t band_rows = 0, bands = 0, blocks = 0;
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> offset;
+  std::vector<float> value;
+};
+
+BlockedCsr block_csr(const int64_t* crow, const int64_t* cols, const float* vals, int64_t rows, int64_t features,
+                     int64_t band_rows) {
+  BlockedCsr m;
+  m.band_rows = band_rows;
+  m.bands = (rows + band_rows - 1) / band_rows;
+  m.blocks = (features + kSlabFeatures - 1) / kSlabFeatures;
+  const int64_t keys_per_band = m.blocks * band_rows, nnz = crow[rows];
+  m.ptr.resize(m.bands * keys_per_band + 1);
+  m.offset.resize(nnz);
+  m.value.resize(nnz);
+  m.ptr.back() = nnz;
+  at::parallel_for(0, m.bands, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> cursor(keys_per_band);
+    for (int64_t band = b0; band < b1; ++band) {
+      const int64_t r0 = band * band_rows, r1 = std::min(rows, r0 + band_rows);
+      std::fill(cursor.begin(), cursor.end(), 0);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t j = crow[r]; j < crow[r + 1]; ++j) ++cursor[cols[j] / kSlabFeatures * band_rows + (r - r0)];
+      }
+      int64_t at = crow[r0];  // the band's entries keep the CSR's range [crow[r0], crow[r1])
+      int64_t* ptr = m.ptr.data() + band * keys_per_band;
+      for (int64_t key = 0; key < keys_per_band; ++key) {
+        ptr[key] = at;
+        at += cursor[key];
+        cursor[key] = ptr[key];
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+          const int64_t to = cursor[cols[j] / kSlabFeatures * band_rows + (r - r0)]++;
+          m.offset[to] = static_cast<int32_t>(cols[j] * kTokens);
+          m.value[to] = vals[j];
+        }
+      }
+    }
+  });
+  return m;
+}
+
+// out[t0 + i, r] = Σ_j v_j · tile[c_j, i] for the rows r of one band: the band's accumulators acc [band rows,
+// kTokens] stay near while the column blocks pass; one kTokens-wide FMA per entry.
 template <typename T>
-void csr_tile(const float* tile, const int64_t* crow, const int64_t* cols, const float* vals, int64_t r0,
-              int64_t r1, T* out, int64_t out_cols, int64_t t0, int64_t count) {
-  for (int64_t r = r0; r < r1; ++r) {
-    Vec acc[kVecs] = {};
-    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
-      const float* col = tile + cols[j] * kTokens;
-      for (int64_t q = 0; q < kVecs; ++q) acc[q] += vals[j] * load_vec(col + q * kLanes);
+void band_product(const float* tile, const BlockedCsr& m, int64_t band, int64_t rows, float* acc, T* out,
+                  int64_t t0, int64_t count) {
+  const int64_t r0 = band * m.band_rows, band_size = std::min(m.band_rows, rows - r0);
+  std::fill(acc, acc + band_size * kTokens, 0.0f);
+  const int32_t* offset = m.offset.data();
+  const float* value = m.value.data();
+  for (int64_t g = 0; g < m.blocks; ++g) {
+    const int64_t* ptr = m.ptr.data() + (band * m.blocks + g) * m.band_rows;
+    for (int64_t r = 0; r < band_size; ++r) {
+      const int64_t j0 = ptr[r], j1 = ptr[r + 1];
+      if (j0 == j1) continue;
+      float* a = acc + r * kTokens;
+      Vec sum[kVecs];
+      for (int64_t q = 0; q < kVecs; ++q) sum[q] = load_vec(a + q * kLanes);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* col = tile + offset[j];
+        for (int64_t q = 0; q < kVecs; ++q) sum[q] += value[j] * load_vec(col + q * kLanes);
+      }
+      std::memcpy(a, sum, sizeof sum);
     }
-    float sums[kTokens];
-    std::memcpy(sums, acc, sizeof sums);
-    for (int64_t i = 0; i < count; ++i) {
-      T& o = out[(t0 + i) * out_cols + r];
-      o = static_cast<T>(static_cast<float>(o) + sums[i]);
-    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    T* o = out + (t0 + i) * rows + r0;
+    for (int64_t r = 0; r < band_size; ++r) o[r] = static_cast<T>(acc[r * kTokens + i]);
   }
 }
 
-// out [T, rows] += in [T, features] · Mᵀ for M [rows, features] as CSR: parallel over token tiles when there
-// are enough of them for every thread, else over M's rows within each tile (short segments, T = 1).
+// out[t0 + i, r] = Σ_j v_j · tile[c_j, i] for rows r in [r0, r1), straight from the CSR: for segments of a few
+// tiles, where regrouping M (block_csr) would cost more than it saves.
 template <typename T>
-void csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
-               const at::Tensor& out) {
-  const int64_t tokens = in.size(0), features = in.size(1), rows = out.size(1);
-  if (tokens == 0 || rows == 0) return;
+void csr_rows(const float* tile, const int64_t* crow, const int64_t* cols, const float* vals, int64_t r0, int64_t r1,
+              T* out, int64_t rows, int64_t t0, int64_t count) {
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec sum[kVecs] = {};
+    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+      const float* col = tile + cols[j] * kTokens;
+      for (int64_t q = 0; q < kVecs; ++q) sum[q] += vals[j] * load_vec(col + q * kLanes);
+    }
+    float sums[kTokens];
+    std::memcpy(sums, sum, sizeof sums);
+    for (int64_t i = 0; i < count; ++i) out[(t0 + i) * rows + r] = static_cast<T>(sums[i]);
+  }
+}
+
+// Below this many token tiles the product reads M's CSR as it is (see csr_rows).
+constexpr int64_t kMinBlockedTiles = 4;
+
+// out [T, rows] = in [T, features] · Mᵀ for M [rows, features] as CSR, into a new tensor (every element written:
+// no zero-fill, no read-modify-write). Parallel over token tiles when there are enough of them for every thread,
+// else over M's rows within each tile (short segments, T = 1).
+template <typename T>
+at::Tensor csr_product(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
+                       int64_t rows) {
+  const int64_t tokens = in.size(0), features = in.size(1);
+  if (tokens == 0 || rows == 0 || cols.numel() == 0) return at::zeros({tokens, rows}, in.options());
+  at::Tensor out = at::empty({tokens, rows}, in.options());
   const T* src = in.data_ptr<T>();
   T* dst = out.data_ptr<T>();
+  const at::Tensor v_float = values.to(at::kFloat);  // the values themselves when fp32 (SHiRA's are): no copy
+  const float* vals = v_float.data_ptr<float>();
   const int64_t* c = crow.data_ptr<int64_t>();
   const int64_t* k = cols.data_ptr<int64_t>();
-  const at::Tensor v_float = values.to(at::kFloat);  // the values themselves when fp32 (SHiRA's are): no copy
-  const float* v = v_float.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
   const int64_t tiles = (tokens + kTokens - 1) / kTokens;
-  if (tiles >= at::get_num_threads()) {
+  if (tiles < kMinBlockedTiles) {
+    std::vector<float> tile(features * kTokens);
+    for (int64_t b = 0; b < tiles; ++b) {
+      const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
+      pack_tile(src, features, t0, count, kTokens, tile.data());
+      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        csr_rows(tile.data(), c, k, vals, r0, r1, dst, rows, t0, count);
+      });
+    }
+    return out;
+  }
+  const bool by_tiles = tiles >= threads;
+  const int64_t band_rows =
+      by_tiles ? kBandRows : std::clamp<int64_t>((rows + threads - 1) / threads, int64_t{16}, kBandRows);
+  const BlockedCsr m = block_csr(c, k, vals, rows, features, band_rows);
+  if (by_tiles) {
     // Tiles handed out one at a time (dynamic): a thread whose core another process shares takes fewer of them,
     // where at::parallel_for's equal halves made the other thread wait for it.
-#pragma omp parallel num_threads(static_cast<int>(at::get_num_threads()))
+#pragma omp parallel num_threads(static_cast<int>(threads))
     {
-      std::vector<float> tile(features * kTokens);
+      std::vector<float> tile(features * kTokens), acc(band_rows * kTokens);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < tiles; ++b) {
         const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
         pack_tile(src, features, t0, count, kTokens, tile.data());
-        csr_tile(tile.data(), c, k, v, 0, rows, dst, rows, t0, count);
+        for (int64_t band = 0; band < m.bands; ++band) {
+          band_product(tile.data(), m, band, rows, acc.data(), dst, t0, count);
+        }
       }
     }
-    return;
+    return out;
   }
   std::vector<float> tile(features * kTokens);
   for (int64_t b = 0; b < tiles; ++b) {
     const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
     pack_tile(src, features, t0, count, kTokens, tile.data());
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      csr_tile(tile.data(), c, k, v, r0, r1, dst, rows, t0, count);
+    at::parallel_for(0, m.bands, 1, [&](int64_t band0, int64_t band1) {
+      std::vector<float> acc(band_rows * kTokens);
+      for (int64_t band = band0; band < band1; ++band) {
+        band_product(tile.data(), m, band, rows, acc.data(), dst, t0, count);
+      }
     });
   }
+  return out;
 }
 
 template <typename F>
@@ -188,29 +305,71 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* a_name, co
               ", got ", b.scalar_type());
 }
 
-// out [T, rows] += in [T, features] · Mᵀ after checking the arguments under the op's own names (names[0..4]:
-// in, out, crow, cols, values), shared by the forward (M = S) and dx (M = Sᵀ).
-void checked_csr_apply(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
-                       const at::Tensor& out, const char* const names[5]) {
+// in [T, features] · Mᵀ [T, rows] after checking the arguments under the op's own names (names[0..3]: in, crow,
+// cols, values), shared by the forward (M = S) and dx (M = Sᵀ); M has crow.numel() − 1 rows.
+at::Tensor checked_csr_product(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols,
+                               const at::Tensor& values, const char* const names[4]) {
   check_tokens(in, names[0]);
-  check_tokens(out, names[1]);
-  check_same(in, out, names[0], names[1]);
-  TORCH_CHECK(out.size(0) == in.size(0), names[1], " must have ", names[0], "'s ", in.size(0), " tokens, got ",
-              out.size(0));
-  check_csr(crow, cols, values, out.size(1), in.size(1), in.scalar_type(), names[2], names[3], names[4]);
-  by_dtype(in.scalar_type(), [&](auto tag) { csr_apply<decltype(tag)>(in, crow, cols, values, out); });
+  check_index(crow, names[1]);
+  TORCH_CHECK(crow.numel() >= 1, names[1], " is empty; it holds rows + 1 pointers, [0] for no row");
+  TORCH_CHECK(in.size(1) < (int64_t{1} << 31) / kTokens, names[0], " has ", in.size(1), " features, over ",
+              (int64_t{1} << 31) / kTokens, ", the most the packed tiles' int32 offsets reach");
+  const int64_t rows = crow.numel() - 1;
+  check_csr(crow, cols, values, rows, in.size(1), in.scalar_type(), names[1], names[2], names[3]);
+  at::Tensor out;
+  by_dtype(in.scalar_type(), [&](auto tag) { out = csr_product<decltype(tag)>(in, crow, cols, values, rows); });
+  return out;
 }
 
-void sparse_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
-                    const at::Tensor& y) {
-  static const char* const names[5] = {"x", "y", "crow", "cols", "values"};
-  checked_csr_apply(x, crow, cols, values, y, names);
+at::Tensor sparse_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& cols,
+                          const at::Tensor& values) {
+  static const char* const names[4] = {"x", "crow", "cols", "values"};
+  return checked_csr_product(x, crow, cols, values, names);
 }
 
-void sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const at::Tensor& t_cols,
-                           const at::Tensor& t_values, const at::Tensor& dx) {
-  static const char* const names[5] = {"dy", "dx", "t_crow", "t_cols", "t_values"};
-  checked_csr_apply(dy, t_crow, t_cols, t_values, dx, names);
+at::Tensor sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const at::Tensor& t_cols,
+                                 const at::Tensor& t_values) {
+  static const char* const names[4] = {"dy", "t_crow", "t_cols", "t_values"};
+  return checked_csr_product(dy, t_crow, t_cols, t_values, names);
+}
+
+// The lane-wise products of one kDotTokens-long dot product, a · e: its sum is the sum of the lanes.
+inline Vec dot_lanes(const float* a, const float* e) {
+  Vec prod = load_vec(a) * load_vec(e);
+  for (int64_t q = kLanes; q < kDotTokens; q += kLanes) prod += load_vec(a + q) * load_vec(e + q);
+  return prod;
+}
+
+inline float lane_sum(Vec v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  float sum = 0.0f;
+  for (int64_t q = 0; q < kLanes; ++q) sum += lanes[q];
+  return sum;
+}
+
+// out[u] += lane_sum(v[u]) for kSumBatch vectors at once: with AVX, three rounds of pairwise horizontal adds
+// and one cross-half add (7 shuffling adds for 8 sums, where one sum at a time took ~10 instructions each,
+// the values' gradient's largest cost after the loads).
+constexpr int64_t kSumBatch = 8;
+inline void add_lane_sums(const Vec* v, float* out) {
+#if defined(__AVX__)
+  __m256 h[kSumBatch];
+  for (int64_t u = 0; u < kSumBatch; ++u) {
+#if defined(__AVX512F__)
+    const __m512 w = reinterpret_cast<const __m512&>(v[u]);
+    h[u] = _mm256_add_ps(_mm512_castps512_ps256(w), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
+#else
+    h[u] = reinterpret_cast<const __m256&>(v[u]);
+#endif
+  }
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sums));
+#else
+  for (int64_t u = 0; u < kSumBatch; ++u) out[u] += lane_sum(v[u]);
+#endif
 }
 
 // dv_k = Σ_t dy[t, rows_k] · x[t, cols_k]: both transposed tile by tile into [features, kDotTokens] fp32, then
@@ -270,17 +429,13 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
       for (int64_t b = 0; b < tiles; ++b) {
         const float* xb = xt + b * in_f * kDotTokens;
         const float* db = dyt + b * out_f * kDotTokens;
-        for (int64_t i = 0; i < size; ++i) {
-          const float* a = db + row_at[i];
-          const float* e = xb + col_at[i];
-          Vec prod = load_vec(a) * load_vec(e);
-          for (int64_t q = kLanes; q < kDotTokens; q += kLanes) prod += load_vec(a + q) * load_vec(e + q);
-          float lanes[kLanes];
-          std::memcpy(lanes, &prod, sizeof lanes);
-          float sum = 0.0f;
-          for (int64_t q = 0; q < kLanes; ++q) sum += lanes[q];
-          sums[i] += sum;
+        int64_t i = 0;
+        for (; i + kSumBatch <= size; i += kSumBatch) {
+          Vec prod[kSumBatch];
+          for (int64_t u = 0; u < kSumBatch; ++u) prod[u] = dot_lanes(db + row_at[i + u], xb + col_at[i + u]);
+          add_lane_sums(prod, &sums[i]);
         }
+        for (; i < size; ++i) sums[i] += lane_sum(dot_lanes(db + row_at[i], xb + col_at[i]));
       }
       for (int64_t i = 0; i < size; ++i) dv[entry[i]] = sums[i];
     }
@@ -371,8 +526,8 @@ void sparse_restore(const at::Tensor& weight, const at::Tensor& index, const at:
 }  // namespace
 
 TORCH_LIBRARY(lorafusion_sparse, m) {
-  m.def("sparse_forward(Tensor x, Tensor crow, Tensor cols, Tensor values, Tensor(a!) y) -> ()");
-  m.def("sparse_backward_input(Tensor dy, Tensor t_crow, Tensor t_cols, Tensor t_values, Tensor(a!) dx) -> ()");
+  m.def("sparse_forward(Tensor x, Tensor crow, Tensor cols, Tensor values) -> Tensor");
+  m.def("sparse_backward_input(Tensor dy, Tensor t_crow, Tensor t_cols, Tensor t_values) -> Tensor");
   m.def("sparse_backward_values(Tensor dy, Tensor x, Tensor rows, Tensor cols) -> Tensor");
   m.def("sparse_switch(Tensor(a!) weight, Tensor index, Tensor values, Tensor(b!) saved) -> ()");
   m.def("sparse_restore(Tensor(a!) weight, Tensor index, Tensor saved) -> ()");

@@ -1,5 +1,5 @@
 // CUDA kernels of the lorafusion_sparse ops (SHiRA's sparse ΔW S [N, K] on a fixed support): the forward
-// y += x Sᵀ, the input gradient dx += dy S, the values' gradient sampled at the support, and the in-place
+// y = x Sᵀ, the input gradient dx = dy S, the values' gradient sampled at the support, and the in-place
 // switch / restore of many jobs' deltas in a base weight. The schemas live in sparse_adapter.cpp
 // (TORCH_LIBRARY); this file only registers the CUDA implementations. Why each kernel is laid out the way it
 // is: csrc/README.md, "The CUDA kernels".
@@ -53,14 +53,15 @@ __device__ void stage_rows(scalar_t* tile, int64_t tile_stride, const scalar_t* 
   }
 }
 
-// out [T, R] += in [T, C] · Mᵀ for M [R, C] given as CSR (crow [R + 1], cols [nnz], values [nnz]); both the
+// out [T, R] = in [T, C] · Mᵀ for M [R, C] given as CSR (crow [R + 1], cols [nnz], values [nnz]); both the
 // forward (M = S) and the input gradient (M = Sᵀ) are this product.
 // Block: a tile of `tile_tokens` tokens × a range of rows of M. The tile's rows of `in` are copied once,
 // coalesced, into shared memory (when they fit), because M's columns gather scattered elements of each row of
 // `in`: served from shared memory those gathers cost no global transactions. Warp: one row r of M at a time;
 // lane = (token tt, group lane g): the `group` lanes of a token split the row's entries, then a shuffle
 // reduction sums them, so the row's cols/values are read coalesced and shared by the tile's tokens.
-// Every out[t, r] has exactly one writer in the grid (tiles and row ranges are disjoint): no atomics.
+// Every out[t, r] has exactly one writer in the grid (tiles and row ranges are disjoint, and a row without entries
+// writes its zero): no atomics, and out needs no zero-fill.
 template <typename scalar_t, typename value_t>
 __global__ void __launch_bounds__(kThreads) csr_rows_kernel(
     const scalar_t* __restrict__ in, int64_t ld_in, const int64_t* __restrict__ crow,
@@ -100,8 +101,7 @@ __global__ void __launch_bounds__(kThreads) csr_rows_kernel(
       acc += __shfl_xor_sync(0xffffffffu, acc, offset);
     }
     if (g == 0 && tt < ntok) {
-      scalar_t* o = out + (t0 + tt) * ld_out + r;
-      *o = static_cast<scalar_t>(to_float(*o) + acc);
+      out[(t0 + tt) * ld_out + r] = static_cast<scalar_t>(acc);
     }
   }
 }
@@ -308,17 +308,14 @@ void check_index(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(numel < 0 || t.numel() == numel, name, " has ", t.numel(), " elements; expected ", numel);
 }
 
-// A [rows, width] matrix whose rows are contiguous (any row stride, e.g. a slice of a wider output); an output's
-// rows must also be distinct memory.
-void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t width, bool output = false) {
+// A [rows, width] matrix whose rows are contiguous (any row stride, e.g. a slice of a wider tensor).
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t width) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK(rows < 0 || t.size(0) == rows, name, " has ", t.size(0), " rows; expected ", rows);
   TORCH_CHECK(width < 0 || t.size(1) == width, name, " has ", t.size(1), " columns; expected ", width);
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have contiguous rows (stride(1) == 1), got strides ",
               t.strides(), "; pass .contiguous()");
   TORCH_CHECK(t.size(1) < std::numeric_limits<int>::max(), name, " has ", t.size(1), " columns, over int32's range");
-  TORCH_CHECK(!output || t.size(0) <= 1 || t.stride(0) >= t.size(1), name, " has overlapping rows (strides ",
-              t.strides(), "); pass a tensor whose rows are distinct memory");
 }
 
 // An attribute of the current device (the caller's CUDAGuard made it the tensors' device).
@@ -364,14 +361,14 @@ void allow_shared_bytes(Kernel kernel, int64_t bytes) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// out [T, R] += in [T, C] · Mᵀ with M CSR [R, C]; the names are the op's arguments, for the error messages.
-void csr_rows_product(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
-                      const at::Tensor& out, const char* const names[5]) {
+// in [T, C] · Mᵀ [T, R] with M CSR [R, C], into a new tensor; the names are the op's arguments, for the error
+// messages.
+at::Tensor csr_rows_product(const at::Tensor& in, const at::Tensor& crow, const at::Tensor& cols,
+                            const at::Tensor& values, const char* const names[4]) {
   TORCH_CHECK(in.is_cuda(), names[0], " must be a CUDA tensor, got one on ", in.device());
   check_on_device(crow, names[1], in, names[0]);
   check_on_device(cols, names[2], in, names[0]);
   check_on_device(values, names[3], in, names[0]);
-  check_on_device(out, names[4], in, names[0]);
   check_matrix(in, names[0], -1, -1);
   const int64_t tokens = in.size(0), width = in.size(1);
   check_index(crow, names[1], -1);
@@ -381,13 +378,11 @@ void csr_rows_product(const at::Tensor& in, const at::Tensor& crow, const at::Te
   TORCH_CHECK(values.dim() == 1 && values.numel() == cols.numel() && values.is_contiguous(), names[3],
               " must be contiguous 1-D with as many entries as ", names[2], " (", cols.numel(), "), got shape ",
               values.sizes());
-  check_matrix(out, names[4], tokens, rows, /*output=*/true);
-  TORCH_CHECK(out.scalar_type() == in.scalar_type(), names[4], " has dtype ", out.scalar_type(), " but ", names[0],
-              " has ", in.scalar_type(), "; they must match");
-  if (tokens == 0 || rows == 0 || cols.numel() == 0) {
-    return;  // nothing to add
-  }
   const c10::cuda::CUDAGuard guard(in.device());
+  if (tokens == 0 || rows == 0 || cols.numel() == 0) {
+    return at::zeros({tokens, rows}, in.options());
+  }
+  at::Tensor out = at::empty({tokens, rows}, in.options());
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   dispatch_with_values(in.scalar_type(), values.scalar_type(), names[0], names[3], [&](auto scalar, auto value) {
     using scalar_t = decltype(scalar);
@@ -407,18 +402,19 @@ void csr_rows_product(const at::Tensor& in, const at::Tensor& crow, const at::Te
         rows_per_block, tile.tokens, tile.stride, tile.bytes > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return out;
 }
 
-void sparse_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& cols, const at::Tensor& values,
-                    const at::Tensor& y) {
-  static const char* const names[5] = {"x", "crow", "cols", "values", "y"};
-  csr_rows_product(x, crow, cols, values, y, names);
+at::Tensor sparse_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& cols,
+                          const at::Tensor& values) {
+  static const char* const names[4] = {"x", "crow", "cols", "values"};
+  return csr_rows_product(x, crow, cols, values, names);
 }
 
-void sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const at::Tensor& t_cols,
-                           const at::Tensor& t_values, const at::Tensor& dx) {
-  static const char* const names[5] = {"dy", "t_crow", "t_cols", "t_values", "dx"};
-  csr_rows_product(dy, t_crow, t_cols, t_values, dx, names);
+at::Tensor sparse_backward_input(const at::Tensor& dy, const at::Tensor& t_crow, const at::Tensor& t_cols,
+                                 const at::Tensor& t_values) {
+  static const char* const names[4] = {"dy", "t_crow", "t_cols", "t_values"};
+  return csr_rows_product(dy, t_crow, t_cols, t_values, names);
 }
 
 at::Tensor sparse_backward_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows,

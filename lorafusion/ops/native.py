@@ -160,16 +160,15 @@ def enabled(device: torch.device) -> bool:
     return _state["mode"] != "off" and available(device)
 
 
-def sparse_forward(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                   y: torch.Tensor) -> None:
-    """y [T, N] += x [T, K] · Sᵀ, S [N, K] as CSR (crow [N+1], cols [nnz], values [nnz])."""
-    torch.ops.lorafusion_sparse.sparse_forward(x, crow, cols, values, y)
+def sparse_forward(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """y [T, N] = x [T, K] · Sᵀ (a new tensor of x's dtype), S [N, K] as CSR (crow [N+1], cols [nnz], values [nnz])."""
+    return torch.ops.lorafusion_sparse.sparse_forward(x, crow, cols, values)
 
 
-def sparse_backward_input(dy: torch.Tensor, t_crow: torch.Tensor, t_cols: torch.Tensor, t_values: torch.Tensor,
-                          dx: torch.Tensor) -> None:
-    """dx [T, K] += dy [T, N] · S, S given as CSR of Sᵀ [K, N]."""
-    torch.ops.lorafusion_sparse.sparse_backward_input(dy, t_crow, t_cols, t_values, dx)
+def sparse_backward_input(dy: torch.Tensor, t_crow: torch.Tensor, t_cols: torch.Tensor,
+                          t_values: torch.Tensor) -> torch.Tensor:
+    """dx [T, K] = dy [T, N] · S (a new tensor of dy's dtype), S given as CSR of Sᵀ [K, N]."""
+    return torch.ops.lorafusion_sparse.sparse_backward_input(dy, t_crow, t_cols, t_values)
 
 
 def sparse_backward_values(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -100,9 +100,7 @@ class _SparseDelta(torch.autograd.Function):
         if ctx.native:
             x = x.contiguous()
             ctx.save_for_backward(x, values)
-            y = x.new_zeros(x.shape[0], layer.out_features)  # [T, N]
-            native.sparse_forward(x, layer.crow, layer.cols, values, y)
-            return y
+            return native.sparse_forward(x, layer.crow, layer.cols, values)  # [T, N]
         xf = x.float()
         ctx.save_for_backward(xf, values)
         return torch.sparse.mm(layer.csr(values), xf.t()).t().to(x.dtype)
@@ -115,8 +113,7 @@ class _SparseDelta(torch.autograd.Function):
         if ctx.native:
             dy = dy.to(x.dtype).contiguous()
             if ctx.needs_input_grad[0]:
-                dx = torch.zeros_like(x)  # [T, K]
-                native.sparse_backward_input(dy, layer.t_crow, layer.t_cols, values[layer.t_perm], dx)
+                dx = native.sparse_backward_input(dy, layer.t_crow, layer.t_cols, values[layer.t_perm])  # [T, K]
             if ctx.needs_input_grad[1]:
                 dv = native.sparse_backward_values(dy, x, layer.rows, layer.cols).to(values.dtype)
             return dx, dv, None

@@ -104,7 +104,10 @@ def run_layer(layer: SHiRALayer, x: torch.Tensor, dy: torch.Tensor) -> tuple[tor
 @pytest.mark.parametrize("case,tokens,n,k", [("random", 37, 29, 23), ("random", 1, 29, 23), ("random", 0, 13, 11),
                                              ("empty_rows", 19, 31, 17), ("one_entry", 5, 7, 11),
                                              ("empty", 6, 5, 3), ("random", 70, 64, 96),
-                                             ("random", 33, 300, 400)])  # dv: several entry chunks, column blocks
+                                             ("random", 33, 300, 400),  # dv: several entry chunks, column blocks
+                                             # y and dx: several row bands and column blocks, by token tiles and,
+                                             # with 3 tokens, by bands within one tile
+                                             ("random", 70, 2100, 2300), ("random", 3, 700, 2300)])
 def test_native_and_fallback_match_dense_formulas(mode, case, tokens, n, k, dtype):
     """y = x ΔWᵀ, dx = dy ΔW and dv_k = Σ_t dy[t, row_k] x[t, col_k], both paths against float64 on the same
     (rounded) inputs, and against each other; odd shapes, T = 1, T = 0, empty rows, one entry, nnz = 0."""
