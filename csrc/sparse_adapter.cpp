@@ -36,7 +36,7 @@ namespace {
 // out's column cost three times the whole product's output traffic); within a band, in column blocks of
 // kSlabFeatures features, so the tile rows a block reads (kSlabFeatures · kTokens fp32, 256 KiB) stay in L2.
 // Narrower blocks keep the slab in L1 but leave a few entries per (row, block), and the branch mispredictions of
-// those short loops cost more than the L2 reads (1-thread timings of the candidates: docs/native_ops.md).
+// those short loops cost more than the L2 reads (1-thread timings of the candidates: csrc/README.md).
 constexpr int64_t kTokens = 32;
 constexpr int64_t kBandRows = 256;
 constexpr int64_t kSlabFeatures = 2048;
