@@ -32,8 +32,8 @@ namespace {
 // The forward and dx: tiles of kTokens tokens, so one entry of M is one kTokens-wide fp32 FMA (four AVX2 or two
 // AVX-512 registers: the index and value loads, the address and the loop are shared by that many tokens). M is
 // walked in bands of kBandRows rows, whose accumulators [kBandRows, kTokens] (32 KiB) stay in L1/L2 and are
-// written out a band at a time, a contiguous run per token (writing each row's kTokens sums straight into
-// out's column cost three times the whole product's output traffic); within a band, in column blocks of
+// written out a band at a time, a contiguous run per token (writing each row's kTokens sums straight into out's
+// column, one cache line per token per row, took three times as long); within a band, in column blocks of
 // kSlabFeatures features, so the tile rows a block reads (kSlabFeatures · kTokens fp32, 256 KiB) stay in L2.
 // Narrower blocks keep the slab in L1 but leave a few entries per (row, block), and the branch mispredictions of
 // those short loops cost more than the L2 reads (1-thread timings of the candidates: csrc/README.md).
@@ -41,7 +41,7 @@ constexpr int64_t kTokens = 32;
 constexpr int64_t kBandRows = 256;
 constexpr int64_t kSlabFeatures = 2048;
 // Tokens per tile of the values' gradient: x^T and dy^T tiles of 32 tokens keep 128 KiB per 1024 features,
-// so the columns one row's entries read stay in L2 (see benchmarks/bench_sparse.py for the measured effect).
+// so the columns one row's entries read stay in L2.
 constexpr int64_t kDotTokens = 32;
 
 void check_tokens(const at::Tensor& t, const char* name) {
