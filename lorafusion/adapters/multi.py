@@ -286,7 +286,7 @@ class MultiAdapterLinear(nn.Module):
             xs = flat[seg.start:seg.end]  # [tokens, K]
             p = next(iter(layers.values())).dropout_p
             if p > 0.0 and self.training:
-                xs = xs.masked_fill(self._dropped(flat, seg, p), 0.0) * keep_scale(p)
+                xs = torch.where(self._dropped(flat, seg, p), 0.0, xs) * keep_scale(p)
             for target, layer in layers.items():
                 delta = layer.forward_delta(xs).to(y.dtype)  # [tokens, N_target]
                 rows = self.out_rows[target]
@@ -405,7 +405,7 @@ class _MultiLoRALinear(torch.autograd.Function):
         y = F.linear(x, weight, bias) if weight is not None else base_out.clone()  # [M, N]
         inputs, lows, pres = [], [], []  # per segment x̂ [rows, K], T = x̂ Aᵀ / keep [rows, R], c's input [rows, N]
         for (start, end), mask, scale, a, b, c in zip(rows, dropped, scales, *(factors[i::3] for i in range(3))):
-            inputs.append(x[start:end] if mask is None else x[start:end].masked_fill(mask, 0.0))
+            inputs.append(x[start:end] if mask is None else torch.where(mask, 0.0, x[start:end]))  # = masked_fill, faster on CPU
             low = inputs[-1] @ a.t()
             lows.append(low if scale == 1.0 else low.mul_(scale))
             if c is None:

@@ -130,6 +130,26 @@ def test_dropout_masks_are_uncorrelated_across_rows_columns_and_layers():
     assert dropped_entries(keys, 0, 255, 0.5).shape == (512, 255)
 
 
+def test_dropout_mask_is_the_documented_hash_entry_by_entry():
+    """Each entry against the hash written out in Python integers: column c's uniform is 16-bit half c % 2 of the
+    high 32 bits of ((row key ^ layer key ^ key of column pair c // 2) · C1 mod 2^64), dropped below the threshold."""
+    from lorafusion.adapters import dropout
+
+    mask64 = (1 << 64) - 1
+    keys = dropout.row_keys(6, [(0, 4, 11), (4, 6, 12)])
+    site_id, columns, p = 5, 7, 0.3
+    got = dropout.dropped_entries(keys, site_id, columns, p)
+    layer_key = dropout.mix_seed(site_id, 0x5EED)
+    pair_keys = dropout._column_keys(-(-columns // 2), keys.device).tolist()
+    for row, key in enumerate(keys.tolist()):
+        for column in range(columns):
+            word = ((key ^ layer_key ^ pair_keys[column // 2]) & mask64) * (0xFF51AFD7ED558CCD) & mask64
+            uniform = (word >> (32 + 16 * (column % 2))) & 0xFFFF  # as unsigned; the code compares it as int16
+            dropped = (uniform ^ 0x8000) < dropout.drop_threshold(p)
+            assert bool(got[row, column]) == dropped, (row, column)
+    assert 0 < int(got.sum()) < got.numel()
+
+
 @pytest.mark.parametrize("flags, expected", [("fpu sse avx2", torch.float32),
                                              ("fpu avx512f avx512_bf16", torch.bfloat16),
                                              ("fpu amx_tile amx_bf16", torch.bfloat16)])
