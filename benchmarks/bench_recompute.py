@@ -46,7 +46,7 @@ def measure(mode: str, prepared, repeats: int) -> dict:
     from dataclasses import replace
 
     from lorafusion.batching import build_microbatch
-    from runtime.fit import plan_window
+    from runtime.windows import plan_window
     from runtime.worker import StageWorker
 
     run = replace(prepared.run, recompute=mode)

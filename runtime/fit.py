@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import scheduler
@@ -25,7 +25,6 @@ from lorafusion.checkpoint import (
     open_checkpoint, trim_metrics, write_run_manifest,
 )
 from lorafusion.config import JobSpec, RunConfig
-from lorafusion.data import Sample
 from lorafusion.loggers import RunLoggers
 from lorafusion.prepare import PreparedJob, PreparedRun, prepare_run
 from lorafusion.report import read_job_metrics
@@ -34,10 +33,11 @@ from runtime.engine import LocalGroup, StageLost, choose_engine
 from runtime.federation import Federation
 from runtime.interrupt import StopSignals
 from runtime.pipeline import bubble_fraction, split_layers
-from runtime.planning import last_microbatch, scheduler_jobs, stream_window, window_items, window_size
+from runtime.planning import scheduler_jobs, stream_window, window_size
 from runtime.progress import MetricsWriter, Progress
-from runtime.stage import Slot, Window, WindowResult
+from runtime.stage import Window, WindowResult
 from runtime.telemetry import summarise_gpu
+from runtime.windows import WindowPlan, eval_window, init_pass_window, window_plan, window_planner
 from scheduler.planner import MAX_WINDOW_GLOBAL_BATCHES
 
 __all__ = ["fit", "RUN_METRICS"]
@@ -99,84 +99,6 @@ class _JobState:
         return self.job.spec.eval_every_steps if self.job.eval_samples is not None else None
 
 
-@dataclass
-class _WindowPlan:
-    """The window sent to the actors and, per global batch in it, what the driver needs to record its step."""
-
-    window: Window
-    tokens: dict[tuple[str, int], int]
-    """(job, step) -> tokens of that global batch."""
-    microbatches: int
-    """Microbatches that run (no-ops not counted)."""
-
-
-def _deal(slots_flat: list[Slot], replicas: int) -> list[list[Slot]]:
-    """Plan order → replica m % D, slot m // D; the last slots are padded with no-ops."""
-    per_replica = -(-len(slots_flat) // replicas)
-    padded = slots_flat + [Slot() for _ in range(per_replica * replicas - len(slots_flat))]
-    return [padded[r::replicas] for r in range(replicas)]
-
-
-def window_planner(run: RunConfig) -> scheduler.WindowPlanner:
-    """The planner of one continuous stream of windows: a job's consecutive global batches stay stages ×
-    replicas microbatches apart across window boundaries (the no-ops `_deal` pads a window with only add
-    distance, so the planner need not count them)."""
-    return scheduler.WindowPlanner(capacity_tokens=run.max_tokens_per_microbatch,
-                                   pipeline_depth=run.pipeline_stages * run.data_parallel, pad_multiple=1,
-                                   time_limit_s=run.plan_time_limit_s, num_workers=1)
-
-
-def plan_window(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig,
-                planner: scheduler.WindowPlanner | None = None, flush: bool = True, last: bool = False) -> _WindowPlan:
-    """Pack and order the global batches `steps[job]` of each named job into one window for the actors, at the
-    planner's capacity.
-
-    planner: the stream's planner when the window continues earlier ones without a flush (None: a stream of
-    its own). flush: the window drains the pipeline at its end (see Window.flush). last: no training window
-    follows (the planner need not keep room for one).
-    """
-    planner = planner or window_planner(run)
-    return window_plan(prepared_jobs, steps, run, planner.next_window(scheduler_jobs(prepared_jobs, steps), last=last),
-                       flush)
-
-
-def window_plan(prepared_jobs: list[PreparedJob], steps: dict[str, range], run: RunConfig, plan: scheduler.Plan,
-                flush: bool = True) -> _WindowPlan:
-    """The actors' Window of `plan`, the scheduler's plan of the global batches `steps` (scheduler_jobs)."""
-    by_name = {job.name: job for job in prepared_jobs}
-    batches = {(name, step): by_name[name].global_batch(step) for name, r in steps.items() for step in r}
-    replicas = run.data_parallel
-    weights = {key: 1.0 / max(sum(s.num_loss_tokens for s in batch), 1) for key, batch in batches.items()}
-    slots = [Slot(items=items, weights={name: weights[(name, step)] for name, step, _ in mb.samples})
-             for items, mb in zip(window_items(plan, prepared_jobs), plan.microbatches)]
-    steps_after: dict[int, list[str]] = {}
-    for (name, _), index in sorted(last_microbatch(plan).items(), key=lambda kv: (kv[1], kv[0][1], kv[0][0])):
-        steps_after.setdefault(index // replicas, []).append(name)
-    tokens = {key: sum(len(s) for s in batch) for key, batch in batches.items()}
-    real = sum(1 for mb in plan.microbatches if not mb.is_noop)
-    window = Window(slots=_deal(slots, replicas), steps_after=steps_after, flush=flush)
-    return _WindowPlan(window, tokens, real)
-
-
-def init_pass_window(prepared_jobs: list[PreparedJob], run: RunConfig) -> Window | None:
-    """The window of every job's gradient init pass (its first `adapter.init_pass_batches` global batches, at most
-    as many as it trains on; no steps), or None when no job's variant has one."""
-    due = {j.name: range(min(j.spec.adapter.init_pass_batches, j.total_steps)) for j in prepared_jobs
-           if j.spec.adapter.init_pass_batches}
-    if not due:
-        return None
-    planned = plan_window(prepared_jobs, due, run)
-    return replace(planned.window, steps_after={}, init_jobs=sorted(due), flush=True)
-
-
-def eval_window(samples: dict[str, list[Sample]], run: RunConfig) -> Window:
-    """Every due job's eval samples packed first-fit-decreasing, forward only."""
-    items = [(name, s, 0) for name, job_samples in samples.items() for s in job_samples]
-    bins = scheduler.first_fit_decreasing([len(item[1]) for item in items], run.max_tokens_per_microbatch)
-    slots = [Slot(items=[items[i] for i in b]) for b in bins]
-    return Window(slots=_deal(slots, run.data_parallel), train=False)
-
-
 class _Trainer:
     def __init__(self, prepared: PreparedRun, group: StageGroup, loggers: RunLoggers | None = None,
                  stop: StopSignals | None = None) -> None:
@@ -233,7 +155,7 @@ class _Trainer:
     def run_all(self) -> None:
         """Plan and send windows until every job is planned to its end, one window ahead of the actors;
         evaluate and checkpoint where a drained window brings the jobs to those points."""
-        sent: deque[tuple[_WindowPlan, list]] = deque()
+        sent: deque[tuple[WindowPlan, list]] = deque()
         planner = self._new_planner()
         while not self.stop.requested:
             if not any(s.plannable for s in self.states.values()):
@@ -258,7 +180,7 @@ class _Trainer:
                         if s.error is None and s.job.eval_samples is not None and s.eval_step != s.step])
         self.checkpoint()
 
-    def _stop(self, sent: deque[tuple[_WindowPlan, list]]) -> None:
+    def _stop(self, sent: deque[tuple[WindowPlan, list]]) -> None:
         """After SIGINT/SIGTERM: finish the window in flight, drain the pipeline (an empty window), checkpoint
         every job where it stands, and raise FitInterrupted."""
         self._drain(sent)
@@ -267,14 +189,14 @@ class _Trainer:
         raise FitInterrupted(f"stopped by {signal.Signals(self.stop.signum).name} at steps {steps}; checkpoint "
                              f"{path}; run the same command again to resume from it", self.stop.signum)
 
-    def _drain(self, sent: deque[tuple[_WindowPlan, list]]) -> None:
+    def _drain(self, sent: deque[tuple[WindowPlan, list]]) -> None:
         """Collect the windows in flight; when the last of them streamed on, drain the pipeline (an empty window)."""
         while sent:
             planned, calls = sent.popleft()
             self._collect(planned, calls)
             if not sent and not planned.window.flush:
                 drain = Window(slots=[[] for _ in range(self.run.data_parallel)], flush=True)
-                self._collect(_WindowPlan(window=drain, tokens={}, microbatches=0), self.group.submit_window(drain))
+                self._collect(WindowPlan(window=drain, tokens={}, microbatches=0), self.group.submit_window(drain))
 
     @property
     def _layout(self) -> tuple[int, int]:
@@ -286,7 +208,7 @@ class _Trainer:
         return planner.with_capacity(self._stream.capacity_tokens) if self._stream is not None else planner
 
     def _plan_next(self, planner: scheduler.WindowPlanner
-                   ) -> tuple[_WindowPlan, tuple[list[_JobState], bool], scheduler.WindowPlanner]:
+                   ) -> tuple[WindowPlan, tuple[list[_JobState], bool], scheduler.WindowPlanner]:
         """The next window of the plannable jobs, what falls due after it (jobs to evaluate, checkpoint?), and
         the planner of the windows after it. The window drains the pipeline when anything falls due or no job
         has global batches left. With run.balance_pipeline, the capacity is chosen again (stream_window)
@@ -359,7 +281,7 @@ class _Trainer:
                            self.run.max_tokens_per_microbatch, self.run.pipeline_stages * self.run.data_parallel,
                            most=_MAX_STEPS_PER_WINDOW)
 
-    def _collect(self, planned: _WindowPlan, calls: list) -> None:
+    def _collect(self, planned: WindowPlan, calls: list) -> None:
         """Wait for a window sent earlier and record the steps its calls completed (steps of earlier windows'
         global batches may complete in a later call: the stream is not drained between windows)."""
         results = self.group.collect(calls)

@@ -7,7 +7,6 @@ ones and the stages wait on each other. Smaller microbatches spread chat over mo
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 
@@ -19,10 +18,10 @@ from lorafusion.checkpoint import CHECKPOINT_MANIFEST, CHECKPOINTS_DIR
 from lorafusion.prepare import prepare_run
 from runtime.planning import (MIN_BALANCE_GAIN, balanced_plan, format_run_plan, plan_windows, scheduler_jobs,
                               simulated_makespan, stream_window)
+from runtime.windows import window_plan, window_planner
 from scheduler import verify_windows
 from tests.runtime.test_isolation import fit_adapters, max_rel_diff
 
-fit_module = importlib.import_module("runtime.fit")
 CAPACITY = 2048
 NAMES = ("arith", "greet", "reverse", "chat")
 
@@ -43,19 +42,19 @@ def prepared(train_checkpoint, examples_data, tmp_path_factory):
 
 def test_a_dominated_stream_is_planned_at_a_smaller_capacity(prepared):
     run, jobs = prepared.run, prepared.jobs
-    planner = fit_module.window_planner(run)
+    planner = window_planner(run)
     steps = {job.name: range(0, 2) for job in jobs}
     window_jobs = scheduler_jobs(jobs, steps)
     plan, continued, choice = stream_window(window_jobs, planner, stages=2, balance=True)
-    full = fit_module.window_planner(run).next_window(window_jobs)
+    full = window_planner(run).next_window(window_jobs)
     assert planner.position == 0, "the caller's planner must be left as it was"
     assert choice.jobs == tuple(sorted(NAMES))
     assert set(choice.simulated) == {2048, 1536, 1280, 1024}
     assert choice.capacity_tokens < CAPACITY and choice.gain >= MIN_BALANCE_GAIN
     assert choice.simulated[choice.capacity_tokens] == min(choice.simulated.values())
     assert simulated_makespan(full, window_jobs, 2) == pytest.approx(choice.simulated[CAPACITY], rel=1e-6)
-    planned = fit_module.window_plan(jobs, steps, run, plan)
-    assert planned.microbatches > fit_module.window_plan(jobs, steps, run, full).microbatches  # more, evener ones
+    planned = window_plan(jobs, steps, run, plan)
+    assert planned.microbatches > window_plan(jobs, steps, run, full).microbatches  # more, evener ones
     for slot in planned.window.slots[0]:
         assert sum(len(sample) for _, sample, _ in slot.items) <= choice.capacity_tokens
     # The stream goes on at the chosen capacity while its set of jobs stays, and the distance rule holds across
@@ -68,10 +67,10 @@ def test_a_dominated_stream_is_planned_at_a_smaller_capacity(prepared):
                    pipeline_depth=2, pad_multiple=1)
     # Another set of jobs is chosen for again; 1 stage or balance off never chooses.
     fewer = [job for job in window_jobs if job.name != "arith"]
-    assert stream_window(fewer, fit_module.window_planner(run), stages=2, balance=True,
+    assert stream_window(fewer, window_planner(run), stages=2, balance=True,
                          chosen_for=choice.jobs)[2].jobs == ("chat", "greet", "reverse")
     for stages, balance in ((1, True), (2, False)):
-        _, kept, none = stream_window(window_jobs, fit_module.window_planner(run), stages=stages, balance=balance)
+        _, kept, none = stream_window(window_jobs, window_planner(run), stages=stages, balance=balance)
         assert none is None and kept.limits["capacity_tokens"] == CAPACITY
 
 
@@ -79,7 +78,7 @@ def test_an_even_stream_keeps_the_full_capacity(prepared):
     """Four jobs of one distribution: full microbatches are already even, smaller ones only add overhead."""
     reverse = next(job for job in prepared.jobs if job.name == "reverse")
     _, continued, choice = balanced_plan(scheduler_jobs([reverse], {"reverse": range(0, 4)}),
-                                         fit_module.window_planner(prepared.run), stages=2)
+                                         window_planner(prepared.run), stages=2)
     assert len(choice.simulated) == 4  # every candidate was planned and simulated
     assert choice.capacity_tokens == CAPACITY and continued.limits["capacity_tokens"] == CAPACITY
 
@@ -89,11 +88,11 @@ def test_lorafusion_plan_shows_the_capacity_the_fit_would_choose(prepared):
     the stream going on at it; with balance off, every window at the full capacity."""
     run, jobs = prepared.run, prepared.jobs
     _, _, choice = balanced_plan(scheduler_jobs(jobs, {job.name: range(0, 2) for job in jobs}),
-                                 fit_module.window_planner(run), stages=2)
-    balanced = plan_windows(jobs, fit_module.window_planner(run), steps_per_window=2, stages=2, balance=True)
+                                 window_planner(run), stages=2)
+    balanced = plan_windows(jobs, window_planner(run), steps_per_window=2, stages=2, balance=True)
     assert [w.capacity_tokens for w in balanced.windows] == [choice.capacity_tokens] * 2
     assert balanced.capacity_tokens == CAPACITY
-    full = plan_windows(jobs, fit_module.window_planner(run), steps_per_window=2, stages=2)
+    full = plan_windows(jobs, window_planner(run), steps_per_window=2, stages=2)
     assert [w.capacity_tokens for w in full.windows] == [CAPACITY] * 2
     assert sum(w.microbatches for w in balanced.windows) > sum(w.microbatches for w in full.windows)
     assert balanced.bubble_fraction < full.bubble_fraction

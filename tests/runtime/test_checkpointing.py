@@ -18,7 +18,7 @@ from lorafusion.checkpoint import (
 )
 from lorafusion.prepare import PreparedRun, prepare_run
 from runtime.comm import StageComm, StagePlace
-from runtime.fit import init_pass_window, plan_window
+from runtime.windows import init_pass_window, plan_window
 from runtime.optim import AdamWOptimizer
 from runtime.stage import StageRunner
 from runtime.worker import StageWorker

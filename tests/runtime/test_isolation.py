@@ -16,7 +16,7 @@ from lorafusion.adapters.multi import Segment
 from lorafusion.data import IGNORE_INDEX, SampleStream, load_dataset, load_tokenizer
 from lorafusion.models import build_model
 from lorafusion.prepare import prepare_run
-from runtime.fit import plan_window
+from runtime.windows import plan_window
 from runtime.stage import local_runner
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -13,7 +13,7 @@ from lorafusion.adapters.loraga import gradient_init
 from lorafusion.data import IGNORE_INDEX, load_dataset, load_tokenizer
 from lorafusion.prepare import prepare_run
 from runtime.comm import StageComm, StagePlace
-from runtime.fit import init_pass_window
+from runtime.windows import init_pass_window
 from runtime.stage import StageRunner
 from runtime.worker import StageWorker
 

@@ -15,7 +15,7 @@ import torch
 import lorafusion as lf
 from lorafusion.prepare import prepare_run
 from runtime.comm import StagePlace
-from runtime.fit import plan_window
+from runtime.windows import plan_window
 from runtime.pipeline import split_layers
 from runtime.stage import StageRunner
 from runtime.worker import StageWorker
