@@ -409,9 +409,11 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
   const int64_t chunks = (nnz + chunk_size - 1) / chunk_size;
 #pragma omp parallel num_threads(static_cast<int>(at::get_num_threads()))
   {
-    // one chunk's entries grouped by column block: their tile offsets and their place in dv, and the groups' starts
-    std::vector<int64_t> row_at(chunk_size), col_at(chunk_size), entry(chunk_size), start(blocks + 1);
-    std::vector<float> sums(chunk_size);
+    // one chunk's entries grouped by column block: their tile offsets and their place in dv, and the groups' starts;
+    // row_at, col_at and sums run kSumBatch past the chunk, so its last batch is whole (see below)
+    std::vector<int64_t> row_at(chunk_size + kSumBatch), col_at(chunk_size + kSumBatch), entry(chunk_size),
+        start(blocks + 1);
+    std::vector<float> sums(chunk_size + kSumBatch);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       const int64_t k0 = chunk * chunk_size, size = std::min(nnz, k0 + chunk_size) - k0;
@@ -425,17 +427,20 @@ void sampled_dot(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
         col_at[at] = c[k] * kDotTokens;
         entry[at] = k;
       }
-      std::fill(sums.begin(), sums.begin() + size, 0.0f);
+      std::fill(row_at.begin() + size, row_at.begin() + size + kSumBatch, 0);
+      std::fill(col_at.begin() + size, col_at.begin() + size + kSumBatch, 0);
+      std::fill(sums.begin(), sums.begin() + size + kSumBatch, 0.0f);
       for (int64_t b = 0; b < tiles; ++b) {
         const float* xb = xt + b * in_f * kDotTokens;
         const float* db = dyt + b * out_f * kDotTokens;
-        int64_t i = 0;
-        for (; i + kSumBatch <= size; i += kSumBatch) {
+        // Whole batches only, the last one padded with dot products of offset 0 into scratch sums: an entry's sum
+        // is then the same whichever place it has in its chunk, so dv's bits do not depend on the thread count
+        // (which sets the chunks); one sum at a time rounds differently from a batch's.
+        for (int64_t i = 0; i < size; i += kSumBatch) {
           Vec prod[kSumBatch];
           for (int64_t u = 0; u < kSumBatch; ++u) prod[u] = dot_lanes(db + row_at[i + u], xb + col_at[i + u]);
           add_lane_sums(prod, &sums[i]);
         }
-        for (; i < size; ++i) sums[i] += lane_sum(dot_lanes(db + row_at[i], xb + col_at[i]));
       }
       for (int64_t i = 0; i < size; ++i) dv[entry[i]] = sums[i];
     }

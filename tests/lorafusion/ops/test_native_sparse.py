@@ -104,10 +104,7 @@ def run_layer(layer: SHiRALayer, x: torch.Tensor, dy: torch.Tensor) -> tuple[tor
 @pytest.mark.parametrize("case,tokens,n,k", [("random", 37, 29, 23), ("random", 1, 29, 23), ("random", 0, 13, 11),
                                              ("empty_rows", 19, 31, 17), ("one_entry", 5, 7, 11),
                                              ("empty", 6, 5, 3), ("random", 70, 64, 96),
-                                             ("random", 33, 300, 400),  # dv: several entry chunks, column blocks
-                                             # y and dx: several row bands and column blocks, by token tiles and,
-                                             # with 3 tokens, by bands within one tile
-                                             ("random", 70, 2100, 2300), ("random", 3, 700, 2300)])
+                                             ("random", 33, 300, 400)])  # dv: several entry chunks, column blocks
 def test_native_and_fallback_match_dense_formulas(mode, case, tokens, n, k, dtype):
     """y = x ΔWᵀ, dx = dy ΔW and dv_k = Σ_t dy[t, row_k] x[t, col_k], both paths against float64 on the same
     (rounded) inputs, and against each other; odd shapes, T = 1, T = 0, empty rows, one entry, nnz = 0."""
@@ -126,6 +123,45 @@ def test_native_and_fallback_match_dense_formulas(mode, case, tokens, n, k, dtyp
             close(f"native_ops={value}: {name}", a, b, tol)
     for name, a, b in zip(("y", "dx"), got["on"][:2], got["off"][:2]):
         close(f"native vs fallback: {name}", a, b, BETWEEN_PATHS_TOLERANCES[dtype])
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for the test (the native kernels read it per call); the old count afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_regrouped_product_over_bands_blocks_tiles_and_thread_counts(mode, threads):
+    """y and dx at 130 tokens (5 token tiles, the last of 2 tokens: the kernel regroups S by row band and column
+    block) on a 2100 × 4100 support with empty rows (forward: 9 bands, 3 column blocks; dx: 17 bands, 2 blocks),
+    with 1 thread (parallel over tiles) and 8 (over bands within each tile): against float64, bit for bit across
+    the thread counts, and bit for bit against the direct CSR product of a 32-token segment (one tile). dv's bits
+    do not depend on the thread count either (its entries are chunked per thread)."""
+    n, k, tokens = 2100, 4100, 130
+    gen = torch.Generator().manual_seed(3)
+    flat = torch.randperm(n * k, generator=gen)[: n * k // 50].sort().values
+    flat = flat[(flat // k) % 7 != 3]  # every 7th row empty
+    layer = sparse_layer(n, k, flat, seed=4)
+    x, dy = torch.randn(tokens, k, generator=gen), torch.randn(tokens, n, generator=gen)
+    values = layer.shira_weight.detach()
+    w = dense(layer)
+    got = {}
+    for count in (1, 8):
+        threads(count)
+        got[count] = (native.sparse_forward(x, layer.crow, layer.cols, values),
+                      native.sparse_backward_input(dy, layer.t_crow, layer.t_cols, values[layer.t_perm]),
+                      native.sparse_backward_values(dy, x, layer.rows, layer.cols))
+    y, dx, dv = got[1]
+    close("y", y, x.double() @ w.t(), OUTPUT_TOLERANCES[torch.float32])
+    close("dx", dx, dy.double() @ w, OUTPUT_TOLERANCES[torch.float32])
+    close("dv", dv, (dy.double().t() @ x.double())[layer.rows, layer.cols], DV_TOLERANCE)
+    for name, a, b in zip(("y", "dx", "dv"), got[1], got[8]):
+        assert torch.equal(a, b), f"{name} differs between 1 and 8 threads"
+    assert torch.equal(native.sparse_forward(x[:32].contiguous(), layer.crow, layer.cols, values), y[:32])
+    assert torch.equal(native.sparse_backward_input(dy[:32].contiguous(), layer.t_crow, layer.t_cols,
+                                                    values[layer.t_perm]), dx[:32])
 
 
 def test_native_path_is_the_one_taken(mode, monkeypatch):
