@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -127,6 +127,21 @@ inline Vec load_vec(const float* p) {
   return v;
 }
 
+// acc + s · v, as one fused multiply-add wherever the CPU has one. Written out because the compiler's own
+// contraction of `acc += s * v` differs between loops (one register wide it kept the multiply and the add apart),
+// and then the direct and the regrouped product, which add the same terms in the same order, differed in bits.
+inline Vec madd(Vec acc, float s, Vec v) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Vec>(_mm512_fmadd_ps(_mm512_set1_ps(s), reinterpret_cast<__m512>(v),
+                                               reinterpret_cast<__m512>(acc)));
+#elif defined(__FMA__)
+  return reinterpret_cast<Vec>(_mm256_fmadd_ps(_mm256_set1_ps(s), reinterpret_cast<__m256>(v),
+                                               reinterpret_cast<__m256>(acc)));
+#else
+  return acc + s * v;
+#endif
+}
+
 // M [rows, features] (CSR) regrouped for the tiled product: its entries ordered by (row band, column block, row),
 // each as its offset in a packed tile (column · kTokens) and its fp32 value. Key (band · blocks + g) · band_rows +
 // (r − band start) holds row r's entries in column block g, at [ptr[key], ptr[key + 1]). Within a key the
@@ -196,7 +211,7 @@ void band_product(const float* tile, const BlockedCsr& m, int64_t band, int64_t 
       for (int64_t q = 0; q < kVecs; ++q) sum[q] = load_vec(a + q * kLanes);
       for (int64_t j = j0; j < j1; ++j) {
         const float* col = tile + offset[j];
-        for (int64_t q = 0; q < kVecs; ++q) sum[q] += value[j] * load_vec(col + q * kLanes);
+        for (int64_t q = 0; q < kVecs; ++q) sum[q] = madd(sum[q], value[j], load_vec(col + q * kLanes));
       }
       std::memcpy(a, sum, sizeof sum);
     }
@@ -207,20 +222,36 @@ void band_product(const float* tile, const BlockedCsr& m, int64_t band, int64_t 
   }
 }
 
-// out[t0 + i, r] = Σ_j v_j · tile[c_j, i] for rows r in [r0, r1), straight from the CSR: for segments of a few
-// tiles, where regrouping M (block_csr) would cost more than it saves.
-template <typename T>
+// out[t0 + i, r] = Σ_j v_j · tile[c_j, i] for rows r in [r0, r1), straight from the CSR, over a tile of `width`
+// tokens: for segments of a few tiles, where regrouping M (block_csr) would cost more than it saves. Each sum
+// adds a row's entries in CSR order from zero, as band_product does, so both give the same bits.
+template <typename T, int64_t width>
 void csr_rows(const float* tile, const int64_t* crow, const int64_t* cols, const float* vals, int64_t r0, int64_t r1,
               T* out, int64_t rows, int64_t t0, int64_t count) {
+  constexpr int64_t vecs = width / kLanes;
   for (int64_t r = r0; r < r1; ++r) {
-    Vec sum[kVecs] = {};
+    Vec sum[vecs] = {};
     for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
-      const float* col = tile + cols[j] * kTokens;
-      for (int64_t q = 0; q < kVecs; ++q) sum[q] += vals[j] * load_vec(col + q * kLanes);
+      const float* col = tile + cols[j] * width;
+      for (int64_t q = 0; q < vecs; ++q) sum[q] = madd(sum[q], vals[j], load_vec(col + q * kLanes));
     }
-    float sums[kTokens];
+    float sums[width];
     std::memcpy(sums, sum, sizeof sums);
     for (int64_t i = 0; i < count; ++i) out[(t0 + i) * rows + r] = static_cast<T>(sums[i]);
+  }
+}
+
+// The direct CSR product of a segment of `tokens` tokens in tiles of `width` (see csr_rows), parallel over rows.
+template <typename T, int64_t width>
+void direct_product(const T* src, int64_t tokens, int64_t features, const int64_t* crow, const int64_t* cols,
+                    const float* vals, T* dst, int64_t rows) {
+  std::vector<float> tile(features * width);
+  for (int64_t t0 = 0; t0 < tokens; t0 += width) {
+    const int64_t count = std::min(width, tokens - t0);
+    pack_tile(src, features, t0, count, width, tile.data());
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      csr_rows<T, width>(tile.data(), crow, cols, vals, r0, r1, dst, rows, t0, count);
+    });
   }
 }
 
@@ -244,15 +275,12 @@ at::Tensor csr_product(const at::Tensor& in, const at::Tensor& crow, const at::T
   const int64_t* k = cols.data_ptr<int64_t>();
   const int64_t threads = at::get_num_threads();
   const int64_t tiles = (tokens + kTokens - 1) / kTokens;
+  if (tokens <= kLanes) {  // a few tokens (T = 1, say): one register per entry, not kTokens / kLanes mostly idle
+    direct_product<T, kLanes>(src, tokens, features, c, k, vals, dst, rows);
+    return out;
+  }
   if (tiles < kMinBlockedTiles) {
-    std::vector<float> tile(features * kTokens);
-    for (int64_t b = 0; b < tiles; ++b) {
-      const int64_t t0 = b * kTokens, count = std::min(kTokens, tokens - t0);
-      pack_tile(src, features, t0, count, kTokens, tile.data());
-      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-        csr_rows(tile.data(), c, k, vals, r0, r1, dst, rows, t0, count);
-      });
-    }
+    direct_product<T, kTokens>(src, tokens, features, c, k, vals, dst, rows);
     return out;
   }
   const bool by_tiles = tiles >= threads;
