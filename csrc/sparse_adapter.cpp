@@ -21,6 +21,8 @@
 #include <algorithm>
 #if defined(__AVX__) || defined(__FMA__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 #include <cstdint>
 #include <cstring>
@@ -135,10 +137,20 @@ inline Vec madd(Vec acc, float s, Vec v) {
   return reinterpret_cast<Vec>(_mm512_fmadd_ps(_mm512_set1_ps(s), reinterpret_cast<__m512>(v),
                                                reinterpret_cast<__m512>(acc)));
 #elif defined(__FMA__)
+  static_assert(kLanes == 8, "FMA without AVX-512: 256-bit registers");
   return reinterpret_cast<Vec>(_mm256_fmadd_ps(_mm256_set1_ps(s), reinterpret_cast<__m256>(v),
                                                reinterpret_cast<__m256>(acc)));
+#elif defined(__aarch64__)
+  static_assert(kLanes == 4, "NEON: 128-bit registers");
+  float32x4_t a, b;  // copies, not casts: how the generic and NEON vector types convert is the compiler's choice
+  std::memcpy(&a, &acc, sizeof a);
+  std::memcpy(&b, &v, sizeof b);
+  const float32x4_t sum = vfmaq_n_f32(a, b, s);
+  Vec out;
+  std::memcpy(&out, &sum, sizeof out);
+  return out;
 #else
-  return acc + s * v;
+  return acc + s * v;  // x86 without FMA: nothing to fuse; other CPUs: the compiler decides (untested here)
 #endif
 }
 

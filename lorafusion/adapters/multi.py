@@ -405,7 +405,8 @@ class _MultiLoRALinear(torch.autograd.Function):
         y = F.linear(x, weight, bias) if weight is not None else base_out.clone()  # [M, N]
         inputs, lows, pres = [], [], []  # per segment x̂ [rows, K], T = x̂ Aᵀ / keep [rows, R], c's input [rows, N]
         for (start, end), mask, scale, a, b, c in zip(rows, dropped, scales, *(factors[i::3] for i in range(3))):
-            inputs.append(x[start:end] if mask is None else torch.where(mask, 0.0, x[start:end]))  # = masked_fill, faster on CPU
+            # torch.where: masked_fill's result, faster on CPU
+            inputs.append(x[start:end] if mask is None else torch.where(mask, 0.0, x[start:end]))
             low = inputs[-1] @ a.t()
             lows.append(low if scale == 1.0 else low.mul_(scale))
             if c is None:

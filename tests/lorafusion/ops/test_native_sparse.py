@@ -137,7 +137,7 @@ def test_regrouped_product_over_bands_blocks_tiles_and_thread_counts(mode, threa
     """y and dx at 130 tokens (5 token tiles, the last of 2 tokens: the kernel regroups S by row band and column
     block) on a 2100 × 4100 support with empty rows (forward: 9 bands, 3 column blocks; dx: 17 bands, 2 blocks),
     with 1 thread (parallel over tiles) and 8 (over bands within each tile): against float64, bit for bit across
-    the thread counts, and bit for bit against the direct CSR product of a 32-token and a 5-token segment. dv's bits
+    the thread counts, and bit for bit against the direct CSR products of 32-, 5- and 1-token segments. dv's bits
     do not depend on the thread count either (its entries are chunked per thread)."""
     n, k, tokens = 2100, 4100, 130
     gen = torch.Generator().manual_seed(3)
@@ -159,7 +159,7 @@ def test_regrouped_product_over_bands_blocks_tiles_and_thread_counts(mode, threa
     close("dv", dv, (dy.double().t() @ x.double())[layer.rows, layer.cols], DV_TOLERANCE)
     for name, a, b in zip(("y", "dx", "dv"), got[1], got[8]):
         assert torch.equal(a, b), f"{name} differs between 1 and 8 threads"
-    for head in (32, 5):  # one 32-token tile; a segment of a few tokens (tiles one register wide)
+    for head in (32, 5, 1):  # one 32-token tile; segments of a few tokens (tiles one register wide)
         assert torch.equal(native.sparse_forward(x[:head].contiguous(), layer.crow, layer.cols, values), y[:head])
         assert torch.equal(native.sparse_backward_input(dy[:head].contiguous(), layer.t_crow, layer.t_cols,
                                                         values[layer.t_perm]), dx[:head])
