@@ -204,6 +204,16 @@ BlockedCsr block_csr(const int64_t* crow, const int64_t* cols, const float* vals
   return m;
 }
 
+// sum[q] += Σ_j vals[j] · tile[offset_of(j) + q · kLanes ...] for j in [j0, j1), in order, one FMA per register:
+// the one loop every forward/dx path adds a row's entries with, so that all of them give the same bits.
+template <int64_t vecs, typename Offset>
+inline void add_row_entries(Vec* sum, const float* tile, const float* vals, int64_t j0, int64_t j1, Offset offset_of) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* col = tile + offset_of(j);
+    for (int64_t q = 0; q < vecs; ++q) sum[q] = madd(sum[q], vals[j], load_vec(col + q * kLanes));
+  }
+}
+
 // out[t0 + i, r] = Σ_j v_j · tile[c_j, i] for the rows r of one band: the band's accumulators acc [band rows,
 // kTokens] stay near while the column blocks pass; one kTokens-wide FMA per entry.
 template <typename T>
@@ -221,10 +231,7 @@ void band_product(const float* tile, const BlockedCsr& m, int64_t band, int64_t 
       float* a = acc + r * kTokens;
       Vec sum[kVecs];
       for (int64_t q = 0; q < kVecs; ++q) sum[q] = load_vec(a + q * kLanes);
-      for (int64_t j = j0; j < j1; ++j) {
-        const float* col = tile + offset[j];
-        for (int64_t q = 0; q < kVecs; ++q) sum[q] = madd(sum[q], value[j], load_vec(col + q * kLanes));
-      }
+      add_row_entries<kVecs>(sum, tile, value, j0, j1, [offset](int64_t j) { return offset[j]; });
       std::memcpy(a, sum, sizeof sum);
     }
   }
@@ -236,17 +243,14 @@ void band_product(const float* tile, const BlockedCsr& m, int64_t band, int64_t 
 
 // out[t0 + i, r] = Σ_j v_j · tile[c_j, i] for rows r in [r0, r1), straight from the CSR, over a tile of `width`
 // tokens: for segments of a few tiles, where regrouping M (block_csr) would cost more than it saves. Each sum
-// adds a row's entries in CSR order from zero, as band_product does, so both give the same bits.
+// adds a row's entries in CSR order from zero with add_row_entries, as band_product does.
 template <typename T, int64_t width>
 void csr_rows(const float* tile, const int64_t* crow, const int64_t* cols, const float* vals, int64_t r0, int64_t r1,
               T* out, int64_t rows, int64_t t0, int64_t count) {
   constexpr int64_t vecs = width / kLanes;
   for (int64_t r = r0; r < r1; ++r) {
     Vec sum[vecs] = {};
-    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
-      const float* col = tile + cols[j] * width;
-      for (int64_t q = 0; q < vecs; ++q) sum[q] = madd(sum[q], vals[j], load_vec(col + q * kLanes));
-    }
+    add_row_entries<vecs>(sum, tile, vals, crow[r], crow[r + 1], [cols](int64_t j) { return cols[j] * width; });
     float sums[width];
     std::memcpy(sums, sum, sizeof sums);
     for (int64_t i = 0; i < count; ++i) out[(t0 + i) * rows + r] = static_cast<T>(sums[i]);
