@@ -60,8 +60,8 @@ from lorafusion.checkpoint.record import (
     write_run_manifest,
 )
 from lorafusion.checkpoint.resume import (
-    JobProgress, JobStates, Resumed, StreamState, checkpoint_step, commit_checkpoint, load_checkpoint, open_checkpoint,
-    restore_worker, save_checkpoint, stage_states, trim_metrics,
+    JobProgress, JobStates, Resumed, StreamState, checkpoint_step, commit_checkpoint, open_checkpoint,
+    restore_worker, stage_states, trim_metrics,
 )
 
 __all__ = [
@@ -71,6 +71,6 @@ __all__ = [
     "read_stage_state", "write_driver_state", "write_stage_shard",
     "RESUME_FREE_RUN_FIELDS", "RUN_MANIFEST", "check_output_dir", "config_differences", "read_run_manifest",
     "run_manifest", "write_run_manifest",
-    "JobProgress", "JobStates", "Resumed", "StreamState", "checkpoint_step", "commit_checkpoint", "load_checkpoint",
-    "open_checkpoint", "restore_worker", "save_checkpoint", "stage_states", "trim_metrics",
+    "JobProgress", "JobStates", "Resumed", "StreamState", "checkpoint_step", "commit_checkpoint",
+    "open_checkpoint", "restore_worker", "stage_states", "trim_metrics",
 ]

@@ -3,8 +3,7 @@
 Each side has its own half, so the Ray driver can run the stage halves as actor methods:
 save = `begin_checkpoint(output_dir, checkpoint_step(progress))` (driver) → `write_stage_shard(staging, stage,
 stage_states(worker, progress))` (data-parallel rank 0 of every stage) → `commit_checkpoint` (driver); resume =
-`open_checkpoint` (driver) → `restore_worker(worker, resumed)` (every actor). `save_checkpoint`/`load_checkpoint`
-chain them for one local worker (the checkpointing tests drive a worker through them).
+`open_checkpoint` (driver) → `restore_worker(worker, resumed)` (every actor); runtime/fit.py chains them.
 
 Data position and RNG: a job's global batch `step` and its dropout seeds are pure functions of (seed, step,
 sample index) (lorafusion/prepare.py), so the job's step is its whole data and RNG position. The driver
@@ -24,8 +23,8 @@ import numpy as np
 
 from lorafusion.checkpoint.durable import atomic_write_text
 from lorafusion.checkpoint.files import (
-    begin_checkpoint, finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
-    read_stage_state, write_driver_state, write_stage_shard,
+    finalize_checkpoint, latest_checkpoint, prune_checkpoints, read_driver_state, read_manifest, read_stage_state,
+    write_driver_state,
 )
 from lorafusion.checkpoint.record import config_differences, run_manifest
 from lorafusion.schedule import lr_at
@@ -34,8 +33,8 @@ if TYPE_CHECKING:  # prepare imports this package (check_output_dir)
     from lorafusion.prepare import PreparedJob, PreparedRun
 
 __all__ = [
-    "JobProgress", "StreamState", "Resumed", "JobStates", "checkpoint_step", "save_checkpoint", "stage_states",
-    "commit_checkpoint", "load_checkpoint", "open_checkpoint", "restore_worker", "trim_metrics",
+    "JobProgress", "StreamState", "Resumed", "JobStates", "checkpoint_step", "stage_states",
+    "commit_checkpoint", "open_checkpoint", "restore_worker", "trim_metrics",
 ]
 
 
@@ -126,19 +125,6 @@ def commit_checkpoint(
                                rounds=dict(rounds) if rounds else None)
     prune_checkpoints(run.output_dir, run.keep_checkpoints)
     return path
-
-
-def save_checkpoint(
-    prepared: PreparedRun, windows: int, workers_by_stage: Mapping[int, JobStates], progress: Mapping[str, JobProgress]
-) -> Path:
-    """Checkpoint every job after `windows` driver windows (single process: the workers are local objects).
-
-    Call it between windows (no job mid-global-batch). Failed jobs get a driver record and no shards.
-    """
-    staging = begin_checkpoint(prepared.run.output_dir, checkpoint_step(progress))
-    for stage, worker in sorted(workers_by_stage.items()):
-        write_stage_shard(staging, stage, stage_states(worker, progress))
-    return commit_checkpoint(prepared, staging, windows, progress, len(workers_by_stage))
 
 
 def _check_position(job: PreparedJob, record: dict[str, Any], path: Path) -> None:
@@ -268,19 +254,6 @@ def restore_worker(worker: JobStates, resumed: Resumed) -> None:
                 "the previous checkpoint, or set run.overwrite=true to start over"
             )
         worker.load_job_state(name, state, where=f"checkpoint '{resumed.path}'")
-
-
-def load_checkpoint(
-    prepared: PreparedRun, workers_by_stage: Mapping[int, JobStates]
-) -> tuple[int, dict[str, JobProgress]] | None:
-    """Restore local workers from the newest complete checkpoint; returns (windows completed, progress per job),
-    or None when there is nothing to resume (see open_checkpoint)."""
-    resumed = open_checkpoint(prepared)
-    if resumed is None:
-        return None
-    for worker in workers_by_stage.values():
-        restore_worker(worker, resumed)
-    return resumed.windows, resumed.progress
 
 
 def _record_step(line: str) -> float:

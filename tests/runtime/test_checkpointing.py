@@ -6,15 +6,16 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import pytest
 import torch
 
 import lorafusion as lf
 from lorafusion.checkpoint import (
-    RUN_MANIFEST, JobProgress, begin_checkpoint, checkpoint_dir, checkpoint_step, commit_checkpoint,
-    finalize_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
-    read_stage_state, run_manifest, save_checkpoint, trim_metrics, write_driver_state, write_stage_shard,
+    RUN_MANIFEST, JobProgress, JobStates, begin_checkpoint, checkpoint_dir, checkpoint_step, commit_checkpoint,
+    finalize_checkpoint, latest_checkpoint, open_checkpoint, prune_checkpoints, read_driver_state, read_manifest,
+    read_stage_state, restore_worker, run_manifest, stage_states, trim_metrics, write_driver_state, write_stage_shard,
 )
 from lorafusion.prepare import PreparedRun, prepare_run
 from runtime.comm import StageComm, StagePlace
@@ -22,6 +23,34 @@ from runtime.windows import init_pass_window, plan_window
 from runtime.optim import AdamWOptimizer
 from runtime.stage import StageRunner
 from runtime.worker import StageWorker
+
+# The checkpoint pieces the fit's driver composes (runtime/fit.py `_Trainer.checkpoint`, `resume_from`), composed
+# here for local workers, without a stream or federation rounds.
+def save_checkpoint(
+    prepared: PreparedRun, windows: int, workers_by_stage: Mapping[int, JobStates], progress: Mapping[str, JobProgress]
+) -> Path:
+    """Checkpoint every job after `windows` driver windows (single process: the workers are local objects).
+
+    Call it between windows (no job mid-global-batch). Failed jobs get a driver record and no shards.
+    """
+    staging = begin_checkpoint(prepared.run.output_dir, checkpoint_step(progress))
+    for stage, worker in sorted(workers_by_stage.items()):
+        write_stage_shard(staging, stage, stage_states(worker, progress))
+    return commit_checkpoint(prepared, staging, windows, progress, len(workers_by_stage))
+
+
+def load_checkpoint(
+    prepared: PreparedRun, workers_by_stage: Mapping[int, JobStates]
+) -> tuple[int, dict[str, JobProgress]] | None:
+    """Restore local workers from the newest complete checkpoint; returns (windows completed, progress per job),
+    or None when there is nothing to resume (see open_checkpoint)."""
+    resumed = open_checkpoint(prepared)
+    if resumed is None:
+        return None
+    for worker in workers_by_stage.values():
+        restore_worker(worker, resumed)
+    return resumed.windows, resumed.progress
+
 
 CAPACITY = 256  # small enough that a round spans several microbatches
 

@@ -13,10 +13,9 @@ import lorafusion as lf
 from lorafusion.adapters.base import layer_generator
 from lorafusion.adapters.lorasqueeze import LoRASqueezeLayer
 from lorafusion.adapter_io import read_peft_adapter, write_peft_adapter
-from lorafusion.checkpoint import load_checkpoint
 from tests.lorafusion.test_variants import _our_logits
 from tests.runtime.test_checkpointing import (
-    assert_bit_identical, interrupted_run, make_worker, prepare, straight_run, train_round,
+    assert_bit_identical, interrupted_run, load_checkpoint, make_worker, prepare, straight_run, train_round,
 )
 
 peft = pytest.importorskip("peft")
