@@ -16,6 +16,7 @@ from lorafusion.config import DTYPES
 from lorafusion.models.attention import PackedCoreAttention
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture
 from lorafusion.models.megatron_compat import ensure_model_parallel
+from lorafusion.models.swiglu import SwiGLU
 
 __all__ = ["transformer_config", "layer_spec", "build_model", "load_hf_weights", "qkv_rows", "fc1_rows",
            "slow_cpu_dtype", "warn_if_slow_on_cpu", "resolve_dtype"]
@@ -71,7 +72,9 @@ def warn_if_slow_on_cpu(dtype: torch.dtype) -> None:
 
 
 def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """megatron's config for `arch`, with every CUDA-only fusion off so CPU and GPU run one path."""
+    """megatron's config for `arch`, with every CUDA-only fusion off so CPU and GPU run one path; the MLP's
+    activation is the module `layer_spec` gives it (use_te_activation_func is megatron's switch for an activation
+    module, Transformer Engine's or, here, our SwiGLU), so use the two together."""
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -83,6 +86,7 @@ def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32
         layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
+        use_te_activation_func=True,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         hidden_dropout=0.0,
@@ -105,11 +109,13 @@ def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32
 
 def layer_spec(rotary_base: float = 10000.0, attention: str = "auto", ffn_hidden_size: int | None = None) -> ModuleSpec:
     """megatron's local layer spec with our packed-sequence core attention, which also applies RoPE (base
-    `rotary_base`) at per-token positions; `attention` picks its kernel (see attention.attention_backend).
-    ffn_hidden_size: given to the MLP explicitly (megatron warns when it has to take it from the config)."""
+    `rotary_base`) at per-token positions, and our SwiGLU node as the MLP's activation; `attention` picks the
+    attention kernel (see attention.attention_backend). ffn_hidden_size: given to the MLP explicitly (megatron
+    warns when it has to take it from the config)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=PackedCoreAttention, params={"rotary_base": rotary_base, "backend": attention})
+    spec.submodules.mlp.submodules.activation_func = SwiGLU
     if ffn_hidden_size is not None:
         spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": ffn_hidden_size}
     return spec

@@ -116,3 +116,24 @@ def test_positions_restart_per_sample(models):
     ba = _packed_logits(model, [b, a])
     assert (ab[1] - ba[0]).abs().max() <= ATOL
     assert (ab[0] - ba[1]).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_node_is_megatrons_glu_bit_for_bit(dtype, models):
+    """Our one-node SwiGLU against megatron's unfused silu(gate) * (up + 0) chain: output and gradient, bit for bit
+    (odd widths, a batch dimension); and the built model's MLP runs it."""
+    import torch.nn.functional as F
+
+    from lorafusion.models.swiglu import SwiGLU, swiglu
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 3, 2 * 13, generator=gen) * 4).to(dtype).requires_grad_()
+    dy = torch.randn(5, 3, 13, generator=gen).to(dtype)
+    got = swiglu(x)
+    (got_dx,) = torch.autograd.grad(got, x, dy)
+    gate, up = torch.chunk(x, 2, dim=-1)
+    want = F.silu(gate) * (up + 0.0)
+    (want_dx,) = torch.autograd.grad(want, x, dy)
+    assert torch.equal(got, want) and torch.equal(got_dx, want_dx)
+    model, _ = models["llama"]
+    assert isinstance(model.decoder.layers[0].mlp.activation_func, SwiGLU)
