@@ -126,16 +126,36 @@ class PackedLayout:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa) -> torch.Tensor:
         """Causal attention within each sample: q [T, heads, d], k, v [T, groups, d] -> [T, heads * d].
 
-        `sdpa(q, k, v)` takes [n, heads, len, d] / [n, groups, len, d] and is causal."""
+        `sdpa(q, k, v)` takes [n, heads, len, d] / [n, groups, len, d] and must be causal (see _BucketRows)."""
+        gathers = [b.gather for b in self.buckets]
+        qs, ks, vs = (_BucketRows.apply(t, self.unpack, *gathers) for t in (q, k, v))
         outs = []
-        for b in self.buckets:
-            def batch(t: torch.Tensor) -> torch.Tensor:  # [n * len, h, d] -> [n, h, len, d]
-                return t.index_select(0, b.gather).view(b.samples, b.length, *t.shape[1:]).transpose(1, 2)
-
-            out = sdpa(batch(q), batch(k), batch(v))  # [n, heads, len, d]
+        for b, *qkv in zip(self.buckets, qs, ks, vs):
+            # [n * len, h, d] -> [n, h, len, d]
+            out = sdpa(*(t.view(b.samples, b.length, *t.shape[1:]).transpose(1, 2) for t in qkv))
             outs.append(out.transpose(1, 2).reshape(b.samples * b.length, -1))
         flat = torch.cat(outs) if len(outs) > 1 else outs[0]
         return flat.index_select(0, self.unpack)  # [T, heads * d]
+
+
+class _BucketRows(torch.autograd.Function):
+    """t [T, ...] -> each bucket's padded rows t[gather] [n * len, ...], one tensor per bucket.
+
+    The backward reads each token's gradient from its own padded row (`unpack`, the same map that takes the
+    outputs back) instead of scattering every bucket's rows into a zeroed [T, ...] and summing those: a padding
+    row's gradient is zero, since attention is causal, padding follows its sample's tokens (no real query sees it)
+    and its outputs are dropped (no gradient reaches its query)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, unpack: torch.Tensor, *gathers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(unpack)
+        return tuple(t.index_select(0, gather) for gather in gathers)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        (unpack,) = ctx.saved_tensors
+        flat = torch.cat(grads) if len(grads) > 1 else grads[0]  # [Σ n * len, ...], in the outputs' bucket order
+        return flat.index_select(0, unpack), None, *(None for _ in grads)
 
 
 class PackedParams(PackedSeqParams):
