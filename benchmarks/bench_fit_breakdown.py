@@ -5,7 +5,7 @@ Per fit: its wall time and tokens/s; the time inside the stage's forward and bac
 collection, optimizer steps, the driver); the minor page faults of its first microbatch and of the others; and the
 tokens/s of the same microbatches run again, warm, on this thread (the median of --replays passes). Both rates are
 also given as fractions of the GEMM-bound ceiling (benchmarks/ceiling.py: the fit's FLOPs per real token over the
-matmul rate measured just before its replays), and a/b for the fits and for the replays: a replay a/b near 1 says
+fastest matmul rate measured in the run), and a/b for the fits and for the replays: a replay a/b near 1 says
 that packing the jobs together saves nothing per token on this device, so the fits' a/b comes from costs per fit.
 
     python -m benchmarks.bench_fit_breakdown        # rows -> benchmarks/results/fit_breakdown.csv
@@ -127,29 +127,32 @@ def _row(name: str, traces: list[FitTrace], replay_s: float, flops: float, rate:
 
 
 def breakdown_rows(cfg: BenchConfig, replays: int = 3) -> list[dict]:
-    """Rows for (a), each job alone, and (b) = the jobs alone summed; the (a) row carries a/b of fits and replays."""
+    """Rows for (a), each job alone, and (b) = the jobs alone summed; the (a) row carries a/b of fits and replays.
+
+    Every row's ceiling takes the fastest matmul rate measured in the run (before each provider's replays): the
+    hardware's bound, where a host whose speed drifts gives a lower rate at some moments than at others."""
     cfg = replace(cfg, pipeline_stages=1, engine="local")
     torch.set_num_threads(cfg.threads)
     checkpoint = bench_checkpoint(cfg)
     dims = _dims(checkpoint)
     jobs = bench_jobs(cfg)
     targets = list(jobs[0].adapter.target_modules)
-    rows, alone = [], []
+    measured, rates = [], []  # (name, trace, replay s, FLOPs per token) per fit
     with tempfile.TemporaryDirectory(prefix="bench_fit_breakdown_") as tmp:
         run_ours(jobs, cfg, checkpoint, Path(tmp) / "warmup")
         for name, chosen in [("a", jobs)] + [(job.name, [job]) for job in jobs]:
             trace = trace_fit(chosen, cfg, checkpoint, Path(tmp) / name)
-            rate = matmul_rate(dims, cfg.max_tokens_per_microbatch, trace.calls[0][0].dtype, trace.calls[0][0].device)
+            worker = trace.calls[0][0]
+            rates.append(matmul_rate(dims, cfg.max_tokens_per_microbatch, worker.dtype, worker.device))
             replay = statistics.median(trace.replay_s() for _ in range(replays))
-            flops = flops_per_token(dims, cfg.rank, targets, trace.lengths())
-            rows.append(_row(name, [trace], replay, flops, rate))
+            measured.append((name, trace, replay, flops_per_token(dims, cfg.rank, targets, trace.lengths())))
             trace.calls.clear()  # its model and microbatches go
-            if name != "a":
-                alone.append((trace, replay, flops, rate))
-    traces = [t for t, _, _, _ in alone]
-    tokens = sum(t.tokens for t in traces)
-    flops = sum(f * t.tokens for t, _, f, _ in alone) / tokens
-    rows.append(_row("b", traces, sum(r for _, r, _, _ in alone), flops, statistics.median(r for *_, r in alone)))
+    rate = max(rates)
+    rows = [_row(name, [trace], replay, flops, rate) for name, trace, replay, flops in measured]
+    alone = measured[1:]
+    tokens = sum(trace.tokens for _, trace, _, _ in alone)
+    flops = sum(f * trace.tokens for _, trace, _, f in alone) / tokens
+    rows.append(_row("b", [trace for _, trace, _, _ in alone], sum(r for _, _, r, _ in alone), flops, rate))
     a, b = rows[0], rows[-1]
     a["a_over_b_fit"] = round(a["fit_tokens_per_s"] / b["fit_tokens_per_s"], 3)
     a["a_over_b_replay"] = round(a["replay_tokens_per_s"] / b["replay_tokens_per_s"], 3)
