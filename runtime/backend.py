@@ -164,6 +164,10 @@ class StageGroup:
     def __enter__(self) -> "StageGroup":
         return self
 
+    def serve(self, driver):
+        """driver() here: the actors compute in their own processes (LocalGroup's counterpart)."""
+        return driver()
+
     def __exit__(self, *exc) -> None:
         self.close()
 

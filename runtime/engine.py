@@ -1,16 +1,20 @@
 """Where a fit's stages run: Ray actors (runtime/backend.py), or the driver's own process for a one-stage,
 one-replica fit with no Ray cluster to use (`LocalGroup`, no Ray at all).
 
-Both run the same engine, StageRunner over a StageWorker; LocalGroup runs each window on a worker thread so the
-driver plans the next window meanwhile, as it does while actors train. It keeps Ray's process start, object
-transfers and background daemons off a fit that has nothing to distribute, and lets a machine without Ray train.
+Both run the same engine, StageRunner over a StageWorker. LocalGroup computes on the main thread while the driver
+runs on a helper thread (`serve`), so the driver plans the next window meanwhile, as it does while actors train; the
+same microbatches ran 5-15% slower on a worker thread than on the main thread (docs/hot_path.md). It keeps Ray's
+process start, object transfers and background daemons off a fit that has nothing to distribute, and lets a machine
+without Ray train.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 
 import torch
 
@@ -62,9 +66,54 @@ def _one_malloc_arena() -> None:
             pass
 
 
+class _ServingThread:
+    """Runs submitted calls, in order, on the thread inside `serve` while the driver runs on a helper thread; a call
+    submitted while nothing serves runs at once on the caller's thread."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._serving = False
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        if self._serving:
+            self._calls.put((future, fn, args))
+        else:
+            self._run(future, fn, args)
+        return future
+
+    @staticmethod
+    def _run(future: Future, fn, args) -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # the driver gets it from the future, as from a stage actor
+            future.set_exception(err)
+
+    def serve(self, driver):
+        """driver() on a helper thread while this thread runs what it submits; its result, or its exception."""
+        done = Future()
+
+        def drive() -> None:
+            self._run(done, driver, ())
+            self._calls.put(None)
+
+        self._serving = True
+        helper = threading.Thread(target=drive, name="lorafusion-driver", daemon=True)
+        helper.start()
+        try:
+            while (call := self._calls.get()) is not None:
+                self._run(*call)
+        finally:
+            self._serving = False
+        helper.join()
+        return done.result()
+
+
 class LocalGroup:
     """StageGroup's interface over one StageRunner in this process (one stage, one replica: RunConfig checks
-    engine 'local', choose_engine picks it only then); use as a context manager."""
+    engine 'local', choose_engine picks it only then); use as a context manager, and run the driver through
+    `serve` so that the stage computes on this (the main) thread."""
 
     def __init__(self, run: RunConfig, jobs: list[tuple[JobSpec, int]], num_layers: int) -> None:
         from lorafusion.models.megatron_compat import ensure_model_parallel
@@ -78,17 +127,21 @@ class LocalGroup:
         worker = StageWorker(run, jobs)
         self.runner = StageRunner(worker, StageComm(StagePlace(), worker.device))
         _one_malloc_arena()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafusion-stage")
+        self._stage = _ServingThread()
 
     def __enter__(self) -> "LocalGroup":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        pass  # nothing to stop: the stage's thread is the caller's, and `serve` has returned
+
+    def serve(self, driver):
+        """driver() (the fit's driver loop) on a helper thread while this thread computes the windows it submits."""
+        return self._stage.serve(driver)
 
     def submit_window(self, window: Window) -> list[Future]:
-        """Start the window on the stage thread (windows run in the order submitted); `collect` it later."""
-        return [self._thread.submit(self.runner.run_window, window)]
+        """Queue the window for the stage's thread (windows run in the order submitted); `collect` it later."""
+        return [self._stage.submit(self.runner.run_window, window)]
 
     def collect(self, calls: list[Future]) -> list[WindowResult]:
         return [call.result() for call in calls]
@@ -97,8 +150,8 @@ class LocalGroup:
         return self.collect(self.submit_window(window))
 
     def _on_thread(self, fn, *args):
-        """fn(*args) on the stage thread, after the windows submitted before it."""
-        return self._thread.submit(fn, *args).result()
+        """fn(*args) on the stage's thread, after the windows submitted before it."""
+        return self._stage.submit(fn, *args).result()
 
     def save_shards(self, staging, progress: dict) -> None:
         from lorafusion.checkpoint import stage_states, write_stage_shard
@@ -126,5 +179,3 @@ class LocalGroup:
     def peft_state_dict(self, job: str) -> dict[str, torch.Tensor]:
         return self._on_thread(self.runner.worker.peft_state_dict, job)
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=True, cancel_futures=True)

@@ -10,6 +10,7 @@ checkpoint or the end is due drains the pipeline. The driver records each job's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -405,6 +406,14 @@ def _finished_result(prepared: PreparedRun, resumed: Resumed | None) -> FitResul
     return FitResult(jobs=jobs, output_dir=str(out), already_complete=True)
 
 
+def _train(prepared: PreparedRun, group, loggers: RunLoggers, stop: StopSignals, resumed: Resumed | None) -> FitResult:
+    """The driver's loop over one stage group (`group.serve` runs it where the group wants its driver)."""
+    trainer = _Trainer(prepared, group, loggers, stop)
+    trainer.resume_from(resumed)
+    trainer.run_all()
+    return trainer.result()
+
+
 def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
     """Train `jobs` together on one copy of the base model (see lorafusion.fit).
 
@@ -440,10 +449,7 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
         for attempt in range(run.max_restarts + 1):
             try:
                 with group_cls(run, job_steps, prepared.arch.num_layers) as group:
-                    trainer = _Trainer(prepared, group, loggers, stop)
-                    trainer.resume_from(resumed)
-                    trainer.run_all()
-                    result = trainer.result()
+                    result = group.serve(functools.partial(_train, prepared, group, loggers, stop, resumed))
                 break
             except StageLost as lost:
                 if stop.requested:  # the signal reached the stage processes too: what the last checkpoint holds stays
