@@ -10,6 +10,7 @@ without Ray train.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -67,45 +68,94 @@ def _one_malloc_arena() -> None:
 
 
 class _ServingThread:
-    """Runs submitted calls, in order, on the thread inside `serve` while the driver runs on a helper thread; a call
-    submitted while nothing serves runs at once on the caller's thread."""
+    """Runs submitted calls, in order, on the thread inside `serve` while the driver runs on a helper thread.
+
+    Before `serve` a call runs at once on the caller's thread; once `serve` has ended, or was interrupted (a second
+    Ctrl-C raises KeyboardInterrupt in the main thread), calls are cancelled, so the driver unwinds instead of waiting
+    on work nobody runs, and nothing queued after the interrupt runs."""
+
+    _DRIVER_UNWIND_S = 10.0  # how long an interrupted `serve` waits for the driver to unwind its cancelled calls
 
     def __init__(self) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._serving = False
+        self._lock = threading.Lock()
+        self._state = "idle"  # "idle" -> "serving" -> "closed"
+        self._server: threading.Thread | None = None
 
     def submit(self, fn, *args) -> Future:
         future = Future()
-        if self._serving:
-            self._calls.put((future, fn, args))
-        else:
+        with self._lock:
+            state = self._state
+            if state == "serving":
+                if threading.current_thread() is self._server:
+                    raise RuntimeError("a call submitted from the stage's own thread while it serves would wait on "
+                                       "itself; submit from the driver")
+                self._calls.put((future, fn, args))
+        if state == "idle":
             self._run(future, fn, args)
+        elif state == "closed":
+            future.cancel()
+            future.set_running_or_notify_cancel()
         return future
 
     @staticmethod
     def _run(future: Future, fn, args) -> None:
-        future.set_running_or_notify_cancel()
+        if not future.set_running_or_notify_cancel():
+            return
         try:
             future.set_result(fn(*args))
-        except BaseException as err:  # the driver gets it from the future, as from a stage actor
+        except Exception as err:  # the driver gets it from the future, as from a stage actor
             future.set_exception(err)
+        except BaseException as err:  # KeyboardInterrupt, SystemExit: the caller stops too
+            future.set_exception(err)
+            raise
+
+    def _close(self) -> None:
+        """Stop serving: cancel what is queued, and everything submitted from now on."""
+        with self._lock:
+            self._state = "closed"
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if call is not None:
+                call[0].cancel()
 
     def serve(self, driver):
-        """driver() on a helper thread while this thread runs what it submits; its result, or its exception."""
+        """driver() on a helper thread while this thread runs what it submits; its result, or its exception.
+
+        The calls run with gradients on and no autocast, whatever the caller's thread has set (they used to run on
+        a fresh thread, where that is the default)."""
         done = Future()
 
         def drive() -> None:
-            self._run(done, driver, ())
-            self._calls.put(None)
+            try:
+                done.set_result(driver())
+            except BaseException as err:  # serve raises it on the calling thread
+                done.set_exception(err)
+            finally:
+                self._calls.put(None)
 
-        self._serving = True
+        with self._lock:
+            if self._state != "idle":
+                raise RuntimeError("a stage group serves one driver")
+            self._state, self._server = "serving", threading.current_thread()
         helper = threading.Thread(target=drive, name="lorafusion-driver", daemon=True)
         helper.start()
         try:
-            while (call := self._calls.get()) is not None:
-                self._run(*call)
-        finally:
-            self._serving = False
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.enable_grad())
+                for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+                while (call := self._calls.get()) is not None:
+                    self._run(*call)
+        except BaseException:
+            self._close()
+            helper.join(self._DRIVER_UNWIND_S)
+            raise
+        self._close()
         helper.join()
         return done.result()
 
