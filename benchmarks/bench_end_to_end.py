@@ -388,17 +388,22 @@ def _measure(provider: str, jobs: list[lf.JobSpec], cfg: BenchConfig, checkpoint
     return _run_hf_all(jobs, cfg, checkpoint, scratch, packed=provider == "cp")
 
 
+def checkpoint_dims(checkpoint: Path) -> ModelDims:
+    """The widths of the checkpoint's model that fix its FLOPs (benchmarks/ceiling.py)."""
+    from lorafusion.models import read_architecture
+
+    arch = read_architecture(checkpoint)
+    return ModelDims(hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                     num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+                     vocab_size=arch.vocab_size)
+
+
 def measure_ceiling(cfg: BenchConfig) -> Ceiling:
     """The run's GEMM-bound ceiling (benchmarks/ceiling.py), its matmul rate measured now, in this process, with
     cfg.threads threads, at the run's capacity and compute dtype."""
-    from lorafusion.models import read_architecture
-
     torch.set_num_threads(cfg.threads)
     checkpoint = bench_checkpoint(cfg)
-    arch = read_architecture(checkpoint)
-    dims = ModelDims(hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-                     num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
-                     vocab_size=arch.vocab_size)
+    dims = checkpoint_dims(checkpoint)
     with tempfile.TemporaryDirectory(prefix="bench_ceiling_") as tmp:
         prepared = _prepared(bench_jobs(cfg), cfg, checkpoint, Path(tmp))
     lengths = [len(s) for job in prepared.jobs for step in range(job.total_steps) for s in job.global_batch(step)]

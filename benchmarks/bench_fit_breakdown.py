@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_end_to_end import BenchConfig, bench_checkpoint, bench_jobs, run_ours
-from benchmarks.ceiling import ModelDims, flops_per_token, matmul_rate
+from benchmarks.bench_end_to_end import BenchConfig, bench_checkpoint, bench_jobs, checkpoint_dims, run_ours
+from benchmarks.ceiling import flops_per_token, matmul_rate
 from benchmarks.results_csv import append_rows
 
 __all__ = ["FitTrace", "trace_fit", "breakdown_rows", "main"]
@@ -100,15 +100,6 @@ def trace_fit(jobs, cfg: BenchConfig, checkpoint: Path, output_dir: Path) -> Fit
     return trace
 
 
-def _dims(checkpoint: Path) -> ModelDims:
-    from lorafusion.models import read_architecture
-
-    arch = read_architecture(checkpoint)
-    return ModelDims(hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-                     num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
-                     vocab_size=arch.vocab_size)
-
-
 def _row(name: str, traces: list[FitTrace], replay_s: float, flops: float, rate: float) -> dict:
     """The row of one provider: `traces` are its fits (one for (a), one per job for (b))."""
     wall, tokens = sum(t.wall_s for t in traces), sum(t.tokens for t in traces)
@@ -134,7 +125,7 @@ def breakdown_rows(cfg: BenchConfig, replays: int = 3) -> list[dict]:
     cfg = replace(cfg, pipeline_stages=1, engine="local")
     torch.set_num_threads(cfg.threads)
     checkpoint = bench_checkpoint(cfg)
-    dims = _dims(checkpoint)
+    dims = checkpoint_dims(checkpoint)
     jobs = bench_jobs(cfg)
     targets = list(jobs[0].adapter.target_modules)
     measured, rates = [], []  # (name, trace, replay s, FLOPs per token) per fit

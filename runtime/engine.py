@@ -50,23 +50,6 @@ def choose_engine(run: RunConfig) -> str:
     return "local" if single and not _ray_connected() else "ray"
 
 
-def _one_malloc_arena() -> None:
-    """Let the stage thread allocate from glibc's main arena, as the main thread (and a Ray actor) does.
-
-    A new thread otherwise gets an arena of its own, where every large tensor is a fresh mmap and its pages are
-    faulted in again at each allocation: the same forward and backward ran about 20% slower on a worker thread
-    than on the main thread, about 8% with one arena (2-core CPU; docs/hot_path.md). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name:
-        try:
-            ctypes.CDLL(name).mallopt(-8, 1)  # M_ARENA_MAX = 1
-        except (OSError, AttributeError):
-            pass
-
-
 class _ServingThread:
     """Runs submitted calls, in order, on the thread inside `serve` while the driver runs on a helper thread.
 
@@ -104,11 +87,10 @@ class _ServingThread:
             return
         try:
             future.set_result(fn(*args))
-        except Exception as err:  # the driver gets it from the future, as from a stage actor
+        except BaseException as err:  # the driver gets it from the future, as from a stage actor
             future.set_exception(err)
-        except BaseException as err:  # KeyboardInterrupt, SystemExit: the caller stops too
-            future.set_exception(err)
-            raise
+            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the serving thread stops too
+                raise
 
     def _close(self) -> None:
         """Stop serving: cancel what is queued, and everything submitted from now on."""
@@ -143,6 +125,7 @@ class _ServingThread:
             self._state, self._server = "serving", threading.current_thread()
         helper = threading.Thread(target=drive, name="lorafusion-driver", daemon=True)
         helper.start()
+        interrupted = True
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.inference_mode(False))
@@ -151,12 +134,10 @@ class _ServingThread:
                     stack.enter_context(torch.autocast(device, enabled=False))
                 while (call := self._calls.get()) is not None:
                     self._run(*call)
-        except BaseException:
+            interrupted = False
+        finally:
             self._close()
-            helper.join(self._DRIVER_UNWIND_S)
-            raise
-        self._close()
-        helper.join()
+            helper.join(self._DRIVER_UNWIND_S if interrupted else None)
         return done.result()
 
 
@@ -176,7 +157,6 @@ class LocalGroup:
         ensure_model_parallel()
         worker = StageWorker(run, jobs)
         self.runner = StageRunner(worker, StageComm(StagePlace(), worker.device))
-        _one_malloc_arena()
         self._stage = _ServingThread()
 
     def __enter__(self) -> "LocalGroup":
