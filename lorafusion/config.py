@@ -298,7 +298,8 @@ class RunConfig:
     """LoRA layer implementation: 'auto' = fused Triton kernels on CUDA, torch elsewhere; 'triton' = force
     Triton (on CPU only under TRITON_INTERPRET=1, else a clear error); 'torch' = force the torch reference."""
     native_ops: str = "auto"
-    """SHiRA's sparse ops from csrc/ (C++/OpenMP on CPU, CUDA on GPU), built on first use (lorafusion/ops/native.py):
+    """The native ops of csrc/, built on first use (lorafusion/ops/native.py): SHiRA's sparse ops (C++/OpenMP on CPU,
+    CUDA on GPU) and LoRA dropout drawn where it is applied (CPU; the same masks as the torch path, bit for bit).
     'auto' = native where the build succeeded, else the torch fallback with one warning; 'on' = native or an
     error before training; 'off' = always the torch fallback."""
     loggers: list[str] = field(default_factory=list)

@@ -6,13 +6,22 @@ and its index within the sample. So a sample's masks do not depend on its row in
 or jobs around it, nor on how its job's global batch was split into microbatches (promise 1), and no Python loop
 over samples runs per layer. (The Triton kernels draw theirs from Philox with the same inputs; the two streams
 differ, each is consistent with itself.)
+
+`SegmentDropout` applies one segment's mask: on CPU float32/bfloat16 tensors with csrc's native op (the mask drawn
+in the pass that applies it, bit for bit the one `dropped_entries` draws, and never kept), else with torch ops on the
+mask `dropped_entries` draws once and keeps for the backward.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["drop_threshold", "mix_seed", "keep_scale", "row_keys", "dropped_entries", "INT16_VALUES"]
+from lorafusion.ops import native
+
+__all__ = ["drop_threshold", "mix_seed", "keep_scale", "row_keys", "dropped_entries", "SegmentDropout",
+           "INT16_VALUES"]
 
 INT16_VALUES = 1 << 16
 _INT16_MIN = -(1 << 15)
@@ -88,6 +97,12 @@ def _column_keys(pairs: int, device: torch.device) -> torch.Tensor:
     return _COLUMN_KEYS[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _site_key(site_id: int) -> int:
+    """The layer's key, xor-ed into every row key of the layer (as an int64)."""
+    return _signed(mix_seed(site_id, 0x5EED))
+
+
 def dropped_entries(keys: torch.Tensor, site_id: int, columns: int, p: float) -> torch.Tensor:
     """Which entries of a [rows, columns] input dropout zeroes at layer `site_id` (bool [rows, columns]).
 
@@ -95,9 +110,8 @@ def dropped_entries(keys: torch.Tensor, site_id: int, columns: int, p: float) ->
     (row key ^ layer key ^ column key) · C: the row and column keys are fully mixed, so one multiply gives two
     16-bit uniforms per 64-bit word, three passes over the mask in all.
     """
-    rows = keys.shape[0]
     pairs = -(-columns // 2)
-    site = keys ^ _signed(mix_seed(site_id, 0x5EED))  # [rows]: the layer's own well-mixed row keys
+    site = keys ^ _site_key(site_id)  # [rows]: the layer's own well-mixed row keys
     words = site[:, None] ^ _column_keys(pairs, keys.device)[None, :]  # [rows, pairs]
     # The high 32 bits as two int16 (low half first, as the bytes lie), narrowed to int32 first so that the compare
     # runs over one contiguous tensor (on the [rows, pairs, 4] int16 view's strided half it was slower); the
@@ -105,3 +119,45 @@ def dropped_entries(keys: torch.Tensor, site_id: int, columns: int, p: float) ->
     uniform = words.mul_(_C1).bitwise_right_shift_(32).to(torch.int32).view(torch.int16)  # [rows, 2 · pairs]
     dropped = uniform < _INT16_MIN + drop_threshold(p)
     return dropped if 2 * pairs == columns else dropped[:, :columns]
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class SegmentDropout:
+    """Dropout p of one segment's rows at layer `site_id`: `keys` [rows] are the rows' keys (row_keys)."""
+
+    __slots__ = ("keys", "site_id", "p", "_mask")
+
+    def __init__(self, keys: torch.Tensor, site_id: int, p: float) -> None:
+        self.keys, self.site_id, self.p = keys, site_id, p
+        self._mask: torch.Tensor | None = None
+
+    def mask(self, columns: int) -> torch.Tensor:
+        """bool [rows, columns]: the entries that drop (dropped_entries), drawn on the first call and kept."""
+        if self._mask is None or self._mask.shape[1] != columns:
+            self._mask = dropped_entries(self.keys, self.site_id, columns, self.p)
+        return self._mask
+
+    def _native_args(self, t: torch.Tensor) -> tuple | None:
+        """The native op's trailing arguments for t [rows, columns], or None where the torch ops run instead."""
+        if t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES or not t.is_contiguous() \
+                or not native.enabled(t.device):
+            return None
+        return (self.keys, _column_keys(-(-t.shape[1] // 2), t.device), _site_key(self.site_id),
+                drop_threshold(self.p))
+
+    def zeroed(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, columns] with the dropped entries zeroed (+0.0), a new tensor."""
+        args = self._native_args(x)
+        if args is not None:
+            return native.dropout_zeroed(x, *args)
+        return torch.where(self.mask(x.shape[1]), 0.0, x)  # masked_fill's result, faster on CPU
+
+    def add_kept_(self, out: torch.Tensor, t: torch.Tensor) -> None:
+        """out += t with t's dropped entries zeroed (out and t [rows, columns]; t may be overwritten)."""
+        args = self._native_args(t) if out.is_contiguous() else None
+        if args is not None:
+            native.dropout_add_kept_(out, t, *args)
+        else:
+            out += t.masked_fill_(self.mask(t.shape[1]), 0.0)

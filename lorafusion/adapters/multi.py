@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafusion.adapters.base import AdapterLayer
-from lorafusion.adapters.dropout import dropped_entries, keep_scale, row_keys
+from lorafusion.adapters.dropout import SegmentDropout, keep_scale, row_keys
 from lorafusion.ops.utils import resolve_backend
 
 __all__ = ["Segment", "AdapterBatch", "MultiAdapterLinear", "job_key"]
@@ -262,16 +262,15 @@ class MultiAdapterLinear(nn.Module):
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         cached.grads = [None] * len(cached.grads)
 
-    def _dropped(self, flat: torch.Tensor, seg: Segment, p: float) -> torch.Tensor:
-        """Which of the segment's entries of the microbatch's input flat [M, K] dropout p zeroes: bool [tokens, K]
-        (see adapters.dropout)."""
+    def _dropped(self, flat: torch.Tensor, seg: Segment, p: float) -> SegmentDropout:
+        """Dropout p on the segment's rows of the microbatch's input flat [M, K] (see adapters.dropout)."""
         keys = self.batch.dropout_keys(flat.shape[0], flat.device)[seg.start:seg.end]
-        return dropped_entries(keys, self.site_id, flat.shape[1], p)
+        return SegmentDropout(keys, self.site_id, p)
 
     def _segment_update(self, flat: torch.Tensor, seg: Segment):
-        """(A, B, c, dropped, 1/keep) of a job on its rows of flat [M, K]: dropout(x) Aᵀ Bᵀ is its update with the
-        entries `dropped` (bool [tokens, K], None without dropout) zeroed and the product scaled by 1/keep; c its
-        column scale or None."""
+        """(A, B, c, dropout, 1/keep) of a job on its rows of flat [M, K]: dropout(x) Aᵀ Bᵀ is its update with the
+        entries `dropout` drops (a SegmentDropout, None without dropout) zeroed and the product scaled by 1/keep; c
+        its column scale or None."""
         factors = self.factors(seg.job, flat.dtype)
         a, b, c = factors.inputs()
         p = factors.dropout_p
@@ -286,7 +285,7 @@ class MultiAdapterLinear(nn.Module):
             xs = flat[seg.start:seg.end]  # [tokens, K]
             p = next(iter(layers.values())).dropout_p
             if p > 0.0 and self.training:
-                xs = torch.where(self._dropped(flat, seg, p), 0.0, xs) * keep_scale(p)
+                xs = self._dropped(flat, seg, p).zeroed(xs) * keep_scale(p)
             for target, layer in layers.items():
                 delta = layer.forward_delta(xs).to(y.dtype)  # [tokens, N_target]
                 rows = self.out_rows[target]
@@ -338,9 +337,9 @@ class MultiAdapterLinear(nn.Module):
         node (_MultiLoRALinear)."""
         rows, dropped, scales, factors = [], [], [], []
         for seg in segments:
-            a, b, c, mask, scale = self._segment_update(flat, seg)
+            a, b, c, dropout, scale = self._segment_update(flat, seg)
             rows.append((seg.start, seg.end))
-            dropped.append(mask)
+            dropped.append(dropout)
             scales.append(scale)
             factors += [a, b, c]
         return _MultiLoRALinear.apply(flat, weight, bias, base_out, rows, dropped, scales, *factors)
@@ -397,16 +396,15 @@ class _MultiLoRALinear(torch.autograd.Function):
     its rows of y in place, and its input gradient into its rows of dx = dy W, so no full-size zero, cat or
     add is built. x [M, K]; weight [N, K] (frozen) or None with base_out [M, N]; factors: A_0 [R_0, K],
     B_0 [N, R_0], c_0 [N] or None, A_1, B_1, c_1, ... with the adapter's scale folded in; dropped: per segment a
-    bool [rows, K] or None; scales: per segment dropout's 1/keep (1.0 without dropout).
+    SegmentDropout or None; scales: per segment dropout's 1/keep (1.0 without dropout).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, rows, dropped, scales, *factors):
         y = F.linear(x, weight, bias) if weight is not None else base_out.clone()  # [M, N]
         inputs, lows, pres = [], [], []  # per segment x̂ [rows, K], T = x̂ Aᵀ / keep [rows, R], c's input [rows, N]
-        for (start, end), mask, scale, a, b, c in zip(rows, dropped, scales, *(factors[i::3] for i in range(3))):
-            # torch.where: masked_fill's result, faster on CPU
-            inputs.append(x[start:end] if mask is None else torch.where(mask, 0.0, x[start:end]))
+        for (start, end), dropout, scale, a, b, c in zip(rows, dropped, scales, *(factors[i::3] for i in range(3))):
+            inputs.append(x[start:end] if dropout is None else dropout.zeroed(x[start:end]))
             low = inputs[-1] @ a.t()
             lows.append(low if scale == 1.0 else low.mul_(scale))
             if c is None:
@@ -443,7 +441,7 @@ class _MultiLoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = dy @ weight if weight is not None else dy.new_zeros(dy.shape[0], ctx.in_features)  # [M, K]
         grads = []
-        for (start, end), mask, scale, (a, b, _), xs, t, dc in zip(ctx.rows, ctx.dropped, ctx.scales, factors,
+        for (start, end), dropout, scale, (a, b, _), xs, t, dc in zip(ctx.rows, ctx.dropped, ctx.scales, factors,
                                                                    inputs, lows, grads_c):
             dys = dy[start:end]
             g = dys @ b  # [rows, R]
@@ -451,9 +449,9 @@ class _MultiLoRALinear(torch.autograd.Function):
                 g.mul_(scale)
             grads += [g.t() @ xs, dys.t() @ t, dc]  # dA [R, K], dB [N, R], dc [N] or None
             if dx is not None:
-                if mask is None:
+                if dropout is None:
                     dx[start:end].addmm_(g, a)
                 else:
-                    dx[start:end] += (g @ a).masked_fill_(mask, 0.0)
+                    dropout.add_kept_(dx[start:end], g @ a)
         base_grad = dy if ctx.needs_input_grad[3] else None
         return dx, None, None, base_grad, None, None, None, *grads

@@ -1,4 +1,5 @@
-"""The native sparse-adapter ops of csrc/ (SHiRA's sparse ΔW), built on first use, with their torch fallback.
+"""The native ops of csrc/, built on first use, with their torch fallback: SHiRA's sparse ΔW (`lorafusion_sparse`,
+CPU and CUDA) and LoRA dropout's masks drawn where they are applied (`lorafusion_dropout`, CPU).
 
 The C++ (and, where torch has CUDA and `nvcc` is found, CUDA) sources are compiled by
 `torch.utils.cpp_extension.load` the first time a process asks for them, into
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MODES", "available", "build_error", "cache_dir", "configure", "enabled", "sparse_backward_input",
-           "sparse_backward_values", "sparse_forward", "sparse_restore", "sparse_switch"]
+__all__ = ["MODES", "available", "build_error", "cache_dir", "configure", "dropout_add_kept_", "dropout_zeroed",
+           "enabled", "sparse_backward_input", "sparse_backward_values", "sparse_forward", "sparse_restore",
+           "sparse_switch"]
 
 MODES = ("auto", "on", "off")  # run.native_ops
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_CPU_SOURCE = CSRC / "sparse_adapter.cpp"
+_CPU_SOURCES = (CSRC / "sparse_adapter.cpp", CSRC / "lora_dropout.cpp")
 _CUDA_SOURCE = CSRC / "sparse_adapter_cuda.cu"
 # -march=native: the kernels' inner loops are fixed-width FMAs the compiler vectorises for this CPU's widest unit;
 # the cache key includes this CPU's flags, so a cache shared between different hosts never mixes binaries.
@@ -62,7 +64,7 @@ def _cpu_flags() -> str:
 def cache_dir(with_cuda: bool | None = None) -> Path:
     """Where this torch, these sources and this CPU's build lives (see the module docstring)."""
     with_cuda = _with_cuda() if with_cuda is None else with_cuda
-    sources = [_CPU_SOURCE, _CUDA_SOURCE] if with_cuda else [_CPU_SOURCE]
+    sources = [*_CPU_SOURCES, _CUDA_SOURCE] if with_cuda else list(_CPU_SOURCES)
     digest = hashlib.sha256()
     for part in [*(p.read_bytes() for p in sources), repr((_CFLAGS, _CUDA_FLAGS, with_cuda)).encode(),
                  _cpu_flags().encode(), f"{sys.version_info[:2]}".encode()]:
@@ -76,7 +78,7 @@ def _compile(directory: Path, with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"lorafusion_sparse_{directory.name.rsplit('-', 1)[1]}"
+    name = f"lorafusion_native_{directory.name.rsplit('-', 1)[1]}"
     with open(directory / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if the holder dies mid-build
         library = directory / f"{name}.so"
@@ -87,7 +89,7 @@ def _compile(directory: Path, with_cuda: bool) -> None:
             except OSError:  # a build cut off while linking: build again below
                 library.unlink()
         (directory / "lock").unlink(missing_ok=True)  # torch's own baton, stale if a builder was killed
-        sources = [str(_CPU_SOURCE)] + ([str(_CUDA_SOURCE)] if with_cuda else [])
+        sources = [str(path) for path in _CPU_SOURCES] + ([str(_CUDA_SOURCE)] if with_cuda else [])
         cpp_extension.load(name=name, sources=sources, build_directory=str(directory), extra_cflags=_CFLAGS,
                            extra_cuda_cflags=_CUDA_FLAGS, with_cuda=with_cuda, is_python_module=False,
                            verbose=False)
@@ -96,8 +98,9 @@ def _compile(directory: Path, with_cuda: bool) -> None:
 def _missing_tool() -> str | None:
     """Why no build can start here (no sources, compiler or ninja), else None; puts pip's ninja on PATH when only it
     has one (a venv's python run without activating the venv, as Ray actors are)."""
-    if not _CPU_SOURCE.is_file():
-        return f"{_CPU_SOURCE} is missing (the sources ship with a clone of the repository: pip install -e .)"
+    missing = [str(path) for path in _CPU_SOURCES if not path.is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing (the sources ship with a clone of the repository: pip install -e .)"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} is not on PATH; set CXX or install g++)"
@@ -128,7 +131,7 @@ def _load() -> frozenset[str]:
         _state["error"] = error
         _state["devices"] = frozenset() if error else frozenset({"cpu", "cuda"} if with_cuda else {"cpu"})
         if error:
-            warnings.warn(f"lorafusion: native sparse ops unavailable, using the torch fallback: {error}",
+            warnings.warn(f"lorafusion: native ops unavailable, using the torch fallback: {error}",
                           RuntimeWarning, stacklevel=3)
         return _state["devices"]
 
@@ -145,11 +148,13 @@ def build_error() -> str | None:
 
 def configure(mode: str, device: torch.device | str) -> None:
     """Set run.native_ops for this process: 'auto' uses the native ops where they built, 'off' never, 'on'
-    demands them on `device` (RuntimeError naming the reason when they did not build)."""
+    demands them on `device` (RuntimeError naming the reason when they did not build). 'auto' and 'on' build them
+    here when this host has no build yet (the stage worker calls this before training)."""
     if mode not in MODES:
         raise ValueError(f"native_ops={mode!r}; choose one of {list(MODES)}")
-    if mode == "on" and not available(device):
-        raise RuntimeError(f"run.native_ops='on' but the native sparse ops are unavailable on "
+    usable = mode != "off" and available(device)  # built (or loaded) now, before training, not inside a step
+    if mode == "on" and not usable:
+        raise RuntimeError(f"run.native_ops='on' but the native ops are unavailable on "
                            f"{torch.device(device).type}: {build_error() or 'not built for this device'}; "
                            "fix that, or use native_ops 'auto' (torch fallback) or 'off'")
     _state["mode"] = mode
@@ -184,3 +189,17 @@ def sparse_switch(weight: torch.Tensor, index: torch.Tensor, values: torch.Tenso
 def sparse_restore(weight: torch.Tensor, index: torch.Tensor, saved: torch.Tensor) -> None:
     """weight.view(-1)[index] = saved, the bits from before sparse_switch."""
     torch.ops.lorafusion_sparse.sparse_restore(weight, index, saved)
+
+
+def dropout_zeroed(x: torch.Tensor, keys: torch.Tensor, column_keys: torch.Tensor, site_key: int,
+                   threshold: int) -> torch.Tensor:
+    """x [rows, K] (CPU, float32 or bfloat16, contiguous) with the entries dropout drops zeroed, a new tensor: the
+    mask of adapters.dropout.dropped_entries for row keys `keys` [rows], the layer key `site_key`, the column pairs'
+    keys `column_keys` [ceil(K / 2)] and `threshold` (drop_threshold(p))."""
+    return torch.ops.lorafusion_dropout.dropout_zeroed(x, keys, column_keys, site_key, threshold)
+
+
+def dropout_add_kept_(out: torch.Tensor, t: torch.Tensor, keys: torch.Tensor, column_keys: torch.Tensor,
+                      site_key: int, threshold: int) -> None:
+    """out += t with the entries dropout drops skipped (as adding +0.0), same mask and arguments as dropout_zeroed."""
+    torch.ops.lorafusion_dropout.dropout_add_kept_(out, t, keys, column_keys, site_key, threshold)

@@ -6,8 +6,13 @@ per test here works whatever imported triton or lorafusion.ops first, and leaks 
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
+
+from lorafusion.ops import native
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -60,3 +65,19 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
 def check():
     """The mismatch-reporting comparison, as a fixture (test modules here do not import each other)."""
     return assert_close
+
+
+@pytest.fixture(scope="session")
+def native_cpu() -> None:
+    """The native ops, built once for the session; a compiler without a working build is a failure."""
+    if not native.available("cpu"):
+        if shutil.which(os.environ.get("CXX", "c++")) is not None:
+            pytest.fail(f"a C++ compiler is present but the native ops did not build: {native.build_error()}")
+        pytest.skip(f"no native build here: {native.build_error()}")
+
+
+@pytest.fixture
+def mode(native_cpu):
+    """Sets run.native_ops for the test (the stage worker's call); 'auto' again afterwards."""
+    yield lambda value: native.configure(value, "cpu")
+    native.configure("auto", "cpu")

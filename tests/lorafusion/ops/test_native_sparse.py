@@ -7,9 +7,7 @@ compiler is on PATH (CI has g++) a failed build fails the tests instead of skipp
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import warnings
 
 import pytest
@@ -35,22 +33,6 @@ OUTPUT_TOLERANCES = {
 BETWEEN_PATHS_TOLERANCES = {torch.float32: OUTPUT_TOLERANCES[torch.float32], torch.bfloat16: (1e-5, 2 ** -7)}
 # The values' gradient is fp32 whatever the activations' dtype: bf16 inputs are exact in fp32, so fp32's bound.
 DV_TOLERANCE = OUTPUT_TOLERANCES[torch.float32]
-
-
-@pytest.fixture(scope="session")
-def native_cpu() -> None:
-    """The native ops, built once for the session; a compiler without a working build is a failure."""
-    if not native.available("cpu"):
-        if shutil.which(os.environ.get("CXX", "c++")) is not None:
-            pytest.fail(f"a C++ compiler is present but the native ops did not build: {native.build_error()}")
-        pytest.skip(f"no native build here: {native.build_error()}")
-
-
-@pytest.fixture
-def mode(native_cpu):
-    """Sets run.native_ops for the test (the stage worker's call); 'auto' again afterwards."""
-    yield lambda value: native.configure(value, "cpu")
-    native.configure("auto", "cpu")
 
 
 def close(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: tuple[float, float]) -> None:
