@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lorafusion.config import DTYPES
 from lorafusion.models.attention import PackedCoreAttention
 from lorafusion.models.hf import Architecture, HFWeights, read_architecture
 from lorafusion.models.megatron_compat import ensure_model_parallel
+from lorafusion.models.rmsnorm import RMSNorm
 from lorafusion.models.swiglu import SwiGLU
 
 __all__ = ["transformer_config", "layer_spec", "build_model", "load_hf_weights", "qkv_rows", "fc1_rows",
@@ -109,10 +111,11 @@ def transformer_config(arch: Architecture, *, dtype: torch.dtype = torch.float32
 
 def layer_spec(rotary_base: float = 10000.0, attention: str = "auto", ffn_hidden_size: int | None = None) -> ModuleSpec:
     """megatron's local layer spec with our packed-sequence core attention, which also applies RoPE (base
-    `rotary_base`) at per-token positions, and our SwiGLU node as the MLP's activation; `attention` picks the
-    attention kernel (see attention.attention_backend). ffn_hidden_size: given to the MLP explicitly (megatron
-    warns when it has to take it from the config)."""
+    `rotary_base`) at per-token positions, our SwiGLU node as the MLP's activation and our RMSNorm node in both
+    norm slots; `attention` picks the attention kernel (see attention.attention_backend). ffn_hidden_size: given
+    to the MLP explicitly (megatron warns when it has to take it from the config)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=PackedCoreAttention, params={"rotary_base": rotary_base, "backend": attention})
     spec.submodules.mlp.submodules.activation_func = SwiGLU
@@ -222,9 +225,10 @@ def build_model(
     config = transformer_config(arch, dtype=dtype)
     config.num_layers = end - start
     # RoPE is applied by our core attention at per-token positions (megatron's own splits packed rows per sample).
+    layer = layer_spec(arch.rope_theta, attention, arch.intermediate_size)
     model = GPTModel(
         config,
-        layer_spec(arch.rope_theta, attention, arch.intermediate_size),
+        TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=RMSNorm),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

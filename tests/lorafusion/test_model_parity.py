@@ -137,3 +137,40 @@ def test_swiglu_node_is_megatrons_glu_bit_for_bit(dtype, models):
     assert torch.equal(got, want) and torch.equal(got_dx, want_dx)
     model, _ = models["llama"]
     assert isinstance(model.decoder.layers[0].mlp.activation_func, SwiGLU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rmsnorm_node_is_torchs_rmsnorm(dtype, models):
+    """Our one-node RMSNorm against torch.nn.RMSNorm (what megatron's local spec builds): the output bit for bit,
+    the input's and the weight's gradients to the dtype's rounding of the exact (float64) ones, as torch's own are;
+    and the built model uses it in all three norm slots."""
+    from lorafusion.models.rmsnorm import RMSNorm, rms_norm
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = 37
+    reference = torch.nn.RMSNorm(hidden, eps=1e-5, dtype=dtype)
+    with torch.no_grad():
+        reference.weight.copy_(torch.rand(hidden, generator=gen) + 0.5)
+    x = (torch.randn(6, 2, hidden, generator=gen) * 3).to(dtype).requires_grad_()
+    dy = torch.randn(6, 2, hidden, generator=gen).to(dtype)
+    got = rms_norm(x, reference.weight, 1e-5)
+    got_dx, got_dw = torch.autograd.grad(got, (x, reference.weight), dy)
+    want = reference(x)
+    want_dx, want_dw = torch.autograd.grad(want, (x, reference.weight), dy)
+    assert torch.equal(got, want)
+    x64, w64 = x.detach().double().requires_grad_(), reference.weight.detach().double().requires_grad_()
+    exact = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    exact_dx, exact_dw = torch.autograd.grad(exact, (x64, w64), dy.double())
+    for name, ours, torchs, truth in (("dx", got_dx, want_dx, exact_dx), ("dw", got_dw, want_dw, exact_dw)):
+        scale = truth.abs().max().item()
+        # within twice torch's own error (and a few ulps of the dtype) of the exact gradient
+        bound = 2 * (torchs.double() - truth).abs().max().item() + 4 * torch.finfo(dtype).eps * scale
+        assert (ours.double() - truth).abs().max().item() <= bound, name
+    # a frozen weight: no weight gradient is computed
+    frozen = reference.weight.detach()
+    (dx_only,) = torch.autograd.grad(rms_norm(x, frozen, 1e-5), x, dy)
+    assert torch.equal(dx_only, got_dx)
+    model, _ = models["llama"]
+    layer = model.decoder.layers[0]
+    assert all(isinstance(norm, RMSNorm) for norm in (layer.input_layernorm, layer.pre_mlp_layernorm,
+                                                      model.decoder.final_layernorm))
