@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import scheduler
 from lorafusion.adapter_io import write_peft_adapter
@@ -40,6 +41,9 @@ from runtime.stage import Window, WindowResult
 from runtime.telemetry import summarise_gpu
 from runtime.windows import WindowPlan, eval_window, init_pass_window, window_plan, window_planner
 from scheduler.planner import MAX_WINDOW_GLOBAL_BATCHES
+
+if TYPE_CHECKING:  # the Ray engine's module imports ray; a local fit never needs it
+    from runtime.backend import StageGroup
 
 __all__ = ["fit", "RUN_METRICS"]
 
@@ -101,7 +105,7 @@ class _JobState:
 
 
 class _Trainer:
-    def __init__(self, prepared: PreparedRun, group: StageGroup, loggers: RunLoggers | None = None,
+    def __init__(self, prepared: PreparedRun, group: StageGroup | LocalGroup, loggers: RunLoggers | None = None,
                  stop: StopSignals | None = None) -> None:
         self.prepared, self.run, self.group = prepared, prepared.run, group
         self.stop = stop or StopSignals()  # not entered: never requested
