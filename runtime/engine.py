@@ -21,7 +21,6 @@ import torch
 
 from lorafusion.config import JobSpec, RunConfig
 from runtime.comm import StageComm, StagePlace
-from runtime.heap import trim_freed_memory
 from runtime.stage import StageRunner, Window, WindowResult
 
 __all__ = ["StageLost", "LocalGroup", "choose_engine", "CPU_THREADS_ENV"]
@@ -164,9 +163,7 @@ class LocalGroup:
         return self
 
     def __exit__(self, *exc) -> None:
-        # nothing to stop (the stage's thread is the caller's, and `serve` has returned); the stage's freed memory,
-        # held in the heap for its microbatches, goes back to the kernel
-        trim_freed_memory()
+        pass  # nothing to stop: the stage's thread is the caller's, and `serve` has returned
 
     def serve(self, driver):
         """driver() (the fit's driver loop) on a helper thread while this thread computes the windows it submits."""

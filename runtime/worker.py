@@ -20,7 +20,6 @@ from lorafusion.ops import native
 from lorafusion.ops.utils import resolve_backend
 from runtime.comm import StagePlace
 from runtime.federation import restore_folds
-from runtime.heap import hold_freed_memory
 from runtime.optim import JobOptimizer, build_optimizer
 
 __all__ = ["StageWorker", "local_device"]
@@ -47,7 +46,6 @@ class StageWorker:
         self.dtype = resolve_dtype(run.dtype, self.device)
         if self.device.type == "cpu":
             warn_if_slow_on_cpu(self.dtype)
-            hold_freed_memory()  # each microbatch reuses the pages the first one faulted in (runtime/heap.py)
         self.model, self.arch = build_model(run.base_model, dtype=self.dtype, pre_process=place.is_first,
                                             post_process=place.is_last, layers=layers, attention=run.attention)
         self.model.to(self.device).train()
