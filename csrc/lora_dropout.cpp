@@ -118,6 +118,22 @@ void for_rows(const at::Tensor& keys, const at::Tensor& column_keys, int64_t sit
   });
 }
 
+// body(tag, in_row, out_row, keep) on every row of `in` and `out` (same shape and dtype; tag: a T, float or
+// uint16_t for bf16, whose bits the rows hold): the dtype dispatch, the rows' pointers and masks of both ops.
+template <typename Body>
+void map_rows(const at::Tensor& in, at::Tensor& out, const at::Tensor& keys, const at::Tensor& column_keys,
+              int64_t site_key, int64_t threshold, Body&& body) {
+  const int64_t columns = in.size(1);
+  by_dtype(in.scalar_type(), [&](auto tag) {
+    using M = typename Bits<decltype(tag)>::type;
+    const M* src = static_cast<const M*>(in.data_ptr());
+    M* dst = static_cast<M*>(out.data_ptr());
+    for_rows<M>(keys, column_keys, site_key, static_cast<uint32_t>(threshold), [&](int64_t r, const M* keep) {
+      body(tag, src + r * columns, dst + r * columns, keep);
+    });
+  });
+}
+
 // x̂ = x with the dropped entries zeroed (torch.where(dropped, 0.0, x)), a new tensor.
 at::Tensor dropout_zeroed(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& column_keys,
                           int64_t site_key, int64_t threshold) {
@@ -125,17 +141,8 @@ at::Tensor dropout_zeroed(const at::Tensor& x, const at::Tensor& keys, const at:
   check_keys(keys, column_keys, x, threshold);
   at::Tensor out = at::empty_like(x);
   const int64_t columns = x.size(1);
-  const uint32_t limit = static_cast<uint32_t>(threshold);
-  by_dtype(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    using M = typename Bits<T>::type;
-    const M* src = static_cast<const M*>(x.data_ptr());
-    M* dst = static_cast<M*>(out.data_ptr());
-    for_rows<M>(keys, column_keys, site_key, limit, [&](int64_t r, const M* keep) {
-      const M* xr = src + r * columns;
-      M* yr = dst + r * columns;
-      for (int64_t c = 0; c < columns; ++c) yr[c] = xr[c] & keep[c];
-    });
+  map_rows(x, out, keys, column_keys, site_key, threshold, [&](auto, const auto* xr, auto* yr, const auto* keep) {
+    for (int64_t c = 0; c < columns; ++c) yr[c] = xr[c] & keep[c];
   });
   return out;
 }
@@ -150,18 +157,11 @@ void dropout_add_kept_(at::Tensor& out, const at::Tensor& t, const at::Tensor& k
               out.scalar_type(), out.sizes(), " and ", t.scalar_type(), t.sizes());
   check_keys(keys, column_keys, t, threshold);
   const int64_t columns = t.size(1);
-  const uint32_t limit = static_cast<uint32_t>(threshold);
-  by_dtype(t.scalar_type(), [&](auto tag) {
+  map_rows(t, out, keys, column_keys, site_key, threshold, [&](auto tag, const auto* tr, auto* yr, const auto* keep) {
     using T = decltype(tag);
     using M = typename Bits<T>::type;
-    const M* src = static_cast<const M*>(t.data_ptr());
-    M* dst = static_cast<M*>(out.data_ptr());
-    for_rows<M>(keys, column_keys, site_key, limit, [&](int64_t r, const M* keep) {
-      const M* tr = src + r * columns;
-      M* yr = dst + r * columns;
-      // in fp32, rounded once to T: torch's add_ of reduced-precision tensors does the same
-      for (int64_t c = 0; c < columns; ++c) yr[c] = bits_of<T>(value<T>(yr[c]) + value<T>(M(tr[c] & keep[c])));
-    });
+    // in fp32, rounded once to T: torch's add_ of reduced-precision tensors does the same
+    for (int64_t c = 0; c < columns; ++c) yr[c] = bits_of<T>(value<T>(yr[c]) + value<T>(M(tr[c] & keep[c])));
   });
 }
 
