@@ -11,7 +11,8 @@ take one each, (c) runs on cuda:0) with the same torch thread count, same steps,
   (cp) the same without padding: each global batch packed into one row with position_ids restarting per
       sample, which transformers turns into a per-sample causal mask (its sdpa path).
 Beside them the row records the run's GEMM-bound ceiling (benchmarks/ceiling.py: FLOPs per real token over the
-matmul rate measured in this process at the run's shapes and dtype) and the fraction of it (a) reaches.
+matmul rate measured in this process at the run's shapes and dtype with one stage's threads, times the pipeline
+stages, which compute at once) and the fraction of it (a) reaches.
 The samples of each step come from lorafusion's own tokenisation and data order, so every provider
 trains on exactly the same tokens; tokens/s counts real tokens only. Timed: the training loop (for
 `lf.fit` its own wall time, which also covers writing the adapters), not model loading.
@@ -400,7 +401,8 @@ def checkpoint_dims(checkpoint: Path) -> ModelDims:
 
 def measure_ceiling(cfg: BenchConfig) -> Ceiling:
     """The run's GEMM-bound ceiling (benchmarks/ceiling.py), its matmul rate measured now, in this process, with
-    cfg.threads threads, at the run's capacity and compute dtype."""
+    cfg.threads threads (one stage's), at the run's capacity and compute dtype, times cfg.pipeline_stages: the
+    stages compute at once, each with its own cfg.threads threads (or GPU)."""
     torch.set_num_threads(cfg.threads)
     checkpoint = bench_checkpoint(cfg)
     dims = checkpoint_dims(checkpoint)
@@ -409,7 +411,7 @@ def measure_ceiling(cfg: BenchConfig) -> Ceiling:
     lengths = [len(s) for job in prepared.jobs for step in range(job.total_steps) for s in job.global_batch(step)]
     adapter = bench_jobs(cfg)[0].adapter
     return ceiling(dims, cfg.rank, list(adapter.target_modules), lengths, cfg.max_tokens_per_microbatch,
-                   _compute_dtype(cfg.dtype), _device())
+                   _compute_dtype(cfg.dtype), _device(), stages=cfg.pipeline_stages)
 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, list[ProviderResult]]:
@@ -538,8 +540,9 @@ def main(argv: list[str] | None = None, results_dir: Path | None = None) -> int:
             print(f"({name}) {result.tokens} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:.0f} tokens/s; "
                   f"{bubble}step-1 losses {({k: round(v, 4) for k, v in result.first_loss.items()})}")
     bound = measure_ceiling(cfg)
+    stages = f" × {bound.stages} stages" if bound.stages > 1 else ""
     print(f"GEMM-bound ceiling: {bound.flops_per_token / 1e6:.1f} MFLOP per real token at "
-          f"{bound.matmul_flops_per_s / 1e9:.0f} GFLOP/s = {bound.tokens_per_s:.0f} tokens/s")
+          f"{bound.matmul_flops_per_s / 1e9:.0f} GFLOP/s{stages} = {bound.tokens_per_s:.0f} tokens/s")
     row = result_row(cfg, results, bound)
     if record:
         append_rows("end_to_end", [row], **({} if results_dir is None else {"results_dir": results_dir}))

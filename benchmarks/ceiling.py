@@ -84,13 +84,18 @@ def matmul_rate(dims: ModelDims, rows: int, dtype: torch.dtype, device: torch.de
 class Ceiling:
     flops_per_token: float
     matmul_flops_per_s: float
+    """one stage's rate: the threads (or the GPU) one pipeline stage computes with"""
+    stages: int = 1
+    """pipeline stages computing at once, each on its own cores or GPU at matmul_flops_per_s"""
 
     @property
     def tokens_per_s(self) -> float:
-        return self.matmul_flops_per_s / self.flops_per_token
+        return self.stages * self.matmul_flops_per_s / self.flops_per_token
 
 
 def ceiling(dims: ModelDims, rank: int, target_modules: list[str], lengths: list[int], rows: int,
-            dtype: torch.dtype, device: torch.device) -> Ceiling:
-    """The run's GEMM-bound ceiling, its matmul rate measured now in this process."""
-    return Ceiling(flops_per_token(dims, rank, target_modules, lengths), matmul_rate(dims, rows, dtype, device))
+            dtype: torch.dtype, device: torch.device, stages: int = 1) -> Ceiling:
+    """The run's GEMM-bound ceiling, one stage's matmul rate measured now in this process (the calling thread's
+    torch thread count: one stage's), times the `stages` that compute at once."""
+    return Ceiling(flops_per_token(dims, rank, target_modules, lengths), matmul_rate(dims, rows, dtype, device),
+                   stages)

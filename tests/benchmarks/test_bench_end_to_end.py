@@ -72,6 +72,12 @@ def test_pipeline_stages_2_is_measured(tmp_path, ray_session):
         rows = list(csv.DictReader(handle))
     assert [r["pipeline_stages"] for r in rows] == ["2"]
     assert 0.0 <= float(rows[0]["a_bubble_fraction"]) < 1.0  # the fit's measured bubble, from run_metrics.json
+    # the ceiling counts both stages computing at once, each at the one-stage rate the row records (to the row's
+    # rounding of that rate and of the toy model's FLOPs per token)
+    row = rows[0]
+    ceiling = 2 * float(row["gemm_gflops"]) * 1e3 / float(row["flops_per_token_m"])
+    assert float(row["ceiling_tokens_per_s"]) == pytest.approx(ceiling, rel=2e-2)
+    assert float(row["a_ceiling_fraction"]) == pytest.approx(float(row["a_tokens_per_s"]) / ceiling, rel=1e-2)
 
 
 def test_refused_parallelism_is_reported_and_records_nothing(tmp_path, capsys, ray_session):
