@@ -150,15 +150,18 @@ def build_error() -> str | None:
 
 def configure(mode: str, device: torch.device | str) -> None:
     """Set run.native_ops for this process: 'auto' uses the native ops where they built, 'off' never, 'on'
-    demands them on `device` (RuntimeError naming the reason when they did not build). 'auto' and 'on' build them
-    here when this host has no build yet (the stage worker calls this before training)."""
+    demands them on `device` (RuntimeError naming the reason when they did not build). The stage worker calls this
+    before training: 'on', and 'auto' on a CPU (whose every step draws LoRA dropout through them), build or load
+    them here rather than inside a step; on a GPU 'auto' leaves that to SHiRA's first use, their only user there."""
     if mode not in MODES:
         raise ValueError(f"native_ops={mode!r}; choose one of {list(MODES)}")
-    usable = mode != "off" and available(device)  # built (or loaded) now, before training, not inside a step
-    if mode == "on" and not usable:
+    device = torch.device(device)
+    if mode == "on" and not available(device):
         raise RuntimeError(f"run.native_ops='on' but the native ops are unavailable on "
-                           f"{torch.device(device).type}: {build_error() or 'not built for this device'}; "
+                           f"{device.type}: {build_error() or 'not built for this device'}; "
                            "fix that, or use native_ops 'auto' (torch fallback) or 'off'")
+    if mode == "auto" and device.type == "cpu":
+        available(device)
     _state["mode"] = mode
 
 
