@@ -171,3 +171,17 @@ def test_lora_fit_with_dropout_gives_the_same_adapter_native_or_torch(native_cpu
     assert on.keys() == off.keys() and on
     for key in on:
         assert torch.equal(on[key], off[key]), key
+
+
+def test_the_stage_worker_builds_them_before_training_on_cpu_only(monkeypatch):
+    """configure() is the stage worker's call before training: 'auto' builds (or loads) the ops there on a CPU, whose
+    every step draws dropout through them, but not on a GPU (SHiRA builds them on first use); 'on' checks anywhere,
+    'off' never builds."""
+    asked = []
+    monkeypatch.setattr(native, "available", lambda device: asked.append(torch.device(device).type) or True)
+    try:
+        for mode, device in (("auto", "cpu"), ("auto", "cuda"), ("on", "cuda"), ("off", "cpu")):
+            native.configure(mode, device)
+    finally:
+        native._state["mode"] = "auto"
+    assert asked == ["cpu", "cuda"]
