@@ -3,9 +3,9 @@ one-replica fit with no Ray cluster to use (`LocalGroup`, no Ray at all).
 
 Both run the same engine, StageRunner over a StageWorker. LocalGroup computes on the main thread while the driver
 runs on a helper thread (`serve`), so the driver plans the next window meanwhile, as it does while actors train; the
-same microbatches ran 5-15% slower on a worker thread than on the main thread (docs/hot_path.md). It keeps Ray's
-process start, object transfers and background daemons off a fit that has nothing to distribute, and lets a machine
-without Ray train.
+same microbatches ran slower on a worker thread than on the main thread (docs/hot_path.md, "The local engine's
+thread"). It keeps Ray's process start, object transfers and background daemons off a fit that has nothing to
+distribute, and lets a machine without Ray train.
 """
 
 from __future__ import annotations

@@ -125,26 +125,29 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class SegmentDropout:
-    """Dropout p of one segment's rows at layer `site_id`: `keys` [rows] are the rows' keys (row_keys)."""
+    """Dropout p of one segment's input [rows, columns] at layer `site_id`: `keys` [rows] are the rows' keys
+    (row_keys)."""
 
-    __slots__ = ("keys", "site_id", "p", "_mask")
+    __slots__ = ("keys", "site_id", "columns", "p", "_mask")
 
-    def __init__(self, keys: torch.Tensor, site_id: int, p: float) -> None:
-        self.keys, self.site_id, self.p = keys, site_id, p
+    def __init__(self, keys: torch.Tensor, site_id: int, columns: int, p: float) -> None:
+        self.keys, self.site_id, self.columns, self.p = keys, site_id, columns, p
         self._mask: torch.Tensor | None = None
 
-    def mask(self, columns: int) -> torch.Tensor:
+    def mask(self) -> torch.Tensor:
         """bool [rows, columns]: the entries that drop (dropped_entries), drawn on the first call and kept."""
-        if self._mask is None or self._mask.shape[1] != columns:
-            self._mask = dropped_entries(self.keys, self.site_id, columns, self.p)
+        if self._mask is None:
+            self._mask = dropped_entries(self.keys, self.site_id, self.columns, self.p)
         return self._mask
 
-    def _native_args(self, t: torch.Tensor) -> tuple | None:
-        """The native op's trailing arguments for t [rows, columns], or None where the torch ops run instead."""
-        if t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES or not t.is_contiguous() \
+    def _native_args(self, *tensors: torch.Tensor) -> tuple | None:
+        """The native op's trailing arguments for `tensors` ([rows, columns] each), or None where the torch ops run
+        instead (the op checks their shapes against the keys)."""
+        t = tensors[0]
+        if t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES or not all(u.is_contiguous() for u in tensors) \
                 or not native.enabled(t.device):
             return None
-        return (self.keys, _column_keys(-(-t.shape[1] // 2), t.device), _site_key(self.site_id),
+        return (self.keys, _column_keys(-(-self.columns // 2), t.device), _site_key(self.site_id),
                 drop_threshold(self.p))
 
     def zeroed(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,12 +155,12 @@ class SegmentDropout:
         args = self._native_args(x)
         if args is not None:
             return native.dropout_zeroed(x, *args)
-        return torch.where(self.mask(x.shape[1]), 0.0, x)  # masked_fill's result, faster on CPU
+        return torch.where(self.mask(), 0.0, x)  # masked_fill's result, faster on CPU
 
     def add_kept_(self, out: torch.Tensor, t: torch.Tensor) -> None:
         """out += t with t's dropped entries zeroed (out and t [rows, columns]; t may be overwritten)."""
-        args = self._native_args(t) if out.is_contiguous() else None
+        args = self._native_args(t, out)
         if args is not None:
             native.dropout_add_kept_(out, t, *args)
         else:
-            out += t.masked_fill_(self.mask(t.shape[1]), 0.0)
+            out += t.masked_fill_(self.mask(), 0.0)

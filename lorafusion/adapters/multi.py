@@ -265,7 +265,7 @@ class MultiAdapterLinear(nn.Module):
     def _dropped(self, flat: torch.Tensor, seg: Segment, p: float) -> SegmentDropout:
         """Dropout p on the segment's rows of the microbatch's input flat [M, K] (see adapters.dropout)."""
         keys = self.batch.dropout_keys(flat.shape[0], flat.device)[seg.start:seg.end]
-        return SegmentDropout(keys, self.site_id, p)
+        return SegmentDropout(keys, self.site_id, flat.shape[1], p)
 
     def _segment_update(self, flat: torch.Tensor, seg: Segment):
         """(A, B, c, dropout, 1/keep) of a job on its rows of flat [M, K]: dropout(x) Aᵀ Bᵀ is its update with the

@@ -1,10 +1,9 @@
 """RMSNorm as one autograd node, in megatron's norm slots (the decoder layers' two and the final one).
 
 megatron's local spec builds `torch.nn.RMSNorm`, whose CPU forward is a chain of elementwise ops (square, mean, add,
-rsqrt, two products) that autograd differentiates op by op: about a dozen passes over [tokens, hidden] in the
-backward. This node computes the same forward (the same ops in the same order and precision, so the same bits) and
-a backward written out: dx = rstd · (g − x̂ · mean(g · x̂)) with g = dy · w and x̂ = x · rstd, in four passes, and the
-weight's gradient Σ dy · x̂ only when the weight trains.
+rsqrt, two products) that autograd differentiates op by op. This node computes the same forward (the same ops in the
+same order and precision, so the same bits) and a backward written out, dx = rstd · (g − x̂ · mean(g · x̂)) with
+g = dy · w and x̂ = x · rstd, and the weight's gradient Σ dy · x̂ only when the weight trains (docs/hot_path.md).
 """
 
 from __future__ import annotations
@@ -48,12 +47,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class RMSNorm(nn.Module):
     """megatron's norm slot (`TransformerLayerSubmodules.input_layernorm`, `pre_mlp_layernorm`,
-    `TransformerBlockSubmodules.layer_norm`): built as `RMSNorm(config=..., hidden_size=..., eps=...)`."""
+    `TransformerBlockSubmodules.layer_norm`): built as `RMSNorm(config=..., hidden_size=..., eps=...)`, with the
+    same refusals as megatron's torch norm for what it does not compute."""
 
-    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6, **_unused) -> None:
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
-        dtype = getattr(config, "params_dtype", torch.float32) if config is not None else torch.float32
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        if config.layernorm_zero_centered_gamma or config.sequence_parallel or config.normalization != "RMSNorm":
+            raise ValueError("lorafusion's RMSNorm is a plain RMSNorm: it takes no zero-centred gamma and no "
+                             f"sequence parallelism (config normalization={config.normalization!r}, "
+                             f"layernorm_zero_centered_gamma={config.layernorm_zero_centered_gamma}, "
+                             f"sequence_parallel={config.sequence_parallel})")
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,8 @@ def _compile(directory: Path, with_cuda: bool) -> None:
             except OSError:  # a build cut off while linking: build again below
                 library.unlink()
         (directory / "lock").unlink(missing_ok=True)  # torch's own baton, stale if a builder was killed
-        print(f"lorafusion: building the native ops of {CSRC} for this host into {directory} (once; ~20 s on two "
-              "cores)", file=sys.stderr, flush=True)
+        print(f"lorafusion: building the native ops of {CSRC} for this host into {directory} (once per host; "
+              "csrc/README.md has the build time)", file=sys.stderr, flush=True)
         sources = [str(path) for path in _CPU_SOURCES] + ([str(_CUDA_SOURCE)] if with_cuda else [])
         cpp_extension.load(name=name, sources=sources, build_directory=str(directory), extra_cflags=_CFLAGS,
                            extra_cuda_cflags=_CUDA_FLAGS, with_cuda=with_cuda, is_python_module=False,

@@ -301,7 +301,7 @@ def test_torch_dropout_rate_scale_and_sample_streams():
 
     def dropped_in(layer, x, seg):  # the mask of `seg`'s rows when it is the microbatch's only segment
         layer.batch.segments = [seg]
-        return layer._dropped(x, seg, p).mask(x.shape[1])
+        return layer._dropped(x, seg, p).mask()
 
     dropped = dropped_in(layer, x, seg)
     assert abs(dropped.float().mean().item() - drop_threshold(p) / 65536) < 0.01  # 19200 draws: 4 std

@@ -174,3 +174,13 @@ def test_rmsnorm_node_is_torchs_rmsnorm(dtype, models):
     layer = model.decoder.layers[0]
     assert all(isinstance(norm, RMSNorm) for norm in (layer.input_layernorm, layer.pre_mlp_layernorm,
                                                       model.decoder.final_layernorm))
+    # what it does not compute is refused, as megatron's torch norm refuses it
+    from types import SimpleNamespace
+
+    plain = dict(layernorm_zero_centered_gamma=False, sequence_parallel=False, normalization="RMSNorm",
+                 params_dtype=dtype)
+    assert RMSNorm(SimpleNamespace(**plain), hidden).weight.dtype == dtype
+    for field, value in (("layernorm_zero_centered_gamma", True), ("sequence_parallel", True),
+                         ("normalization", "LayerNorm")):
+        with pytest.raises(ValueError, match=f"{field}={value!r}"):
+            RMSNorm(SimpleNamespace(**{**plain, field: value}), hidden)

@@ -48,18 +48,17 @@ def test_native_zeroing_and_masked_add_are_the_torch_paths_bits(native_cpu, dtyp
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_masks_do_not_depend_on_the_thread_count(native_cpu, threads):
+def test_native_masks_do_not_depend_on_the_thread_count(mode, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         keys = keys_of(300, seed=1)
         x = torch.randn(300, 96)
-        got = SegmentDropout(keys, 2, 0.3)
-        native.configure("on", "cpu")
-        assert torch.equal(got.zeroed(x), torch.where(dropped_entries(keys, 2, 96, 0.3), 0.0, x))
+        mode("on")
+        assert torch.equal(SegmentDropout(keys, 2, 96, 0.3).zeroed(x),
+                           torch.where(dropped_entries(keys, 2, 96, 0.3), 0.0, x))
     finally:
         torch.set_num_threads(before)
-        native.configure("auto", "cpu")
 
 
 def two_job_layer(kernels: str = "torch") -> tuple[MultiAdapterLinear, torch.Tensor]:
@@ -88,45 +87,42 @@ def two_job_layer(kernels: str = "torch") -> tuple[MultiAdapterLinear, torch.Ten
     return layer, torch.randn(100, k, generator=gen)
 
 
-def test_layer_output_and_gradients_are_the_same_native_or_torch(native_cpu, monkeypatch):
+def test_layer_output_and_gradients_are_the_same_native_or_torch(mode, monkeypatch):
     """Forward, the input's gradient and every factor's gradient are bit-identical with run.native_ops on and off,
     and 'on' really takes the native ops (both of them), 'off' never."""
     calls = []
     for name in ("dropout_zeroed", "dropout_add_kept_"):
         monkeypatch.setattr(native, name, lambda *a, _f=getattr(native, name), _n=name: calls.append(_n) or _f(*a))
     results = {}
-    try:
-        for value in ("on", "off"):
-            native.configure(value, "cpu")
-            calls.clear()
-            layer, x = two_job_layer()
-            x.requires_grad_(True)
-            out, _ = layer(x)
-            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-            for job in ("a", "b"):
-                layer.collect_grads(job)
-            grads = [p.grad for p in layer.parameters() if p.requires_grad]
-            assert grads and all(g is not None for g in grads)
-            results[value] = (out.detach(), x.grad, *grads)
-            assert sorted(set(calls)) == ([] if value == "off" else ["dropout_add_kept_", "dropout_zeroed"])
-    finally:
-        native.configure("auto", "cpu")
+    for value in ("on", "off"):
+        mode(value)
+        calls.clear()
+        layer, x = two_job_layer()
+        x.requires_grad_(True)
+        out, _ = layer(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        for job in ("a", "b"):
+            layer.collect_grads(job)
+        grads = [p.grad for p in layer.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+        results[value] = (out.detach(), x.grad, *grads)
+        assert sorted(set(calls)) == ([] if value == "off" else ["dropout_add_kept_", "dropout_zeroed"])
     for on, off in zip(results["on"], results["off"]):
         assert torch.equal(bits(on), bits(off))
 
 
 def test_segment_dropout_takes_torch_where_the_native_op_cannot(native_cpu):
-    """float64, a strided input or out: the torch ops, with the same mask; the native ops' own checks name the
-    argument that is wrong."""
+    """float64, a strided input or out: the torch ops, with the same mask (the native ops would raise on each, see
+    below); the native ops' own checks name the argument that is wrong."""
     keys = keys_of(20, seed=3)
-    drop = SegmentDropout(keys, 1, 0.5)
+    drop = SegmentDropout(keys, 1, 32, 0.5)
     x = torch.randn(20, 32, dtype=torch.float64)
     assert torch.equal(drop.zeroed(x), torch.where(dropped_entries(keys, 1, 32, 0.5), 0.0, x))
     wide = torch.randn(20, 64)
-    assert torch.equal(drop.zeroed(wide[:, ::2]), torch.where(drop.mask(32), 0.0, wide[:, ::2]))
+    assert torch.equal(drop.zeroed(wide[:, ::2]), torch.where(drop.mask(), 0.0, wide[:, ::2]))
     out = torch.zeros(20, 64)[:, :32]
     drop.add_kept_(out, torch.ones(20, 32))
-    assert torch.equal(out, (~drop.mask(32)).float())
+    assert torch.equal(out, (~drop.mask()).float())
     args = (_column_keys(16, keys.device), _site_key(1), drop_threshold(0.5))
     with pytest.raises(RuntimeError, match="keys must be a contiguous int64 .rows. tensor with one key per row .19."):
         native.dropout_zeroed(torch.randn(19, 32), keys, *args)
@@ -150,22 +146,19 @@ def fit_lora(checkpoint, data, out, native_ops: str) -> dict[str, torch.Tensor]:
     return read_peft_adapter(out / "l" / "adapter")[1]
 
 
-def test_lora_fit_with_dropout_gives_the_same_adapter_native_or_torch(native_cpu, train_checkpoint, examples_data,
+def test_lora_fit_with_dropout_gives_the_same_adapter_native_or_torch(mode, train_checkpoint, examples_data,
                                                                     tmp_path, monkeypatch):
     """run.native_ops reaches the stage worker: 'on' draws every mask natively, 'off' never, same adapter bits."""
     calls = {"on": 0, "off": 0}
     adapters = {}
     zeroed = native.dropout_zeroed
-    try:
-        for value in calls:
-            def counted(*args, _value=value):
-                calls[_value] += 1
-                return zeroed(*args)
+    for value in calls:  # the fit's stage worker sets run.native_ops; the `mode` fixture sets 'auto' again
+        def counted(*args, _value=value):
+            calls[_value] += 1
+            return zeroed(*args)
 
-            monkeypatch.setattr(native, "dropout_zeroed", counted)
-            adapters[value] = fit_lora(train_checkpoint, examples_data / "arith.jsonl", tmp_path / value, value)
-    finally:
-        native.configure("auto", "cpu")
+        monkeypatch.setattr(native, "dropout_zeroed", counted)
+        adapters[value] = fit_lora(train_checkpoint, examples_data / "arith.jsonl", tmp_path / value, value)
     assert calls["on"] > 0 and calls["off"] == 0, calls
     on, off = adapters["on"], adapters["off"]
     assert on.keys() == off.keys() and on
@@ -179,9 +172,7 @@ def test_the_stage_worker_builds_them_before_training_on_cpu_only(monkeypatch):
     'off' never builds."""
     asked = []
     monkeypatch.setattr(native, "available", lambda device: asked.append(torch.device(device).type) or True)
-    try:
-        for mode, device in (("auto", "cpu"), ("auto", "cuda"), ("on", "cuda"), ("off", "cpu")):
-            native.configure(mode, device)
-    finally:
-        native._state["mode"] = "auto"
+    monkeypatch.setitem(native._state, "mode", native._state["mode"])  # restored after the test
+    for value, device in (("auto", "cpu"), ("auto", "cuda"), ("on", "cuda"), ("off", "cpu")):
+        native.configure(value, device)
     assert asked == ["cpu", "cuda"]
