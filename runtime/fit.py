@@ -190,7 +190,7 @@ class _Trainer:
         every job where it stands, and raise FitInterrupted."""
         self._drain(sent)
         path = self.checkpoint()
-        steps = ", ".join(f"{name} {state.step}/{state.job.total_steps}" for name, state in self.states.items())
+        steps = _steps_line({name: (state.step, state.job.total_steps) for name, state in self.states.items()})
         raise FitInterrupted(f"stopped by {signal.Signals(self.stop.signum).name} at steps {steps}; checkpoint "
                              f"{path}; run the same command again to resume from it", self.stop.signum)
 
@@ -410,6 +410,23 @@ def _finished_result(prepared: PreparedRun, resumed: Resumed | None) -> FitResul
     return FitResult(jobs=jobs, output_dir=str(out), already_complete=True)
 
 
+def _steps_line(steps: dict[str, tuple[int, int]]) -> str:
+    """'greet 4/24, arith 3/22': each job's optimizer steps done, of its total."""
+    return ", ".join(f"{name} {done}/{total}" for name, (done, total) in steps.items())
+
+
+def _lost_after_stop(prepared: PreparedRun, signum: int, lost: StageLost) -> FitInterrupted:
+    """SIGINT/SIGTERM reached a stage process before the window in flight came back (a local Ray instance shares
+    the driver's process group): the fit stands where its last checkpoint does, and says so as a clean stop does."""
+    last = open_checkpoint(prepared)
+    done = {job.name: (last.progress[job.name].step if last is not None else 0, job.total_steps)
+            for job in prepared.jobs}
+    where = f"checkpoint {last.path}" if last is not None else "the start (no checkpoint yet)"
+    return FitInterrupted(f"stopped by {signal.Signals(signum).name} at steps {_steps_line(done)}, as {where} "
+                          f"holds them (the work after it was lost: {lost}); run the same command again to resume "
+                          f"from {where}", signum)
+
+
 def _train(prepared: PreparedRun, group, loggers: RunLoggers, stop: StopSignals, resumed: Resumed | None) -> FitResult:
     """The driver's loop over one stage group (`group.serve` runs it where the group wants its driver)."""
     trainer = _Trainer(prepared, group, loggers, stop)
@@ -457,10 +474,7 @@ def fit(jobs: list[JobSpec], run: RunConfig) -> FitResult:
                 break
             except StageLost as lost:
                 if stop.requested:  # the signal reached the stage processes too: what the last checkpoint holds stays
-                    last = open_checkpoint(prepared)
-                    where = f"checkpoint {last.path}" if last is not None else "the start (no checkpoint yet)"
-                    raise FitInterrupted(f"stopped by {signal.Signals(stop.signum).name} ({lost}); run the same "
-                                         f"command again to resume from {where}", stop.signum) from None
+                    raise _lost_after_stop(prepared, stop.signum, lost) from None
                 if attempt == run.max_restarts:
                     raise RuntimeError(f"{lost}; gave up after {run.max_restarts} restart(s) (run.max_restarts)") from lost
                 resumed = open_checkpoint(prepared)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import lorafusion as lf
 from runtime.backend import ACTOR_PREFIX
+from runtime.engine import StageLost
 from lorafusion.checkpoint import read_driver_state, read_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -194,7 +195,9 @@ def test_signal_checkpoints_stops_everything_and_the_same_command_resumes(straig
     name = signal.Signals(sig).name
     assert f"stopped by {name} at steps greet " in stderr and "run the same command again to resume" in stderr, stderr
     steps = int(stderr.split("at steps greet ")[1].split("/")[0])
-    assert 3 <= steps < STEPS, stderr
+    # The group's signal may reach a stage actor of the local Ray instance before the window in flight comes back:
+    # the fit then stands where its last checkpoint does, which may be before the steps the test waited for.
+    assert (1 if "a stage actor died" in stderr else 3) <= steps < STEPS, stderr
     assert read_driver_state(out / "checkpoints" / checkpoints(out)[-1], "greet")["step"] == steps  # where it stopped
 
     wait_for(lambda: not _session_members(session), timeout_s=10)  # nothing the fit started outlives it
@@ -204,6 +207,37 @@ def test_signal_checkpoints_stops_everything_and_the_same_command_resumes(straig
     for job, text in straight["metrics"].items():
         got = [line.split(",")[0] for line in (out / job / "metrics.jsonl").read_text().splitlines()]
         assert got == [line.split(",")[0] for line in text.splitlines()], f"{job}: metrics lines lost or repeated"
+
+
+def test_a_stage_lost_after_the_signal_stops_where_the_last_checkpoint_stands(straight, train_checkpoint,
+                                                                              examples_data, tmp_path, monkeypatch):
+    """When SIGTERM reaches a stage process before the window in flight comes back, the fit says the steps its last
+    checkpoint holds (the work after it is lost), exits 143 without restarting the group, and the same command then
+    ends with the uninterrupted fit's adapters."""
+    trainer_cls = importlib.import_module("runtime.fit")._Trainer
+    real_checkpoint = trainer_cls.checkpoint
+
+    def checkpoint_then_lose_a_stage(self):
+        path = real_checkpoint(self)
+        if self.states["greet"].step >= 3:
+            self.stop.signum = signal.SIGTERM  # what StopSignals records when the signal arrives
+            raise StageLost("a stage actor died (ActorDiedError: killed by the same signal)")
+        return path
+
+    monkeypatch.setattr(trainer_cls, "checkpoint", checkpoint_then_lose_a_stage)
+    out = tmp_path / "run"
+    with pytest.raises(lf.FitInterrupted) as stopped:
+        lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local", max_restarts=2))
+    last = out / "checkpoints" / checkpoints(out)[-1]
+    greet, arith = (read_driver_state(last, name)["step"] for name in ("greet", "arith"))
+    assert greet == 3 and stopped.value.exit_code == 143
+    assert stopped.value.message == (
+        f"stopped by SIGTERM at steps greet 3/{STEPS}, arith {arith}/{STEPS - 2}, as checkpoint {last} holds them (the "
+        "work after it was lost: a stage actor died (ActorDiedError: killed by the same signal)); run the same command "
+        f"again to resume from checkpoint {last}")
+    monkeypatch.undo()
+    lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local"))
+    assert_same(adapters(out), straight["adapters"])
 
 
 @pytest.mark.parametrize("every_s, expected", [(1e-9, "one per window"), (None, "one at the end")])
