@@ -8,10 +8,14 @@ moved to the device) and shared by every layer:
   model itself is built without RoPE so megatron never splits the row per sample);
 - on CUDA with torch's varlen flash attention: `cu_seqlens` and the longest sample, one varlen call per layer;
 - elsewhere, length buckets: samples of similar length (the same half-octave class: lengths within a factor
-  √2) are gathered into one right-padded [samples, heads, length, d] batch and run through causal SDPA together
-  (right padding needs no mask: a real token never attends to a later position), then one gather puts every
-  token back in row order. The number of SDPA calls is the number of length classes present (at most
+  √2) are gathered into one right-padded [samples, heads, length, d] batch and run through causal attention
+  together (right padding needs no mask: a real token never attends to a later position), then one gather puts
+  every token back in row order. The number of attention calls is the number of length classes present (at most
   ~2 log2 of the longest sample), not the number of samples; the padded work is under 2x Σ len².
+
+A bucket's causal attention is torch's SDPA, except on CPU in fp32 for buckets up to _CHUNKED_MAX_LEN tokens
+without attention dropout: there `chunked_causal_attention` (batched GEMMs over query chunks, a GQA group's heads
+stacked into one GEMM) was faster than torch's CPU flash kernel at every bucket length measured (docs/hot_path.md).
 """
 
 from __future__ import annotations
@@ -28,13 +32,59 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lorafusion.ops.utils import ATTENTION_BACKENDS
 
-__all__ = ["PackedCoreAttention", "PackedLayout", "PackedParams", "apply_rope", "rope_cos_sin", "attention_backend"]
+__all__ = ["PackedCoreAttention", "PackedLayout", "PackedParams", "apply_rope", "rope_cos_sin", "attention_backend",
+           "chunked_causal_attention", "uses_chunked_attention"]
 
 # Samples up to this length share one bucket: below it SDPA's cost is its per-call overhead, not the padding.
 _MIN_BUCKET = 16
 # Length classes per doubling of the length: 2 pads less than 1 and makes fewer SDPA calls than 3, and was the
 # fastest of the three on the end-to-end bench's length mix (python -m benchmarks.bench_attention, docs/hot_path.md).
 _CLASSES_PER_OCTAVE = 2
+
+
+# chunked_causal_attention's query chunk: each chunk attends to the keys up to its end, so the masked-out work is
+# the upper half of one chunk-wide square per chunk. 128 and 96 measured alike on CPU; 128 makes fewer GEMMs.
+_ATTN_CHUNK = 128
+# Longest bucket chunked_causal_attention takes: it keeps each chunk's probabilities for the backward (heads · L²/2
+# values per sample, where the flash kernel keeps O(L)), and was no faster than flash at 700 tokens.
+_CHUNKED_MAX_LEN = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_mask(start: int, rows: int, stop: int, repeat: int, dtype: torch.dtype, device: torch.device
+                ) -> torch.Tensor:
+    """Additive causal mask [repeat * rows, stop] of the queries start..start+rows against keys 0..stop: -inf where
+    the key comes after the query, the block repeated for each head stacked in the GEMM."""
+    block = torch.full((rows, stop), float("-inf"), dtype=dtype, device=device).triu(start + 1)
+    return block.repeat(repeat, 1)
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                             chunk: int = _ATTN_CHUNK) -> torch.Tensor:
+    """Causal softmax(q kᵀ · scale) v, q [n, heads, L, d], k and v [n, groups, L, d] (GQA: heads a multiple of
+    groups) -> [n, heads, L, d], as batched GEMMs: the heads of one group are stacked into one GEMM against their
+    shared keys, and the queries go in chunks of `chunk`, each against the keys up to its last query only."""
+    n, heads, length, dim = q.shape
+    groups = k.shape[1]
+    if heads % groups or k.shape != v.shape or k.shape[0] != n or k.shape[2:] != (length, dim):
+        raise ValueError(f"chunked_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                         "expected q [n, heads, L, d] and k, v [n, groups, L, d] with heads a multiple of groups")
+    rep = heads // groups
+    scale = dim ** -0.5 if scale is None else scale
+    qg = q.reshape(n * groups, rep, length, dim)
+    keys_t = k.reshape(n * groups, length, dim).transpose(1, 2)  # [n·g, d, L]
+    values = v.reshape(n * groups, length, dim)
+    outs = []
+    for start in range(0, length, chunk):
+        stop = min(length, start + chunk)
+        rows = stop - start
+        mask = _chunk_mask(start, rows, stop, rep, q.dtype, q.device)
+        scores = torch.baddbmm(mask, qg[:, :, start:stop].reshape(n * groups, rep * rows, dim), keys_t[..., :stop],
+                               alpha=scale)  # [n·g, rep·rows, stop]
+        probs = torch.softmax(scores, dim=-1)
+        outs.append(torch.bmm(probs, values[:, :stop]).view(n * groups, rep, rows, dim))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.view(n, heads, length, dim)
 
 
 @functools.cache
@@ -46,6 +96,13 @@ def _varlen_attn():
     except ImportError:
         return None
     return varlen_attn
+
+
+def uses_chunked_attention(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether a bucket's causal attention (q [n, heads, L, d]) runs as chunked_causal_attention rather than SDPA:
+    on CPU, in fp32 (the only dtype it was measured in), up to _CHUNKED_MAX_LEN tokens, without attention dropout."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-2] <= _CHUNKED_MAX_LEN
+            and dropout_p == 0.0)
 
 
 def attention_backend(requested: str, device: torch.device, dropout_p: float = 0.0) -> str:
@@ -216,9 +273,11 @@ class PackedCoreAttention(MegatronModule):
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [batch, heads, len, d]; k, v: [batch, groups, len, d]. With a batch dimension torch runs its fused
         # CPU (flash) kernel, which also takes GQA directly.
+        dropout = self.dropout_p if self.training else 0.0
+        if uses_chunked_attention(q, dropout):
+            return chunked_causal_attention(q, k, v, self.softmax_scale)
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
             enable_gqa=self.num_groups != self.num_heads,
         )
 

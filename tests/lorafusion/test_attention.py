@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafusion.models.attention import PackedLayout, apply_rope, attention_backend, rope_cos_sin
+from lorafusion.models import attention
+from lorafusion.models.attention import (PackedLayout, apply_rope, attention_backend, chunked_causal_attention,
+                                         rope_cos_sin, uses_chunked_attention)
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # fp32: summation order only; bf16: one rounding of the output
 
@@ -79,3 +81,50 @@ def test_backend_choice():
         attention_backend("varlen", cpu)
     with pytest.raises(ValueError, match="choose one of"):
         attention_backend("flash", cpu)
+
+
+@pytest.mark.parametrize("length", [1, 5, 127, 128, 129, 300])
+@pytest.mark.parametrize("heads, groups", [(4, 2), (3, 3)])
+def test_chunked_causal_attention_matches_sdpa(length, heads, groups):
+    """Output and the gradients of q, k, v against causal SDPA, across chunk boundaries (chunks of 128), with GQA
+    and without, at a softmax scale of its own."""
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(2, heads, length, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, groups, length, 16, generator=gen, requires_grad=True) for _ in range(2))
+    dy = torch.randn(2, heads, length, 16, generator=gen)
+    got = chunked_causal_attention(q, k, v, scale=0.3)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=heads != groups)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, g, w in zip("qkv", torch.autograd.grad(got, [q, k, v], dy), torch.autograd.grad(want, [q, k, v], dy)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"d{name}")
+    with pytest.raises(ValueError, match="heads a multiple of groups"):
+        chunked_causal_attention(q, k[:, :1].expand(2, 2, length, 16)[:, :, :, :8], v)
+
+
+def test_buckets_take_chunked_attention_on_cpu_in_fp32_only(monkeypatch):
+    """A CPU fp32 bucket up to 512 tokens without attention dropout runs chunked_causal_attention; bf16, dropout
+    and longer buckets stay on SDPA. Packed through the model's core attention, the output is SDPA's."""
+    q = torch.zeros(1, 2, 512, 8)
+    assert uses_chunked_attention(q, 0.0)
+    assert not uses_chunked_attention(q, 0.1)
+    assert not uses_chunked_attention(q.to(torch.bfloat16), 0.0)
+    assert not uses_chunked_attention(torch.zeros(1, 2, 513, 8), 0.0)
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               attention_dropout=0.0)
+    core = attention.PackedCoreAttention(config, 1, AttnMaskType.causal, "self")
+    calls = []
+    real = attention.chunked_causal_attention
+    monkeypatch.setattr(attention, "chunked_causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    lengths = [3, 40, 17, 600]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), h, 8, generator=gen) for h in (4, 2, 2))
+    layout = PackedLayout.build(lengths)
+    got = core(q, k, v, None, packed_seq_params=attention.PackedParams(layout))
+    assert sorted(shape[-2] for shape in calls) == [3, 17, 40]  # the 600-token bucket went to SDPA
+    cos, sin = layout.rope(10000.0, 8, torch.float32)
+    want = _per_sample(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
