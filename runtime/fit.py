@@ -421,10 +421,13 @@ def _lost_after_stop(prepared: PreparedRun, signum: int, lost: StageLost) -> Fit
     last = open_checkpoint(prepared)
     done = {job.name: (last.progress[job.name].step if last is not None else 0, job.total_steps)
             for job in prepared.jobs}
-    where = f"checkpoint {last.path}" if last is not None else "the start (no checkpoint yet)"
-    return FitInterrupted(f"stopped by {signal.Signals(signum).name} at steps {_steps_line(done)}, as {where} "
-                          f"holds them (the work after it was lost: {lost}); run the same command again to resume "
-                          f"from {where}", signum)
+    name = signal.Signals(signum).name
+    if last is None:
+        return FitInterrupted(f"stopped by {name} at steps {_steps_line(done)}: no checkpoint was written yet, so the "
+                              f"work done was lost ({lost}); set run.overwrite=true and run it again to start over",
+                              signum)
+    return FitInterrupted(f"stopped by {name} at steps {_steps_line(done)}, as checkpoint {last.path} holds them (the "
+                          f"work after it was lost: {lost}); run the same command again to resume from it", signum)
 
 
 def _train(prepared: PreparedRun, group, loggers: RunLoggers, stop: StopSignals, resumed: Resumed | None) -> FitResult:

@@ -209,34 +209,42 @@ def test_signal_checkpoints_stops_everything_and_the_same_command_resumes(straig
         assert got == [line.split(",")[0] for line in text.splitlines()], f"{job}: metrics lines lost or repeated"
 
 
-def test_a_stage_lost_after_the_signal_stops_where_the_last_checkpoint_stands(straight, train_checkpoint,
-                                                                              examples_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_a_stage_lost_after_the_signal_stops_where_the_last_checkpoint_stands(straight, train_checkpoint, examples_data,
+                                                                              tmp_path, monkeypatch, checkpointed):
     """When SIGTERM reaches a stage process before the window in flight comes back, the fit says the steps its last
-    checkpoint holds (the work after it is lost), exits 143 without restarting the group, and the same command then
-    ends with the uninterrupted fit's adapters."""
+    checkpoint holds (the work after it is lost; none without a checkpoint), exits 143 without restarting the group,
+    and the same command then ends with the uninterrupted fit's adapters."""
     trainer_cls = importlib.import_module("runtime.fit")._Trainer
     real_checkpoint = trainer_cls.checkpoint
+    lost = "a stage actor died (ActorDiedError: killed by the same signal)"
 
     def checkpoint_then_lose_a_stage(self):
-        path = real_checkpoint(self)
-        if self.states["greet"].step >= 3:
+        path = real_checkpoint(self) if checkpointed else None
+        if not checkpointed or self.states["greet"].step >= 3:
             self.stop.signum = signal.SIGTERM  # what StopSignals records when the signal arrives
-            raise StageLost("a stage actor died (ActorDiedError: killed by the same signal)")
+            raise StageLost(lost)
         return path
 
     monkeypatch.setattr(trainer_cls, "checkpoint", checkpoint_then_lose_a_stage)
     out = tmp_path / "run"
     with pytest.raises(lf.FitInterrupted) as stopped:
         lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local", max_restarts=2))
-    last = out / "checkpoints" / checkpoints(out)[-1]
-    greet, arith = (read_driver_state(last, name)["step"] for name in ("greet", "arith"))
-    assert greet == 3 and stopped.value.exit_code == 143
-    assert stopped.value.message == (
-        f"stopped by SIGTERM at steps greet 3/{STEPS}, arith {arith}/{STEPS - 2}, as checkpoint {last} holds them (the "
-        "work after it was lost: a stage actor died (ActorDiedError: killed by the same signal)); run the same command "
-        f"again to resume from checkpoint {last}")
+    assert stopped.value.exit_code == 143
+    if checkpointed:
+        last = out / "checkpoints" / checkpoints(out)[-1]
+        greet, arith = (read_driver_state(last, name)["step"] for name in ("greet", "arith"))
+        assert greet == 3
+        assert stopped.value.message == (
+            f"stopped by SIGTERM at steps greet 3/{STEPS}, arith {arith}/{STEPS - 2}, as checkpoint {last} holds them "
+            f"(the work after it was lost: {lost}); run the same command again to resume from it")
+    else:
+        assert not checkpoints(out)
+        assert stopped.value.message == (
+            f"stopped by SIGTERM at steps greet 0/{STEPS}, arith 0/{STEPS - 2}: no checkpoint was written yet, so the "
+            f"work done was lost ({lost}); set run.overwrite=true and run it again to start over")
     monkeypatch.undo()
-    lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local"))
+    lf.fit(jobs(examples_data), run_config(train_checkpoint, out, engine="local", overwrite=not checkpointed))
     assert_same(adapters(out), straight["adapters"])
 
 
