@@ -59,6 +59,24 @@ def _chunk_mask(start: int, rows: int, stop: int, repeat: int, dtype: torch.dtyp
     return block.repeat(repeat, 1)
 
 
+class _Softmax(torch.autograd.Function):
+    """softmax over the last dim whose backward, P ⊙ (dP − Σ dP ⊙ P), gives the same bits at any thread count. torch's
+    fused CPU softmax backward does not at some widths (100, 300 measured), which would make a fit's adapters depend
+    on the threads it ran with; its forward does."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (probs,) = ctx.saved_tensors
+        out = grad * probs
+        return out.addcmul_(probs, out.sum(dim=-1, keepdim=True), value=-1.0)
+
+
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                              chunk: int = _ATTN_CHUNK) -> torch.Tensor:
     """Causal softmax(q kᵀ · scale) v, q [n, heads, L, d], k and v [n, groups, L, d] (GQA: heads a multiple of
@@ -81,7 +99,7 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask = _chunk_mask(start, rows, stop, rep, q.dtype, q.device)
         scores = torch.baddbmm(mask, qg[:, :, start:stop].reshape(n * groups, rep * rows, dim), keys_t[..., :stop],
                                alpha=scale)  # [n·g, rep·rows, stop]
-        probs = torch.softmax(scores, dim=-1)
+        probs = _Softmax.apply(scores)
         outs.append(torch.bmm(probs, values[:, :stop]).view(n * groups, rep, rows, dim))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.view(n, heads, length, dim)

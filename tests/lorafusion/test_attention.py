@@ -128,3 +128,24 @@ def test_buckets_take_chunked_attention_on_cpu_in_fp32_only(monkeypatch):
     cos, sin = layout.rope(10000.0, 8, torch.float32)
     want = _per_sample(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_causal_attention_gives_the_same_bits_at_any_thread_count():
+    """A fit's adapters must not depend on the threads it ran with (a resume may run with others): the output and
+    every gradient, at lengths where torch's own softmax backward differs between 1 and 2 threads."""
+    before = torch.get_num_threads()
+    try:
+        for length in (100, 300):
+            gen = torch.Generator().manual_seed(length)
+            q = torch.randn(4, 8, length, 64, generator=gen, requires_grad=True)
+            k, v = (torch.randn(4, 4, length, 64, generator=gen, requires_grad=True) for _ in range(2))
+            dy = torch.randn(4, 8, length, 64, generator=gen)
+            results = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out = chunked_causal_attention(q, k, v)
+                results.append((out, *torch.autograd.grad(out, [q, k, v], dy)))
+            for name, one, two in zip(("out", "dq", "dk", "dv"), *results):
+                assert torch.equal(one, two), f"{name} at {length} tokens differs between 1 and 2 threads"
+    finally:
+        torch.set_num_threads(before)
