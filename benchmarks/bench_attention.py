@@ -3,8 +3,8 @@
 Providers (q [T, heads, d], k/v [T, groups, d], GQA), all exact:
   per_sample  one SDPA call per sample (what the model ran before the PackedLayout);
   buckets     PackedLayout.attend: samples of one length class in one padded SDPA batch;
-  buckets_chunked  the same buckets, each through what the model runs (chunked_causal_attention where
-              uses_chunked_attention says so: CPU, fp32, up to 512 tokens; SDPA elsewhere);
+  buckets_chunked  the same buckets, each through what the model runs (bucket_attention: chunked batched GEMMs
+              on CPU in fp32 up to 512 tokens, SDPA elsewhere);
   dense_mask  one SDPA over the whole row with a block-diagonal causal boolean mask (T² work);
   varlen      torch's varlen flash attention over cu_seqlens (CUDA only).
 Length mixes: the end-to-end bench's (arith/greet/reverse/chat-like), many short samples, a few long ones.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.results_csv import emit_rows
-from lorafusion.models.attention import PackedLayout, _varlen_attn, chunked_causal_attention, uses_chunked_attention
+from lorafusion.models.attention import PackedLayout, _varlen_attn, bucket_attention
 
 MIXES = {
     "bench_mix": lambda rng: [rng.choice([11, 28, 100, 350]) + rng.randint(-5, 5) for _ in range(24)],
@@ -43,11 +43,6 @@ def _per_sample(q, k, v, layout):
     return torch.cat(outs)
 
 
-def _model_bucket(q, k, v):
-    """One bucket's attention as PackedCoreAttention runs it (no attention dropout)."""
-    return chunked_causal_attention(q, k, v) if uses_chunked_attention(q, 0.0) else _causal(q, k, v)
-
-
 def _dense_mask(q, k, v, layout):
     sample = torch.repeat_interleave(torch.arange(len(layout.cu_seqlens) - 1, device=q.device),
                                      layout.cu_seqlens.diff().long())
@@ -64,7 +59,7 @@ def _varlen(q, k, v, layout):
 
 
 PROVIDERS = {"per_sample": _per_sample, "buckets": lambda q, k, v, lay: lay.attend(q, k, v, _causal),
-             "buckets_chunked": lambda q, k, v, lay: lay.attend(q, k, v, _model_bucket),
+             "buckets_chunked": lambda q, k, v, lay: lay.attend(q, k, v, bucket_attention),
              "dense_mask": _dense_mask, "varlen": _varlen}
 
 

@@ -13,9 +13,10 @@ moved to the device) and shared by every layer:
   every token back in row order. The number of attention calls is the number of length classes present (at most
   ~2 log2 of the longest sample), not the number of samples; the padded work is under 2x Σ len².
 
-A bucket's causal attention is torch's SDPA, except on CPU in fp32 for buckets up to _CHUNKED_MAX_LEN tokens
-without attention dropout: there `chunked_causal_attention` (batched GEMMs over query chunks, a GQA group's heads
-stacked into one GEMM) was faster than torch's CPU flash kernel at every bucket length measured (docs/hot_path.md).
+A bucket's causal attention (`bucket_attention`) is torch's SDPA, except on CPU in fp32 for buckets up to
+_CHUNKED_MAX_LEN tokens without attention dropout: there `chunked_causal_attention` (batched GEMMs over query
+chunks, a GQA group's heads stacked into one GEMM) was faster than torch's CPU flash kernel at every length it
+takes (docs/hot_path.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from lorafusion.ops.utils import ATTENTION_BACKENDS
 
 __all__ = ["PackedCoreAttention", "PackedLayout", "PackedParams", "apply_rope", "rope_cos_sin", "attention_backend",
-           "chunked_causal_attention", "uses_chunked_attention"]
+           "bucket_attention", "chunked_causal_attention", "uses_chunked_attention"]
 
 # Samples up to this length share one bucket: below it SDPA's cost is its per-call overhead, not the padding.
 _MIN_BUCKET = 16
@@ -121,6 +122,17 @@ def uses_chunked_attention(q: torch.Tensor, dropout_p: float) -> bool:
     on CPU, in fp32 (the only dtype it was measured in), up to _CHUNKED_MAX_LEN tokens, without attention dropout."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-2] <= _CHUNKED_MAX_LEN
             and dropout_p == 0.0)
+
+
+def bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of one bucket, q [n, heads, L, d], k and v [n, groups, L, d] (GQA) -> [n, heads, L, d]:
+    chunked_causal_attention where uses_chunked_attention says so, torch's SDPA (its fused CPU flash kernel with a
+    batch dimension, GQA taken directly) elsewhere."""
+    if uses_chunked_attention(q, dropout_p):
+        return chunked_causal_attention(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attention_backend(requested: str, device: torch.device, dropout_p: float = 0.0) -> str:
@@ -288,16 +300,9 @@ class PackedCoreAttention(MegatronModule):
         self.rotary_base = rotary_base
         self.backend = backend
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [batch, heads, len, d]; k, v: [batch, groups, len, d]. With a batch dimension torch runs its fused
-        # CPU (flash) kernel, which also takes GQA directly.
-        dropout = self.dropout_p if self.training else 0.0
-        if uses_chunked_attention(q, dropout):
-            return chunked_causal_attention(q, k, v, self.softmax_scale)
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
-            enable_gqa=self.num_groups != self.num_heads,
-        )
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [batch, heads, len, d]; k, v: [batch, groups, len, d]
+        return bucket_attention(q, k, v, self.softmax_scale, self.dropout_p if self.training else 0.0)
 
     def forward(
         self,
@@ -320,7 +325,7 @@ class PackedCoreAttention(MegatronModule):
         cos, sin = rope_cos_sin(torch.arange(query.shape[0], device=query.device)[:, None], self.rotary_base,
                                 query.shape[-1], query.dtype)  # [s, 1, 1, d]
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-        out = self._sdpa(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
+        out = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, heads*d]
 
@@ -335,4 +340,4 @@ class PackedCoreAttention(MegatronModule):
                                  layout.max_seqlen, scale=self.softmax_scale, window_size=(-1, 0),
                                  enable_gqa=self.num_groups != self.num_heads)
             return out.reshape(out.shape[0], -1)  # [t, heads*d]
-        return layout.attend(query, key, value, self._sdpa)
+        return layout.attend(query, key, value, self._attend)
